@@ -1,0 +1,1 @@
+"""The SixChat End2End Direct user agent (TCP 4605)."""

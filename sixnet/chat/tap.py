@@ -1,0 +1,10 @@
+"""twistd plugin ``sixnet-chat``: only the chat service, from the same configuration file."""
+
+from sixnet.tap import Options as _AllOptions
+from sixnet.tap import makeService
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(_AllOptions):
+    service = "chat"

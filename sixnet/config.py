@@ -1,0 +1,299 @@
+"""The configuration file: one frozen dataclass per section, validated in one place.
+
+A section class declares its keys as dataclass fields; the field's type says what the TOML
+value must be, its default makes it optional, and ``metadata`` may add a ``check`` (a function
+returning a problem or None), ``must_exist`` for files, and ``doc``. Paths are relative to the
+directory of the configuration file. Every problem is reported as one `ConfigError` line naming
+the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sixnet.errors import ConfigError
+
+DEFAULT_CONFIG = Path("etc/sixnet.toml")
+
+
+def _endpoint_problem(value: str) -> str | None:
+    """Check a twistd server endpoint string, as `serverFromString` would read it."""
+    from twisted.internet import endpoints
+
+    class _NoReactor:
+        """Endpoints only keep a reactor reference until they listen."""
+
+    try:
+        endpoint = endpoints.serverFromString(_NoReactor(), value)
+    except (ValueError, TypeError, KeyError) as e:
+        return f"{value!r} is not a server endpoint string ({e or 'bad syntax'})"
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        return f"{value!r}: port {port} is out of range 0-65535"
+    return None
+
+
+def endpoints_check(values: list[str]) -> str | None:
+    for value in values:
+        problem = _endpoint_problem(value)
+        if problem:
+            return problem
+    return None
+
+
+def port_range(low: int, high: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        if not low <= value <= high:
+            return f"{value} is out of range {low}-{high}"
+        return None
+
+    return check
+
+
+def one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if value not in choices:
+            return f"{value!r} is not one of {', '.join(choices)}"
+        return None
+
+    return check
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"{value} must be greater than 0"
+
+
+def setting(default: Any = dataclasses.MISSING, *, check: Callable[[Any], str | None] | None = None,
+        must_exist: bool = False, doc: str = "") -> Any:
+    """Declare a configuration setting (a dataclass field with validation metadata)."""
+    meta = {"check": check, "must_exist": must_exist, "doc": doc}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# -- sections --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """``[sixnet]``: process-wide settings."""
+
+    state_dir: Path = setting(Path("../state"), doc="where databases and generated keys live")
+    log_format: str = setting("text", check=one_of("text", "json"))
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """``[pki.identities.NAME]``: one of this node's certificates and its key."""
+
+    subject: str = setting(doc="the host name or user id the certificate is for")
+    certificate: Path = setting(must_exist=True)
+    key: Path = setting(must_exist=True)
+    key_type: str = setting("ecdsa-p256", check=one_of(
+        "ecdsa-p256", "ecdsa-p384", "ed25519", "rsa2048", "rsa3072", "rsa4096"))
+
+
+@dataclass(frozen=True)
+class PKIConfig:
+    """``[pki]``: the shared certificate store and the lab CA."""
+
+    trust_anchors: list[Path] = setting(must_exist=True)
+    crls: list[Path] = setting([], must_exist=True)
+    lab_ca: Path | None = setting(None, doc="directory of a lab CA (sixnet pki init)")
+    identities: dict[str, IdentityConfig] = setting({})
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Keys every service section has."""
+
+    enabled: bool = setting(False)
+    listen: list[str] = setting([], check=endpoints_check)
+    identity: str = setting("host", doc="name of a [pki.identities.NAME] table")
+
+
+@dataclass(frozen=True)
+class IRPConfig(ServiceConfig):
+    """``[irp]``: the Identity Registration Protocol registry (TCP 4604)."""
+
+    listen: list[str] = setting(["tcp6:4604:interface=\\:\\:"], check=endpoints_check)
+
+
+@dataclass(frozen=True)
+class ChatConfig(ServiceConfig):
+    """``[chat]``: the SixChat End2End Direct user agent (TCP 4605)."""
+
+    listen: list[str] = setting(["tcp6:4605:interface=\\:\\:"], check=endpoints_check)
+    identity: str = setting("user")
+
+
+@dataclass(frozen=True)
+class GridConfig(ServiceConfig):
+    """``[grid]``: the XMPP-Grid controller and broker."""
+
+    domain: str = setting("localhost")
+    listen: list[str] = setting(["tcp6:5222:interface=\\:\\:"], check=endpoints_check,
+                            doc="client streams with STARTTLS")
+    listen_tls: list[str] = setting(["tcp6:5223:interface=\\:\\:"], check=endpoints_check,
+                                doc="direct TLS client streams (XEP-0368)")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole file."""
+
+    path: Path
+    sixnet: CoreConfig
+    pki: PKIConfig
+    irp: IRPConfig
+    chat: ChatConfig
+    grid: GridConfig
+
+    def service(self, name: str) -> ServiceConfig:
+        return typing.cast(ServiceConfig, getattr(self, name))
+
+
+SECTIONS: dict[str, type] = {
+    "sixnet": CoreConfig,
+    "pki": PKIConfig,
+    "irp": IRPConfig,
+    "chat": ChatConfig,
+    "grid": GridConfig,
+}
+SERVICES = ("irp", "chat", "grid")
+
+# -- loading ---------------------------------------------------------------------------------
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+               Path: "a path (string)"}
+
+
+class _Loader:
+    def __init__(self, path: Path, check_files: bool) -> None:
+        self.path = path
+        self.base = path.parent
+        self.check_files = check_files
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(str(self.path), key, problem)
+
+    def section(self, cls: type, data: Any, where: str) -> Any:
+        if not isinstance(data, dict):
+            raise self.fail(where, "must be a table")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in data:
+            if name not in fields:
+                known = ", ".join(sorted(fields))
+                raise self.fail(f"{where}.{name}", f"unknown key (known keys: {known})")
+        values = {}
+        for name, f in fields.items():
+            dotted = f"{where}.{name}"
+            if name not in data:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise self.fail(dotted, "is required but missing")
+                default = f.default if f.default is not dataclasses.MISSING else \
+                    f.default_factory()  # type: ignore[misc]
+                values[name] = self.resolve(hints[name], default, f, dotted, check=False)
+                continue
+            values[name] = self.resolve(hints[name], data[name], f, dotted, check=True)
+        return cls(**values)
+
+    def resolve(self, hint: Any, value: Any, f: dataclasses.Field, dotted: str,
+                *, check: bool) -> Any:
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            inner = [a for a in typing.get_args(hint) if a is not type(None)]
+            if value is None:
+                return None
+            return self.resolve(inner[0], value, f, dotted, check=check)
+        if origin is list:
+            (item,) = typing.get_args(hint)
+            if not isinstance(value, list):
+                raise self.fail(dotted, f"expected a list of {_TYPE_NAMES[item][2:]}s, "
+                                        f"got {_describe(value)}")
+            result = [self.scalar(item, v, f, f"{dotted}[{i}]") for i, v in enumerate(value)]
+        elif origin is dict:
+            _, item = typing.get_args(hint)
+            if not isinstance(value, dict):
+                raise self.fail(dotted, f"expected a table, got {_describe(value)}")
+            result = {k: self.section(item, v, f"{dotted}.{k}") for k, v in value.items()}
+        else:
+            result = self.scalar(hint, value, f, dotted)
+        checker = f.metadata.get("check")
+        if check and checker is not None:
+            problem = checker(result)
+            if problem:
+                raise self.fail(dotted, problem)
+        return result
+
+    def scalar(self, hint: Any, value: Any, f: dataclasses.Field, dotted: str) -> Any:
+        ok = isinstance(value, hint if hint is not Path else str)
+        if hint is int and isinstance(value, bool):
+            ok = False
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.fail(dotted, f"expected {_TYPE_NAMES[hint]}, got {_describe(value)}")
+        if hint is Path:
+            resolved = value if isinstance(value, Path) else Path(value)
+            if not resolved.is_absolute():
+                resolved = Path(os.path.normpath(self.base / resolved))
+            if f.metadata.get("must_exist") and self.check_files and not resolved.exists():
+                raise self.fail(dotted, f"file {resolved} does not exist")
+            return resolved
+        return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def load_config(path: Path = DEFAULT_CONFIG, *, check_files: bool = True) -> Config:
+    """Read and validate a configuration file; raise ConfigError with one clear line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "configuration file does not exist") from None
+    except OSError as e:
+        raise ConfigError(str(path), None, f"cannot be read ({e.strerror})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(str(path), None, f"is not valid TOML ({e})") from None
+    loader = _Loader(path, check_files)
+    for name in data:
+        if name not in SECTIONS:
+            raise loader.fail(name, f"unknown section (known: {', '.join(SECTIONS)})")
+    if "pki" not in data:
+        raise loader.fail("pki", "section is required but missing")
+    sections = {name: loader.section(cls, data.get(name, {}), name)
+                for name, cls in SECTIONS.items()}
+    config = Config(path=path, **sections)
+    for name in SERVICES:
+        service = config.service(name)
+        if service.enabled and service.identity not in config.pki.identities:
+            raise loader.fail(f"{name}.identity",
+                              f"no [pki.identities.{service.identity}] table defines it")
+    return config

@@ -1,0 +1,1 @@
+"""The XMPP-Grid controller and broker (RFC 8600)."""

@@ -1,0 +1,1 @@
+"""The IRP registry (Identity Registration Protocol, TCP 4604)."""

@@ -1,0 +1,10 @@
+"""twistd plugin ``sixnet-irp``: only the irp service, from the same configuration file."""
+
+from sixnet.tap import Options as _AllOptions
+from sixnet.tap import makeService
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(_AllOptions):
+    service = "irp"

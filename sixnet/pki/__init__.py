@@ -1,0 +1,1 @@
+"""The shared certificate store, TLS contexts and the lab certificate authority."""

@@ -1,0 +1,152 @@
+"""pyOpenSSL TLS contexts for the services, built from the shared certificate store.
+
+TLS 1.2 is the minimum, TLS 1.3 is preferred (RFC 7590), TLS 1.2 offers only ECDHE with AEAD
+ciphers, compression and renegotiation are off. Trust comes from the store: its anchors and
+CRLs are loaded into OpenSSL's verifier, and after the handshake a service passes the peer's
+chain to `CertificateStore.verify`, which decides who the peer is.
+
+Client certificates can be
+
+``"none"``      not asked for;
+``"required"``  asked for, and OpenSSL refuses the handshake unless the chain verifies against
+                the store's anchors and CRLs;
+``"requested"`` asked for but not required: a person enrolling has no certificate yet, and
+                an XMPP client with a bad certificate must get a SASL failure, not a TLS
+                alert (XEP-0178). The handshake goes on whatever the certificate; OpenSSL's
+                verdict is kept, and nothing about the peer is trusted until the service's
+                call to `CertificateStore.verify` succeeds (see `peer_chain`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+
+from sixnet.pki.store import CertificateStore, NodeIdentity
+
+ClientAuth = Literal["none", "requested", "required"]
+
+TLS12_CIPHERS = (
+    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"
+)
+
+
+def _base_context(method: int) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    options = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    options |= getattr(SSL, "OP_NO_RENEGOTIATION", 0)
+    ctx.set_options(options)
+    return ctx
+
+
+def _load_identity(ctx: SSL.Context, identity: NodeIdentity) -> None:
+    ctx.use_certificate(crypto.X509.from_cryptography(identity.certificate))
+    for extra in identity.chain[1:]:
+        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+    ctx.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))  # type: ignore[arg-type]
+    ctx.check_privatekey()
+
+
+def _load_trust(ctx: SSL.Context, store: CertificateStore) -> None:
+    x509store = ctx.get_cert_store()
+    assert x509store is not None
+    for anchor in store.anchors:
+        x509store.add_cert(crypto.X509.from_cryptography(anchor))
+    crls = store.crls()
+    for crl in crls:
+        x509store.add_crl(crl)
+    if crls:
+        # Checking every level needs a CRL for every issuer; the leaf's is what we have.
+        x509store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+
+
+class _HandshakeVerdict:
+    """Keeps OpenSSL's opinion of a requested client certificate without acting on it."""
+
+    @staticmethod
+    def record(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if not ok:
+            app = conn.get_app_data()
+            if isinstance(app, dict):
+                app.setdefault("openssl_errors", []).append((depth, errno))
+        # Let the handshake finish: the service decides with CertificateStore.verify.
+        return True
+
+
+class ServerTLS:
+    """A TLS server context factory (for `ITLSTransport.startTLS` and ``ssl:`` endpoints).
+
+    The context is built once and rebuilt when the store's CRLs change, because OpenSSL does
+    not allow changing a context after a connection used it.
+    """
+
+    def __init__(
+        self, store: CertificateStore, identity: NodeIdentity, client_auth: ClientAuth = "none"
+    ) -> None:
+        self.store = store
+        self.identity = identity
+        self.client_auth = client_auth
+        self._context: SSL.Context | None = None
+        self._generation = -1
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 - Twisted's name
+        if self._context is None or self._generation != self.store.generation:
+            self._context = self._build()
+            self._generation = self.store.generation
+        return self._context
+
+    def _build(self) -> SSL.Context:
+        ctx = _base_context(SSL.TLS_SERVER_METHOD)
+        _load_identity(ctx, self.identity)
+        ctx.set_session_id(b"sixnet")
+        if self.client_auth != "none":
+            _load_trust(ctx, self.store)
+            ctx.set_client_ca_list([
+                crypto.X509.from_cryptography(a).get_subject() for a in self.store.anchors
+            ])
+        if self.client_auth == "required":
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        elif self.client_auth == "requested":
+            ctx.set_verify(SSL.VERIFY_PEER, _HandshakeVerdict.record)
+        return ctx
+
+
+class ClientTLS:
+    """A TLS client context factory: presents an identity if given, verifies the server.
+
+    OpenSSL checks the server's chain against the store's anchors during the handshake; the
+    caller must still check the host name with ``CertificateStore.verify(chain, "server",
+    host)`` once the handshake completes.
+    """
+
+    def __init__(self, store: CertificateStore, identity: NodeIdentity | None = None) -> None:
+        self.store = store
+        self.identity = identity
+        self._context: SSL.Context | None = None
+        self._generation = -1
+
+    def getContext(self) -> SSL.Context:  # noqa: N802 - Twisted's name
+        if self._context is None or self._generation != self.store.generation:
+            ctx = _base_context(SSL.TLS_CLIENT_METHOD)
+            if self.identity is not None:
+                _load_identity(ctx, self.identity)
+            _load_trust(ctx, self.store)
+            ctx.set_verify(SSL.VERIFY_PEER)
+            self._context = ctx
+            self._generation = self.store.generation
+        return self._context
+
+
+def peer_chain(connection: SSL.Connection) -> list[x509.Certificate]:
+    """The certificates the peer sent (leaf first), to hand to `CertificateStore.verify`."""
+    chain = connection.get_peer_cert_chain(as_cryptography=True)
+    if chain:
+        return list(chain)
+    leaf = connection.get_peer_certificate(as_cryptography=True)
+    return [leaf] if leaf is not None else []

@@ -1,0 +1,143 @@
+"""The process: one reactor, one certificate store, one child service per enabled section."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+
+from sixnet.config import SERVICES, Config
+from sixnet.errors import ConfigError
+from sixnet.pki.keys import KeyFileError
+from sixnet.pki.store import CertificateStore, NodeIdentity
+
+log = Logger(namespace="sixnet")
+
+#: Where each service's builder lives: ``make_service(config, store) -> IService``.
+#: A service whose module is absent is not built yet.
+BUILDERS = {name: f"sixnet.{name}.service" for name in SERVICES}
+
+
+class NotBuilt(Exception):
+    """The service's own issue has not landed yet."""
+
+
+class ListeningService(Service):
+    """Listens with one protocol factory on every endpoint string of a service's section.
+
+    Stopping closes every port before the service reports it has stopped.
+    """
+
+    def __init__(self, name: str, endpoint_strings: Iterable[str],
+                 factory: IProtocolFactory) -> None:
+        self.setName(name)
+        self.endpoint_strings = list(endpoint_strings)
+        self.factory = factory
+        self.ports: list[IListeningPort] = []
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        from twisted.internet import reactor
+
+        super().startService()
+        for description in self.endpoint_strings:
+            endpoint = endpoints.serverFromString(reactor, description)
+            d = endpoint.listen(self.factory)
+            d.addCallback(self._listening, description)
+            d.addErrback(self._failed, description)
+
+    def _listening(self, port: IListeningPort, description: str) -> None:
+        self.ports.append(port)
+        log.info("{service} listening on {endpoint}", service=self.name, endpoint=description)
+
+    def _failed(self, failure: Any, description: str) -> None:
+        from twisted.internet import reactor
+
+        log.critical("{service}: cannot listen on {endpoint}: {error}", service=self.name,
+                     endpoint=description, error=failure.getErrorMessage())
+        reactor.stop()
+
+    def stopService(self) -> defer.Deferred[object]:  # noqa: N802
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+class SixnetService(MultiService):
+    """The root service: holds the shared certificate store; children are the services.
+
+    SIGTERM and SIGINT stop the reactor the ordinary way, so every child's stopService runs
+    (ports closed, storage flushed) and twistd exits with status 0.
+    """
+
+    def __init__(self, config: Config, store: CertificateStore) -> None:
+        super().__init__()
+        self.config = config
+        self.store = store
+
+    def startService(self) -> None:  # noqa: N802
+        from twisted.internet import reactor
+
+        # twistd starts services before the reactor installs its own signal handlers,
+        # which would make the process exit "killed by SIGTERM"; replace them once running.
+        reactor.callWhenRunning(self._handle_stop_signals)
+        super().startService()
+
+    def _handle_stop_signals(self) -> None:
+        from twisted.internet import reactor
+
+        def stop(signum: int, frame: object) -> None:
+            log.info("signal {signal}: stopping", signal=signal.Signals(signum).name)
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+
+def build_store(config: Config) -> CertificateStore:
+    """The certificate store described by the ``[pki]`` section."""
+    identities = []
+    for name, ident in config.pki.identities.items():
+        try:
+            identities.append(NodeIdentity.load(name, ident.certificate, ident.key))
+        except KeyFileError as e:
+            raise ConfigError(str(config.path), f"pki.identities.{name}", str(e)) from None
+    try:
+        return CertificateStore.from_files(config.pki.trust_anchors, config.pki.crls,
+                                           identities)
+    except (KeyFileError, ValueError) as e:
+        raise ConfigError(str(config.path), "pki", str(e)) from None
+
+
+def make_root(config: Config, only: str | None = None) -> tuple[SixnetService, list[str]]:
+    """Build the root service with the enabled services (or just `only`).
+
+    Returns the root and one line for each enabled service that is not built yet.
+    """
+    store = build_store(config)
+    root = SixnetService(config, store)
+    notes = []
+    names = [only] if only else [n for n in SERVICES if config.service(n).enabled]
+    for name in names:
+        try:
+            child = build_service(name, config, store)
+        except NotBuilt:
+            notes.append(f"{name}: the {name} service is not built yet; it does not listen")
+            continue
+        IService(child).setServiceParent(root)
+    return root, notes
+
+
+def build_service(name: str, config: Config, store: CertificateStore) -> IService:
+    try:
+        module = importlib.import_module(BUILDERS[name])
+    except ModuleNotFoundError as e:
+        if e.name != BUILDERS[name]:
+            raise
+        raise NotBuilt(name) from None
+    return module.make_service(config, store)

@@ -1,0 +1,57 @@
+"""twistd plugins: ``sixnet`` (every enabled service) and ``sixnet-irp|chat|grid`` (one each).
+
+Options are checked while twistd parses the command line, so a bad configuration stops the
+process before it daemonizes, with one line on standard error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from sixnet.config import DEFAULT_CONFIG, Config, load_config
+from sixnet.errors import EXIT_USAGE, ConfigError
+from sixnet.logs import LOG_FORMATS
+from sixnet.service import make_root
+
+log = Logger(namespace="sixnet")
+
+
+def fail(message: str) -> None:
+    print(f"sixnet: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+class Options(usage.Options):
+    """Options of the ``sixnet`` plugin; the single-service plugins subclass it."""
+
+    service: str | None = None
+    optParameters = [
+        ["config", "c", str(DEFAULT_CONFIG), "configuration file"],
+        ["log-format", None, None, "text or json (default: [sixnet] log_format)"],
+    ]
+
+    def postOptions(self) -> None:  # noqa: N802 - Twisted's name
+        if self["log-format"] is not None and self["log-format"] not in LOG_FORMATS:
+            fail(f"--log-format: {self['log-format']!r} is not one of text, json")
+        try:
+            self.loaded: Config = load_config(Path(self["config"]))
+            self.root, self.notes = make_root(self.loaded, self.service)
+        except ConfigError as e:
+            fail(str(e))
+        log_format = self["log-format"] or self.loaded.sixnet.log_format
+        if log_format == "json" and self.parent is not None:
+            # twistd resolves this name once this subcommand has been parsed
+            self.parent["logger"] = "sixnet.logs.json_observer"
+
+
+def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
+    if options.service and options.notes:
+        fail(options.notes[0])
+    for note in options.notes:
+        log.warn("{note}", note=note)
+    return options.root

@@ -1,0 +1,323 @@
+"""Incremental, hardened XML stream parser shared by the XMPP server and our own protocols.
+
+A stream is one long XML document: a root element (the stream header) whose top-level
+children (stanzas) are handed to the caller one by one as they complete. The peer is not
+trusted, so the parser refuses, as early as it can and with an RFC 6120 section 4.9.3
+condition:
+
+* DOCTYPE, comments and processing instructions (``restricted-xml``). They are found by a
+  cheap byte scan *before* libxml2 sees the data, so no internal subset, entity declaration
+  or billion-laughs expansion is ever parsed. The XML declaration is allowed only at the very
+  start of a stream, and only for UTF-8 (``unsupported-encoding`` otherwise). CDATA sections
+  are legal and are stepped over, so ``<!``/``<?`` inside them is not mistaken for markup.
+* Undefined entities, malformed XML and anything after the closing root tag
+  (``not-well-formed``). libxml2 runs with ``resolve_entities="internal"``: ``False`` would
+  silently mis-parse an undefined entity and ``True`` would read local files.
+* A top-level child larger than ``max_element_bytes`` raw bytes, or nesting deeper than
+  ``max_depth`` (``policy-violation``), checked while the child is still arriving: large
+  feeds are parsed in slices of at most a quarter of the limit, so a 10 MB stanza is refused
+  after roughly ``max_element_bytes`` bytes, not after buffering all of it. The same budget
+  bounds the stream header and the bytes between stanzas; whitespace keepalives sent while
+  the stream is idle are not charged, so a quiet connection may ping forever.
+* Non-whitespace text between stanzas (``bad-format``).
+
+Memory stays flat on an endless stream: every finished top-level child is copied out, cleared
+and removed from the root, and whitespace between stanzas is dropped from the root.
+"""
+
+from __future__ import annotations
+
+import re
+from copy import deepcopy
+from dataclasses import dataclass
+
+from lxml import etree
+
+__all__ = ["StreamClosed", "StreamOpened", "StreamParser", "XMLStreamError"]
+
+_WS = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"
+_CDATA_OPEN = b"<![CDATA["
+_MARKUP = re.compile(rb"<[!?]")
+# A whole tag with balanced quotes, then only whitespace: the candidate for "the last thing
+# in this chunk closed a tag" (see _feed_chunk). Linear: the alternatives cannot overlap.
+_LAST_TAG = re.compile(rb"<[^<>'\"]*(?:(?:'[^']*'|\"[^\"]*\")[^<>'\"]*)*>[ \t\r\n]*")
+_ENCODING = re.compile(rb"\sencoding\s*=\s*(?:'([^']*)'|\"([^\"]*)\")")
+
+
+class XMLStreamError(Exception):
+    """Raised by feed(); `condition` is an RFC 6120 section 4.9.3 stream error condition name."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(f"{condition}: {text}")
+        self.condition = condition
+        self.text = text
+
+
+@dataclass(frozen=True)
+class StreamOpened:
+    """The stream header (root start tag) arrived; names are in Clark notation."""
+
+    tag: str
+    attrib: dict[str, str]
+    nsmap: dict[str | None, str]
+
+
+@dataclass(frozen=True)
+class StreamClosed:
+    """The root end tag arrived; nothing but whitespace may follow."""
+
+
+Event = StreamOpened | etree._Element | StreamClosed
+
+
+class StreamParser:
+    """Turns raw stream bytes into StreamOpened, stanza elements and StreamClosed events."""
+
+    def __init__(self, *, max_element_bytes: int = 65536, max_depth: int = 32) -> None:
+        if max_element_bytes < 1 or not 1 <= max_depth < 256:
+            # libxml2 itself stops at depth 256 (huge_tree=False), with a vaguer error.
+            raise ValueError("need max_element_bytes >= 1 and 1 <= max_depth <= 255")
+        self.max_element_bytes = max_element_bytes
+        self.max_depth = max_depth
+        # Feeds larger than this are parsed piecewise so the size limit fires mid-stanza.
+        self._slice = max(64, max_element_bytes // 4)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a fresh stream (after STARTTLS or SASL success: RFC 6120 stream restart)."""
+        self._parser = etree.XMLPullParser(
+            events=("start", "end"),
+            encoding="utf-8",
+            no_network=True,
+            load_dtd=False,
+            huge_tree=False,
+            resolve_entities="internal",
+            remove_comments=False,
+            remove_pis=False,
+        )
+        self._root: etree._Element | None = None
+        self._depth = -1  # root = 0, top-level child = 1; -1 until the header arrives
+        self._used = 0  # bytes charged to the current child / header / inter-stanza gap
+        self._idle = False  # between stanzas with nothing half-parsed: keepalives are free
+        self._prologue: bytes | None = b""  # bytes held back until the XML declaration is seen
+        self._pending = b""  # tail of the last feed that may start a `<!`/`<?`/`]]>` token
+        self._in_cdata = False
+        self._closed = False
+        self._failed: XMLStreamError | None = None
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Feed raw bytes; return the events completed by them, in order.
+
+        Each complete top-level child of the root is returned once, as a standalone element
+        detached from the root that keeps its (possibly inherited default) namespace.
+        Raises XMLStreamError on any violation; after an error the parser is unusable until
+        reset().
+        """
+        if self._failed is not None:
+            raise XMLStreamError(self._failed.condition, "parser failed earlier; reset() it")
+        if not data:
+            return []
+        try:
+            return self._feed(bytes(data))
+        except XMLStreamError as exc:
+            self._failed = exc
+            raise
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> list[Event]:
+        if self._closed:
+            if data.strip(_WS):
+                raise XMLStreamError("not-well-formed", "data after the end of the stream")
+            return []
+        start = 0
+        if self._prologue is not None:
+            data = self._prologue + data
+            decided = self._check_prologue(data)
+            if decided is None:
+                if len(data) > self.max_element_bytes:
+                    raise XMLStreamError(
+                        "policy-violation", f"stream header exceeds {self.max_element_bytes} bytes"
+                    )
+                self._prologue = data
+                return []
+            self._prologue = None
+            start = decided
+        self._scan(data, start)
+        out: list[Event] = []
+        size = self._slice
+        if len(data) <= size:
+            self._feed_chunk(data, True, out)
+        else:
+            for offset in range(0, len(data), size):
+                self._feed_chunk(data[offset : offset + size], offset + size >= len(data), out)
+        return out
+
+    def _check_prologue(self, data: bytes) -> int | None:
+        """Validate the stream's first bytes; return where the byte scan starts, None to wait.
+
+        Only an XML declaration at the very start is allowed (it is the one `<?` the scan
+        must skip), and it must not name an encoding other than UTF-8.
+        """
+        if data[:1] in (b"\x00", b"\xfe", b"\xff") or b"\x00" in data[:4]:
+            raise XMLStreamError("unsupported-encoding", "only UTF-8 streams are accepted")
+        pos = 0
+        if len(data) < 3 and _BOM.startswith(data):
+            return None
+        if data.startswith(_BOM):
+            pos = 3
+        head = data[pos : pos + 6]
+        if len(head) < 6:
+            return None if b"<?xml".startswith(head[:5]) else 0
+        if not (head.startswith(b"<?xml") and head[5] in _WS):
+            return 0  # no declaration; a stray `<?` is refused by the scan
+        end = data.find(b"?>", pos)
+        if end < 0:
+            return None
+        match = _ENCODING.search(data, pos, end)
+        if match is not None:
+            encoding = (match.group(1) or match.group(2) or b"").decode("ascii", "replace")
+            if encoding.lower() not in ("utf-8", "utf8"):
+                raise XMLStreamError(
+                    "unsupported-encoding", f"encoding {encoding!r} is not supported"
+                )
+        return end + 2
+
+    def _scan(self, data: bytes, start: int) -> None:
+        """Refuse DOCTYPE, comments and PIs before libxml2 parses them, stepping over CDATA.
+
+        `self._pending` carries a token prefix split across feeds (`<`, `<![CD`, `]]`).
+        """
+        buf = self._pending + data[start:] if (self._pending or start) else data
+        if not self._in_cdata and b"<!" not in buf and b"<?" not in buf:
+            self._pending = b"<" if buf.endswith(b"<") else b""
+            return
+        pos = 0
+        while True:
+            if self._in_cdata:
+                end = buf.find(b"]]>", pos)
+                if end < 0:
+                    self._pending = buf[max(pos, len(buf) - 2) :]
+                    return
+                pos = end + 3
+                self._in_cdata = False
+                continue
+            match = _MARKUP.search(buf, pos)
+            if match is None:
+                self._pending = b"<" if buf.endswith(b"<") else b""
+                return
+            at = match.start()
+            if buf[at + 1] == 0x3F:  # "?"
+                raise XMLStreamError("restricted-xml", "processing instructions are not allowed")
+            head = buf[at : at + 9]
+            if head == _CDATA_OPEN:
+                self._in_cdata = True
+                pos = at + 9
+            elif _CDATA_OPEN.startswith(head):  # cut short by the end of the data
+                self._pending = head
+                return
+            elif head.startswith(b"<!-"):
+                raise XMLStreamError("restricted-xml", "comments are not allowed")
+            elif head.startswith(b"<!D"):
+                raise XMLStreamError("restricted-xml", "DOCTYPE is not allowed")
+            else:
+                raise XMLStreamError("restricted-xml", "markup declarations are not allowed")
+
+    def _feed_chunk(self, chunk: bytes, last: bool, out: list[Event]) -> None:
+        """Parse one slice, charge it to the byte budget and track whether the stream is idle.
+
+        Idle means "between stanzas, nothing half-parsed"; it is only believed when feeding
+        the chunk's final tag on its own produced an event that left us at depth 0. A fake
+        tag inside a half-sent attribute value (`<a x='</b> `) produces no event, so it can
+        not be used to make an unbounded attribute look like free keepalive whitespace.
+        """
+        if self._closed:
+            if chunk.strip(_WS):
+                raise XMLStreamError("not-well-formed", "data after the end of the stream")
+            return
+        blank = chunk.isspace()
+        if not (blank and self._idle):
+            self._used += len(chunk)
+        split = -1
+        if last and not blank:
+            tail = chunk.rstrip(_WS) if chunk[-1] in _WS else chunk
+            if tail.endswith(b">"):
+                split = tail.rfind(b"<")
+                if split >= 0 and _LAST_TAG.fullmatch(chunk, split) is None:
+                    split = -1
+        if split < 0:
+            self._push(chunk, out)
+            if not blank:
+                self._idle = False
+        else:
+            if split:
+                self._push(chunk[:split], out)
+            before = len(out)
+            self._push(chunk[split:], out)
+            self._idle = len(out) > before and self._depth == 0 and not self._closed
+        root = self._root
+        if root is not None and not self._closed:
+            text = root.text
+            if text is not None:
+                if text.strip(" \t\r\n"):
+                    raise XMLStreamError("bad-format", "text between stanzas")
+                root.text = None  # keepalive whitespace must not pile up
+        if self._used > self.max_element_bytes:
+            what = "stream header" if self._root is None else "element"
+            raise XMLStreamError(
+                "policy-violation", f"{what} exceeds {self.max_element_bytes} bytes"
+            )
+
+    def _push(self, chunk: bytes, out: list[Event]) -> None:
+        """Hand bytes to libxml2 and collect the stream events they complete."""
+        try:
+            self._parser.feed(chunk)
+        except etree.XMLSyntaxError as exc:
+            # The events parsed before the error may show the real cause: libxml2 gives up
+            # at depth 256, but that is our policy-violation, not a syntax error.
+            self._drain(out)
+            raise XMLStreamError("not-well-formed", str(exc)) from None
+        self._drain(out)
+
+    def _drain(self, out: list[Event]) -> None:
+        """Turn libxml2's start/end events into stream events, enforcing the depth limit."""
+        depth = self._depth
+        try:
+            for event, elem in self._parser.read_events():
+                if event == "start":
+                    depth += 1
+                    if depth > self.max_depth:
+                        raise XMLStreamError(
+                            "policy-violation", f"elements nested deeper than {self.max_depth}"
+                        )
+                    if depth == 0:
+                        self._root = elem
+                        self._used = 0
+                        out.append(StreamOpened(elem.tag, dict(elem.attrib), dict(elem.nsmap)))
+                elif depth == 1:
+                    depth = 0
+                    self._used = 0
+                    out.append(self._detach(elem))
+                else:
+                    depth -= 1
+                    if depth < 0:
+                        self._closed = True
+                        elem.clear()
+                        out.append(StreamClosed())
+        finally:
+            self._depth = depth
+
+    def _detach(self, elem: etree._Element) -> etree._Element:
+        """Return a standalone copy of a finished stanza and drop the original from the root.
+
+        Removing a big subtree from the parser's tree is slow (namespace fix-ups over every
+        node), so the original is cleared first and only the empty shell is removed.
+        """
+        stanza = deepcopy(elem)
+        stanza.tail = None
+        elem.clear()
+        root = self._root
+        assert root is not None
+        root.remove(elem)
+        return stanza

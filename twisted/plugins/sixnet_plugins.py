@@ -1,0 +1,12 @@
+"""twistd plugins of sixnet: wiring only; options and makeService live in sixnet.tap."""
+
+from twisted.application.service import ServiceMaker
+
+sixnet = ServiceMaker("sixnet", "sixnet.tap", "every sixnet service the configuration enables",
+                      "sixnet")
+sixnet_irp = ServiceMaker("sixnet-irp", "sixnet.irp.tap", "the IRP registry (TCP 4604)",
+                          "sixnet-irp")
+sixnet_chat = ServiceMaker("sixnet-chat", "sixnet.chat.tap",
+                           "the SixChat End2End Direct user agent (TCP 4605)", "sixnet-chat")
+sixnet_grid = ServiceMaker("sixnet-grid", "sixnet.grid.tap",
+                           "the XMPP-Grid controller and broker", "sixnet-grid")
