@@ -8,6 +8,7 @@ that prints results takes ``--json`` and then prints one JSON document on standa
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -51,9 +52,12 @@ def config_of(args: argparse.Namespace, *, check_files: bool = True) -> Config:
     return load_config(args.config or DEFAULT_CONFIG, check_files=check_files)
 
 
-def build_parser() -> ArgumentParser:
-    from sixnet.pki import cli as pki_cli
+#: Modules that add a command group with ``register(commands)``; a service's module appears
+#: when that service is built.
+COMMAND_MODULES = ("sixnet.pki.cli", "sixnet.irp.cli", "sixnet.chat.cli", "sixnet.grid.cli")
 
+
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="sixnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"sixnet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
@@ -61,7 +65,14 @@ def build_parser() -> ArgumentParser:
     check = commands.add_parser("check-config", help="validate the configuration file")
     add_common(check)
     check.set_defaults(run=run_check_config)
-    pki_cli.register(commands)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(commands)
     return parser
 
 

@@ -14,70 +14,17 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sixnet.chat.config import ChatConfig
 from sixnet.errors import ConfigError
+from sixnet.grid.config import GridConfig
+from sixnet.irp.config import IRPConfig
+from sixnet.settings import ServiceConfig, one_of, setting
 
 DEFAULT_CONFIG = Path("etc/sixnet.toml")
-
-
-def _endpoint_problem(value: str) -> str | None:
-    """Check a twistd server endpoint string, as `serverFromString` would read it."""
-    from twisted.internet import endpoints
-
-    class _NoReactor:
-        """Endpoints only keep a reactor reference until they listen."""
-
-    try:
-        endpoint = endpoints.serverFromString(_NoReactor(), value)
-    except (ValueError, TypeError, KeyError) as e:
-        return f"{value!r} is not a server endpoint string ({e or 'bad syntax'})"
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
-        return f"{value!r}: port {port} is out of range 0-65535"
-    return None
-
-
-def endpoints_check(values: list[str]) -> str | None:
-    for value in values:
-        problem = _endpoint_problem(value)
-        if problem:
-            return problem
-    return None
-
-
-def port_range(low: int, high: int) -> Callable[[int], str | None]:
-    def check(value: int) -> str | None:
-        if not low <= value <= high:
-            return f"{value} is out of range {low}-{high}"
-        return None
-
-    return check
-
-
-def one_of(*choices: str) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        if value not in choices:
-            return f"{value!r} is not one of {', '.join(choices)}"
-        return None
-
-    return check
-
-
-def positive(value: float) -> str | None:
-    return None if value > 0 else f"{value} must be greater than 0"
-
-
-def setting(default: Any = dataclasses.MISSING, *, check: Callable[[Any], str | None] | None = None,
-        must_exist: bool = False, doc: str = "") -> Any:
-    """Declare a configuration setting (a dataclass field with validation metadata)."""
-    meta = {"check": check, "must_exist": must_exist, "doc": doc}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # -- sections --------------------------------------------------------------------------------
@@ -110,41 +57,6 @@ class PKIConfig:
     crls: list[Path] = setting([], must_exist=True)
     lab_ca: Path | None = setting(None, doc="directory of a lab CA (sixnet pki init)")
     identities: dict[str, IdentityConfig] = setting({})
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Keys every service section has."""
-
-    enabled: bool = setting(False)
-    listen: list[str] = setting([], check=endpoints_check)
-    identity: str = setting("host", doc="name of a [pki.identities.NAME] table")
-
-
-@dataclass(frozen=True)
-class IRPConfig(ServiceConfig):
-    """``[irp]``: the Identity Registration Protocol registry (TCP 4604)."""
-
-    listen: list[str] = setting(["tcp6:4604:interface=\\:\\:"], check=endpoints_check)
-
-
-@dataclass(frozen=True)
-class ChatConfig(ServiceConfig):
-    """``[chat]``: the SixChat End2End Direct user agent (TCP 4605)."""
-
-    listen: list[str] = setting(["tcp6:4605:interface=\\:\\:"], check=endpoints_check)
-    identity: str = setting("user")
-
-
-@dataclass(frozen=True)
-class GridConfig(ServiceConfig):
-    """``[grid]``: the XMPP-Grid controller and broker."""
-
-    domain: str = setting("localhost")
-    listen: list[str] = setting(["tcp6:5222:interface=\\:\\:"], check=endpoints_check,
-                            doc="client streams with STARTTLS")
-    listen_tls: list[str] = setting(["tcp6:5223:interface=\\:\\:"], check=endpoints_check,
-                                doc="direct TLS client streams (XEP-0368)")
 
 
 @dataclass(frozen=True)

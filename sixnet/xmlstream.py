@@ -93,8 +93,7 @@ class StreamParser:
             load_dtd=False,
             huge_tree=False,
             resolve_entities="internal",
-            remove_comments=False,
-            remove_pis=False,
+            collect_ids=False,  # the document lives as long as the stream: no xml:id table
         )
         self._root: etree._Element | None = None
         self._depth = -1  # root = 0, top-level child = 1; -1 until the header arrives
