@@ -1,0 +1,94 @@
+"""The shared database plumbing, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from sixnet.storage import Database, DatabaseURLError, parse_url
+
+from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+
+MIGRATIONS = {
+    1: ["CREATE TABLE note (id {serial}, body TEXT NOT NULL, data {blob})"],
+    2: ["ALTER TABLE note ADD COLUMN stamp {bigint}"],
+}
+
+
+class DatabaseTests:
+    db: Database
+
+    async def test_migrate_is_idempotent(self) -> None:
+        assert await self.db.migrate("notes", MIGRATIONS) == 2
+        assert await self.db.migrate("notes", MIGRATIONS) == 2
+
+    async def test_round_trip_with_qmark_placeholders(self) -> None:
+        await self.db.migrate("notes", MIGRATIONS)
+
+        def write(cursor, body, data):
+            cursor.execute("INSERT INTO note (body, data, stamp) VALUES (?, ?, ?)",
+                           (body, data, 2**40))
+
+        await self.db.run("write note", write, "100% sure?", b"\x00\xff")
+        rows = await self.db.run(
+            "read notes",
+            lambda c: c.execute("SELECT body, data, stamp FROM note").fetchall())
+        assert [(r[0], bytes(r[1]), r[2]) for r in rows] == [("100% sure?", b"\x00\xff", 2**40)]
+
+    async def test_failed_transaction_rolls_back(self) -> None:
+        await self.db.migrate("notes", MIGRATIONS)
+
+        def half(cursor):
+            cursor.execute("INSERT INTO note (body) VALUES (?)", ("lost",))
+            raise RuntimeError("boom")
+
+        try:
+            await self.db.run("half", half)
+        except RuntimeError:
+            pass
+        rows = await self.db.run("count", lambda c: c.execute(
+            "SELECT count(*) FROM note").fetchone())
+        assert rows[0] == 0
+
+
+class SQLiteTests(DatabaseTests, unittest.TestCase):
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp()) / "db.sqlite3"
+        self.db = Database(f"sqlite:{self.path}")
+        self.addCleanup(self.db.close)
+
+    async def test_wal_mode(self) -> None:
+        mode = await self.db.run("mode", lambda c: c.execute("PRAGMA journal_mode").fetchone())
+        assert mode[0] == "wal"
+
+    async def test_survives_reopen(self) -> None:
+        await self.db.migrate("notes", MIGRATIONS)
+        await self.db.run("w", lambda c: c.execute("INSERT INTO note (body) VALUES (?)", ("x",)))
+        self.db.close()
+        again = Database(f"sqlite:{self.path}")
+        self.addCleanup(again.close)
+        rows = await again.run("r", lambda c: c.execute("SELECT body FROM note").fetchall())
+        assert rows == [("x",)]
+
+
+class PostgreSQLTests(DatabaseTests, unittest.TestCase):
+    skip = postgres_unavailable()
+
+    def setUp(self) -> None:
+        url, schema = fresh_postgres_schema()
+        self.db = Database(url)
+        self.addCleanup(drop_postgres_schema, schema)
+        self.addCleanup(self.db.close)
+
+
+def test_url_parsing() -> None:
+    assert parse_url("sqlite:irp.db", Path("/var/lib/sixnet")) == (
+        "sqlite", "/var/lib/sixnet/irp.db")
+    assert parse_url("postgresql://h/db", Path("/x"))[0] == "postgresql"
+    for bad in ("mysql://x", "sqlite:", "irp.db"):
+        try:
+            parse_url(bad, Path("."))
+        except DatabaseURLError:
+            continue
+        raise AssertionError(bad)
