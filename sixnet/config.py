@@ -139,6 +139,10 @@ class _Loader:
             if not isinstance(value, dict):
                 raise self.fail(dotted, f"expected a table, got {_describe(value)}")
             result = {k: self.section(item, v, f"{dotted}.{k}") for k, v in value.items()}
+        elif dataclasses.is_dataclass(hint):
+            if not check:  # the default: an instance already
+                return value
+            result = self.section(hint, value, dotted)
         else:
             result = self.scalar(hint, value, f, dotted)
         checker = f.metadata.get("check")
@@ -149,7 +153,7 @@ class _Loader:
         return result
 
     def scalar(self, hint: Any, value: Any, f: dataclasses.Field, dotted: str) -> Any:
-        ok = isinstance(value, hint if hint is not Path else str)
+        ok = isinstance(value, hint if hint is not Path else str | Path)
         if hint is int and isinstance(value, bool):
             ok = False
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
