@@ -1,0 +1,151 @@
+"""Framing: the XML phase through the shared stream parser, then raw bytes to the records.
+
+The protocol only frames: it hands whole handshake elements, the end of the peer's XML
+stream and record-phase bytes to its `Session`, and owns the connection's timers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from sixnet.chat.alerts import Alert
+from sixnet.chat.messages import ROOT, STREAM_END, VERSION
+from sixnet.chat.session import Session, SessionTransport
+from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+
+#: Handshake elements (a hello with an 8-certificate chain is well under this).
+MAX_HANDSHAKE_BYTES = 32768
+
+
+def _held_suffix(data: bytes) -> int:
+    """Length of the longest proper prefix of ``</sixchat>`` that `data` ends with."""
+    for size in range(min(len(STREAM_END) - 1, len(data)), 0, -1):
+        if data.endswith(STREAM_END[:size]):
+            return size
+    return 0
+
+
+class SessionProtocol(Protocol):
+    """One SixChat connection, dialed (`dial_to` set) or accepted."""
+
+    def __init__(self, make_session: Callable[[SessionTransport], Session], clock: IReactorTime,
+                 *, dial_to: str | None = None, handshake_timeout: float = 10.0,
+                 close_timeout: float = 5.0) -> None:
+        self.make_session = make_session
+        self.clock = clock
+        self.dial_to = dial_to
+        self.handshake_timeout = handshake_timeout
+        self.close_timeout = close_timeout
+        self.session: Session | None = None
+        self._parser: StreamParser | None = StreamParser(max_element_bytes=MAX_HANDSHAKE_BYTES,
+                                                         max_depth=4)
+        self._held = b""
+        self._timer: IDelayedCall | None = None
+
+    # -- SessionTransport --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def lose_connection(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- Protocol ----------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        self.session = session = self.make_session(self)
+        self._timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
+        if self.dial_to is not None:
+            session.handle(session.dial, self.dial_to)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        session = self.session
+        if session is not None and session.records is None:
+            session.handle(session.refuse, Alert("handshake-timeout"))
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        session = self.session
+        if session is None or session.end_reason is not None:
+            return
+        if self._parser is not None:
+            rest = self._xml_received(session, data)
+            if rest is None:
+                return
+            self._parser = None
+            self._held = b""
+            if self._timer is not None and session.records is not None:
+                self._timer.cancel()
+                self._timer = None
+            data = rest
+        if data:
+            session.records_received(data)
+
+    def _xml_received(self, session: Session, data: bytes) -> bytes | None:
+        """Feed the XML phase; the bytes after ``</sixchat>`` once the stream ended, else None."""
+        buf = self._held + data
+        at = buf.find(STREAM_END)
+        if at < 0:
+            keep = _held_suffix(buf)
+            chunk, self._held = (buf[:-keep], buf[-keep:]) if keep else (buf, b"")
+            rest = None
+        else:
+            chunk, rest = buf[:at + len(STREAM_END)], buf[at + len(STREAM_END):]
+            self._held = b""
+        assert self._parser is not None
+        try:
+            events = self._parser.feed(chunk)
+        except XMLStreamError as e:
+            session.handle(session.refuse, Alert("decode-error", f"handshake stream: {e}"))
+            return None
+        for event in events:
+            if session.end_reason is not None:
+                return None
+            if isinstance(event, StreamOpened):
+                if event.tag != ROOT or event.attrib.get("version") != VERSION:
+                    session.handle(session.refuse, Alert(
+                        "protocol-version", f"stream {event.tag[:80]} version "
+                                            f"{event.attrib.get('version', '')[:10]!r}"))
+                    return None
+            elif isinstance(event, StreamClosed):
+                session.stream_ended()
+                return rest if session.end_reason is None else None
+            else:
+                session.element_received(event)
+        if rest is not None and session.end_reason is None:
+            session.handle(session.refuse, Alert("decode-error", "</sixchat> out of place"))
+        return None
+
+    def close(self) -> None:
+        """Close cleanly: close-notify, then hang up if the peer does not answer in time."""
+        session = self.session
+        if session is None:
+            return
+        session.handle(session.close)
+        if self.transport is not None and session.end_reason is None:
+            self.clock.callLater(self.close_timeout, self.lose_connection)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        session = self.session
+        if session is not None:
+            session.handle(session.connection_lost)
+
+
+class SessionFactory(Factory):
+    """Accepted connections: a responder session each."""
+
+    def __init__(self, make_protocol: Callable[[str | None], SessionProtocol]) -> None:
+        self.make_protocol = make_protocol
+
+    def buildProtocol(self, addr: Any) -> SessionProtocol:  # noqa: N802
+        return self.make_protocol(None)
