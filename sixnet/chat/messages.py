@@ -12,6 +12,7 @@ import binascii
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from sixnet.chat.alerts import ALERTS, Alert
@@ -128,8 +129,6 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None,
 
 
 def _add_chain(parent: etree._Element, chain: tuple[x509.Certificate, ...]) -> None:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     holder = _sub(parent, "certificate-chain")
     for cert in chain:
         _sub(holder, "certificate", _b64(cert.public_bytes(Encoding.DER)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -46,6 +47,8 @@ class SessionProtocol(Protocol):
                                                          max_depth=4)
         self._held = b""
         self._timer: IDelayedCall | None = None
+        #: Fires when the connection is gone.
+        self.lost: Deferred[None] = Deferred()
 
     # -- SessionTransport --------------------------------------------------------------------
 
@@ -139,6 +142,7 @@ class SessionProtocol(Protocol):
         session = self.session
         if session is not None:
             session.handle(session.connection_lost)
+        self.lost.callback(None)
 
 
 class SessionFactory(Factory):

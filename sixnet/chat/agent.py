@@ -1,0 +1,390 @@
+"""The user agent's engine: sessions by person, the outbox, receipts, retries.
+
+It owns no port: the service gives it a listening factory and the reactor to dial with. It
+keeps at most one session per person (docs/chat.rst, "Simultaneous dial"), sends every
+queued message on each new session until the peer's receipt arrives, and retries people
+with queued messages when the directory says they moved, or with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lxml import etree
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from sixnet.chat.alerts import Alert
+from sixnet.chat.directory import IPeerDirectory, PeerAddress, PeerRecord
+from sixnet.chat.handshake import HandshakePolicy
+from sixnet.chat.messages import NS
+from sixnet.chat.protocol import SessionFactory, SessionProtocol
+from sixnet.chat.session import Session, SessionTransport, own_user_id
+from sixnet.chat.store import MessageStore, StoredMessage
+from sixnet.pki.identity import normalize_user_id
+from sixnet.pki.store import CertificateStore, NodeIdentity
+
+log = Logger(namespace="sixnet.chat")
+
+_MESSAGE = f"{{{NS}}}message"
+_RECEIPT = f"{{{NS}}}receipt"
+_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SENT = re.compile(r"[0-9T:.Z+-]{1,40}")
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+class MessageRefused(ValueError):
+    """A message the person asked to send cannot be sent (too long, bad characters...)."""
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    close_timeout: float = 5.0
+    retry_initial: float = 5.0
+    retry_max: float = 300.0
+    max_message_bytes: int = 65536
+    key_update_bytes: int = 1 << 30
+    policy: HandshakePolicy = field(default_factory=HandshakePolicy)
+
+
+def _escape(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\r", "&#13;"))
+
+
+def encode_message(message: StoredMessage) -> bytes:
+    return (f'<message id="{message.id}" sent="{message.sent}">{_escape(message.body)}'
+            "</message>").encode()
+
+
+def encode_receipt(message_id: str) -> bytes:
+    return f'<receipt id="{message_id}"/>'.encode()
+
+
+class Agent:
+    """One person's agent: implements `SessionOwner` for every session it runs."""
+
+    def __init__(self, identity: NodeIdentity, store: CertificateStore,
+                 messages: MessageStore, directory: IPeerDirectory, reactor: Any,
+                 settings: AgentSettings | None = None) -> None:
+        self.identity = identity
+        self.store = store
+        self.messages = messages
+        self.directory = IPeerDirectory(directory)
+        self.reactor = reactor  # IReactorTime and IReactorTCP
+        self.settings = settings or AgentSettings()
+        self.me = own_user_id(identity)
+        #: The one live session per person (established, not yet ended).
+        self.sessions: dict[str, Session] = {}
+        self._protocols: dict[Session, SessionProtocol] = {}
+        self._sent: dict[Session, set[str]] = {}
+        self._dialing: dict[str, defer.Deferred[bool]] = {}
+        self._waiters: dict[Session, defer.Deferred[bool]] = {}
+        self._retry_calls: dict[str, IDelayedCall] = {}
+        self._backoff: dict[str, float] = {}
+        self._watches: dict[str, Callable[[], None]] = {}
+        self._listeners: list[Callable[[str, StoredMessage], None]] = []
+        self._stopping = False
+
+    # -- wiring ------------------------------------------------------------------------------
+
+    def factory(self) -> SessionFactory:
+        return SessionFactory(self.make_protocol)
+
+    def make_protocol(self, dial_to: str | None) -> SessionProtocol:
+        s = self.settings
+        proto = SessionProtocol(self._new_session, self.reactor, dial_to=dial_to,
+                                handshake_timeout=s.handshake_timeout,
+                                close_timeout=s.close_timeout)
+        return proto
+
+    def _new_session(self, transport: SessionTransport) -> Session:
+        s = self.settings
+        session = Session(self.identity, self.store, transport, self, policy=s.policy,
+                          max_message_bytes=s.max_message_bytes,
+                          key_update_bytes=s.key_update_bytes, clock=self.reactor.seconds)
+        assert isinstance(transport, SessionProtocol)
+        self._protocols[session] = transport
+        return session
+
+    def listen(self, listener: Callable[[str, StoredMessage], None]) -> Callable[[], None]:
+        """Be told of ("received", message) and ("delivered", message); returns a cancel."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _notify(self, event: str, message: StoredMessage) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, message)
+            except Exception:
+                log.failure("a message listener failed")
+
+    async def start(self) -> None:
+        """Resume delivery of everything still queued (after a restart)."""
+        counts = await self.messages.queued_counts()
+        for peer in counts:
+            self.deliver(peer)
+
+    async def stop(self) -> None:
+        """Close every session cleanly and stop retrying."""
+        self._stopping = True
+        for call in self._retry_calls.values():
+            if call.active():
+                call.cancel()
+        self._retry_calls.clear()
+        for cancel in self._watches.values():
+            cancel()
+        self._watches.clear()
+        waits = []
+        for proto in list(self._protocols.values()):
+            waits.append(proto.lost)
+            proto.close()
+        if waits:
+            timeout = self.settings.close_timeout + 1
+            done = defer.DeferredList(waits, consumeErrors=True)
+            done.addTimeout(timeout, self.reactor)
+            try:
+                await done
+            except defer.TimeoutError:
+                for proto in list(self._protocols.values()):
+                    if proto.transport is not None:
+                        proto.transport.abortConnection()
+
+    # -- the person's requests ---------------------------------------------------------------
+
+    def check_text(self, text: str) -> None:
+        if not text:
+            raise MessageRefused("the message is empty")
+        if _NOT_XML.search(text):
+            raise MessageRefused("the message contains a control character that cannot be sent")
+        size = len(text.encode("utf-8"))
+        if size > self.settings.max_message_bytes:
+            raise MessageRefused(f"the message is {size} bytes; the limit is "
+                                 f"{self.settings.max_message_bytes}")
+
+    async def send(self, to: str, text: str) -> StoredMessage:
+        """Queue a message (committed to disk when this returns) and try to deliver it."""
+        peer = normalize_user_id(to)
+        self.check_text(text)
+        message = await self.messages.queue(peer, text)
+        session = self.sessions.get(peer)
+        if session is not None and session.end_reason is None:
+            self._transmit(session, [message])
+        else:
+            self.deliver(peer)
+        self._watch(peer)
+        return message
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        for peer, session in sorted(self.sessions.items()):
+            out.append({"peer": peer, "role": session.role, "method": session.method,
+                        "cipher": session.cipher, "initiator": session.initiator_id,
+                        "since": session.created})
+        return out
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    def deliver(self, peer: str) -> defer.Deferred[bool]:
+        """Make sure queued messages for `peer` go out: on the live session, or dial."""
+        if self._stopping:
+            return defer.succeed(False)
+        session = self.sessions.get(peer)
+        if session is not None and session.end_reason is None:
+            return defer.Deferred.fromCoroutine(self._flush(peer, session))
+        if peer in self._dialing:
+            return self._dialing[peer]
+        d = defer.Deferred.fromCoroutine(self._dial(peer))
+        self._dialing[peer] = d
+
+        def done(result: bool) -> bool:
+            self._dialing.pop(peer, None)
+            return result
+
+        return d.addBoth(done)
+
+    async def _dial(self, peer: str) -> bool:
+        pending = await self.messages.outbox(peer)
+        if not pending:
+            self._unwatch(peer)
+            return True
+        self._watch(peer)
+        try:
+            record = await self.directory.lookup(peer)
+        except Exception as e:
+            log.warn("lookup of {peer} failed: {error}", peer=peer, error=e)
+            record = None
+        if record is not None:
+            for address in record.addresses:
+                if self._stopping:
+                    return False
+                if await self._try(peer, address):
+                    return True
+                if self.sessions.get(peer) is not None:  # the peer called us meanwhile
+                    return True
+        if self.sessions.get(peer) is None:
+            self._schedule_retry(peer)
+        return False
+
+    async def _try(self, peer: str, address: PeerAddress) -> bool:
+        proto = self.make_protocol(peer)
+        endpoint = endpoints.HostnameEndpoint(self.reactor, address.host.encode("idna")
+                                              if not address.host.isascii() else address.host,
+                                              address.port,
+                                              timeout=self.settings.connect_timeout)
+        try:
+            await endpoints.connectProtocol(endpoint, proto)
+        except Exception as e:
+            log.info("cannot reach {peer} at {address}: {error}", peer=peer,
+                     address=str(address), error=e)
+            return False
+        session = proto.session
+        assert session is not None
+        if session.records is not None:
+            return True
+        if session.end_reason is not None:
+            return False
+        waiter: defer.Deferred[bool] = defer.Deferred()
+        self._waiters[session] = waiter
+        return await waiter
+
+    def _schedule_retry(self, peer: str) -> None:
+        if self._stopping:
+            return
+        call = self._retry_calls.get(peer)
+        if call is not None and call.active():
+            return
+        delay = self._backoff.get(peer, self.settings.retry_initial)
+        self._backoff[peer] = min(delay * 2, self.settings.retry_max)
+        log.info("retrying {peer} in {delay:.0f}s", peer=peer, delay=delay)
+        self._retry_calls[peer] = self.reactor.callLater(delay, self.deliver, peer)
+
+    def _watch(self, peer: str) -> None:
+        if peer not in self._watches and not self._stopping:
+            self._watches[peer] = self.directory.watch(peer, self._peer_moved)
+
+    def _unwatch(self, peer: str) -> None:
+        cancel = self._watches.pop(peer, None)
+        if cancel is not None:
+            cancel()
+
+    def _peer_moved(self, record: PeerRecord) -> None:
+        """The directory says the person has new addresses: try now, forget the backoff."""
+        peer = record.user_id
+        call = self._retry_calls.pop(peer, None)
+        if call is not None and call.active():
+            call.cancel()
+        self._backoff.pop(peer, None)
+        if self.sessions.get(peer) is None:
+            self.deliver(peer)
+
+    async def _flush(self, peer: str, session: Session) -> bool:
+        queued = await self.messages.outbox(peer)
+        if session.end_reason is not None or self.sessions.get(peer) is not session:
+            return False
+        self._transmit(session, queued)
+        if not queued:
+            self._unwatch(peer)
+        return True
+
+    def _transmit(self, session: Session, queued: list[StoredMessage]) -> None:
+        sent = self._sent.setdefault(session, set())
+        for message in queued:
+            if message.id in sent:
+                continue
+            if not session.send_stanza(encode_message(message)):
+                return
+            sent.add(message.id)
+
+    # -- SessionOwner ------------------------------------------------------------------------
+
+    @staticmethod
+    def keeps(existing: Session, new: Session) -> Session:
+        """The simultaneous-dial rule: which of two sessions with one person survives."""
+        if existing.initiator_id != new.initiator_id:
+            return min((existing, new), key=lambda s: s.initiator_id.encode("utf-8"))
+        return new
+
+    def session_established(self, session: Session) -> None:
+        peer = session.peer_id
+        assert peer is not None
+        log.info("session with {peer} ({role}, {method}, {cipher})", peer=peer,
+                 role=session.role, method=session.method, cipher=session.cipher)
+        waiter = self._waiters.pop(session, None)
+        existing = self.sessions.get(peer)
+        winner = session
+        if existing is not None and existing is not session and existing.end_reason is None:
+            winner = self.keeps(existing, session)
+            loser = session if winner is existing else existing
+            self.sessions[peer] = winner
+            loser.handle(loser.refuse, Alert("duplicate-session", "simultaneous dial"))
+        else:
+            self.sessions[peer] = session
+        call = self._retry_calls.pop(peer, None)
+        if call is not None and call.active():
+            call.cancel()
+        self._backoff.pop(peer, None)
+        if waiter is not None:
+            waiter.callback(True)
+        if winner is session:
+            self.deliver(peer)
+
+    def session_ended(self, session: Session, reason: str) -> None:
+        self._protocols.pop(session, None)
+        self._sent.pop(session, None)
+        waiter = self._waiters.pop(session, None)
+        if waiter is not None:
+            waiter.callback(False)
+        peer = session.peer_id
+        if peer is None:
+            return
+        if self.sessions.get(peer) is session:
+            del self.sessions[peer]
+            log.info("session with {peer} ended: {reason}", peer=peer, reason=reason)
+            if not self._stopping and peer in self._watches:
+                self._schedule_retry(peer)
+
+    def stanza_received(self, session: Session, element: etree._Element) -> None:
+        peer = session.peer_id
+        assert peer is not None
+        if element.tag == _MESSAGE:
+            self._message_received(session, peer, element)
+        elif element.tag == _RECEIPT:
+            message_id = element.get("id", "")
+            if not _ID.fullmatch(message_id) or len(element):
+                session.handle(session.refuse, Alert("decode-error", "bad receipt"))
+                return
+            d = self.messages.mark_delivered(peer, message_id)
+            d.addCallback(self._delivered)
+            d.addErrback(lambda f: log.failure("cannot record a receipt", f))
+        else:
+            session.handle(session.refuse, Alert("decode-error",
+                                                 f"unknown element {str(element.tag)[:80]}"))
+
+    def _delivered(self, message: StoredMessage | None) -> None:
+        if message is not None:
+            self._notify("delivered", message)
+
+    def _message_received(self, session: Session, peer: str, element: etree._Element) -> None:
+        message_id, sent = element.get("id", ""), element.get("sent", "")
+        text = element.text or ""
+        if (not _ID.fullmatch(message_id) or not _SENT.fullmatch(sent) or len(element)
+                or len(text.encode("utf-8")) > self.settings.max_message_bytes):
+            session.handle(session.refuse, Alert("decode-error", "bad message"))
+            return
+
+        def stored(result: tuple[StoredMessage, bool]) -> None:
+            message, new = result
+            if new:
+                self._notify("received", message)
+            session.send_stanza(encode_receipt(message_id))
+
+        d = self.messages.receive(peer, message_id, sent, text)
+        d.addCallback(stored)
+        d.addErrback(lambda f: log.failure("cannot store a message from {peer}", f, peer=peer))
