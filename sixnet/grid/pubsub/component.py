@@ -1,0 +1,215 @@
+"""The RFC 8600 Broker as a component of the XMPP server: stanzas in, engine, stanzas out.
+
+Usage by the grid service::
+
+    broker = PubSubBroker(config.grid.broker, config.grid.domain,
+                          Database(config.grid.broker.database, base=state_dir),
+                          state_dir / config.grid.broker.audit_log)
+    server.attach_component(broker)      # calls broker.attach(router)
+    ...
+    await broker.stop()                  # on service stop; the caller closes the Database
+
+`attach` starts loading the stored state; stanzas that arrive meanwhile wait for it. A request
+is answered only after its changes are committed, so an acknowledged publish, subscription or
+configuration survives a crash; notifications follow the reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lxml import etree
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sixnet.errors import ConfigError
+from sixnet.grid.component import IComponent, IRouter
+from sixnet.grid.pubsub.audit import AuditLog
+from sixnet.grid.pubsub.config import BrokerConfig
+from sixnet.grid.pubsub.engine import Outcome, PubSubEngine
+from sixnet.grid.pubsub.errors import PubSubError
+from sixnet.grid.pubsub.fanout import Delivery
+from sixnet.grid.pubsub.forms import DATA_NS
+from sixnet.grid.pubsub.policy import bare
+from sixnet.grid.pubsub.request import PubSubRequest, parse_iq
+from sixnet.grid.pubsub.store import IPubSubStore, SQLPubSubStore
+from sixnet.storage import Database
+
+log = Logger(namespace="sixnet.grid.pubsub")
+_C = "{jabber:client}"
+#: Verbs that change something: a refusal of one of these is audited.
+_AUDITED_REFUSALS = {"create", "configure-set", "delete", "purge", "publish", "retract",
+                     "subscribe", "affiliations-set", "subscriptions-set"}
+
+
+@implementer(IComponent)
+class PubSubBroker:
+    """The publish-subscribe service at ``<subdomain>.<domain>``.
+
+    `config` is the ``[grid.broker]`` table, `domain` the server's XMPP domain, `database` the
+    broker's database (its schema is created on first use), `audit_log` the JSON-lines file.
+    """
+
+    def __init__(self, config: BrokerConfig, domain: str, database: Database,
+                 audit_log: Path, *, clock: Callable[[], float] = time.time,
+                 store: IPubSubStore | None = None) -> None:
+        if config.default_access_model == "open" and not config.open_access:
+            raise ConfigError("[grid.broker]", "default_access_model",
+                              "'open' needs open_access = true")
+        self.domain = f"{config.subdomain}.{domain}"
+        self.engine = PubSubEngine(self.domain, config, clock=clock)
+        self.store = store or SQLPubSubStore(database)
+        self.audit = AuditLog(audit_log, clock)
+        self.delivery = Delivery(self.domain)
+        self.router: IRouter | None = None
+        self._ready: defer.Deferred[None] | None = None
+        self._in_flight: set[defer.Deferred[None]] = set()
+        self._sweeper = task.LoopingCall(self.engine.rate_limits.forget_idle)
+
+    # -- IComponent --------------------------------------------------------------------------
+
+    def attach(self, router: IRouter) -> None:
+        self.router = router
+        self.delivery.router = router
+        self._ready = defer.Deferred.fromCoroutine(self._load())
+        self._sweeper.start(60, now=False)
+
+    async def _load(self) -> None:
+        await self.store.open()
+        self.engine.load(await self.store.load())
+        log.info("broker {domain}: {nodes} topics loaded", domain=self.domain,
+                 nodes=len(self.engine.nodes))
+
+    def receive(self, stanza: etree._Element) -> None:
+        self._track(defer.Deferred.fromCoroutine(self._receive(stanza)))
+
+    def session_available(self, full_jid: str) -> None:
+        """Send an owner who has just come online the approval requests still pending."""
+        self._track(defer.Deferred.fromCoroutine(self._resend_pending(full_jid)))
+
+    def session_unavailable(self, full_jid: str) -> None:
+        """Nothing to do: notifications to an offline subscriber are stored by the core."""
+
+    # -- operations for the grid service and `sixnet grid revoke` ----------------------------
+
+    def revoke(self, jid: str) -> defer.Deferred[None]:
+        """Revoke a platform: subscriptions removed, every later request refused."""
+        return self._track(defer.Deferred.fromCoroutine(self._revoke(jid)))
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires when every request received so far is answered and its messages are sent."""
+        return defer.Deferred.fromCoroutine(self._idle())
+
+    async def stop(self) -> None:
+        """Finish in-flight work and close the audit log (the caller closes the Database)."""
+        await self._idle()
+        if self._sweeper.running:
+            self._sweeper.stop()
+        self.audit.close()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _track(self, d: defer.Deferred[None]) -> defer.Deferred[None]:
+        self._in_flight.add(d)
+        d.addErrback(lambda f: log.failure("broker failure", f))
+        d.addBoth(lambda r: (self._in_flight.discard(d), r)[1])
+        return d
+
+    async def _idle(self) -> None:
+        if self._ready is not None:
+            await self._ready
+        while self._in_flight:
+            await defer.DeferredList(list(self._in_flight))
+        await self.delivery.idle()
+
+    async def _receive(self, stanza: etree._Element) -> None:
+        assert self._ready is not None, "attach() must come first"
+        await self._ready
+        if stanza.get("type") == "error":
+            return
+        if stanza.tag == _C + "iq" and stanza.get("type") in ("get", "set"):
+            await self._iq(stanza)
+        elif stanza.tag == _C + "message":
+            await self._message(stanza)
+
+    async def _iq(self, iq: etree._Element) -> None:
+        request: PubSubRequest | None = None
+        try:
+            request = parse_iq(iq)
+            outcome = self.engine.handle(request)
+        except PubSubError as error:
+            if request is not None and request.verb in _AUDITED_REFUSALS:
+                self.audit.record({"action": request.verb, "node": request.node,
+                                   "actor": bare(request.sender), "refused": str(error)})
+            self._send(self._iq_error(iq, error))
+            return
+        if not await self._commit(outcome):
+            self._send(self._iq_error(iq, PubSubError("internal-server-error")))
+            return
+        reply = self._reply(iq, "result")
+        if outcome.payload is not None:
+            reply.append(outcome.payload)
+        self._send(reply)
+        self._deliver(outcome)
+
+    async def _message(self, message: etree._Element) -> None:
+        """An owner's answer to an approval request (XEP-0060 section 8.6)."""
+        form = message.find(f"{{{DATA_NS}}}x")
+        if form is None or form.get("type") != "submit":
+            return
+        try:
+            outcome = self.engine.decide(message.get("from") or "", form)
+        except PubSubError as error:
+            reply = self._reply(message, "error", tag="message")
+            reply.append(error.element())
+            self._send(reply)
+            return
+        if await self._commit(outcome):
+            self._deliver(outcome)
+
+    async def _resend_pending(self, full_jid: str) -> None:
+        assert self._ready is not None, "attach() must come first"
+        await self._ready
+        for notification in self.engine.pending_for(full_jid):
+            self.delivery.enqueue(notification)
+
+    async def _revoke(self, jid: str) -> None:
+        assert self._ready is not None, "attach() must come first"
+        await self._ready
+        outcome = self.engine.revoke(jid)
+        if not await self._commit(outcome):
+            raise RuntimeError(f"revocation of {jid} could not be stored")
+        log.warn("platform {jid} revoked", jid=bare(jid))
+
+    async def _commit(self, outcome: Outcome) -> bool:
+        """Store the outcome's changes, then audit it; False if storage failed."""
+        try:
+            await self.store.apply(outcome.changes)
+        except Exception:  # noqa: BLE001 - the requester gets internal-server-error
+            log.failure("storing broker changes failed")
+            return False
+        for entry in outcome.audit:
+            self.audit.record(entry)
+        return True
+
+    def _deliver(self, outcome: Outcome) -> None:
+        for notification in outcome.messages:
+            self.delivery.enqueue(notification)
+
+    def _reply(self, stanza: etree._Element, kind: str, tag: str = "iq") -> etree._Element:
+        attributes = {"type": kind, "from": self.domain, "to": stanza.get("from") or ""}
+        if stanza.get("id") is not None:
+            attributes["id"] = stanza.get("id") or ""
+        return etree.Element(_C + tag, attributes, nsmap={None: "jabber:client"})
+
+    def _iq_error(self, iq: etree._Element, error: PubSubError) -> etree._Element:
+        reply = self._reply(iq, "error")
+        reply.append(error.element())
+        return reply
+
+    def _send(self, stanza: etree._Element) -> None:
+        assert self.router is not None
+        self.router.route(stanza)
