@@ -8,21 +8,28 @@ condition:
 * DOCTYPE, comments and processing instructions (``restricted-xml``). They are found by a
   cheap byte scan *before* libxml2 sees the data, so no internal subset, entity declaration
   or billion-laughs expansion is ever parsed. The XML declaration is allowed only at the very
-  start of a stream, and only for UTF-8 (``unsupported-encoding`` otherwise). CDATA sections
-  are legal and are stepped over, so ``<!``/``<?`` inside them is not mistaken for markup.
-* Undefined entities, malformed XML and anything after the closing root tag
+  start of a stream, and only for UTF-8 (``unsupported-encoding`` otherwise, also for UTF-16
+  or UTF-32 byte patterns). CDATA sections are legal and are stepped over, so ``<!``/``<?``
+  inside them is not mistaken for markup.
+* Undefined entities, malformed XML, namespace errors (undeclared prefix, relative namespace
+  URI), NUL bytes and anything but whitespace after the closing root tag
   (``not-well-formed``). libxml2 runs with ``resolve_entities="internal"``: ``False`` would
   silently mis-parse an undefined entity and ``True`` would read local files.
 * A top-level child larger than ``max_element_bytes`` raw bytes, or nesting deeper than
-  ``max_depth`` (``policy-violation``), checked while the child is still arriving: large
-  feeds are parsed in slices of at most a quarter of the limit, so a 10 MB stanza is refused
-  after roughly ``max_element_bytes`` bytes, not after buffering all of it. The same budget
-  bounds the stream header and the bytes between stanzas; whitespace keepalives sent while
-  the stream is idle are not charged, so a quiet connection may ping forever.
+  ``max_depth`` (``policy-violation``), checked while the child is still arriving. Large
+  feeds are parsed in slices of a quarter of the limit and bytes are charged per slice, so
+  a child of at most ``max_element_bytes`` passes (unless charged whitespace just before it
+  tips it over) and a bigger one is refused before 1.5 x ``max_element_bytes`` of it has
+  been parsed (a 10 MB stanza costs ~80 KB, not 10 MB). The same budget bounds the stream
+  header and the bytes between stanzas; whitespace keepalives sent while the stream is idle
+  are not charged, so a quiet connection may ping forever.
 * Non-whitespace text between stanzas (``bad-format``).
 
 Memory stays flat on an endless stream: every finished top-level child is copied out, cleared
-and removed from the root, and whitespace between stanzas is dropped from the root.
+and removed from the root, and whitespace between stanzas is dropped from the root. One
+growth remains that this module cannot stop: lxml interns every distinct element and
+attribute name in a per-thread libxml2 dictionary that is never shrunk, so a peer inventing
+new names costs the process roughly their length in bytes, for good.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ __all__ = ["StreamClosed", "StreamOpened", "StreamParser", "XMLStreamError"]
 
 _WS = b" \t\r\n"
 _BOM = b"\xef\xbb\xbf"
+_MAX_DECL = 1024  # held back whole and re-searched on every feed, so keep it small
 _CDATA_OPEN = b"<![CDATA["
 _MARKUP = re.compile(rb"<[!?]")
 # A whole tag with balanced quotes, then only whitespace: the candidate for "the last thing
@@ -69,6 +77,12 @@ class StreamClosed:
 
 
 Event = StreamOpened | etree._Element | StreamClosed
+
+
+def _check_gap(text: str | None) -> None:
+    """Only whitespace (keepalives) may appear between stanzas."""
+    if text and text.strip(" \t\r\n"):
+        raise XMLStreamError("bad-format", "text between stanzas")
 
 
 class StreamParser:
@@ -135,14 +149,14 @@ class StreamParser:
             data = self._prologue + data
             decided = self._check_prologue(data)
             if decided is None:
-                if len(data) > self.max_element_bytes:
-                    raise XMLStreamError(
-                        "policy-violation", f"stream header exceeds {self.max_element_bytes} bytes"
-                    )
+                if len(data) > min(self.max_element_bytes, _MAX_DECL):
+                    raise XMLStreamError("policy-violation", "XML declaration too long")
                 self._prologue = data
                 return []
             self._prologue = None
             start = decided
+        if b"\x00" in data:  # never legal; libxml2 stalls silently on one in the declaration
+            raise XMLStreamError("not-well-formed", "NUL byte")
         self._scan(data, start)
         out: list[Event] = []
         size = self._slice
@@ -259,8 +273,7 @@ class StreamParser:
         if root is not None and not self._closed:
             text = root.text
             if text is not None:
-                if text.strip(" \t\r\n"):
-                    raise XMLStreamError("bad-format", "text between stanzas")
+                _check_gap(text)
                 root.text = None  # keepalive whitespace must not pile up
         if self._used > self.max_element_bytes:
             what = "stream header" if self._root is None else "element"
@@ -277,6 +290,13 @@ class StreamParser:
             # at depth 256, but that is our policy-violation, not a syntax error.
             self._drain(out)
             raise XMLStreamError("not-well-formed", str(exc)) from None
+        log = self._parser.feed_error_log
+        if len(log):
+            # Namespace errors (undeclared prefix, empty xmlns:p) and warnings (relative
+            # namespace URI) do not stop libxml2: `<p:x/>` would come out as a tag "p:x" in
+            # no namespace. XML-NAMES violations are not-well-formed (RFC 6120 4.9.3.13).
+            # libxml2 stops reporting after 100 problems, so none may be let through.
+            raise XMLStreamError("not-well-formed", log[0].message)
         self._drain(out)
 
     def _drain(self, out: list[Event]) -> None:
@@ -302,6 +322,7 @@ class StreamParser:
                     depth -= 1
                     if depth < 0:
                         self._closed = True
+                        _check_gap(elem.text)
                         elem.clear()
                         out.append(StreamClosed())
         finally:
@@ -313,6 +334,7 @@ class StreamParser:
         Removing a big subtree from the parser's tree is slow (namespace fix-ups over every
         node), so the original is cleared first and only the empty shell is removed.
         """
+        _check_gap(elem.tail)  # text after it that libxml2 already parsed in this chunk
         stanza = deepcopy(elem)
         stanza.tail = None
         elem.clear()

@@ -120,7 +120,7 @@ class CertificateStore:
         if not anchors:
             raise ValueError("a certificate store needs at least one trust anchor")
         self.anchors = list(anchors)
-        self._crls: dict[bytes, list[x509.CertificateRevocationList]] = {}
+        self._crls: dict[bytes, x509.CertificateRevocationList] = {}
         self.identities = {i.name: i for i in identities}
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         #: Bumped whenever the CRLs change, so TLS contexts know to rebuild themselves.
@@ -146,22 +146,30 @@ class CertificateStore:
         """Read the configured CRL files again (after ``sixnet pki revoke``)."""
         self._crls.clear()
         for crl in self._extra_crls:
-            self._crls.setdefault(crl.issuer.public_bytes(), []).append(crl)
+            self._index_crl(crl)
         for path in self.crl_files:
             data = path.read_bytes()
             loader = (
                 x509.load_pem_x509_crl if b"-----BEGIN" in data else x509.load_der_x509_crl
             )
-            self.add_crl(loader(data))
+            self._index_crl(loader(data))
         self.generation += 1
 
     def add_crl(self, crl: x509.CertificateRevocationList) -> None:
+        """Add a CRL that is not read from a file (kept across `reload_crls`)."""
         self._extra_crls.append(crl)
-        self._crls.setdefault(crl.issuer.public_bytes(), []).append(crl)
+        self._index_crl(crl)
         self.generation += 1
 
+    def _index_crl(self, crl: x509.CertificateRevocationList) -> None:
+        """Keep the newest CRL of each issuer: an older one would hide later revocations."""
+        key = crl.issuer.public_bytes()
+        current = self._crls.get(key)
+        if current is None or current.last_update_utc <= crl.last_update_utc:
+            self._crls[key] = crl
+
     def crls(self) -> list[x509.CertificateRevocationList]:
-        return [c for group in self._crls.values() for c in group]
+        return list(self._crls.values())
 
     def identity(self, name: str) -> NodeIdentity:
         try:
@@ -211,17 +219,15 @@ class CertificateStore:
 
     def revocation_status(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
         """The CRL entry for `cert` from a CRL its issuer signed, or None."""
-        for crl in self._crls.get(cert.issuer.public_bytes(), []):
-            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if entry is not None:
-                return entry
-        return None
+        crl = self._crls.get(cert.issuer.public_bytes())
+        if crl is None:
+            return None
+        return crl.get_revoked_certificate_by_serial_number(cert.serial_number)
 
     def _check_revocation(self, path: list[x509.Certificate], when: datetime.datetime) -> None:
         for cert, issuer in zip(path, path[1:], strict=False):
-            for crl in self._crls.get(cert.issuer.public_bytes(), []):
-                if not _crl_signed_by(crl, issuer):
-                    continue
+            crl = self._crls.get(cert.issuer.public_bytes())
+            if crl is not None and _crl_signed_by(crl, issuer):
                 entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
                 if entry is not None and entry.revocation_date_utc <= when:
                     raise VerificationError(

@@ -23,6 +23,11 @@ from typing import Literal
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from zope.interface import implementer
 
 from sixnet.pki.store import CertificateStore, NodeIdentity
 
@@ -46,10 +51,10 @@ def _base_context(method: int) -> SSL.Context:
 
 
 def _load_identity(ctx: SSL.Context, identity: NodeIdentity) -> None:
-    ctx.use_certificate(crypto.X509.from_cryptography(identity.certificate))
+    ctx.use_certificate(identity.certificate)
     for extra in identity.chain[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))  # type: ignore[arg-type]
+        ctx.add_extra_chain_cert(extra)
+    ctx.use_privatekey(identity.key)  # type: ignore[arg-type]
     ctx.check_privatekey()
 
 
@@ -66,19 +71,13 @@ def _load_trust(ctx: SSL.Context, store: CertificateStore) -> None:
         x509store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
 
 
-class _HandshakeVerdict:
-    """Keeps OpenSSL's opinion of a requested client certificate without acting on it."""
-
-    @staticmethod
-    def record(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-        if not ok:
-            app = conn.get_app_data()
-            if isinstance(app, dict):
-                app.setdefault("openssl_errors", []).append((depth, errno))
-        # Let the handshake finish: the service decides with CertificateStore.verify.
-        return True
+def _defer_to_store(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                    ok: int) -> bool:
+    """In "requested" mode the handshake goes on; `CertificateStore.verify` decides later."""
+    return True
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """A TLS server context factory (for `ITLSTransport.startTLS` and ``ssl:`` endpoints).
 
@@ -107,27 +106,30 @@ class ServerTLS:
         ctx.set_session_id(b"sixnet")
         if self.client_auth != "none":
             _load_trust(ctx, self.store)
-            ctx.set_client_ca_list([
-                crypto.X509.from_cryptography(a).get_subject() for a in self.store.anchors
-            ])
         if self.client_auth == "required":
             ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         elif self.client_auth == "requested":
-            ctx.set_verify(SSL.VERIFY_PEER, _HandshakeVerdict.record)
+            ctx.set_verify(SSL.VERIFY_PEER, _defer_to_store)
         return ctx
 
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802,N803
+        return SSL.Connection(self.getContext(), None)
 
+
+@implementer(IOpenSSLClientConnectionCreator)
 class ClientTLS:
     """A TLS client context factory: presents an identity if given, verifies the server.
 
-    OpenSSL checks the server's chain against the store's anchors during the handshake; the
-    caller must still check the host name with ``CertificateStore.verify(chain, "server",
-    host)`` once the handshake completes.
+    OpenSSL checks the server's chain against the store's anchors during the handshake and
+    sends `hostname` as SNI; the caller must still check the host name with
+    ``CertificateStore.verify(chain, "server", host)`` once the handshake completes.
     """
 
-    def __init__(self, store: CertificateStore, identity: NodeIdentity | None = None) -> None:
+    def __init__(self, store: CertificateStore, identity: NodeIdentity | None = None,
+                 hostname: str | None = None) -> None:
         self.store = store
         self.identity = identity
+        self.hostname = hostname
         self._context: SSL.Context | None = None
         self._generation = -1
 
@@ -142,11 +144,24 @@ class ClientTLS:
             self._generation = self.store.generation
         return self._context
 
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802,N803
+        connection = SSL.Connection(self.getContext(), None)
+        if self.hostname:
+            connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
 
 def peer_chain(connection: SSL.Connection) -> list[x509.Certificate]:
-    """The certificates the peer sent (leaf first), to hand to `CertificateStore.verify`."""
-    chain = connection.get_peer_cert_chain(as_cryptography=True)
-    if chain:
-        return list(chain)
+    """The certificates the peer sent (leaf first), to hand to `CertificateStore.verify`.
+
+    On the server side OpenSSL's peer chain omits the client's own certificate; it is put
+    back in front here, so both sides get the same shape.
+    """
     leaf = connection.get_peer_certificate(as_cryptography=True)
-    return [leaf] if leaf is not None else []
+    if leaf is None:
+        return []
+    chain = list(connection.get_peer_cert_chain(as_cryptography=True) or [])
+    if not chain or chain[0] != leaf:
+        chain.insert(0, leaf)
+    return chain
