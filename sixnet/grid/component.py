@@ -1,11 +1,16 @@
 """The seam between the XMPP server core and the in-process services on its subdomains.
 
 The core routes every stanza addressed to a component's domain (or a JID at it) to that
-component's `receive`; a component sends stanzas back through the `IRouter` it was attached to.
-The pubsub broker at ``broker.<domain>`` is one such component.
+component's `receive`; a component sends stanzas back through the `IRouter` it was attached to
+(`sixnet.grid.router.Router` implements it). A stanza to a subdomain with no component gets
+the remote-server-not-found error (the server has no server-to-server links).
+The pubsub broker at ``broker.<domain>`` is one such component; the grid service builds it
+from ``sixnet.grid.pubsub.component.PubSubBroker`` when that module exists.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from lxml import etree
 from zope.interface import Attribute, Interface
@@ -23,6 +28,17 @@ class IRouter(Interface):
         normal or chat to a bare JID with no available resource is stored offline (XEP-0160)
         and delivered with a XEP-0203 delay stamp at the next login; iq to an unavailable
         entity is answered with service-unavailable to the component.
+        """
+
+    def route_fanout(stanza: etree._Element, recipients: Sequence[str]) -> None:
+        """Deliver one stanza to many recipients, serialising it once.
+
+        `stanza` is the template (its own 'to', if any, is ignored); each recipient receives it
+        with 'to' set to that recipient, under the same local delivery rules as `route`
+        (offline storage included). The router serialises the template once and splices
+        each recipient's 'to' into the bytes, so a notification to 10,000 subscribers costs
+        one serialisation, not 10,000. Errors for recipients that cannot be reached are
+        routed back to the template's 'from', as for `route`.
         """
 
     def is_available(jid: str) -> bool:

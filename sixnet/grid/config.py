@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sixnet.grid.pubsub.config import BrokerConfig
-from sixnet.settings import ServiceConfig, endpoints_check, setting
+from sixnet.settings import ServiceConfig, endpoints_check, positive, setting
+
+
+def at_least(low: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        return None if value >= low else f"{value} must be at least {low}"
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -17,4 +25,28 @@ class GridConfig(ServiceConfig):
                             doc="client streams with STARTTLS")
     listen_tls: list[str] = setting(["tcp6:5223:interface=\\:\\:"], check=endpoints_check,
                                 doc="direct TLS client streams (XEP-0368)")
+    database: str = setting("sqlite:grid.sqlite3",
+                            doc="accounts and offline messages: sqlite:PATH (under state_dir) "
+                                "or a postgresql:// URL")
+    scram_iterations: int = setting(10000, check=at_least(4096),
+                                    doc="PBKDF2 iterations for new SCRAM credentials")
+    allow_plain: bool = setting(False, doc="offer SASL PLAIN (always only over TLS)")
+    max_stanza_bytes: int = setting(262144, check=at_least(10000),
+                                    doc="largest stanza accepted (policy-violation beyond)")
+    stanzas_per_second: float = setting(500.0, check=positive,
+                                        doc="sustained stanza rate allowed per stream")
+    stanza_burst: int = setting(2000, check=positive, doc="stanzas allowed in a burst")
+    max_connections_per_address: int = setting(100, check=positive)
+    max_sessions: int = setting(20000, check=positive, doc="client connections in total")
+    negotiation_timeout: float = setting(30.0, check=positive,
+                                         doc="seconds to reach a bound session")
+    failed_login_delay: float = setting(1.0, check=at_least(0.0),
+                                        doc="seconds before a SASL failure is answered")
+    max_failed_logins: int = setting(5, check=positive,
+                                     doc="failures in a row that lock an account")
+    lockout_seconds: float = setting(300.0, check=positive)
+    offline_max_messages: int = setting(10000, check=positive,
+                                        doc="offline messages stored per account")
+    resume_timeout: float = setting(300.0, check=positive,
+                                    doc="seconds a cut stream-management session waits")
     broker: BrokerConfig = setting(BrokerConfig(), doc="the [grid.broker] table")

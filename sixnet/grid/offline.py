@@ -1,0 +1,77 @@
+"""Offline storage (XEP-0160, RFC 6121 8.5.2.1.1): messages for an account with no available
+resource, kept in the grid database and handed out in order at the next initial presence.
+
+Operations on one account are chained, so a message stored just before the account comes
+online is either in the batch being delivered or stored after it, never overtaken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet import defer
+
+from sixnet.storage import Cursor, Database
+
+T = TypeVar("T")
+
+
+class OfflineStore:
+    def __init__(self, db: Database, max_per_account: int) -> None:
+        self.db = db
+        self.max_per_account = max_per_account
+        self._locks: dict[str, defer.DeferredLock] = {}
+
+    def _chained(self, username: str, op: Callable[[], defer.Deferred[T]]) -> defer.Deferred[T]:
+        """Run `op` after every earlier operation on the same account has finished."""
+        lock = self._locks.get(username)
+        if lock is None:
+            lock = self._locks[username] = defer.DeferredLock()
+        d = lock.run(op)
+
+        def forget(value: T) -> T:
+            if not lock.locked and not lock.waiting and self._locks.get(username) is lock:
+                del self._locks[username]
+            return value
+
+        return d.addBoth(forget)
+
+    def store(self, username: str, stamp: str, stanza: bytes) -> defer.Deferred[str]:
+        """Store one message: "stored", "full", or "no-account" (there is no such account)."""
+        limit = self.max_per_account
+
+        def txn(cursor: Cursor) -> str:
+            if cursor.execute("SELECT 1 FROM grid_accounts WHERE username = ?",
+                              (username,)).fetchone() is None:
+                return "no-account"
+            row = cursor.execute("SELECT COUNT(*) FROM grid_offline WHERE username = ?",
+                                 (username,)).fetchone()
+            if row is not None and row[0] >= limit:
+                return "full"
+            cursor.execute("INSERT INTO grid_offline (username, stamp, stanza) VALUES (?, ?, ?)",
+                           (username, stamp, stanza))
+            return "stored"
+
+        return self._chained(username, lambda: self.db.run("grid offline store", txn))
+
+    def take(self, username: str) -> defer.Deferred[list[tuple[str, bytes]]]:
+        """Remove and return every stored message of an account, oldest first."""
+
+        def txn(cursor: Cursor) -> list[tuple[str, bytes]]:
+            rows = cursor.execute("SELECT id, stamp, stanza FROM grid_offline "
+                                  "WHERE username = ? ORDER BY id", (username,)).fetchall()
+            if rows:
+                cursor.execute("DELETE FROM grid_offline WHERE username = ? AND id <= ?",
+                               (username, rows[-1][0]))
+            return [(r[1], bytes(r[2])) for r in rows]
+
+        return self._chained(username, lambda: self.db.run("grid offline take", txn))
+
+    def count(self, username: str) -> defer.Deferred[int]:
+        def txn(cursor: Cursor) -> int:
+            row = cursor.execute("SELECT COUNT(*) FROM grid_offline WHERE username = ?",
+                                 (username,)).fetchone()
+            return int(row[0]) if row else 0
+
+        return self.db.run("grid offline count", txn)

@@ -1,0 +1,300 @@
+"""The SASL server of a client stream (RFC 6120 6): which mechanisms are offered, each
+exchange, the account lockout, the delay before a failure, and the audit trail.
+
+Mechanisms: SCRAM-SHA-256-PLUS and SCRAM-SHA-1-PLUS (channel binding ``tls-exporter`` on TLS
+1.3, ``tls-server-end-point`` always; advertised per XEP-0440), SCRAM-SHA-256, SCRAM-SHA-1,
+EXTERNAL (XEP-0178: the person named by a client certificate the shared store verifies),
+and PLAIN when configured (the stream is always TLS by the time SASL is offered).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import task, threads
+from twisted.internet.interfaces import IReactorTime
+
+from sixnet.grid.accounts import (
+    AccountError,
+    AccountStore,
+    AuditLog,
+    LoginGuard,
+    normalize_username,
+    prepare_password,
+)
+from sixnet.grid.jid import JID, JIDError, parse_jid
+from sixnet.grid.scram import SaslFailure, ScramExchange
+from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
+from sixnet.pki.store import CertificateStore, VerificationError
+
+SCRAM_MECHANISMS = {
+    "SCRAM-SHA-256-PLUS": ("SHA-256", True),
+    "SCRAM-SHA-1-PLUS": ("SHA-1", True),
+    "SCRAM-SHA-256": ("SHA-256", False),
+    "SCRAM-SHA-1": ("SHA-1", False),
+}
+#: A stream may fail this many times; the next failure closes it (RFC 6120 6.4.5).
+MAX_FAILURES_PER_STREAM = 3
+
+
+def server_end_point(certificate: x509.Certificate) -> bytes:
+    """RFC 5929 tls-server-end-point: the certificate's hash with its signature's hash
+    (SHA-256 for MD5, SHA-1, or a signature without a separate hash such as Ed25519)."""
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        name = "sha256"
+    else:
+        name = algorithm.name
+    return hashlib.new(name, certificate.public_bytes(Encoding.DER)).digest()
+
+
+@dataclass(frozen=True)
+class TLSFacts:
+    """What the TLS layer of a stream tells SASL."""
+
+    version: str
+    channel_bindings: dict[str, bytes]
+    peer_chain: Sequence[x509.Certificate]
+
+
+@dataclass(frozen=True)
+class Challenge:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Success:
+    jid: JID
+    data: bytes
+
+
+class SaslPolicy:
+    """Shared by every stream: the stores, the lockout guard, the audit log, the settings."""
+
+    def __init__(self, domain: str, accounts: AccountStore, store: CertificateStore,
+                 guard: LoginGuard, audit: AuditLog, clock: IReactorTime, secret: bytes,
+                 iterations: int, failure_delay: float, allow_plain: bool) -> None:
+        self.domain = domain
+        self.accounts = accounts
+        self.store = store
+        self.guard = guard
+        self.audit = audit
+        self.clock = clock
+        self.secret = secret
+        self.iterations = iterations
+        self.failure_delay = failure_delay
+        self.allow_plain = allow_plain
+
+    def mechanisms(self, tls: TLSFacts) -> list[str]:
+        offered = []
+        if tls.channel_bindings:
+            offered += ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS"]
+        offered += ["SCRAM-SHA-256", "SCRAM-SHA-1"]
+        if tls.peer_chain:
+            offered.append("EXTERNAL")
+        if self.allow_plain:
+            offered.append("PLAIN")
+        return offered
+
+
+class SaslExchange:
+    """One stream's SASL negotiation; the stream feeds it `auth` and `response` payloads."""
+
+    def __init__(self, policy: SaslPolicy, tls: TLSFacts, address: str) -> None:
+        self.policy = policy
+        self.tls = tls
+        self.address = address
+        self.failures = 0
+        self._scram: ScramExchange | None = None
+        self._mechanism: str | None = None
+        self._user: str | None = None
+        #: Whether a password proof was checked: only wrong proofs count towards a lockout,
+        #: not, say, a channel binding type we do not offer.
+        self._proof_checked = False
+
+    # -- entry points --------------------------------------------------------------------
+
+    async def auth(self, mechanism: str, payload: bytes | None) -> Challenge | Success:
+        self._scram = None
+        self._mechanism = mechanism
+        self._user = None
+        self._proof_checked = False
+        try:
+            if mechanism not in self.policy.mechanisms(self.tls):
+                raise SaslFailure("invalid-mechanism", f"{mechanism!r} is not offered")
+            if mechanism in SCRAM_MECHANISMS:
+                hash_name, plus = SCRAM_MECHANISMS[mechanism]
+                bindings = self.tls.channel_bindings if plus else {}
+                if not plus and self.tls.channel_bindings:
+                    # We offer -PLUS; a client sending "y" believes we do not (a downgrade).
+                    bindings = self.tls.channel_bindings
+                self._scram = ScramExchange(hash_name, plus, bindings, self.policy.secret,
+                                            self.policy.iterations)
+                if payload is None:
+                    return Challenge(b"")
+                return await self._scram_first(payload)
+            if mechanism == "EXTERNAL":
+                return await self._external(payload or b"")
+            if payload is None:
+                return Challenge(b"")
+            return await self._plain(payload)
+        except SaslFailure as failure:
+            await self._failed(failure)
+            raise
+
+    async def response(self, payload: bytes) -> Challenge | Success:
+        try:
+            scram = self._scram
+            if self._mechanism == "PLAIN" and scram is None and self._user is None:
+                return await self._plain(payload)
+            if scram is None:
+                raise SaslFailure("malformed-request", "no exchange in progress")
+            if scram.username is None:
+                return await self._scram_first(payload)
+            self._proof_checked = True
+            server_final = scram.client_final(payload)
+            jid = self._jid_for(scram.username, scram.authzid)
+            self._scram = None
+            return self._succeeded(jid, server_final, scram.channel_binding)
+        except SaslFailure as failure:
+            self._scram = None
+            await self._failed(failure)
+            raise
+
+    def abort(self) -> None:
+        self._scram = None
+        self.policy.audit.record("auth-aborted", mechanism=self._mechanism, user=self._user,
+                                 address=self.address)
+
+    # -- mechanisms ----------------------------------------------------------------------
+
+    async def _scram_first(self, payload: bytes) -> Challenge:
+        assert self._scram is not None
+        name = self._scram.client_first(payload)
+        username = self._username(name)
+        self._user = username
+        if self.policy.guard.locked(username):
+            raise SaslFailure("account-disabled", "too many failed logins; try again later")
+        credentials = await self.policy.accounts.credentials(username, self._scram.hash_name)
+        return Challenge(self._scram.server_first(credentials))
+
+    async def _external(self, payload: bytes) -> Success:
+        if not self.tls.peer_chain:
+            raise SaslFailure("not-authorized", "no client certificate")
+        try:
+            verified = self.policy.store.verify(list(self.tls.peer_chain), "client")
+        except VerificationError as e:
+            raise SaslFailure("not-authorized", f"client certificate refused: {e}") from None
+        identity = verified.identity
+        local, _, domain = identity.partition("@")
+        self._user = identity
+        if domain != self.policy.domain:
+            raise SaslFailure("not-authorized", f"the certificate names {identity}, "
+                                                f"not an account at {self.policy.domain}")
+        authzid = payload.decode("utf-8", "replace") if payload else None
+        if authzid:
+            try:
+                if normalize_user_id(authzid) != identity:
+                    raise SaslFailure("invalid-authzid", "the certificate names someone else")
+            except IdentitySyntaxError:
+                raise SaslFailure("invalid-authzid", "not a bare JID") from None
+        username = self._username(local)
+        if self.policy.guard.locked(username):
+            raise SaslFailure("account-disabled", "too many failed logins; try again later")
+        await self.policy.accounts.record_certificate_login(username)
+        return self._succeeded(self._jid_for(username, None), b"", None)
+
+    async def _plain(self, payload: bytes) -> Success:
+        parts = payload.split(b"\x00")
+        if len(parts) != 3:
+            raise SaslFailure("malformed-request", "PLAIN needs authzid, authcid and password")
+        try:
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            raise SaslFailure("malformed-request", "not UTF-8") from None
+        username = self._username(authcid)
+        self._user = username
+        if self.policy.guard.locked(username):
+            raise SaslFailure("account-disabled", "too many failed logins; try again later")
+        credentials = await self.policy.accounts.credentials(username, "SHA-256")
+        try:
+            prepared = prepare_password(password)
+        except AccountError:
+            raise SaslFailure("not-authorized") from None
+        self._proof_checked = True
+        ok = credentials is not None and await threads.deferToThread(
+            credentials.check_password, "SHA-256", prepared)
+        if not ok:
+            raise SaslFailure("not-authorized")
+        return self._succeeded(self._jid_for(username, authzid or None), b"", None)
+
+    # -- outcomes ------------------------------------------------------------------------
+
+    def _username(self, name: str) -> str:
+        """A SASL user name is the localpart, or the bare JID at our domain."""
+        local, at, domain = name.rpartition("@")
+        if at:
+            try:
+                if parse_jid(domain).domain != self.policy.domain:
+                    raise SaslFailure("not-authorized", "not an account of this server")
+            except JIDError:
+                raise SaslFailure("not-authorized", "bad user name") from None
+            name = local
+        try:
+            return normalize_username(name)
+        except AccountError:
+            raise SaslFailure("not-authorized", "bad user name") from None
+
+    def _jid_for(self, username: str, authzid: str | None) -> JID:
+        jid = JID(username, self.policy.domain)
+        if authzid:
+            try:
+                wanted = parse_jid(authzid)
+            except JIDError:
+                raise SaslFailure("invalid-authzid", "not a JID") from None
+            if wanted != jid:
+                raise SaslFailure("invalid-authzid", "may only act as the authenticated account")
+        return jid
+
+    def _succeeded(self, jid: JID, data: bytes, binding: str | None) -> Success:
+        self.policy.guard.succeeded(jid.local or "")
+        self.policy.audit.record("auth-success", user=str(jid), mechanism=self._mechanism,
+                                 channel_binding=binding, tls=self.tls.version,
+                                 address=self.address)
+        return Success(jid, data)
+
+    async def _failed(self, failure: SaslFailure) -> None:
+        """Count, audit, lock if need be, and wait before the client hears of it."""
+        self.failures += 1
+        locked = False
+        if self._proof_checked and self._user is not None and \
+                failure.condition == "not-authorized":
+            locked = self.policy.guard.failed(self._user)
+        self.policy.audit.record("auth-failure", user=self._user, mechanism=self._mechanism,
+                                 condition=failure.condition, reason=failure.text,
+                                 address=self.address)
+        if locked:
+            self.policy.audit.record("account-locked", user=self._user,
+                                     seconds=self.policy.guard.lockout_seconds)
+        if self.policy.failure_delay > 0:
+            await task.deferLater(self.policy.clock, self.policy.failure_delay, lambda: None)
+
+
+def decode_payload(text: str | None) -> bytes | None:
+    """The base64 content of auth/response: None if absent, b"" for '='."""
+    if text is None or text == "":
+        return None
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SaslFailure("incorrect-encoding", "bad base64") from None
+

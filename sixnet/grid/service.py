@@ -1,0 +1,170 @@
+"""The grid service: the XMPP server's ports, storage, router and components, and their lifetime.
+
+Start: the database schema is brought up to date, components are attached, then the ports
+listen (STARTTLS on ``[grid] listen``, direct TLS on ``[grid] listen_tls``). Stop: every stream
+gets the system-shutdown stream error, sessions end (unacknowledged messages go to offline
+storage), components finish their work, then storage closes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from sixnet.config import Config
+from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
+from sixnet.grid.offline import OfflineStore
+from sixnet.grid.router import Router
+from sixnet.grid.sasl import SaslPolicy
+from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
+from sixnet.pki.store import CertificateStore
+from sixnet.pki.tls import ServerTLS
+from sixnet.service import ListeningService
+from sixnet.storage import Database
+
+log = Logger(namespace="sixnet.grid")
+
+AUDIT_FILE = "grid-audit.jsonl"
+FAKE_SALT_KEY_FILE = "grid-secret"
+#: Seconds streams get to flush their closing stream error when the service stops.
+STOP_GRACE = 2.0
+
+
+def load_secret(state_dir: Path) -> bytes:
+    """A per-installation secret (fake SCRAM salts for unknown accounts stay stable)."""
+    path = state_dir / FAKE_SALT_KEY_FILE
+    try:
+        data = path.read_bytes()
+        if len(data) == 32:
+            return data
+    except FileNotFoundError:
+        pass
+    state_dir.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return data
+
+
+def open_database(config: Config) -> Database:
+    return Database(config.grid.database, base=config.sixnet.state_dir)
+
+
+class GridService(MultiService):
+    """Owns the grid's listening ports, its database, its router and its components."""
+
+    def __init__(self, config: Config, store: CertificateStore,
+                 clock: IReactorTime | None = None) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        assert clock is not None
+        grid = config.grid
+        state_dir = config.sixnet.state_dir
+        self.setName("grid")
+        self.config = config
+        self.clock = clock
+        identity = store.identity(grid.identity)
+        self.tls = ServerTLS(store, identity, "requested")
+        self.db = open_database(config)
+        self.accounts = AccountStore(self.db, grid.scram_iterations)
+        self.offline = OfflineStore(self.db, grid.offline_max_messages)
+        self.router = Router(grid.domain, self.offline, clock)
+        self.audit = AuditLog(state_dir / AUDIT_FILE)
+        self.guard = LoginGuard(grid.max_failed_logins, grid.lockout_seconds,
+                                clock=clock.seconds)
+        sasl = SaslPolicy(grid.domain, self.accounts, store, self.guard, self.audit, clock,
+                          load_secret(state_dir), grid.scram_iterations,
+                          grid.failed_login_delay, grid.allow_plain)
+        limits = Limits(
+            max_stanza_bytes=grid.max_stanza_bytes,
+            stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
+            max_connections_per_address=grid.max_connections_per_address,
+            max_sessions=grid.max_sessions, negotiation_timeout=grid.negotiation_timeout,
+            resume_timeout=grid.resume_timeout)
+        self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
+                                clock)
+        self.starttls_port = ListeningService(
+            "grid", grid.listen, ClientStreamFactory(self.server, direct_tls=False))
+        self.direct_tls_port = ListeningService(
+            "grid-tls", grid.listen_tls,
+            TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)))
+        self.broker = self._make_broker()
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    def _make_broker(self) -> Any:
+        """The pubsub broker component, once its module exists."""
+        try:
+            module = importlib.import_module("sixnet.grid.pubsub.component")
+        except ModuleNotFoundError as e:
+            if e.name != "sixnet.grid.pubsub.component":
+                raise
+            return None
+        grid = self.config.grid
+        state_dir = self.config.sixnet.state_dir
+        self.broker_db = Database(grid.broker.database, base=state_dir)
+        return module.PubSubBroker(grid.broker, grid.domain, self.broker_db,
+                                   state_dir / grid.broker.audit_log)
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        # The ports listen only once the schema is ready, so no login meets a missing table.
+        self.running = 1
+        defer.Deferred.fromCoroutine(self._start()).addErrback(self._failed)
+
+    async def _start(self) -> None:
+        await self.accounts.prepare()
+        if self.broker is not None:
+            self.router.attach_component(self.broker)
+        for port in (self.starttls_port, self.direct_tls_port):
+            port.setServiceParent(self)
+        self.ready.callback(None)
+
+    def _failed(self, failure: Any) -> None:
+        from twisted.internet import reactor
+
+        log.critical("grid: cannot start: {error}", error=failure.getErrorMessage())
+        self.ready.errback(failure)
+        if reactor.running:
+            reactor.stop()
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.server.stopping = True
+        await super().stopService()
+        streams = list(self.server.connections)
+        for stream in streams:
+            stream.close_with_error("system-shutdown", "the server is stopping")
+        closing = defer.DeferredList([s.lost for s in streams])
+        closing.addTimeout(STOP_GRACE, self.clock)
+        try:
+            await closing
+        except defer.TimeoutError:
+            for stream in list(self.server.connections):
+                stream.transport.abortConnection()
+        for session in list(self.router.all_sessions()):
+            self.router.end_session(session)
+        for session in list(self.router.resumable.values()):
+            self.router.end_session(session)
+        await self.router.drain()
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker_db.close()
+        self.db.close()
+        self.audit.close()
+
+
+def make_service(config: Config, store: CertificateStore) -> IService:
+    return GridService(config, store)
