@@ -12,7 +12,8 @@ way to collect what came back: the broker with an in-memory router, or a live se
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 
 from lxml import etree
@@ -166,6 +167,12 @@ class RecordingRouter:
 
     def route(self, stanza: etree._Element) -> None:
         self.routed.append(stanza)
+
+    def route_fanout(self, stanza: etree._Element, recipients: Sequence[str]) -> None:
+        for recipient in recipients:
+            copy = deepcopy(stanza)
+            copy.set("to", recipient)
+            self.routed.append(copy)
 
     def is_available(self, jid: str) -> bool:
         return jid in self.available or any(a.split("/")[0] == jid for a in self.available)
