@@ -12,6 +12,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 
+from sixnet import __version__
 from sixnet.config import SERVICES, Config
 from sixnet.errors import ConfigError
 from sixnet.pki.keys import KeyFileError
@@ -83,10 +84,17 @@ class SixnetService(MultiService):
     def startService(self) -> None:  # noqa: N802
         from twisted.internet import reactor
 
-        # twistd starts services before the reactor installs its own signal handlers,
-        # which would make the process exit "killed by SIGTERM"; replace them once running.
-        reactor.callWhenRunning(self._handle_stop_signals)
+        # twistd starts services before the reactor runs and installs its own handlers, which
+        # would make the process exit "killed by SIGTERM": ours go in now (for a signal that
+        # arrives during start-up) and again once the reactor has installed its own.
+        self._handle_stop_signals()
+        reactor.callWhenRunning(self._running)
         super().startService()
+
+    def _running(self) -> None:
+        self._handle_stop_signals()
+        log.info("sixnet {version} started: {services}", version=__version__,
+                 services=", ".join(s.name for s in self) or "no services")
 
     def _handle_stop_signals(self) -> None:
         from twisted.internet import reactor
@@ -129,7 +137,10 @@ def make_root(config: Config, only: str | None = None) -> tuple[SixnetService, l
         except NotBuilt:
             notes.append(f"{name}: the {name} service is not built yet; it does not listen")
             continue
-        IService(child).setServiceParent(root)
+        child = IService(child)
+        if child.name is None:
+            child.setName(name)
+        child.setServiceParent(root)
     return root, notes
 
 
