@@ -35,7 +35,7 @@ def main() -> None:
     else:
         client.enable_direct_tls = False
     if options.get("mechanisms"):
-        client["feature_mechanisms"].use_mechs = set(options["mechanisms"])
+        client.plugin["feature_mechanisms"].use_mechs = set(options["mechanisms"])
     client.register_plugin("xep_0199")
     if options.get("sm"):
         client.register_plugin("xep_0198")
@@ -44,8 +44,8 @@ def main() -> None:
     def on_session(_: object) -> None:
         emit(event="session", jid=str(client.boundjid), tls=client.socket.version()
              if hasattr(client.socket, "version") else None,
-             mechanism=client["feature_mechanisms"].mech.name
-             if client["feature_mechanisms"].mech else None)
+             mechanism=client.plugin["feature_mechanisms"].mech.name
+             if client.plugin["feature_mechanisms"].mech else None)
         client.send_presence()
 
     def on_message(msg: slixmpp.Message) -> None:
@@ -94,7 +94,7 @@ def main() -> None:
                 emit(event="sent", body=command["body"])
             elif op == "ping":
                 try:
-                    rtt = await client["xep_0199"].ping(command["to"], timeout=5)
+                    rtt = await client.plugin["xep_0199"].ping(command["to"], timeout=5)
                     emit(event="pong", rtt=rtt)
                 except IqError as e:
                     emit(event="iq_error", condition=e.iq["error"]["condition"])
@@ -104,9 +104,11 @@ def main() -> None:
                 quitting = True
                 client.disconnect()
 
-    client.loop.create_task(commands())
+    # Keep a reference to the task, or the event loop may collect it while it waits.
+    tasks = [client.loop.create_task(commands())]
     client.connect(host="127.0.0.1", port=options["port"])
     client.loop.run_forever()
+    tasks.clear()
 
 
 if __name__ == "__main__":

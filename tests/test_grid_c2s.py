@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from twisted.trial import unittest
 
-from tests.grid_harness import RawClient, start_grid, write_config, ports
+from tests.grid_harness import RawClient, ports, start_grid, write_config
 
 
 class RawStreamTests(unittest.TestCase):
