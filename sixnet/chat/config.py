@@ -2,9 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from sixnet.settings import ServiceConfig, endpoints_check, setting
+from sixnet.settings import ServiceConfig, endpoints_check, positive, setting
+
+KEY_AGREEMENTS = ("x25519", "rsa-oaep")
+CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
+
+
+def preference_list(choices: tuple[str, ...]) -> Callable[[list[str]], str | None]:
+    def check(values: list[str]) -> str | None:
+        if not values:
+            return "must name at least one of " + ", ".join(choices)
+        for value in values:
+            if value not in choices:
+                return f"{value!r} is not one of {', '.join(choices)}"
+        if len(set(values)) != len(values):
+            return "names a method twice"
+        return None
+
+    return check
+
+
+def addresses_check(values: list[str]) -> str | None:
+    from sixnet.chat.directory import PeerAddress
+
+    for value in values:
+        try:
+            PeerAddress.parse(value)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def server_address_check(value: str) -> str | None:
+    return addresses_check([value])
+
+
+def size_check(value: int) -> str | None:
+    return None if 1 <= value <= 1 << 20 else f"{value} is out of range 1-1048576"
 
 
 @dataclass(frozen=True)
@@ -13,3 +50,23 @@ class ChatConfig(ServiceConfig):
 
     listen: list[str] = setting(["tcp6:4605:interface=\\:\\:"], check=endpoints_check)
     identity: str = setting("user")
+    database: str = setting("sqlite:chat.sqlite",
+                            doc="sqlite:PATH (relative to state_dir) or a postgresql:// URL")
+    control_socket: str = setting("chat/control.sock",
+                                  doc="the UNIX control socket, relative to state_dir")
+    irp_server: str = setting("localhost:4604", check=server_address_check,
+                              doc="host:port of the IRP registry")
+    advertise: list[str] = setting([], check=addresses_check,
+                                   doc="host:port addresses to register; empty: discover")
+    registration_lifetime: float = setting(3600.0, check=positive)
+    address_check_interval: float = setting(60.0, check=positive)
+    handshake_timeout: float = setting(10.0, check=positive)
+    connect_timeout: float = setting(10.0, check=positive)
+    retry_initial: float = setting(5.0, check=positive)
+    retry_max: float = setting(300.0, check=positive)
+    max_message_bytes: int = setting(65536, check=size_check)
+    key_update_bytes: int = setting(1 << 30, check=lambda v: None if v >= 1024
+                                    else f"{v} is below 1024")
+    key_agreement: list[str] = setting(list(KEY_AGREEMENTS),
+                                       check=preference_list(KEY_AGREEMENTS))
+    ciphers: list[str] = setting(list(CIPHERS), check=preference_list(CIPHERS))

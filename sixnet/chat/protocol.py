@@ -47,6 +47,7 @@ class SessionProtocol(Protocol):
                                                          max_depth=4)
         self._held = b""
         self._timer: IDelayedCall | None = None
+        self._close_timer: IDelayedCall | None = None
         #: Fires when the connection is gone.
         self.lost: Deferred[None] = Deferred()
 
@@ -133,12 +134,13 @@ class SessionProtocol(Protocol):
             return
         session.handle(session.close)
         if self.transport is not None and session.end_reason is None:
-            self.clock.callLater(self.close_timeout, self.lose_connection)
+            self._close_timer = self.clock.callLater(self.close_timeout, self.lose_connection)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._close_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._close_timer = None
         session = self.session
         if session is not None:
             session.handle(session.connection_lost)
