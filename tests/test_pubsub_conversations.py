@@ -1015,3 +1015,59 @@ class RestartTests(BrokerTestCase):
             [(s.jid, s.state, s.subid) for s in before.subscriptions.values()]
         assert list(after.items) == ["kept"]
         await self.talk(publish("t", "next", ["consumer@example.test"]))
+
+
+class PayloadValidationTests(BrokerTestCase):
+    config = BrokerConfig(validate_iodef=True)
+
+    async def test_invalid_iodef_is_refused_when_validation_is_on(self) -> None:
+        broken = IODEF.replace('purpose="reporting"', 'purpose="gossip"')
+        await self.talk(create_topic("t"),
+                        publish("t", "bad", [], payload=broken).split("<<<")[0] +
+                        error(PROVIDER, "pub-bad", "modify", "bad-request",
+                              pubsub_error("invalid-payload"), text=True),
+                        publish("t", "good", []))
+
+
+class MoreUseCaseTests(BrokerTestCase):
+    async def test_disco_items_of_a_topic_and_non_persistent_topics(self) -> None:
+        await self.talk(
+            create_topic("t"), publish("t", "a", []), publish("t", "b", []), """
+>>> <iq type='get' from='provider@example.test/p' to='broker.example.test' id='di'>
+      <query xmlns='http://jabber.org/protocol/disco#items' node='t'/></iq>
+<<< <iq type='result' from='broker.example.test' to='provider@example.test/p' id='di'>
+      <query xmlns='http://jabber.org/protocol/disco#items' node='t'>
+        <item jid='broker.example.test' name='a'/><item jid='broker.example.test' name='b'/>
+      </query></iq>
+>>> <iq type='get' from='consumer@example.test/c' to='broker.example.test' id='dc'>
+      <query xmlns='http://jabber.org/protocol/disco#items' node='t'/></iq>
+""" + error(CONSUMER, "dc", "auth", "not-authorized", pubsub_error("not-subscribed")),
+            create_topic("volatile", extra="<field var='pubsub#persist_items'><value>0</value>"
+                                           "</field>"),
+            publish("volatile", "gone", []), """
+>>> <iq type='get' from='provider@example.test/p' to='broker.example.test' id='v'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='volatile'/></pubsub></iq>
+<<< <iq type='result' from='broker.example.test' to='provider@example.test/p' id='v'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='volatile'/></pubsub></iq>
+""")
+
+    async def test_operator_admin_manages_every_topic(self) -> None:
+        await self.restart(dataclasses.replace(self.config, admins=["root@example.test"]))
+        admin = "root@example.test/console"
+        await self.talk(create_topic("t"), f"""
+>>> <iq type='set' from='{admin}' to='broker.example.test' id='d'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='t'/></pubsub></iq>
+<<< <iq type='result' from='broker.example.test' to='{admin}' id='d'/>
+""")
+
+    async def test_subscribing_a_full_jid_delivers_to_that_resource(self) -> None:
+        await self.talk(create_topic("t"),
+                        set_affiliation("t", "consumer@example.test", "member"), """
+>>> <iq type='set' from='consumer@example.test/c' to='broker.example.test' id='s'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <subscribe node='t' jid='consumer@example.test/c'/></pubsub></iq>
+<<< <iq type='result' from='broker.example.test' to='consumer@example.test/c' id='s'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <subscription node='t' jid='consumer@example.test/c' subid='*'
+                      subscription='subscribed'/></pubsub></iq>
+""", publish("t", "i", ["consumer@example.test/c"]))
