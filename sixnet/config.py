@@ -22,7 +22,7 @@ from sixnet.chat.config import ChatConfig
 from sixnet.errors import ConfigError
 from sixnet.grid.config import GridConfig
 from sixnet.irp.config import IRPConfig
-from sixnet.settings import ServiceConfig, one_of, setting
+from sixnet.settings import ServiceConfig, one_of, positive, setting
 
 DEFAULT_CONFIG = Path("etc/sixnet.toml")
 
@@ -56,6 +56,8 @@ class PKIConfig:
     trust_anchors: list[Path] = setting(must_exist=True)
     crls: list[Path] = setting([], must_exist=True)
     lab_ca: Path | None = setting(None, doc="directory of a lab CA (sixnet pki init)")
+    crl_refresh: float = setting(60.0, check=positive,
+                                 doc="seconds between checks of the CRL files for changes")
     identities: dict[str, IdentityConfig] = setting({})
 
 

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -80,6 +81,15 @@ class SixnetService(MultiService):
         super().__init__()
         self.config = config
         self.store = store
+        # CRLs change under a running process (sixnet pki revoke, a CA's cron job): look.
+        TimerService(config.pki.crl_refresh, self.refresh_crls).setServiceParent(self)
+
+    def refresh_crls(self) -> None:
+        try:
+            if self.store.refresh_crls():
+                log.info("CRLs reloaded: {count} issuer(s)", count=len(self.store.crls()))
+        except (OSError, ValueError) as e:
+            log.error("CRLs not reloaded, keeping the previous ones: {error}", error=e)
 
     def startService(self) -> None:  # noqa: N802
         from twisted.internet import reactor
@@ -94,7 +104,8 @@ class SixnetService(MultiService):
     def _running(self) -> None:
         self._handle_stop_signals()
         log.info("sixnet {version} started: {services}", version=__version__,
-                 services=", ".join(s.name for s in self) or "no services")
+                 services=", ".join(s.name for s in self
+                                    if not isinstance(s, TimerService)) or "no services")
 
     def _handle_stop_signals(self) -> None:
         from twisted.internet import reactor
@@ -103,8 +114,12 @@ class SixnetService(MultiService):
             log.info("signal {signal}: stopping", signal=signal.Signals(signum).name)
             reactor.callFromThread(reactor.stop)
 
+        def reload(signum: int, frame: object) -> None:
+            reactor.callFromThread(self.refresh_crls)
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload)
 
 
 def build_store(config: Config) -> CertificateStore:

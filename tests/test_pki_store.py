@@ -193,3 +193,19 @@ def test_clock_is_injectable(pki: LabPKI) -> None:
     with pytest.raises(VerificationError) as info:
         store.verify(pki.chain("user", "alice@example.test"), "client")
     assert info.value.check == "expired"
+
+
+def test_refresh_crls_reads_changed_files_only(tmp_path) -> None:
+    from sixnet.pki.store import CertificateStore
+
+    ca = LabCA.init(tmp_path / "ca", name="refresh CA")
+    _, _, chain = ca.issue("user", "r@example.test", out=tmp_path / "r")
+    store = CertificateStore.from_files([tmp_path / "ca/ca.pem"], [tmp_path / "ca/crl.pem"])
+    generation = store.generation
+    assert store.refresh_crls() is False
+    assert store.generation == generation  # TLS contexts are not rebuilt for nothing
+    ca.revoke(chain[0].serial_number)
+    assert store.refresh_crls() is True
+    with pytest.raises(VerificationError) as info:
+        store.verify(chain, "client")
+    assert info.value.check == "revoked"

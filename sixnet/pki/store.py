@@ -142,8 +142,27 @@ class CertificateStore:
         anchors = [c for p in anchor_files for c in read_certificates(p)]
         return cls(anchors, crl_files=crl_files, identities=identities)
 
+    def refresh_crls(self) -> bool:
+        """Read the CRL files again if any changed since the last read; say whether they did."""
+        stamps = self._crl_stamps()
+        if stamps == self._stamps:
+            return False
+        self.reload_crls()
+        return True
+
+    def _crl_stamps(self) -> list[tuple[int, int]]:
+        stamps = []
+        for path in self.crl_files:
+            try:
+                st = path.stat()
+                stamps.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                stamps.append((0, 0))
+        return stamps
+
     def reload_crls(self) -> None:
         """Read the configured CRL files again (after ``sixnet pki revoke``)."""
+        self._stamps = self._crl_stamps()
         self._crls.clear()
         for crl in self._extra_crls:
             self._index_crl(crl)
