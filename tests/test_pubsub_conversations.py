@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,7 +142,8 @@ class BrokerTestCase(unittest.TestCase):
     config = BrokerConfig()
 
     def setUp(self) -> None:
-        self.directory = Path(self.mktemp())
+        self.directory = Path(tempfile.mkdtemp(prefix="sixnet-pubsub-"))
+        self.addCleanup(shutil.rmtree, self.directory, True)
         self.now = 1_700_000_000.0
         self.start_broker()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from twisted.internet import defer
@@ -112,7 +114,8 @@ class StoreTests:
 
 class SQLiteStoreTests(StoreTests, unittest.TestCase):
     def setUp(self) -> None:
-        self.base = Path(self.mktemp())
+        self.base = Path(tempfile.mkdtemp(prefix="sixnet-pubsub-"))
+        self.addCleanup(shutil.rmtree, self.base, True)
         self.url = "sqlite:broker.sqlite3"
 
 
