@@ -230,7 +230,6 @@ class LabCA:
         *,
         days: int = LEAF_DAYS,
         not_before: datetime.datetime | None = None,
-        client_auth: bool = True,
     ) -> list[x509.Certificate]:
         """Certify `public_key` as person `user_id`; return the chain, leaf first.
 
@@ -245,8 +244,6 @@ class LabCA:
         if rsa_key and public_key.key_size < 2048:  # type: ignore[union-attr]
             raise CAError("RSA keys must be at least 2048 bits")
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.EMAIL_PROTECTION]
-        if not client_auth:
-            usages = [ExtendedKeyUsageOID.SERVER_AUTH]
         cert = (
             self._leaf_builder(
                 x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, canonical)]),
