@@ -61,7 +61,9 @@ class IssuedRecord:
 
 
 def serial_hex(serial: int) -> str:
-    return format(serial, "X")
+    """Upper-case hex, zero-padded to whole bytes, as openssl prints serials."""
+    text = format(serial, "X")
+    return text if len(text) % 2 == 0 else "0" + text
 
 
 def parse_serial(text: str) -> int:

@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from service_identity import VerificationError as HostMismatch
 from service_identity.cryptography import verify_certificate_hostname
 
+from sixnet.pki.ca import serial_hex
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id, user_ids_in
 from sixnet.pki.keys import PrivateKey, read_certificates, read_private_key
 
@@ -251,7 +252,7 @@ class CertificateStore:
                 if entry is not None and entry.revocation_date_utc <= when:
                     raise VerificationError(
                         "revoked",
-                        f"certificate {format(cert.serial_number, 'X')} "
+                        f"certificate {serial_hex(cert.serial_number)} "
                         f"({cert.subject.rfc4514_string()}) was revoked on "
                         f"{entry.revocation_date_utc:%Y-%m-%d %H:%M:%SZ}",
                     )
