@@ -238,6 +238,11 @@ class RawClient(protocol.Protocol):
         if binding == "tls-exporter":
             cb_data = self.tls_connection().export_keying_material(
                 b"EXPORTER-Channel-Binding", 32, b"")
+        elif binding == "tls-server-end-point":  # RFC 5929 4.1, ECDSA-SHA256 certificate
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            cert = self.tls_connection().get_peer_certificate(as_cryptography=True)
+            cb_data = hashlib.sha256(cert.public_bytes(Encoding.DER)).digest()
         without = (f"c={base64.b64encode(gs2.encode() + cb_data).decode()},"
                    f"r={attrs['r']}")
         auth_message = f"{first_bare},{server_first.decode()},{without}".encode()

@@ -137,7 +137,8 @@ class Router:
             if old_connection is not None:
                 old_connection.close_with_error("conflict", "replaced by a new session")
         session = Session(jid, connection)
-        resources[jid.resource or ""] = session
+        # Ending the old session may have dropped the account's (then empty) table.
+        self.sessions.setdefault(str(bare), {})[jid.resource or ""] = session
         return session
 
     def session_count(self) -> int:

@@ -120,6 +120,8 @@ class C2SServer:
 
 
 class ClientStreamFactory(Factory):
+    noisy = False
+
     def __init__(self, server: C2SServer, direct_tls: bool) -> None:
         self.server = server
         self.direct_tls = direct_tls
