@@ -1,0 +1,158 @@
+"""Conversation scripts against the live grid server over real sockets (STARTTLS, SCRAM).
+
+The same literal-XML runner as `test_pubsub_conversations`, but each ``>>>`` stanza is written
+to the socket of the client named in its 'from', and ``<<<`` stanzas are whatever any client's
+socket received, parsed from the stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lxml import etree
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+
+from sixnet.grid.pubsub.conversation import run_conversation
+from tests.grid_harness import RawClient, ports, start_grid, write_config
+
+from .test_pubsub_conversations import IODEF, error, pubsub_error
+
+OWNER = "owner@localhost/desk"
+READER = "reader@localhost/desk"
+#: Quiet time after which a step's answers are taken to be complete.
+SETTLE = 0.25
+
+
+class StreamReader:
+    """Parses a client's received bytes into top-level stanzas."""
+
+    def __init__(self, client: RawClient) -> None:
+        self.client = client
+        self.offset = len(client.received)
+        self.parser = etree.XMLPullParser(events=("end",), resolve_entities=False,
+                                          no_network=True)
+        self.parser.feed(b"<stream:stream xmlns='jabber:client' "
+                         b"xmlns:stream='http://etherx.jabber.org/streams'>")
+
+    def stanzas(self) -> list[etree._Element]:
+        data = self.client.received[self.offset:]
+        self.offset = len(self.client.received)
+        self.parser.feed(data)
+        found = []
+        for _, element in self.parser.read_events():
+            parent = element.getparent()
+            if parent is not None and parent.getparent() is None:
+                found.append(element)
+        return found
+
+
+class LiveConversationTests(unittest.TestCase):
+    @pytest.fixture(autouse=True)
+    def _setup(self, pki: Any, tmp_path: Path) -> None:
+        self.pki = pki
+        self.tmp = tmp_path
+
+    async def asyncSetUp(self) -> None:
+        self.config = write_config(self.tmp, self.pki)
+        self.grid = await start_grid(self.config)
+        self.addCleanup(self.grid.stopService)
+        self.port, _ = ports(self.grid)
+        self.clients: dict[str, RawClient] = {}
+        self.readers: list[StreamReader] = []
+        for jid in (OWNER, READER):
+            user, resource = jid.split("@")[0], jid.split("/")[1]
+            await self.grid.accounts.add(user, f"{user} secret")
+            client = await RawClient.connect(self.port)
+            self.addCleanup(lambda c=client: c.transport.abortConnection())
+            await client.starttls(self.grid.tls.store)
+            await client.open_stream()
+            assert b"<success" in await client.scram_login(user, f"{user} secret")
+            assert await client.bind(resource) == jid
+            client.send("<presence/>")
+            self.clients[jid] = client
+        await task.deferLater(reactor, SETTLE, lambda: None)
+        for client in self.clients.values():
+            self.readers.append(StreamReader(client))
+
+    async def send(self, stanza: etree._Element) -> None:
+        self.clients[stanza.get("from")].send(etree.tostring(stanza))
+        seen = -1
+        while seen != sum(len(c.received) for c in self.clients.values()):
+            seen = sum(len(c.received) for c in self.clients.values())
+            await task.deferLater(reactor, SETTLE, lambda: None)
+
+    def collect(self) -> list[etree._Element]:
+        return [s for reader in self.readers for s in reader.stanzas()]
+
+    async def talk(self, script: str) -> None:
+        await run_conversation(script, self.send, self.collect)
+
+    async def test_approval_publish_and_refusals_over_sockets(self) -> None:
+        await self.asyncSetUp()
+        await self.talk(f"""
+>>> <iq type='set' from='{OWNER}' to='broker.localhost' id='c'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'><create node='MILEHost'/>
+        <configure><x xmlns='jabber:x:data' type='submit'>
+          <field var='FORM_TYPE'><value>http://jabber.org/protocol/pubsub#node_config</value>
+          </field>
+          <field var='pubsub#type'><value>urn:ietf:params:xml:ns:iodef-2.0</value></field>
+        </x></configure></pubsub></iq>
+<<< <iq type='result' from='broker.localhost' to='{OWNER}' id='c'/>
+>>> <iq type='set' from='{READER}' to='broker.localhost' id='s'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <subscribe node='MILEHost' jid='reader@localhost'/></pubsub></iq>
+<<< <iq type='result' from='broker.localhost' to='{READER}' id='s'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <subscription node='MILEHost' jid='reader@localhost' subid='$subid'
+                      subscription='pending'/></pubsub></iq>
+<<< <message from='broker.localhost' to='owner@localhost' type='normal' id='*'>
+      <x xmlns='jabber:x:data' type='form'><title>*</title>
+        <field var='FORM_TYPE' type='hidden'>
+          <value>http://jabber.org/protocol/pubsub#subscribe_authorization</value></field>
+        <field var='pubsub#subid' type='hidden'><value>$subid</value></field>
+        <field var='pubsub#node' type='text-single' label='*'><value>MILEHost</value></field>
+        <field var='pubsub#subscriber_jid' type='jid-single' label='*'>
+          <value>reader@localhost</value></field>
+        <field var='pubsub#allow' type='boolean' label='*'><value>false</value></field>
+      </x></message>
+>>> <message from='{OWNER}' to='broker.localhost'>
+      <x xmlns='jabber:x:data' type='submit'>
+        <field var='FORM_TYPE'>
+          <value>http://jabber.org/protocol/pubsub#subscribe_authorization</value></field>
+        <field var='pubsub#subid'><value>$subid</value></field>
+        <field var='pubsub#node'><value>MILEHost</value></field>
+        <field var='pubsub#subscriber_jid'><value>reader@localhost</value></field>
+        <field var='pubsub#allow'><value>true</value></field></x></message>
+<<< <message from='broker.localhost' to='reader@localhost' type='normal' id='*'>
+      <event xmlns='http://jabber.org/protocol/pubsub#event'>
+        <subscription node='MILEHost' jid='reader@localhost' subscription='subscribed'/>
+      </event></message>
+>>> <iq type='set' from='{OWNER}' to='broker.localhost' id='p'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <publish node='MILEHost'><item id='i1'>{IODEF}</item></publish></pubsub></iq>
+<<< <iq type='result' from='broker.localhost' to='{OWNER}' id='p'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <publish node='MILEHost'><item id='i1'/></publish></pubsub></iq>
+<<< <message from='broker.localhost' to='reader@localhost' type='normal' id='*'>
+      <event xmlns='http://jabber.org/protocol/pubsub#event'>
+        <items node='MILEHost'><item id='i1'>{IODEF}</item></items></event></message>
+>>> <iq type='set' from='{READER}' to='broker.localhost' id='p2'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <publish node='MILEHost'><item id='i2'>{IODEF}</item></publish></pubsub></iq>
+""" + error(READER, "p2", "auth", "forbidden").replace("broker.example.test",
+                                                        "broker.localhost") + f"""
+>>> <iq type='set' from='{OWNER}' to='broker.localhost' id='p3'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <publish node='MILEHost'><item id='i3'><x xmlns='urn:wrong'/></item></publish>
+      </pubsub></iq>
+""" + error(OWNER, "p3", "modify", "bad-request", pubsub_error("invalid-payload"),
+            text=True).replace("broker.example.test", "broker.localhost") + f"""
+>>> <iq type='get' from='{READER}' to='broker.localhost' id='d'>
+      <query xmlns='http://jabber.org/protocol/disco#items'/></iq>
+<<< <iq type='result' from='broker.localhost' to='{READER}' id='d'>
+      <query xmlns='http://jabber.org/protocol/disco#items'>
+        <item jid='broker.localhost' node='MILEHost'/></query></iq>
+""")
