@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from sixnet.chat.alerts import Alert
 from sixnet.chat.directory import IPeerDirectory, PeerAddress, PeerRecord
-from sixnet.chat.handshake import HandshakePolicy
+from sixnet.chat.handshake import DEFAULT_POLICY, HandshakePolicy
 from sixnet.chat.messages import NS
 from sixnet.chat.protocol import SessionFactory, SessionProtocol
 from sixnet.chat.session import Session, SessionTransport, own_user_id
@@ -50,7 +50,7 @@ class AgentSettings:
     retry_max: float = 300.0
     max_message_bytes: int = 65536
     key_update_bytes: int = 1 << 30
-    policy: HandshakePolicy = field(default_factory=HandshakePolicy)
+    policy: HandshakePolicy = DEFAULT_POLICY
 
 
 def _escape(text: str) -> str:
@@ -108,7 +108,8 @@ class Agent:
         s = self.settings
         session = Session(self.identity, self.store, transport, self, policy=s.policy,
                           max_message_bytes=s.max_message_bytes,
-                          key_update_bytes=s.key_update_bytes, clock=self.reactor.seconds)
+                          key_update_bytes=s.key_update_bytes, me=self.me,
+                          clock=self.reactor.seconds)
         assert isinstance(transport, SessionProtocol)
         self._protocols[session] = transport
         return session

@@ -52,6 +52,9 @@ class HandshakePolicy:
         raise Alert("insufficient-security", f"no common {what}: offered {list(offered)[:8]}")
 
 
+DEFAULT_POLICY = HandshakePolicy()
+
+
 class Transcript:
     """The running SHA-256 over the canonical bytes of every handshake element."""
 

@@ -75,14 +75,14 @@ class Session:
     def __init__(self, identity: NodeIdentity, store: CertificateStore,
                  transport: SessionTransport, owner: SessionOwner, *,
                  policy: hs.HandshakePolicy | None = None, max_message_bytes: int = 65536,
-                 key_update_bytes: int = 1 << 30,
+                 key_update_bytes: int = 1 << 30, me: str | None = None,
                  clock: Callable[[], float] | None = None) -> None:
         self.identity = identity
         self.store = store
         self.transport = transport
         self.owner = owner
-        self.policy = policy or hs.HandshakePolicy()
-        self.me = own_user_id(identity)
+        self.policy = policy or hs.DEFAULT_POLICY
+        self.me = me or own_user_id(identity)
         self.max_message_bytes = max_message_bytes
         self.key_update_bytes = key_update_bytes
         self.role = "responder"
@@ -164,16 +164,21 @@ class Session:
             self._refuse_quietly(Alert("unexpected-message", "record after the session ended"))
             return
         records, alert = self.records.feed(data)
+        application: list[bytes] = []
         for record_type, plaintext in records:
-            if self.end_reason is not None:
-                return
             if record_type == APPLICATION:
                 if self._closing:
                     self._refuse_quietly(Alert("unexpected-message",
                                                "application record after close-notify"))
                     return
-                self._application(plaintext)
-            elif record_type == KEY_UPDATE:
+                application.append(plaintext)
+                continue
+            if application:
+                self._application(b"".join(application))
+                application = []
+            if self.end_reason is not None:
+                return
+            if record_type == KEY_UPDATE:
                 if plaintext == b"\x01":
                     self.handle(self.key_update_requested)
             else:
@@ -182,10 +187,13 @@ class Session:
                     self.handle(self.peer_close)
                 else:
                     self.handle(self.peer_alert, reason[:40])
-        if alert is not None:
+        if application and self.end_reason is None:
+            self._application(b"".join(application))
+        if alert is not None and self.end_reason is None:
             self._refuse_quietly(alert)
 
     def _application(self, plaintext: bytes) -> None:
+        """Application bytes (all the records of one read at once: one parser pass)."""
         try:
             events = self._app_parser.feed(plaintext)
         except XMLStreamError as e:
@@ -207,9 +215,18 @@ class Session:
 
     def send_stanza(self, data: bytes) -> bool:
         """Send one serialized application element; False unless established and open."""
-        if self.records is None or self.end_reason is not None or self._closing:
+        records = self.records
+        if records is None or self.end_reason is not None or self._closing:
             return False
-        self.send(data)
+        # Exactly the established state; the hot path skips the machine's dispatch cost.
+        if not self._app_header_sent:
+            self._app_header_sent = True
+            data = APP_HEADER + data
+        write = self.transport.write
+        for record in records.seal_application(data):
+            write(record)
+        if records.needs_key_update:
+            write(records.seal_key_update(False))
         return True
 
     # -- the machine -----------------------------------------------------------------------
@@ -266,10 +283,6 @@ class Session:
     @_machine.input()
     def finished(self, message: m.Finished, element: etree._Element) -> None:
         "The peer's Finished arrived."
-
-    @_machine.input()
-    def send(self, data: bytes) -> None:
-        "Send application bytes."
 
     @_machine.input()
     def key_update_requested(self) -> None:
@@ -428,18 +441,6 @@ class Session:
     # -- outputs: records --------------------------------------------------------------------
 
     @_machine.output()
-    def _seal(self, data: bytes) -> None:
-        records = self.records
-        assert records is not None
-        if not self._app_header_sent:
-            self._app_header_sent = True
-            data = APP_HEADER + data
-        for record in records.seal_application(data):
-            self.transport.write(record)
-        if records.needs_key_update:
-            self.transport.write(records.seal_key_update(False))
-
-    @_machine.output()
     def _answer_key_update(self) -> None:
         assert self.records is not None
         self.transport.write(self.records.seal_key_update(False))
@@ -499,7 +500,6 @@ class Session:
     wait_hello.upon(responder_hello, enter=wait_verify, outputs=[_accept_hello])
     wait_verify.upon(certificate_verify, enter=wait_finished, outputs=[_check_peer_verify])
     wait_finished.upon(finished, enter=established, outputs=[_check_peer_finished, _complete])
-    established.upon(send, enter=established, outputs=[_seal])
     established.upon(key_update_requested, enter=established, outputs=[_answer_key_update])
     established.upon(close, enter=closing, outputs=[_send_close_notify])
     established.upon(peer_close, enter=closed,
