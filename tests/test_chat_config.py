@@ -1,0 +1,89 @@
+"""The [chat] section: every key checked, one line per problem; building the service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sixnet.chat.directory import SharedDirectory
+from sixnet.chat.service import make_service
+from sixnet.config import load_config
+from sixnet.errors import ConfigError
+from sixnet.service import build_store
+
+from .conftest import LabPKI
+from .test_config import problem, write
+
+BASE = """\
+[sixnet]
+state_dir = "{state}"
+[pki]
+trust_anchors = ["{ca}"]
+crls = ["{crl}"]
+[pki.identities.user]
+subject = "alice@example.test"
+certificate = "{ucert}"
+key = "{ukey}"
+[pki.identities.host]
+subject = "localhost"
+certificate = "{hcert}"
+key = "{hkey}"
+[chat]
+enabled = true
+listen = ["tcp:0:interface=127.0.0.1"]
+"""
+
+
+@pytest.fixture
+def base(pki: LabPKI, tmp_path: Path) -> str:
+    pki.identity("user", "alice@example.test")
+    pki.identity("host", "localhost")
+    issued = pki.directory / "issued" / pki.root.directory.name
+    user = issued / "user" / "alice@example.test" / "ecdsa-p256"
+    host = issued / "host" / "localhost" / "ecdsa-p256"
+    return BASE.format(state=tmp_path / "state", ca=pki.root.directory / "ca.pem",
+                       crl=pki.root.directory / "crl.pem", ucert=user / "cert.pem",
+                       ukey=user / "key.pem", hcert=host / "cert.pem", hkey=host / "key.pem")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('key_agreement = ["dh"]', "chat.key_agreement: 'dh' is not one of x25519, rsa-oaep"),
+    ("key_agreement = []", "chat.key_agreement: must name at least one of x25519, rsa-oaep"),
+    ('ciphers = ["aes-256-gcm", "aes-256-gcm"]', "chat.ciphers: names a method twice"),
+    ('advertise = ["nohost"]', "chat.advertise: 'nohost' is not host:port or [address]:port"),
+    ('advertise = ["::1:4605"]', "chat.advertise: '::1:4605': an IPv6 address must be in "
+                                 "brackets"),
+    ('irp_server = "registry"', "chat.irp_server: 'registry' is not host:port or "
+                                "[address]:port"),
+    ("handshake_timeout = 0", "chat.handshake_timeout: 0.0 must be greater than 0"),
+    ("max_message_bytes = 0", "chat.max_message_bytes: 0 is out of range 1-1048576"),
+    ("retry_max = \"soon\"", "chat.retry_max: expected a number, got string 'soon'"),
+])
+def test_bad_values_are_one_line(base: str, tmp_path: Path, line: str, message: str) -> None:
+    assert problem(tmp_path, base + line + "\n") == f"FILE: {message}"
+
+
+def test_every_key_documented_in_the_shipped_file() -> None:
+    from dataclasses import fields
+
+    from sixnet.chat.config import ChatConfig
+
+    text = (Path(__file__).parent.parent / "etc" / "sixnet.toml").read_text()
+    section = text.split("[chat]", 1)[1].split("\n[", 1)[0]
+    for f in fields(ChatConfig):
+        assert f"\n{f.name} = " in section, f.name
+
+
+def test_make_service_from_the_file(base: str, tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, base))
+    store = build_store(config)
+    shared = SharedDirectory(lambda: 0.0)
+    service = make_service(config, store, directory=shared.for_person("alice@example.test"))
+    assert service.agent.me == "alice@example.test"
+    assert service.control_path == tmp_path / "state" / "chat" / "control.sock"
+    config = load_config(write(tmp_path, base + 'identity = "host"\n'))
+    with pytest.raises(ConfigError) as info:
+        make_service(config, build_store(config), directory=shared.for_person("x@example.test"))
+    assert str(info.value).endswith("chat.identity: identity 'host' must name exactly one "
+                                    "person")
