@@ -198,6 +198,16 @@ class AgentTests(unittest.TestCase):
         self.shared.register(BOB, [PeerAddress("127.0.0.1", relay_port.getHost().port)], 60)
         return alice, bob, record
 
+    async def test_dead_newest_address_falls_back_to_the_next(self) -> None:
+        alice, _ = await self.agent(ALICE), await self.agent(BOB)
+        dead = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        dead_port = dead.getHost().port
+        await dead.stopListening()
+        self.shared.register(BOB, [PeerAddress("127.0.0.1", dead_port)], 60)
+        assert self.shared.record(BOB).addresses[0].port == dead_port  # newest first
+        await alice.agent.send(BOB, "via the older address")
+        await until(lambda: self.delivered(ALICE) == ["via the older address"])
+
     async def test_text_never_on_the_wire(self) -> None:
         alice, bob, record = await self._relayed()
         secret = "the eagle lands at midnight " * 20
@@ -350,3 +360,52 @@ class AgentTests(unittest.TestCase):
         follower.signalProcess("KILL")
         await task.deferLater(reactor, 0.2, lambda: None)
 
+
+
+class RegistrationTests(unittest.TestCase):
+    """Registering at start, before the lifetime ends, and when the address changes."""
+
+    def test_registers_renews_and_follows_address_changes(self) -> None:
+        from twisted.internet.task import Clock
+
+        from sixnet.chat.service import Registration
+
+        clock = Clock()
+        shared = SharedDirectory(clock.seconds)
+        announced: list[tuple[list[PeerAddress], float]] = []
+        directory = shared.for_person(ALICE)
+        original = directory.announce
+        directory.announce = lambda a, t: (announced.append((list(a), t)),  # type: ignore
+                                           original(a, t))[1]
+        current = [PeerAddress("192.0.2.1", 4605)]
+        registration = Registration(directory, lambda: list(current), lifetime=300,
+                                    check_interval=60, clock=clock)
+        registration.start()
+        assert announced == [([PeerAddress("192.0.2.1", 4605)], 300)]
+        clock.advance(60)
+        assert len(announced) == 1  # nothing changed, lifetime far away
+        current[:] = [PeerAddress("2001:db8::5", 4605)]
+        clock.advance(60)
+        assert announced[-1] == ([PeerAddress("2001:db8::5", 4605)], 300)
+        assert shared.record(ALICE).addresses[0] == PeerAddress("2001:db8::5", 4605)
+        for _ in range(3):
+            clock.advance(60)
+        assert len(announced) == 2  # 180 s since the last: not yet two thirds of 300
+        clock.advance(60)
+        assert len(announced) == 3  # 240 s >= 200 s: renewed before it expires
+        registration.stop()
+        assert not clock.getDelayedCalls()
+
+    def test_local_addresses_resolve_wildcards(self) -> None:
+        from sixnet.chat.service import local_addresses
+
+        class Port:
+            def __init__(self, host: str, port: int) -> None:
+                self.host, self.port = host, port
+
+            def getHost(self) -> Any:  # noqa: N802
+                return self
+
+        found = local_addresses([Port("0.0.0.0", 4605), Port("127.0.0.1", 4606)],  # noqa: S104
+                                "127.0.0.1")
+        assert found == [PeerAddress("127.0.0.1", 4605), PeerAddress("127.0.0.1", 4606)]

@@ -128,6 +128,9 @@ class Session:
             self._refuse_quietly(alert)
         except NoTransition as e:
             self._refuse_quietly(Alert("unexpected-message", str(e)))
+        except Exception:  # a bug or a library surprise ends this session, not the agent
+            log.failure("{session}: internal error", session=self)
+            self._refuse_quietly(Alert("internal-error"))
 
     def _refuse_quietly(self, alert: Alert) -> None:
         try:
