@@ -54,6 +54,8 @@ def base(pki: LabPKI, tmp_path: Path) -> str:
     ('advertise = ["nohost"]', "chat.advertise: 'nohost' is not host:port or [address]:port"),
     ('advertise = ["::1:4605"]', "chat.advertise: '::1:4605': an IPv6 address must be in "
                                  "brackets"),
+    ('advertise = ["chat.example.test:4605"]', "chat.advertise: 'chat.example.test:4605': IRP "
+                                               "registers IP addresses, not host names"),
     ('irp_server = "registry"', "chat.irp_server: 'registry' is not host:port or "
                                 "[address]:port"),
     ("handshake_timeout = 0", "chat.handshake_timeout: 0.0 must be greater than 0"),

@@ -25,19 +25,33 @@ def preference_list(choices: tuple[str, ...]) -> Callable[[list[str]], str | Non
     return check
 
 
-def addresses_check(values: list[str]) -> str | None:
+def _address_problem(value: str, *, ip_only: bool) -> str | None:
+    import ipaddress
+
     from sixnet.chat.directory import PeerAddress
 
-    for value in values:
+    try:
+        address = PeerAddress.parse(value)
+    except ValueError as e:
+        return str(e)
+    if ip_only:
         try:
-            PeerAddress.parse(value)
-        except ValueError as e:
-            return str(e)
+            ipaddress.ip_address(address.host)
+        except ValueError:
+            return f"{value!r}: IRP registers IP addresses, not host names"
+    return None
+
+
+def addresses_check(values: list[str]) -> str | None:
+    for value in values:
+        problem = _address_problem(value, ip_only=True)
+        if problem:
+            return problem
     return None
 
 
 def server_address_check(value: str) -> str | None:
-    return addresses_check([value])
+    return _address_problem(value, ip_only=False)
 
 
 def size_check(value: int) -> str | None:
@@ -57,7 +71,7 @@ class ChatConfig(ServiceConfig):
     irp_server: str = setting("localhost:4604", check=server_address_check,
                               doc="host:port of the IRP registry")
     advertise: list[str] = setting([], check=addresses_check,
-                                   doc="host:port addresses to register; empty: discover")
+                                   doc="ip:port addresses to register; empty: discover")
     registration_lifetime: float = setting(3600.0, check=positive)
     address_check_interval: float = setting(60.0, check=positive)
     handshake_timeout: float = setting(10.0, check=positive)
