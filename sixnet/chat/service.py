@@ -203,8 +203,14 @@ def control_socket_path(config: Config) -> Path:
 def make_directory(config: Config, identity: NodeIdentity,
                    store: CertificateStore) -> IPeerDirectory:
     """The IRP registry named by ``[chat] irp_server``."""
-    from sixnet.chat.irp import IRPDirectory
-
+    try:
+        from sixnet.chat.irp import IRPDirectory
+    except ModuleNotFoundError as e:
+        if e.name not in ("sixnet.chat.irp", "sixnet.irp.client"):
+            raise
+        raise ConfigError(str(config.path), "chat.irp_server",
+                          "this build has no IRP client (sixnet.irp.client), so the agent "
+                          "cannot find or announce anyone") from None
     return IRPDirectory.from_config(config, identity, store)
 
 
