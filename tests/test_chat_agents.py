@@ -328,8 +328,10 @@ class AgentTests(unittest.TestCase):
         await until(lambda: self.delivered(ALICE) == ["hi there"])
         code, out, err = await sixnet("inbox", "--socket", str(bob.control_path), "--json")
         assert code == 0, err
-        [line] = out.splitlines()
-        assert json.loads(line)["body"] == "hi there"
+        [shown] = json.loads(out)
+        assert (shown["body"], shown["peer"], shown["direction"]) == ("hi there", ALICE, "in")
+        code, out, err = await sixnet("history", "--socket", sock)
+        assert code == 0 and out.endswith(f"-> {BOB}: hi there  [delivered]\n"), out
         code, out, err = await sixnet("peers", "--socket", sock)
         assert code == 0 and out.startswith(BOB) and "connected (initiator, x25519" in out
         code, out, err = await sixnet("send", "--socket", sock, "not-a-user", "x")

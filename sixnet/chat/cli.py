@@ -54,17 +54,22 @@ def _socket(args: argparse.Namespace) -> Path:
 class _Client(amp.AMP):
     """Prints each message the agent shows."""
 
-    def __init__(self, out: Output) -> None:
+    def __init__(self, out: Output, *, collect: bool = False) -> None:
         super().__init__()
         self.out = out
+        self.collect = collect
+        self.shown: list[dict[str, Any]] = []
         self.lost: defer.Deferred[None] = defer.Deferred()
 
     @Show.responder
     def show(self, event: str, message: str) -> dict[str, Any]:
         data = json.loads(message)
         data["event"] = event
-        self.out.result(data, lambda: format_message(data))
-        sys.stdout.flush()
+        if self.collect:
+            self.shown.append(data)
+        else:  # follow: one line (or one JSON document) per event, as it happens
+            self.out.result(data, lambda: format_message(data))
+            sys.stdout.flush()
         return {}
 
     def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
@@ -81,12 +86,12 @@ def format_message(m: dict[str, Any]) -> str:
     return f"{when}  {arrow} {m['peer']}: {m['body']}{state}"
 
 
-def _run(args: argparse.Namespace, out: Output, body: Any) -> int:
+def _run(args: argparse.Namespace, out: Output, body: Any, *, collect: bool = False) -> int:
     path = _socket(args)
     result: dict[str, int] = {}
 
     async def main(reactor: Any) -> None:
-        client = _Client(out)
+        client = _Client(out, collect=collect)
         try:
             await endpoints.connectProtocol(
                 endpoints.UNIXClientEndpoint(reactor, str(path), timeout=5), client)
@@ -141,9 +146,12 @@ def run_list(args: argparse.Namespace, out: Output) -> int:
         if args.peer:
             kwargs["peer"] = args.peer
         await client.callRemote(ListMessages, **kwargs)
+        shown = client.shown
+        out.result(shown, lambda: "\n".join(format_message(m) for m in shown)
+                   or "no messages")
         return 0
 
-    return _run(args, out, body)
+    return _run(args, out, body, collect=True)
 
 
 def run_follow(args: argparse.Namespace, out: Output) -> int:
