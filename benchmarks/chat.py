@@ -11,6 +11,9 @@ figure includes both ends' CPU. Measured:
   ``<message>`` elements in the same ``<session>`` XML stream, parsed on arrival by the same
   hardened `StreamParser`; the receiver answers every 16 messages with a ``<receipt>`` and
   the sender keeps at most 64 messages unacknowledged. Storage is not involved.
+* for SixChat alone, messages/s between two whole agents (``agents_1k_durable``): each
+  message committed to the sender's outbox, the receiver's history and back as a receipt,
+  SQLite with synchronous=FULL, so it measures the disk more than the protocol.
 
 The ratios are SixChat / TLS (above 1: SixChat is faster).
 """
@@ -248,6 +251,51 @@ async def tls_flow(pair: TLSPair, flow: Flow) -> float:
     return elapsed
 
 
+# -- whole agents, with durable storage --------------------------------------------------------
+
+
+async def agents_flow(directory: Path, alice: NodeIdentity, bob: NodeIdentity,
+                      store: CertificateStore, count: int) -> float:
+    """Messages/s between two complete agents: committed outbox, inbox, receipts on disk."""
+    import dataclasses
+
+    from sixnet.chat.config import ChatConfig
+    from sixnet.chat.directory import SharedDirectory
+    from sixnet.chat.service import ChatService
+    from sixnet.storage import Database
+
+    shared = SharedDirectory(reactor.seconds)
+    services = []
+    for identity in (alice, bob):
+        home = directory / identity.name.split("@")[0]
+        chat = dataclasses.replace(ChatConfig(), enabled=True,
+                                   listen=["tcp:0:interface=127.0.0.1"])
+        service = ChatService(chat, identity, store, Database(f"sqlite:{home / 'chat.sqlite'}"),
+                              shared.for_person(identity.name), home / "control.sock", reactor)
+        service.startService()
+        await service.ready
+        services.append(service)
+    delivered: list[int] = []
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def on_event(event: str, _: object) -> None:
+        if event == "delivered":
+            delivered.append(1)
+            if len(delivered) == count and not done.called:
+                done.callback(None)
+
+    services[0].agent.listen(on_event)
+    text = "x" * 1024
+    started = time.perf_counter()
+    for _ in range(count):
+        await services[0].agent.send(bob.name, text)
+    await done
+    elapsed = time.perf_counter() - started
+    for service in services:
+        await service.stopService()
+    return count / elapsed
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -300,6 +348,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             label = f"{size // 1024}k"
             result["sixchat"][label] = figures(best_chat, count, size)
             result["tls13"][label] = figures(best_tls, count, size)
+        result["sixchat"]["agents_1k_durable_messages_per_s"] = round(
+            await agents_flow(Path(tmp), alice, bob, store, args.durable), 1)
         result["ratios"] = {
             "handshakes": round(result["sixchat"]["handshakes_per_s"]
                                 / result["tls13"]["handshakes_per_s"], 2),
@@ -321,6 +371,8 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=20000, help="1 KiB messages per round")
     parser.add_argument("--large", type=int, default=2000, help="64 KiB messages per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--durable", type=int, default=300,
+                        help="1 KiB messages between two whole agents (SQLite, receipts)")
     parser.add_argument("--key-type", default="ecdsa-p256",
                         choices=["ecdsa-p256", "ed25519", "rsa2048"])
     args = parser.parse_args()
