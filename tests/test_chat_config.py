@@ -89,3 +89,21 @@ def test_make_service_from_the_file(base: str, tmp_path: Path) -> None:
         make_service(config, build_store(config), directory=shared.for_person("x@example.test"))
     assert str(info.value).endswith("chat.identity: identity 'host' must name exactly one "
                                     "person")
+
+
+def test_command_line_errors_are_one_line_with_status_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def sixnet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sixnet", "chat", *args],
+                              capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).parent.parent)
+
+    r = sixnet("inbox", "--limit", "0", "--socket", str(tmp_path / "s"))
+    assert (r.returncode, r.stderr) == (2, "sixnet: --limit must be 1-10000\n")
+    r = sixnet("send", "bob@example.test")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "required: text" in r.stderr
+    r = sixnet("peers", "--config", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2
+    assert r.stderr == f"sixnet: {tmp_path / 'missing.toml'}: configuration file does not exist\n"
