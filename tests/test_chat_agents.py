@@ -96,10 +96,11 @@ class AgentTests(unittest.TestCase):
     async def agent(self, name: str, *, key_type: str = "ecdsa-p256",
                     **overrides: Any) -> ChatService:
         home = self.dir / name.split("@")[0]
-        chat = dataclasses.replace(
-            ChatConfig(), enabled=True, listen=["tcp:0:interface=127.0.0.1"],
-            control_socket=str(home / "control.sock"), retry_initial=0.2, retry_max=0.5,
-            handshake_timeout=2.0, **overrides)
+        settings: dict[str, Any] = {
+            "enabled": True, "listen": ["tcp:0:interface=127.0.0.1"],
+            "control_socket": str(home / "control.sock"), "retry_initial": 0.2,
+            "retry_max": 0.5, "handshake_timeout": 2.0, **overrides}
+        chat = dataclasses.replace(ChatConfig(), **settings)
         service = ChatService(chat, self.pki.identity("user", name, key_type=key_type),
                               self.store, Database(f"sqlite:{home / 'chat.sqlite'}"),
                               self.shared.for_person(name), home / "control.sock", reactor)
@@ -197,6 +198,17 @@ class AgentTests(unittest.TestCase):
         # the relay's address is what the directory now says is bob's newest
         self.shared.register(BOB, [PeerAddress("127.0.0.1", relay_port.getHost().port)], 60)
         return alice, bob, record
+
+    async def test_ipv6_and_key_transport(self) -> None:
+        """Bob listens on ::1 and requires RSA key transport; alice has an RSA certificate."""
+        alice = await self.agent(ALICE, key_type="rsa2048")
+        bob = await self.agent(BOB, listen=["tcp6:0:interface=\\:\\:1"],
+                               key_agreement=["rsa-oaep"])
+        assert self.shared.record(BOB).addresses == (PeerAddress("::1", self.port(bob)),)
+        await alice.agent.send(BOB, "over IPv6")
+        await until(lambda: self.delivered(ALICE) == ["over IPv6"])
+        session = bob.agent.sessions[ALICE]
+        assert (session.method, session.cipher) == ("rsa-oaep", "aes-256-gcm")
 
     async def test_dead_newest_address_falls_back_to_the_next(self) -> None:
         alice, _ = await self.agent(ALICE), await self.agent(BOB)
