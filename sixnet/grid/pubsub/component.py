@@ -11,7 +11,9 @@ Usage by the grid service::
 
 `attach` starts loading the stored state; stanzas that arrive meanwhile wait for it. A request
 is answered only after its changes are committed, so an acknowledged publish, subscription or
-configuration survives a crash; notifications follow the reply.
+configuration survives a crash. Item notifications go out as soon as the engine has accepted
+the publish, while the commit runs (a disk flush must not add to delivery latency); every
+other message (subscription states, deletions, approvals) only once it is durable.
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class PubSubBroker:
                                    "actor": bare(request.sender), "refused": str(error)})
             self._send(self._iq_error(iq, error))
             return
+        self._deliver(outcome, after_commit=False)
         if not await self._commit(outcome):
             self._send(self._iq_error(iq, PubSubError("internal-server-error")))
             return
@@ -153,7 +156,7 @@ class PubSubBroker:
         if outcome.payload is not None:
             reply.append(outcome.payload)
         self._send(reply)
-        self._deliver(outcome)
+        self._deliver(outcome, after_commit=True)
 
     async def _message(self, message: etree._Element) -> None:
         """An owner's answer to an approval request (XEP-0060 section 8.6)."""
@@ -168,7 +171,7 @@ class PubSubBroker:
             self._send(reply)
             return
         if await self._commit(outcome):
-            self._deliver(outcome)
+            self._deliver(outcome, after_commit=True)
 
     async def _resend_pending(self, full_jid: str) -> None:
         assert self._ready is not None, "attach() must come first"
@@ -195,9 +198,10 @@ class PubSubBroker:
             self.audit.record(entry)
         return True
 
-    def _deliver(self, outcome: Outcome) -> None:
+    def _deliver(self, outcome: Outcome, *, after_commit: bool) -> None:
         for notification in outcome.messages:
-            self.delivery.enqueue(notification)
+            if notification.after_commit == after_commit:
+                self.delivery.enqueue(notification)
 
     def _reply(self, stanza: etree._Element, kind: str, tag: str = "iq") -> etree._Element:
         attributes = {"type": kind, "from": self.domain, "to": stanza.get("from") or ""}

@@ -145,6 +145,11 @@ class Notification:
     #: Only to recipients with an available session now (owners' approval requests: the
     #: rest get them from `PubSubEngine.pending_for` when they come online).
     only_available: bool = False
+    #: Sent only once the outcome's changes are committed. Item notifications need not wait:
+    #: if the commit fails the publisher is told so and publishes again, and a subscriber
+    #: sees the same item id twice; everything else (subscription states, deletions)
+    #: must not be announced before it is durable.
+    after_commit: bool = True
 
 
 @dataclass
@@ -698,7 +703,9 @@ class PubSubEngine:
                                               data, stored.published))
             self._trim(node, outcome)
         event = self.items_event(node, item_id, payload)
-        outcome.messages.append(self._to_subscribers(node, event))
+        notification = self._to_subscribers(node, event)
+        notification.after_commit = False
+        outcome.messages.append(notification)
         outcome.payload = _pubsub()
         published = etree.SubElement(outcome.payload, _P + "publish", node=node.name)
         etree.SubElement(published, _P + "item", id=item_id)
