@@ -212,7 +212,11 @@ class Session:
                 self._refuse_quietly(Alert("decode-error", "application stream closed"))
                 return
             else:
-                self.owner.stanza_received(self, event)
+                try:
+                    self.owner.stanza_received(self, event)
+                except Exception:
+                    log.failure("{session}: the agent failed on a stanza", session=self)
+                    self._refuse_quietly(Alert("internal-error"))
                 if self.end_reason is not None:
                     return
 
