@@ -12,7 +12,7 @@ Measures, for each server, with the same load generator (Twisted + pyOpenSSL, on
   chat messages to the next client's bare JID; the time until every message has arrived.
 
 sixnet is also measured with SCRAM-SHA-256-PLUS (tls-exporter). Prosody and ejabberd (Debian
-packages) are configured by this script in a temporary directory, on ports 25222 and 35222;
+packages) are configured by this script in a temporary directory, on free loopback ports;
 accounts there are made with in-band registration. Each server runs alone while measured.
 The JSON has the figures and sixnet's ratios to the others (above 1: sixnet is faster).
 """
@@ -44,7 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sixnet.pki.ca import LabCA  # noqa: E402
 
 PASSWORD = "bench password"
-SIXNET_PORT, PROSODY_PORT, EJABBERD_PORT = 15222, 25222, 35222
+NODE = f"sixnet_c2s_bench_{os.getpid()}@localhost"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+SIXNET_PORT, PROSODY_PORT, EJABBERD_PORT = free_port(), free_port(), free_port()
 HEADER = ("<?xml version='1.0'?><stream:stream to='localhost' version='1.0' "
           "xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -160,7 +169,7 @@ async def close(client: Client) -> None:
     await client.closed
 
 
-async def measure_logins(port: int, seconds: float, concurrency: int,
+async def measure_logins(port: int, seconds: float, concurrency: int, clients: int,
                          mechanism: str = "SCRAM-SHA-1") -> float:
     done = 0
     deadline = time.monotonic() + seconds
@@ -168,7 +177,7 @@ async def measure_logins(port: int, seconds: float, concurrency: int,
     async def loop(i: int) -> None:
         nonlocal done
         while time.monotonic() < deadline:
-            client = await login(port, f"bench{i}", mechanism)
+            client = await login(port, f"bench{i % clients}", mechanism)
             await close(client)
             done += 1
 
@@ -338,14 +347,29 @@ modules:
     return subprocess.Popen(
         ["ejabberdctl", "--config", str(base / "ejabberd.yml"),
          "--ctl-config", str(base / "ejabberdctl.cfg"), "--logs", str(base),
-         "--spool", str(base / "spool"), "--node", "sixnet_bench@localhost", "foreground"],
+         "--spool", str(base / "spool"), "--node", NODE, "foreground"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def our_beam_processes() -> list[int]:
+    """The Erlang VM of our ejabberd node (ejabberdctl runs it as another user)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if NODE.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 def stop(process: subprocess.Popen[bytes], name: str) -> None:
     if name == "ejabberd":
-        subprocess.run(["ejabberdctl", "--node", "sixnet_bench@localhost", "stop"],
-                       capture_output=True, check=False)
+        for pid in our_beam_processes():
+            if pid != process.pid:
+                os.kill(pid, 15)
     process.terminate()
     try:
         process.wait(timeout=20)
@@ -359,10 +383,11 @@ async def run_one(name: str, port: int, args: argparse.Namespace) -> dict[str, f
     result = {"messages_per_s": round(await measure_messages(
         port, args.clients, args.messages, register), 1)}
     result["logins_per_s"] = round(await measure_logins(
-        port, args.login_seconds, args.login_concurrency), 1)
+        port, args.login_seconds, args.login_concurrency, args.clients), 1)
     if name == "sixnet":
         result["logins_per_s_scram_sha256_plus"] = round(await measure_logins(
-            port, args.login_seconds, args.login_concurrency, "SCRAM-SHA-256-PLUS"), 1)
+            port, args.login_seconds, args.login_concurrency, args.clients,
+            "SCRAM-SHA-256-PLUS"), 1)
     return result
 
 
@@ -408,6 +433,7 @@ def main() -> None:
             continue
         process = start()
         try:
+            time.sleep(3.0)  # Prosody has been seen to die when probed while starting
             wait_for_port(port)
             time.sleep(1.0)
             child = subprocess.run(
