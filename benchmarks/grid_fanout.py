@@ -103,6 +103,16 @@ def process_tree_cpu(pid: int) -> float:
     return total
 
 
+def _many_files() -> None:
+    """Let a server hold thousands of connections (the default soft limit is often 1024)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(wanted, hard)))
+
+
 # -- certificates ------------------------------------------------------------------------------
 
 
@@ -144,7 +154,7 @@ class Server:
         log = (self.directory / f"{self.name}.out").open("wb")
         self.process = await asyncio.create_subprocess_exec(
             *self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
-            start_new_session=True)
+            start_new_session=True, preexec_fn=self.preexec, env=self.environment())
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -157,6 +167,12 @@ class Server:
                     break
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"{self.name} did not start; see {self.directory}/{self.name}.out")
+
+    def preexec(self) -> None:
+        _many_files()
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
 
     def cpu(self) -> float:
         assert self.process is not None
@@ -325,6 +341,21 @@ modules:
                                    f'EJABBERD_PID_PATH="{self.directory}/ejabberd.pid"\n')
         subprocess.run(["chown", "-R", "ejabberd:ejabberd", str(self.directory)], check=True)
         os.chmod(self.directory, 0o755)
+
+    def preexec(self) -> None:
+        """Raise the file limit, then become the ejabberd user ourselves: ejabberdctl would
+        otherwise `su` to it, and PAM would put the limit back to 1024."""
+        import pwd
+
+        _many_files()
+        account = pwd.getpwnam("ejabberd")
+        os.setgid(account.pw_gid)
+        os.setuid(account.pw_uid)
+
+    def environment(self) -> dict[str, str]:
+        import pwd
+
+        return {**os.environ, "HOME": pwd.getpwnam("ejabberd").pw_dir}
 
     def command(self) -> list[str]:
         return ["ejabberdctl", "--ctl-config", str(self.ctl_config), "--node", self.node,
@@ -563,7 +594,10 @@ async def bench_server(name: str, args: argparse.Namespace, certs: tuple[Path, P
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     clients: list[Client] = []
     try:
+        started = time.perf_counter()
         clients = await connect_all(server, users, context)
+        print(f"{name}: {len(clients)} clients logged in in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
         publisher, subscribers = clients[0], clients[1:]
         runs = []
         for n in args.subscribers:

@@ -1074,3 +1074,21 @@ class MoreUseCaseTests(BrokerTestCase):
         <subscription node='t' jid='consumer@example.test/c' subid='*'
                       subscription='subscribed'/></pubsub></iq>
 """, publish("t", "i", ["consumer@example.test/c"]))
+
+
+class RobustnessTests(BrokerTestCase):
+    async def test_a_bug_costs_one_request_and_the_broker_keeps_serving(self) -> None:
+        await self.talk(create_topic("t"))
+        handle = self.broker.engine.handle
+
+        def broken(request):
+            if request.verb == "publish":
+                raise RuntimeError("simulated bug")
+            return handle(request)
+
+        self.broker.engine.handle = broken
+        await self.talk(publish("t", "x", []).split("<<<")[0] +
+                        error(PROVIDER, "pub-x", "wait", "internal-server-error"))
+        self.flushLoggedErrors(RuntimeError)
+        self.broker.engine.handle = handle
+        await self.talk(publish("t", "y", []))

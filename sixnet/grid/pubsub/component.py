@@ -148,6 +148,10 @@ class PubSubBroker:
                                    "actor": bare(request.sender), "refused": str(error)})
             self._send(self._iq_error(iq, error))
             return
+        except Exception:  # noqa: BLE001 - a bug must cost one request, not the service
+            log.failure("broker failed on a request from {sender}", sender=iq.get("from"))
+            self._send(self._iq_error(iq, PubSubError("internal-server-error")))
+            return
         self._deliver(outcome, after_commit=False)
         if not await self._commit(outcome):
             self._send(self._iq_error(iq, PubSubError("internal-server-error")))

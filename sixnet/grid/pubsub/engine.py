@@ -778,7 +778,7 @@ class PubSubEngine:
         payload = _pubsub()
         listing = etree.SubElement(payload, _P + "items", node=node.name)
         if request.item_ids:
-            chosen = [i for i in request.item_ids if i in node.items]
+            chosen = [i for i in dict.fromkeys(request.item_ids) if i in node.items]
             page = None
         else:
             ids = list(node.items)
