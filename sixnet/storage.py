@@ -7,10 +7,17 @@ translated per dialect, and a schema is a numbered list of migrations applied in
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a transaction whose Deferred has fired is on
 disk and survives a crash of the process or the machine.
+
+Notifications: a transaction may call ``cursor.notify(channel, payload)``; once it commits,
+every `Database.listen` callback for that channel gets the payload. On PostgreSQL this is
+``NOTIFY``/``LISTEN``, so it reaches every process using the database (the listening
+connection is watched by the reactor, no polling); on SQLite it reaches the listeners of this
+process. A rolled-back transaction notifies nobody.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +26,7 @@ from typing import Any, TypeVar
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger(namespace="sixnet.storage")
 
@@ -56,6 +64,17 @@ class Cursor:
     def __init__(self, cursor: Any, dialect: str) -> None:
         self._cursor = cursor
         self.dialect = dialect
+        #: (channel, payload) to deliver to this process's listeners after commit (SQLite).
+        self.notifications: list[tuple[str, str]] = []
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send `payload` to the listeners of `channel` when this transaction commits."""
+        if not _CHANNEL.fullmatch(channel):
+            raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 63)")
+        if self.dialect == "postgresql":
+            self._cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        else:
+            self.notifications.append((channel, payload))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         self._cursor.execute(self._translate(sql), tuple(params))
@@ -81,6 +100,9 @@ class Cursor:
         return sql
 
 
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
 def _sqlite_connected(connection: Any) -> None:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
@@ -104,6 +126,8 @@ class Database:
             self.pool = adbapi.ConnectionPool(
                 "psycopg", self.target, cp_min=1, cp_max=pool_size, cp_reconnect=True,
             )
+        self._listeners: dict[str, list[Callable[[str], object]]] = {}
+        self._pg_listener: _PostgresListener | None = None
 
     def sql(self, text: str) -> str:
         """Fill the ``{blob}``, ``{serial}`` and ``{bigint}`` type names for this dialect."""
@@ -114,17 +138,55 @@ class Database:
         """Run ``interaction(cursor, *args)`` in one transaction, committed when it returns."""
         dialect = self.dialect
 
-        def body(txn: Any) -> T:
+        def body(txn: Any) -> tuple[T, list[tuple[str, str]]]:
             started = time.monotonic()
+            cursor = Cursor(txn, dialect)
             try:
-                return interaction(Cursor(txn, dialect), *args, **kwargs)
+                return interaction(cursor, *args, **kwargs), cursor.notifications
             finally:
                 elapsed = time.monotonic() - started
                 if elapsed > SLOW_TRANSACTION:
                     log.warn("slow transaction {name}: {elapsed:.3f}s", name=name,
                              elapsed=elapsed)
 
-        return self.pool.runInteraction(body)
+        def committed(outcome: tuple[T, list[tuple[str, str]]]) -> T:
+            result, notifications = outcome
+            for channel, payload in notifications:
+                self._deliver(channel, payload)
+            return result
+
+        return self.pool.runInteraction(body).addCallback(committed)
+
+    # -- notifications ------------------------------------------------------------------------
+
+    def listen(self, channel: str, callback: Callable[[str], object]) -> defer.Deferred[None]:
+        """Call ``callback(payload)`` for every notification on `channel` from now on.
+
+        The Deferred fires once listening has started (on PostgreSQL: ``LISTEN`` is done), so
+        a notification committed after it fired is not missed.
+        """
+        if not _CHANNEL.fullmatch(channel):
+            raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 63)")
+        first = channel not in self._listeners
+        self._listeners.setdefault(channel, []).append(callback)
+        if self.dialect != "postgresql" or not first:
+            return defer.succeed(None)
+        if self._pg_listener is None:
+            self._pg_listener = _PostgresListener(self.target, self._deliver)
+        return self._pg_listener.listen(channel)
+
+    def unlisten(self, channel: str, callback: Callable[[str], object]) -> None:
+        callbacks = self._listeners.get(channel, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+
+    def _deliver(self, channel: str, payload: str) -> None:
+        for callback in list(self._listeners.get(channel, ())):
+            try:
+                callback(payload)
+            except Exception:
+                log.failure("notification listener for {channel} failed", Failure(),
+                            channel=channel)
 
     def migrate(self, component: str,
                 migrations: Mapping[int, Sequence[str]]) -> defer.Deferred[int]:
@@ -154,6 +216,96 @@ class Database:
 
     def close(self) -> None:
         """Close the pool's connections; committed data is already on disk."""
+        if self._pg_listener is not None:
+            self._pg_listener.close()
+            self._pg_listener = None
+        self._listeners.clear()
         if self.pool.running:
             self.pool.close()
+
+
+class _PostgresListener:
+    """One autocommit connection that LISTENs; the reactor reads it when its socket is ready.
+
+    Connecting and ``LISTEN`` are short blocking calls made in a thread; afterwards the
+    connection's socket is watched with ``addReader`` and notifications are read without
+    blocking (``consume_input``), so a quiet channel costs nothing.
+    """
+
+    def __init__(self, target: str, deliver: Callable[[str, str], None]) -> None:
+        self.target = target
+        self.deliver = deliver
+        self.connection: Any = None
+        self._reader: _SocketReader | None = None
+        self._lock = defer.DeferredLock()
+
+    def listen(self, channel: str) -> defer.Deferred[None]:
+        from twisted.internet import reactor, threads
+
+        def connect_and_listen() -> Any:
+            import psycopg
+
+            connection = self.connection
+            if connection is None:
+                connection = psycopg.connect(self.target, autocommit=True)
+                # Notifications that arrive while psycopg itself reads (during a later
+                # LISTEN) reach this handler; idle ones are read by _SocketReader.
+                connection.add_notify_handler(
+                    lambda n: reactor.callFromThread(self.deliver, n.channel, n.payload))
+            connection.execute(f'LISTEN "{channel}"')  # the name was checked by listen()
+            return connection
+
+        def connected(connection: Any) -> None:
+            if self.connection is None:
+                self.connection = connection
+                self._reader = _SocketReader(connection, self.deliver)
+                reactor.addReader(self._reader)  # type: ignore[attr-defined]
+            self._reader.drain()  # type: ignore[union-attr]
+
+        return self._lock.run(
+            lambda: threads.deferToThread(connect_and_listen).addCallback(connected))
+
+    def close(self) -> None:
+        from twisted.internet import reactor
+
+        if self._reader is not None:
+            reactor.removeReader(self._reader)  # type: ignore[attr-defined]
+            self._reader = None
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+class _SocketReader:
+    """The reactor's view of a listening PostgreSQL connection (an IReadDescriptor)."""
+
+    def __init__(self, connection: Any, deliver: Callable[[str, str], None]) -> None:
+        self.connection = connection
+        self.deliver = deliver
+
+    def fileno(self) -> int:
+        return int(self.connection.pgconn.socket)
+
+    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+        return "postgresql-listen"
+
+    def doRead(self) -> None:  # noqa: N802
+        pgconn = self.connection.pgconn
+        try:
+            pgconn.consume_input()
+        except Exception:  # the connection broke; listeners get nothing more until restart
+            log.failure("the PostgreSQL notification connection failed", Failure())
+            from twisted.internet import reactor
+
+            reactor.removeReader(self)  # type: ignore[attr-defined]
+            return
+        self.drain()
+
+    def drain(self) -> None:
+        pgconn = self.connection.pgconn
+        while (note := pgconn.notifies()) is not None:
+            self.deliver(note.relname.decode(), note.extra.decode())
+
+    def connectionLost(self, reason: object) -> None:  # noqa: N802
+        log.warn("the PostgreSQL notification connection was closed")
 

@@ -92,3 +92,72 @@ def test_url_parsing() -> None:
         except DatabaseURLError:
             continue
         raise AssertionError(bad)
+
+
+class NotificationTests:
+    """Notifications reach listeners after commit, never after a rollback."""
+
+    db: Database
+
+    async def test_notify_after_commit(self) -> None:
+        got: list[str] = []
+        await self.db.listen("note_changes", got.append)
+        await self.db.run("n", lambda c: c.notify("note_changes", "one"))
+        await wait_for(lambda: got == ["one"])
+
+        def rolled_back(cursor):
+            cursor.notify("note_changes", "lost")
+            raise RuntimeError("boom")
+
+        try:
+            await self.db.run("rb", rolled_back)
+        except RuntimeError:
+            pass
+        await self.db.run("n", lambda c: c.notify("note_changes", "two"))
+        await wait_for(lambda: got[-1:] == ["two"])
+        assert got == ["one", "two"]
+
+    def test_bad_channel_name(self) -> None:
+        try:
+            self.db.listen("no spaces", print)
+        except ValueError:
+            return
+        raise AssertionError("accepted a bad channel name")
+
+
+async def wait_for(condition, timeout: float = 3.0) -> None:
+    from twisted.internet import reactor, task
+
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+        await task.deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+class SQLiteNotificationTests(NotificationTests, unittest.TestCase):
+    def setUp(self) -> None:
+        self.db = Database(f"sqlite:{Path(self.mktemp()) / 'db.sqlite3'}")
+        self.addCleanup(self.db.close)
+
+
+class PostgreSQLNotificationTests(NotificationTests, unittest.TestCase):
+    skip = postgres_unavailable()
+
+    def setUp(self) -> None:
+        url, schema = fresh_postgres_schema()
+        self.db = Database(url)
+        self.addCleanup(drop_postgres_schema, schema)
+        self.addCleanup(self.db.close)
+
+    async def test_reaches_another_process(self) -> None:
+        """A second Database on the same server (another process's view) hears it."""
+        url, schema = fresh_postgres_schema()
+        self.addCleanup(drop_postgres_schema, schema)
+        other = Database(url)
+        self.addCleanup(other.close)
+        got: list[str] = []
+        await other.listen("note_changes", got.append)
+        await self.db.run("n", lambda c: c.notify("note_changes", "across"))
+        await wait_for(lambda: got == ["across"])
