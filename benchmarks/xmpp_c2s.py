@@ -73,6 +73,7 @@ class Client(protocol.Protocol):
         self.waiter: tuple[re.Pattern[bytes], defer.Deferred[bytes]] | None = None
         self.counting = False
         self.received = 0
+        self.errors = 0
         self.expected = 0
         self.all_received: defer.Deferred[None] | None = None
         self._tail = b""
@@ -82,7 +83,8 @@ class Client(protocol.Protocol):
         if self.counting:
             chunk = self._tail + data
             self.received += chunk.count(b"<message")
-            self._tail = chunk[-7:]
+            self.errors += chunk.count(b"type=\"error\"") + chunk.count(b"type='error'")
+            self._tail = chunk[-12:]
             if self.received >= self.expected and self.all_received is not None:
                 d, self.all_received = self.all_received, None
                 d.callback(None)
@@ -187,7 +189,8 @@ async def measure_logins(port: int, seconds: float, concurrency: int, clients: i
     return done / (time.monotonic() - started)
 
 
-async def measure_messages(port: int, count: int, per_client: int, register: bool) -> float:
+async def measure_messages(port: int, count: int, per_client: int,
+                           register: bool) -> tuple[float, int]:
     clients = []
     for i in range(count):  # sequential: IBR and logins do not pile up on the server
         clients.append(await login(port, f"bench{i}", register=register))
@@ -209,10 +212,11 @@ async def measure_messages(port: int, count: int, per_client: int, register: boo
                        "</message>" for n in range(per_client)))
     await defer.gatherResults(waits)
     elapsed = time.monotonic() - started
+    errors = sum(c.errors for c in clients)
     for c in clients:
         c.counting = False
         await close(c)
-    return count * per_client / elapsed
+    return count * per_client / elapsed, errors
 
 
 # -- the servers --------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ def add_sixnet_accounts(work: Path, clients: int) -> None:
 
 def start_prosody(work: Path, host: Path) -> subprocess.Popen[bytes]:
     base = work / "prosody"
-    (base / "data").mkdir(parents=True)
+    (base / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(host / "cert.pem", base / "cert.pem")
     shutil.copy(host / "key.pem", base / "key.pem")
     config = base / "prosody.cfg.lua"
@@ -315,7 +319,7 @@ VirtualHost "localhost"
 
 def start_ejabberd(work: Path, host: Path) -> subprocess.Popen[bytes]:
     base = work / "ejabberd"
-    (base / "spool").mkdir(parents=True)
+    (base / "spool").mkdir(parents=True, exist_ok=True)
     (base / "host.pem").write_bytes((host / "cert.pem").read_bytes()
                                     + (host / "key.pem").read_bytes())
     (base / "ejabberdctl.cfg").write_text('ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"\n')
@@ -380,8 +384,8 @@ def stop(process: subprocess.Popen[bytes], name: str) -> None:
 
 async def run_one(name: str, port: int, args: argparse.Namespace) -> dict[str, float]:
     register = name != "sixnet"
-    result = {"messages_per_s": round(await measure_messages(
-        port, args.clients, args.messages, register), 1)}
+    rate, errors = await measure_messages(port, args.clients, args.messages, register)
+    result = {"messages_per_s": round(rate, 1), "message_errors": errors}
     result["logins_per_s"] = round(await measure_logins(
         port, args.login_seconds, args.login_concurrency, args.clients), 1)
     if name == "sixnet":
@@ -433,8 +437,15 @@ def main() -> None:
             continue
         process = start()
         try:
-            time.sleep(3.0)  # Prosody has been seen to die when probed while starting
-            wait_for_port(port)
+            for attempt in range(3):  # Prosody sometimes hangs while starting: start it again
+                try:
+                    wait_for_port(port, timeout=30.0)
+                    break
+                except RuntimeError:
+                    stop(process, name)
+                    if attempt == 2:
+                        raise
+                    process = start()
             time.sleep(1.0)
             child = subprocess.run(
                 [sys.executable, __file__, "--measure", name, "--port", str(port),
