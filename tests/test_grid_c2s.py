@@ -324,6 +324,19 @@ class LimitTests(GridTestCase):
         third = await self._connect()
         await self._refused(third, "policy-violation")
 
+    async def test_connection_limit_on_the_direct_tls_port(self) -> None:
+        """On direct TLS the refusal is a stream error after the handshake."""
+        await self._grid(max_connections_per_address=1)
+        from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+        from sixnet.pki.tls import ClientTLS
+
+        await self._connect(self.tls_port)
+        c = RawClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.tls_port,
+                                                 ClientTLS(self.grid.tls.store)), c)
+        await self._refused(c, "policy-violation")
+
     async def test_total_connections(self) -> None:
         await self._grid(max_sessions=1)
         await self._connect()
@@ -393,4 +406,14 @@ class HostileInputTests(GridTestCase):
             slow.send(bytes([byte]))
             await task.deferLater(reactor, 0.3, lambda: None)
         await self._refused(slow, "connection-timeout")
+        await self._still_served(bob)
+
+    async def test_silent_client_on_the_direct_tls_port(self) -> None:
+        """No TLS handshake at all: the negotiation timeout still closes the connection."""
+        await self._grid(negotiation_timeout=0.5)
+        bob = await self._login("bob")
+        silent = await self._connect(self.tls_port)
+        started = reactor.seconds()
+        await silent.closed
+        assert reactor.seconds() - started < 5
         await self._still_served(bob)

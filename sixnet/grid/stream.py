@@ -76,6 +76,9 @@ log = Logger(namespace="sixnet.grid")
 ACK_REQUEST_DELAY = 0.25
 #: Ask at once when this many stanzas are unacknowledged.
 ACK_REQUEST_BATCH = 32
+#: Seconds a closing connection gets to flush (e.g. a TLS peer that never finishes the
+#: handshake) before it is aborted.
+CLOSE_GRACE = 10.0
 
 
 class State(enum.Enum):
@@ -175,6 +178,8 @@ class ClientStream(Protocol):
         self._busy = False
         self._negotiation_timer: IDelayedCall | None = None
         self._ack_timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
+        self._refusal: tuple[str, str] | None = None
         self._tokens = float(server.limits.stanza_burst)
         self._refilled = server.clock.seconds()
         #: Fires when the connection is gone (the service waits for it when stopping).
@@ -187,19 +192,25 @@ class ClientStream(Protocol):
         self.address = getattr(self.transport.getPeer(), "host", "?")
         server.connections.add(self)
         server.per_address[self.address] += 1
+        self._negotiation_timer = server.clock.callLater(
+            server.limits.negotiation_timeout, self._negotiation_timed_out)
         if server.stopping:
-            self.close_with_error("system-shutdown", "the server is stopping")
+            self._refuse("system-shutdown", "the server is stopping")
         elif len(server.connections) > server.limits.max_sessions:
             log.warn("connection from {address} refused: {limit} connections in total",
                      address=self.address, limit=server.limits.max_sessions)
-            self.close_with_error("resource-constraint", "too many connections")
+            self._refuse("resource-constraint", "too many connections")
         elif server.per_address[self.address] > server.limits.max_connections_per_address:
             log.warn("connection from {address} refused: more than {limit} from one address",
                      address=self.address, limit=server.limits.max_connections_per_address)
-            self.close_with_error("policy-violation", "too many connections from your address")
+            self._refuse("policy-violation", "too many connections from your address")
+
+    def _refuse(self, condition: str, text: str) -> None:
+        """Refuse a new connection with a stream error (after the handshake on direct TLS)."""
+        if self.direct_tls and self.tls is None:
+            self._refusal = (condition, text)
         else:
-            self._negotiation_timer = server.clock.callLater(
-                server.limits.negotiation_timeout, self._negotiation_timed_out)
+            self.close_with_error(condition, text)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         server = self.server
@@ -208,6 +219,8 @@ class ClientStream(Protocol):
         if server.per_address[self.address] <= 0:
             del server.per_address[self.address]
         self._cancel_timers()
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
         self.state = State.CLOSED
         session, self.session = self.session, None
         if session is not None and session.connection is self:
@@ -219,6 +232,13 @@ class ClientStream(Protocol):
             if timer is not None and timer.active():
                 timer.cancel()
         self._negotiation_timer = self._ack_timer = None
+
+    def _close(self) -> None:
+        """Close after what was written is sent; abort if the peer does not let that happen."""
+        self.transport.loseConnection()
+        if self._abort_timer is None:
+            self._abort_timer = self.server.clock.callLater(CLOSE_GRACE,
+                                                            self.transport.abortConnection)
 
     def _negotiation_timed_out(self) -> None:
         if self.state not in (State.SESSION, State.CLOSED):
@@ -235,6 +255,9 @@ class ClientStream(Protocol):
             bindings["tls-exporter"] = conn.export_keying_material(
                 b"EXPORTER-Channel-Binding", 32, b"")
         self.tls = TLSFacts(version, bindings, peer_chain(conn))
+        if self._refusal is not None:
+            self.close_with_error(*self._refusal)
+            return
         if self.state is State.TLS_HANDSHAKE:
             self.state = State.HEADER
             self._pump()
@@ -259,6 +282,14 @@ class ClientStream(Protocol):
         """Send a stream error (with our header if not yet sent) and close the connection."""
         if self.state is State.CLOSED or self._dropped:
             return
+        if self.state is State.TLS_HANDSHAKE or (self.direct_tls and self.tls is None):
+            # No TLS yet, so no stream to put an error on: just cut the connection.
+            log.info("{address}: {condition} during the TLS handshake ({text})",
+                     address=self.address, condition=condition, text=text)
+            self.state = State.CLOSED
+            self._cancel_timers()
+            self.transport.abortConnection()
+            return
         head = b"" if self.header_sent else stream_header(self.server.domain, None, self.lang)
         self.header_sent = True
         self.transport.write(head + stream_error(condition, text, extra))
@@ -267,7 +298,7 @@ class ClientStream(Protocol):
         self.state = State.CLOSED
         self._events.clear()
         self._cancel_timers()
-        self.transport.loseConnection()
+        self._close()
 
     def drop(self) -> None:
         """The session moved to another stream (resumed there): close without ending it."""
@@ -398,7 +429,7 @@ class ClientStream(Protocol):
         if self.state is not State.CLOSED:
             self._write(b"</stream:stream>")
             self.state = State.CLOSED
-            self.transport.loseConnection()
+            self._close()
 
     # -- STARTTLS ----------------------------------------------------------------------------
 
