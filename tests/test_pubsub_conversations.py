@@ -603,6 +603,20 @@ class SubscriptionTests(BrokerTestCase):
       <pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='w'/></pubsub></iq>
 """ + error(CONSUMER, "items", "cancel", "not-allowed", pubsub_error("closed-node")))
 
+    async def test_demoted_member_stops_receiving_on_authorize_too(self) -> None:
+        await self.talk(
+            create_topic("t"), set_affiliation("t", "consumer@example.test", "member"),
+            subscribe("t", CONSUMER, "subscribed"),
+            set_affiliation("t", "consumer@example.test", "none", """
+<<< <message from='broker.example.test' to='consumer@example.test' type='normal' id='*'>
+      <event xmlns='http://jabber.org/protocol/pubsub#event'>
+        <subscription node='t' jid='consumer@example.test' subscription='none'/>
+      </event></message>
+"""),
+            publish("t", "i", []),
+            subscribe("t", CONSUMER, "pending", stanza_id="again"),
+            approval_request(subid="*"))
+
     async def test_outcast_is_cut_off_on_any_model(self) -> None:
         await self.talk(
             create_topic("t"), set_affiliation("t", "consumer@example.test", "member"),

@@ -463,14 +463,22 @@ class PubSubEngine:
         if "owner" not in wanted.values():
             raise not_acceptable(text="a node keeps at least one owner")
         outcome = Outcome()
+        demoted = set()
         for jid in sorted(set(wanted) | set(node.affiliations)):
-            new = wanted.get(jid, "none")
-            if new != node.affiliations.get(jid, "none"):
+            old, new = node.affiliations.get(jid, "none"), wanted.get(jid, "none")
+            if new != old:
                 outcome.changes.append(ch.PutAffiliation(node.name, jid, new))
                 outcome.audit.append({"action": "affiliation", "node": node.name,
                                       "actor": bare(request.sender), "jid": jid,
                                       "affiliation": new})
+                if new == "none":
+                    demoted.add(jid)
         node.affiliations = wanted
+        # Demoted to `none`: whatever the access model, the subscriptions that came with the
+        # old affiliation end; the platform may ask again under the node's access model.
+        for sub in list(node.subscriptions.values()):
+            if bare(sub.jid) in demoted:
+                self._unsubscribe(node, sub, outcome, reason="demoted")
         self._prune(node, outcome)
         return outcome
 
