@@ -121,6 +121,44 @@ class NegotiationTests(GridTestCase):
         assert b"<success" in result
         assert c.tls_connection().get_protocol_version_name() == "TLSv1.3"
 
+    async def _external(self, name: str, authzid: str = "", ca: Any = None) -> RawClient:
+        identity = self.pki.identity("user", name, ca=ca)
+        c = await self._connect()
+        await c.starttls(self.grid.tls.store, identity)
+        features = await c.open_stream()
+        assert b"<mechanism>EXTERNAL</mechanism>" in features
+        c.clear()
+        payload = base64.b64encode(authzid.encode()).decode() if authzid else "="
+        c.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>"
+               f"{payload}</auth>")
+        await c.until(rb"<success|</failure>")
+        return c
+
+    async def test_external_and_revocation_while_connected(self) -> None:
+        await self._grid()
+        c = await self._external("platform7@localhost", authzid="platform7@localhost")
+        assert b"<success" in c.received
+        jid = await c.bind()
+        assert jid.startswith("platform7@localhost/")
+        await self._still_served(c)
+        serial = self.pki.identity("user", "platform7@localhost").certificate.serial_number
+        self.pki.root.revoke(serial, "compromised")
+        self.grid.store.reload_crls()  # what the CRL refresh timer or SIGHUP does
+        data = await self._refused(c, "reset")
+        assert b"revoked" in data
+        assert "platform7@localhost" not in self.grid.router.sessions
+        audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
+        assert '"event": "session-revoked"' in audit
+
+    async def test_external_refusals(self) -> None:
+        await self._grid()
+        c = await self._external("platform8@localhost", authzid="other@localhost")
+        assert b"<invalid-authzid/>" in c.received
+        c = await self._external("platform9@localhost", ca=self.pki.foreign)
+        assert b"<not-authorized/>" in c.received and b"unknown-issuer" in c.received
+        c = await self._external("someone@elsewhere.test")
+        assert b"<not-authorized/>" in c.received
+
     async def test_client_that_skips_starttls_is_refused(self) -> None:
         await self._grid()
         c = await self._connect()

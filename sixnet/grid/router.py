@@ -82,6 +82,8 @@ class Session:
         self.held: list[bytes] | None = None
         self.resume_timer: IDelayedCall | None = None
         self.ended = False
+        #: The client certificate chain a SASL EXTERNAL session authenticated with.
+        self.certificate_chain: tuple[Any, ...] = ()
 
     def send(self, data: bytes) -> None:
         if self.held is not None:
@@ -547,6 +549,15 @@ class Router:
     def drain(self) -> defer.Deferred[Any]:
         """Wait for offline writes in flight (the service calls this before closing storage)."""
         return defer.DeferredList(list(self._pending))
+
+    def revoke_session(self, session: Session, reason: str) -> None:
+        """End a session whose credentials are no longer valid; it cannot be resumed
+        (RFC 6120 4.9.3.16: the stream is closed with <reset/>)."""
+        log.warn("{jid}: session ended: {reason}", jid=session.full, reason=reason)
+        connection = session.connection
+        self.end_session(session)
+        if connection is not None:
+            connection.close_with_error("reset", reason)
 
     def all_sessions(self) -> Iterable[Session]:
         for resources in list(self.sessions.values()):

@@ -73,6 +73,8 @@ class Challenge:
 class Success:
     jid: JID
     data: bytes
+    #: For EXTERNAL: the verified client certificate chain, checked again when CRLs change.
+    certificate_chain: tuple[x509.Certificate, ...] = ()
 
 
 class SaslPolicy:
@@ -209,7 +211,8 @@ class SaslExchange:
         if self.policy.guard.locked(username):
             raise SaslFailure("account-disabled", "too many failed logins; try again later")
         await self.policy.accounts.record_certificate_login(username)
-        return self._succeeded(self._jid_for(username, None), b"", None)
+        success = self._succeeded(self._jid_for(username, None), b"", None)
+        return Success(success.jid, success.data, tuple(self.tls.peer_chain))
 
     async def _plain(self, payload: bytes) -> Success:
         parts = payload.split(b"\x00")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -25,7 +25,7 @@ from sixnet.grid.offline import OfflineStore
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
-from sixnet.pki.store import CertificateStore
+from sixnet.pki.store import CertificateStore, VerificationError
 from sixnet.pki.tls import ServerTLS
 from sixnet.service import ListeningService
 from sixnet.storage import Database
@@ -34,6 +34,8 @@ log = Logger(namespace="sixnet.grid")
 
 AUDIT_FILE = "grid-audit.jsonl"
 FAKE_SALT_KEY_FILE = "grid-secret"
+#: Seconds between checks whether the CRLs changed (the check itself is one comparison).
+REVOCATION_CHECK_INTERVAL = 1.0
 #: Seconds streams get to flush their closing stream error when the service stops.
 STOP_GRACE = 2.0
 
@@ -102,6 +104,25 @@ class GridService(MultiService):
             TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)))
         self.broker = self._make_broker()
         self.ready: defer.Deferred[None] = defer.Deferred()
+        self.store = store
+        self._crl_generation = store.generation
+        self._revocation_check = task.LoopingCall(self.check_revocations)
+        self._revocation_check.clock = clock
+
+    def check_revocations(self) -> None:
+        """When the CRLs changed, end the sessions whose client certificate is now refused
+        (a platform revoked while connected must not keep its session)."""
+        if self.store.generation == self._crl_generation:
+            return
+        self._crl_generation = self.store.generation
+        for session in list(self.router.all_sessions()):
+            if not session.certificate_chain:
+                continue
+            try:
+                self.store.verify(list(session.certificate_chain), "client")
+            except VerificationError as e:
+                self.audit.record("session-revoked", user=session.full, reason=str(e))
+                self.router.revoke_session(session, f"client certificate refused: {e}")
 
     def _make_broker(self) -> Any:
         """The pubsub broker component, once its module exists."""
@@ -128,6 +149,7 @@ class GridService(MultiService):
             self.router.attach_component(self.broker)
         for port in (self.starttls_port, self.direct_tls_port):
             port.setServiceParent(self)
+        self._revocation_check.start(REVOCATION_CHECK_INTERVAL, now=False)
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
@@ -143,6 +165,8 @@ class GridService(MultiService):
 
     async def _stop(self) -> None:
         self.server.stopping = True
+        if self._revocation_check.running:
+            self._revocation_check.stop()
         await super().stopService()
         streams = list(self.server.connections)
         for stream in streams:

@@ -166,6 +166,7 @@ class ClientStream(Protocol):
         self.state = State.HEADER
         self.tls: TLSFacts | None = None
         self.jid: Any = None  # the authenticated bare JID
+        self.certificate_chain: tuple[Any, ...] = ()  # when authenticated by EXTERNAL
         self.session: Session | None = None
         self.sasl: SaslExchange | None = None
         self.lang = "en"
@@ -480,6 +481,7 @@ class ClientStream(Protocol):
             data = base64.b64encode(outcome.data).decode() if outcome.data else ""
             self._write(f"<success xmlns='{NS_SASL}'>{data}</success>".encode())
             self.jid = outcome.jid
+            self.certificate_chain = outcome.certificate_chain
             self.sasl = None
             self.parser.reset()
             self._events.clear()
@@ -509,6 +511,7 @@ class ClientStream(Protocol):
 
     def _session_started(self, session: Session) -> None:
         self.session = session
+        session.certificate_chain = self.certificate_chain
         self.state = State.SESSION
         if self._negotiation_timer is not None and self._negotiation_timer.active():
             self._negotiation_timer.cancel()
