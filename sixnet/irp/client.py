@@ -1,0 +1,445 @@
+"""The IRP client library: what a user agent uses to publish and find addresses.
+
+Every method returns a Deferred (``await`` it from an ``async def``). The API::
+
+    from sixnet.irp.client import connect, find_registry
+
+    host, port = (await find_registry("example.test"))[0]  # DNS SRV _irp._tcp, else :4604
+    client = await connect(host, port, store, identity=me, server_name="irp.example.test")
+    client.user                  # who the registry says we are ("alice@example.test"), or None
+    await client.register([("2001:db8::7", 4605)], device="laptop", lifetime=3600)
+    record = await client.lookup("bob@example.test")
+    record.addresses             # [(ip, port, device), ...], most recently registered first
+    record.certificate.chain     # bob's certificate chain, leaf first
+    record.certificate.status    # "valid", "revoked", "expired" or "invalid"
+    await client.watch("bob@example.test", on_change)   # on_change(PersonRecord); returns now
+    await client.unwatch("bob@example.test")
+    await client.unregister(device="laptop")
+    client.close()
+
+Every result is signed by the registry; the signature is checked against the registry's
+certificate from the TLS handshake (itself verified for `server_name` by the store) before
+a method returns, so a returned record did come from the registry. Failures raise `IRPError`
+(its ``condition`` is the protocol's error), `IRPConnectionError` when the connection or
+the TLS setup fails or the registry ends the stream.
+
+Enrollment (no certificate yet) uses a connection without `identity`::
+
+    key = generate_key()
+    client = await connect(host, port, store, server_name=...)
+    chain = await client.enroll("alice@example.test", key, password="...")  # or code="..."
+
+Then `renew`, `revoke`, `ca_certificates`, `certificates`, `put_backup`/`get_backup`
+(PKCS#12 blobs, opaque to the registry), and for operators `list_users` and `remove`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
+from lxml import etree
+from twisted.internet import defer, endpoints, interfaces
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sixnet.irp.wire import (
+    CONDITIONS,
+    ROOT,
+    CertificateInfo,
+    IRPError,
+    PersonRecord,
+    b64,
+    b64decode,
+    element,
+    q,
+    read_certificate,
+    read_chain,
+    read_person,
+    serialize,
+    signed_parts,
+    stream_header,
+    verify_signature,
+)
+from sixnet.pki.keys import PrivateKey
+from sixnet.pki.store import CertificateStore, NodeIdentity, VerificationError
+from sixnet.pki.tls import ClientTLS, peer_chain
+from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+
+__all__ = ["IRPClient", "IRPConnectionError", "IRPError", "PersonRecord", "connect",
+           "find_registry", "make_csr"]
+
+log = Logger(namespace="sixnet.irp")
+
+DEFAULT_PORT = 4604
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class IRPConnectionError(Exception):
+    """The connection failed, TLS or the registry's certificate was refused, or it closed."""
+
+    def __init__(self, text: str, condition: str | None = None) -> None:
+        super().__init__(f"{condition}: {text}" if condition else text)
+        self.condition = condition
+        self.text = text
+
+
+def make_csr(key: PrivateKey, user: str) -> x509.CertificateSigningRequest:
+    """A CSR for `key` (the registry takes the person from the credentials, not from here)."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+    digest = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+    return builder.sign(key, digest)  # type: ignore[arg-type]
+
+
+@implementer(interfaces.IHandshakeListener)
+class _ClientProtocol(Protocol):
+    """Frames the client side: header, STARTTLS, stream restart, then requests by id."""
+
+    def __init__(self, client: IRPClient) -> None:
+        self.client = client
+        self.parser = StreamParser(max_element_bytes=MAX_MESSAGE_BYTES, max_depth=16)
+        self.state = "clear"
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(stream_header({"to": self.client.server_name}))
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        try:
+            events = self.parser.feed(data)
+        except XMLStreamError as e:
+            self.client._broken(IRPConnectionError(e.text, e.condition))
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if self.state == "closed":
+                return
+            self._event(event)
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, StreamOpened):
+            if event.tag != ROOT:
+                self._fail("the server does not speak IRP")
+            return
+        if isinstance(event, StreamClosed):
+            self._fail("the registry closed the stream")
+            return
+        tag = event.tag
+        if tag == q("stream-error"):
+            self._fail(event.text or "", event.get("condition", "undefined-condition"))
+        elif self.state == "clear" and tag == q("features"):
+            self.transport.write(serialize(element("starttls")))
+            self.state = "starttls"
+        elif self.state == "starttls" and tag == q("proceed"):
+            self.state = "handshake"
+            self.parser.reset()
+            self.transport.startTLS(self.client.tls)
+            self.transport.write(stream_header({"to": self.client.server_name}))
+        elif self.state == "open" and tag == q("session"):
+            self.client._session(event)
+        elif self.state == "open" and tag in (q("result"), q("error")):
+            self.client._response(event)
+        elif self.state == "open" and tag == q("notify"):
+            self.client._notification(event)
+        else:
+            self._fail(f"unexpected <{etree.QName(tag).localname}> in state {self.state}")
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        chain = peer_chain(self.transport.getHandle())
+        try:
+            verified = self.client.store.verify(chain, "server", self.client.server_name)
+        except VerificationError as e:
+            self._fail(f"the registry's certificate is refused: {e}")
+            return
+        self.client.server_certificate = verified.certificate
+        self.state = "open"
+
+    def _fail(self, text: str, condition: str | None = None) -> None:
+        self.state = "closed"
+        self.client._broken(IRPConnectionError(text, condition))
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
+        self.state = "closed"
+        self.client._broken(IRPConnectionError(f"connection lost: {reason.getErrorMessage()}"))
+
+
+class IRPClient:
+    """One connection to a registry. Make it with `connect`."""
+
+    def __init__(self, store: CertificateStore, identity: NodeIdentity | None,
+                 server_name: str) -> None:
+        self.store = store
+        self.identity = identity
+        self.server_name = server_name
+        self.tls = ClientTLS(store, identity)
+        self.server_certificate: x509.Certificate | None = None
+        #: The person the registry authenticated us as (None: anonymous).
+        self.user: str | None = None
+        self.role: str = "anonymous"
+        #: Why the registry refused our certificate, if it did ("revoked", "expired", ...).
+        self.refused: str | None = None
+        self.protocol: _ClientProtocol | None = None
+        self.ready: defer.Deferred[IRPClient] = defer.Deferred()
+        self._ids = itertools.count(1)
+        self._pending: dict[str, tuple[str, defer.Deferred[etree._Element]]] = {}
+        self._watches: dict[str, tuple[str, Callable[[PersonRecord], object]]] = {}
+        self._closed: IRPConnectionError | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _session(self, node: etree._Element) -> None:
+        self.user = node.get("user")
+        self.role = node.get("role", "anonymous")
+        self.refused = node.get("refused")
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def _broken(self, error: IRPConnectionError) -> None:
+        if self._closed is not None:
+            return
+        self._closed = error
+        if not self.ready.called:
+            self.ready.errback(error)
+        pending, self._pending = self._pending, {}
+        for _, d in pending.values():
+            d.errback(error)
+
+    def _verified(self, node: etree._Element) -> etree._Element:
+        data, signature = signed_parts(node)
+        assert self.server_certificate is not None
+        verify_signature(data, signature, self.server_certificate)
+        return data
+
+    def _response(self, node: etree._Element) -> None:
+        entry = self._pending.pop(node.get("id", ""), None)
+        if entry is None:
+            log.warn("IRP response to no request: {id}", id=node.get("id"))
+            return
+        op, d = entry
+        if node.tag == q("error"):
+            d.errback(IRPError(_condition(node.get("condition")), node.text or ""))
+            return
+        try:
+            data = self._verified(node)
+            if data.get("op") != op or data.get("request") != node.get("id"):
+                raise IRPError("bad-request", "the signed data answers another request")
+        except IRPError as e:
+            d.errback(e)
+            return
+        d.callback(data)
+
+    def _notification(self, node: etree._Element) -> None:
+        try:
+            data = self._verified(node)
+            person = data.find(q("person"))
+            if person is None:
+                raise IRPError("bad-request", "a notification without <person>")
+            record = read_person(person)
+        except IRPError as e:
+            log.warn("IRP notification refused: {error}", error=e)
+            return
+        entry = self._watches.get(record.person)
+        if entry is not None and entry[0] == data.get("request"):
+            entry[1](record)
+
+    def request(self, op: str, attrib: dict[str, str] | None = None,
+                children: Sequence[etree._Element] = (), text: str | None = None
+                ) -> defer.Deferred[etree._Element]:
+        """Send one request; the Deferred fires with the verified ``<data>`` element."""
+        if self._closed is not None:
+            return defer.fail(self._closed)
+        assert self.protocol is not None
+        rid = str(next(self._ids))
+        d: defer.Deferred[etree._Element] = defer.Deferred()
+        self._pending[rid] = (op, d)
+        self.protocol.transport.write(serialize(element(op, {"id": rid, **(attrib or {})},
+                                                        text, children)))
+        return d
+
+    def close(self) -> None:
+        """End the stream politely and close the connection."""
+        if self.protocol is not None and self._closed is None:
+            self.protocol.transport.write(b"</irp>")
+            self.protocol.transport.loseConnection()
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def register(self, addresses: Sequence[tuple[str, int]], device: str = "default",
+                 lifetime: int = 3600) -> defer.Deferred[PersonRecord]:
+        """Publish this device's addresses (replacing its earlier ones); returns our record."""
+        children = [element("address", {"ip": ip, "port": str(port)}) for ip, port in addresses]
+        d = self.request("register", {"device": device, "lifetime": str(lifetime)}, children)
+        return d.addCallback(_person)
+
+    def unregister(self, device: str | None = None) -> defer.Deferred[PersonRecord]:
+        """Withdraw one device's addresses (all devices when None)."""
+        return self.request("unregister", {"device": device} if device else {}).addCallback(
+            _person)
+
+    def lookup(self, user: str) -> defer.Deferred[PersonRecord]:
+        return self.request("lookup", {"user": user}).addCallback(_person)
+
+    def watch(self, user: str, callback: Callable[[PersonRecord], object]
+              ) -> defer.Deferred[PersonRecord]:
+        """Call `callback` with the new record whenever `user`'s record changes.
+
+        Fires with the current record; notifications arrive until `unwatch` or close.
+        """
+        d = self.request("watch", {"user": user})
+
+        def started(data: etree._Element) -> PersonRecord:
+            record = _person(data)
+            self._watches[record.person] = (data.get("request", ""), callback)
+            return record
+
+        return d.addCallback(started)
+
+    def unwatch(self, user: str) -> defer.Deferred[None]:
+        d = self.request("unwatch", {"user": user})
+
+        def stopped(data: etree._Element) -> None:
+            node = data.find(q("unwatched"))
+            self._watches.pop(node.get("user", "") if node is not None else user, None)
+
+        return d.addCallback(stopped)
+
+    def certificates(self, user: str | None = None,
+                     serial: str | None = None) -> defer.Deferred[list[CertificateInfo]]:
+        """Certificates (with status) of a person, newest first, or the one with `serial`."""
+        attrib = {"user": user} if user is not None else {"serial": serial or ""}
+        return self.request("certificates", attrib).addCallback(
+            lambda data: [read_chain(c) for c in data.iter(q("chain"))])
+
+    def ca_certificates(self) -> defer.Deferred[list[x509.Certificate]]:
+        return self.request("ca-certificates").addCallback(_certificates)
+
+    def enroll(self, user: str, key: PrivateKey, *, password: str | None = None,
+               code: str | None = None) -> defer.Deferred[list[x509.Certificate]]:
+        """Get a certificate for `key` as `user`, by password or one-time code; the chain."""
+        children = [element("csr", text=b64(make_csr(key, user).public_bytes(
+            serialization.Encoding.DER)))]
+        if password is not None:
+            children.append(element("password", text=password))
+        if code is not None:
+            children.append(element("code", text=code))
+        return self.request("enroll", {"user": user}, children).addCallback(_certificates)
+
+    def renew(self, key: PrivateKey) -> defer.Deferred[list[x509.Certificate]]:
+        """A new certificate for `key`, authenticated by the current one."""
+        user = self.user or "renew@localhost"
+        csr = element("csr", text=b64(make_csr(key, user).public_bytes(
+            serialization.Encoding.DER)))
+        return self.request("renew", children=[csr]).addCallback(_certificates)
+
+    def revoke(self, serial: str | None = None) -> defer.Deferred[str]:
+        """Revoke our certificate (this connection's, unless `serial`); returns the serial."""
+        d = self.request("revoke", {"serial": serial} if serial else {})
+        return d.addCallback(lambda data: data.find(q("revoked")).get("serial"))
+
+    def put_backup(self, blob: bytes) -> defer.Deferred[None]:
+        """Store our PKCS#12 (passphrase-protected by the caller; opaque to the registry)."""
+        return self.request("backup-put", text=b64(blob)).addCallback(lambda _: None)
+
+    def get_backup(self, user: str | None = None,
+                   password: str | None = None) -> defer.Deferred[bytes]:
+        """Fetch our PKCS#12: with our certificate, or as `user` with the password."""
+        attrib = {"user": user} if user else {}
+        children = [element("password", text=password)] if password is not None else []
+        d = self.request("backup-get", attrib, children)
+        return d.addCallback(lambda data: b64decode(data.find(q("backup")).text, "backup"))
+
+    def list_users(self, after: str | None = None, limit: int = 100
+                   ) -> defer.Deferred[tuple[list[dict[str, str]], str | None]]:
+        """Operators: one page of persons and the cursor for the next (None at the end)."""
+        attrib = {"limit": str(limit), **({"after": after} if after else {})}
+
+        def page(data: etree._Element) -> tuple[list[dict[str, str]], str | None]:
+            more = data.find(q("more"))
+            return ([dict(u.attrib) for u in data.iter(q("user"))],
+                    more.get("after") if more is not None else None)
+
+        return self.request("list-users", attrib).addCallback(page)
+
+    def remove(self, user: str) -> defer.Deferred[None]:
+        """Operators: remove a person, their records and backup; revoke their certificates."""
+        return self.request("remove", {"user": user}).addCallback(lambda _: None)
+
+
+def _condition(value: str | None) -> str:
+    return value if value in CONDITIONS else "internal-server-error"
+
+
+def _person(data: etree._Element) -> PersonRecord:
+    node = data.find(q("person"))
+    if node is None:
+        raise IRPError("bad-request", "the result has no <person>")
+    return read_person(node)
+
+
+def _certificates(data: etree._Element) -> list[x509.Certificate]:
+    return [read_certificate(c) for c in data.iter(q("certificate"))]
+
+
+async def _connect(host: str, port: int, store: CertificateStore,
+                   identity: NodeIdentity | None, server_name: str | None,
+                   reactor: Any, timeout: float) -> IRPClient:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    client = IRPClient(store, identity, server_name or host)
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    client.protocol = _ClientProtocol(client)
+    await endpoints.connectProtocol(endpoint, client.protocol)
+    timer = reactor.callLater(timeout, lambda: client._broken(IRPConnectionError(
+        f"no IRP session with {host}:{port} within {timeout:g}s")))
+    try:
+        await client.ready
+    except IRPConnectionError:
+        if client.protocol.transport is not None:
+            client.protocol.transport.abortConnection()
+        raise
+    finally:
+        if timer.active():
+            timer.cancel()
+    return client
+
+
+def connect(host: str, port: int, store: CertificateStore, *,
+            identity: NodeIdentity | None = None, server_name: str | None = None,
+            reactor: Any = None, timeout: float = 10.0) -> defer.Deferred[IRPClient]:
+    """Connect, upgrade to TLS, check the registry is `server_name`; fires when ready."""
+    return defer.Deferred.fromCoroutine(
+        _connect(host, port, store, identity, server_name, reactor, timeout))
+
+
+async def _find(domain: str, resolver: Any) -> list[tuple[str, int]]:
+    from twisted.names import client as dns_client
+    from twisted.names import dns, error
+
+    resolver = resolver or dns_client
+    try:
+        answers, _, _ = await resolver.lookupService(f"_irp._tcp.{domain}")
+    except (error.DomainError, error.DNSNameError, error.DNSServerError,
+            error.DNSQueryTimeoutError, defer.TimeoutError):
+        return [(domain, DEFAULT_PORT)]
+    records = sorted((a.payload for a in answers if a.type == dns.SRV),
+                     key=lambda r: (r.priority, -r.weight))
+    if len(records) == 1 and str(records[0].target) == ".":
+        return []  # RFC 2782: the service is decidedly not available
+    return [(str(r.target), r.port) for r in records] or [(domain, DEFAULT_PORT)]
+
+
+def find_registry(domain: str, resolver: Any = None) -> defer.Deferred[list[tuple[str, int]]]:
+    """Where `domain`'s registry is: DNS SRV ``_irp._tcp.<domain>`` in priority order, or
+    ``(domain, 4604)`` when there is no SRV record."""
+    return defer.Deferred.fromCoroutine(_find(domain, resolver))
+

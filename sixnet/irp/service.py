@@ -1,0 +1,130 @@
+"""The IRP registry service: storage, the registry engine and its listening ports, together.
+
+`make_service` reads the ``[irp]`` section; the service opens (and migrates) the database
+before it listens, purges expired registrations once a minute, and on stop closes its ports,
+then the database and the audit log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from sixnet.config import Config
+from sixnet.errors import ConfigError
+from sixnet.irp.config import IRPConfig
+from sixnet.irp.engine import AuditLog, Registry
+from sixnet.irp.protocol import IRPServerFactory
+from sixnet.irp.storage import SQLRegistryStore
+from sixnet.irp.wire import ResponseSigner
+from sixnet.pki.ca import CAError, LabCA
+from sixnet.pki.keys import KeyFileError
+from sixnet.pki.store import CertificateStore, NodeIdentity
+from sixnet.pki.tls import ServerTLS
+from sixnet.service import ListeningService
+from sixnet.storage import Database, DatabaseURLError
+
+log = Logger(namespace="sixnet.irp")
+
+PURGE_INTERVAL = 60.0
+
+
+def host_name(identity: NodeIdentity) -> str:
+    """The registry's name: the first DNS name of its certificate, else its common name."""
+    cert = identity.certificate
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName)
+        if names:
+            return names[0]
+    except x509.ExtensionNotFound:
+        pass
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else identity.name
+
+
+class IRPService(MultiService):
+    """Owns the registry's database, audit log, purge timer and listening ports."""
+
+    def __init__(self, registry: Registry, factory: IRPServerFactory,
+                 listen: list[str]) -> None:
+        super().__init__()
+        self.setName("irp")
+        self.registry = registry
+        self.factory = factory
+        self.listening = ListeningService("irp", listen, factory)
+        self._purge = task.LoopingCall(self._purge_expired)
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        d = self.registry.store.open()
+        d.addCallback(self._opened)
+        d.addErrback(self._failed)
+
+    def _opened(self, _: object) -> None:
+        if not self.running:
+            return
+        self.listening.setServiceParent(self)
+        self._purge.start(PURGE_INTERVAL, now=False)
+        self.ready.callback(None)
+
+    def _failed(self, failure: Any) -> None:
+        from twisted.internet import reactor
+
+        log.critical("irp: cannot open the database: {error}", error=failure.getErrorMessage())
+        reactor.stop()
+
+    def _purge_expired(self) -> defer.Deferred[int]:
+        d = self.registry.store.purge_expired(self.registry.now_ms())
+        d.addErrback(lambda f: log.failure("purging expired registrations", f))
+        return d
+
+    async def _stop(self) -> None:
+        if self._purge.running:
+            self._purge.stop()
+        await defer.maybeDeferred(super().stopService)
+        for protocol in list(self.factory.protocols):
+            protocol.transport.loseConnection()
+        self.registry.store.close()
+        self.registry.audit.close()
+
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        return defer.Deferred.fromCoroutine(self._stop())
+
+
+def make_service(config: Config, store: CertificateStore) -> IRPService:
+    """Build the registry from the configuration (errors are ConfigErrors naming the key)."""
+    section = config.irp
+    try:
+        identity = store.identity(section.identity)
+    except KeyError as e:
+        raise ConfigError(str(config.path), "irp.identity", str(e.args[0])) from None
+    ca = None
+    if config.pki.lab_ca is not None:
+        try:
+            ca = LabCA.open(config.pki.lab_ca)
+        except (CAError, KeyFileError) as e:
+            raise ConfigError(str(config.path), "pki.lab_ca", str(e)) from None
+    try:
+        return build_service(section, store, identity, config.sixnet.state_dir, ca)
+    except DatabaseURLError as e:
+        raise ConfigError(str(config.path), "irp.database", str(e)) from None
+
+
+def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIdentity,
+                  state_dir: Path, ca: LabCA | None, reactor: Any = None) -> IRPService:
+    """The registry from its parts (what `make_service` reads from the configuration)."""
+    db = Database(section.database, base=state_dir)
+    audit = AuditLog(state_dir / section.audit_log)
+    registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor)
+    signer = ResponseSigner(identity.key, identity.certificate)
+    factory = IRPServerFactory(registry, ServerTLS(store, identity, "requested"), signer,
+                               host_name(identity), reactor=reactor)
+    return IRPService(registry, factory, section.listen)

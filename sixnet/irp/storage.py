@@ -1,0 +1,390 @@
+"""Where the registry keeps persons, accounts, certificates, addresses and backups.
+
+`IRegistryStore` is the seam; `SQLRegistryStore` implements it on `sixnet.storage.Database`,
+so the same code serves SQLite (the embedded default) and PostgreSQL (several registry
+processes on one database). Every method returns a Deferred that fires after the
+transaction committed: the registry answers a client only then, so an acknowledged
+registration survives a crash. Every change to a person's record notifies the channel
+``irp_change`` with ``{"person": ..., "kind": ...}`` (kind ``record``, ``certificate``,
+``revoked`` or ``removed``), which reaches the other processes on PostgreSQL.
+Times are integer milliseconds since the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import Interface, implementer
+
+from sixnet.storage import Cursor, Database
+
+CHANGE_CHANNEL = "irp_change"
+
+MIGRATIONS = {
+    1: [
+        "CREATE TABLE irp_person (id TEXT PRIMARY KEY, created {bigint} NOT NULL)",
+        "CREATE TABLE irp_account (person TEXT PRIMARY KEY, password_hash TEXT NOT NULL,"
+        " failures INTEGER NOT NULL DEFAULT 0, locked_until {bigint} NOT NULL DEFAULT 0,"
+        " created {bigint} NOT NULL)",
+        "CREATE TABLE irp_invite (code_hash TEXT PRIMARY KEY, person TEXT NOT NULL,"
+        " created {bigint} NOT NULL, expires {bigint} NOT NULL, used {bigint})",
+        "CREATE TABLE irp_certificate (serial TEXT PRIMARY KEY, person TEXT NOT NULL,"
+        " issued {bigint} NOT NULL, not_after {bigint} NOT NULL, chain {blob} NOT NULL,"
+        " revoked {bigint})",
+        "CREATE INDEX irp_certificate_person ON irp_certificate (person, issued)",
+        "CREATE TABLE irp_device (seq {serial}, person TEXT NOT NULL, device TEXT NOT NULL,"
+        " registered {bigint} NOT NULL, expires {bigint} NOT NULL, addresses TEXT NOT NULL)",
+        "CREATE UNIQUE INDEX irp_device_person ON irp_device (person, device)",
+        "CREATE INDEX irp_device_expires ON irp_device (expires)",
+        "CREATE TABLE irp_backup (person TEXT PRIMARY KEY, data {blob} NOT NULL,"
+        " updated {bigint} NOT NULL)",
+    ],
+}
+
+
+class TooManyDevices(Exception):
+    """A registration would give a person more devices than allowed."""
+
+
+@dataclass(frozen=True)
+class Account:
+    person: str
+    password_hash: str
+    failures: int
+    locked_until: int
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    serial: str
+    person: str
+    issued: int
+    not_after: int
+    chain_pem: bytes
+    revoked: int | None
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    device: str
+    registered: int
+    expires: int
+    addresses: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class PersonView:
+    """Everything a lookup needs, read in one transaction."""
+
+    person: str
+    exists: bool
+    devices: tuple[DeviceRow, ...]  # most recently registered first, unexpired only
+    certificates: tuple[CertificateRow, ...]  # newest first
+
+
+@dataclass(frozen=True)
+class PersonSummary:
+    person: str
+    created: int
+    certificates: int
+    has_password: bool
+
+
+class IRegistryStore(Interface):
+    """The registry's persistent state; every method returns a Deferred fired after commit."""
+
+    def open() -> defer.Deferred[None]:
+        """Create or upgrade the schema and start hearing change notifications."""
+
+    def close() -> None:
+        """Release connections; committed data is already durable."""
+
+    def on_change(callback: Callable[[str, str], object]) -> None:
+        """Call ``callback(person, kind)`` whenever a person's record changed (any process)."""
+
+    def ensure_person(person: str, now: int) -> defer.Deferred[None]: ...
+
+    def person_view(person: str, now: int) -> defer.Deferred[PersonView]: ...
+
+    def get_account(person: str) -> defer.Deferred[Account | None]: ...
+
+    def set_password(person: str, password_hash: str, now: int) -> defer.Deferred[None]: ...
+
+    def record_failure(person: str, now: int, lock_after: int,
+                       lock_ms: int) -> defer.Deferred[Account | None]: ...
+
+    def clear_failures(person: str) -> defer.Deferred[None]: ...
+
+    def add_invite(code_hash: str, person: str, now: int,
+                   expires: int) -> defer.Deferred[None]: ...
+
+    def consume_invite(code_hash: str, person: str, now: int) -> defer.Deferred[bool]:
+        """Mark an unused, unexpired code for `person` used; True if this call did so."""
+
+    def add_certificate(row: CertificateRow) -> defer.Deferred[None]: ...
+
+    def certificate(serial: str) -> defer.Deferred[CertificateRow | None]: ...
+
+    def mark_revoked(serial: str, now: int) -> defer.Deferred[bool]: ...
+
+    def register(person: str, device: str, addresses: tuple[tuple[str, int], ...], now: int,
+                 expires: int, max_devices: int) -> defer.Deferred[None]: ...
+
+    def unregister(person: str, device: str | None) -> defer.Deferred[int]: ...
+
+    def put_backup(person: str, data: bytes, now: int) -> defer.Deferred[None]: ...
+
+    def get_backup(person: str) -> defer.Deferred[bytes | None]: ...
+
+    def list_persons(after: str | None, limit: int) -> defer.Deferred[list[PersonSummary]]: ...
+
+    def remove_person(person: str) -> defer.Deferred[bool]: ...
+
+    def purge_expired(now: int) -> defer.Deferred[int]: ...
+
+
+def _changed(cursor: Cursor, person: str, kind: str = "record") -> None:
+    cursor.notify(CHANGE_CHANNEL, json.dumps({"person": person, "kind": kind}))
+
+
+@implementer(IRegistryStore)
+class SQLRegistryStore:
+    """The registry on SQLite or PostgreSQL, through `sixnet.storage.Database`."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._callbacks: list[Callable[[str, str], object]] = []
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        await self.db.migrate("irp", MIGRATIONS)
+        await self.db.listen(CHANGE_CHANNEL, self._heard)
+
+    def open(self) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._open())
+
+    def close(self) -> None:
+        self.db.close()
+
+    def on_change(self, callback: Callable[[str, str], object]) -> None:
+        self._callbacks.append(callback)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            change = json.loads(payload)
+            person, kind = str(change["person"]), str(change["kind"])
+        except (ValueError, KeyError, TypeError):
+            return  # not ours: someone else notified on the channel
+        for callback in list(self._callbacks):
+            callback(person, kind)
+
+    # -- persons and lookups --------------------------------------------------------------------
+
+    def ensure_person(self, person: str, now: int) -> defer.Deferred[None]:
+        return self.db.run("irp ensure person", _ensure_person, person, now)
+
+    def person_view(self, person: str, now: int) -> defer.Deferred[PersonView]:
+        def read(cursor: Cursor) -> PersonView:
+            exists = cursor.execute("SELECT 1 FROM irp_person WHERE id = ?",
+                                    (person,)).fetchone() is not None
+            devices = cursor.execute(
+                "SELECT device, registered, expires, addresses FROM irp_device"
+                " WHERE person = ? AND expires > ? ORDER BY seq DESC", (person, now)).fetchall()
+            certs = cursor.execute(
+                "SELECT serial, person, issued, not_after, chain, revoked FROM irp_certificate"
+                " WHERE person = ? ORDER BY issued DESC, serial", (person,)).fetchall()
+            return PersonView(person, exists, tuple(_device(r) for r in devices),
+                              tuple(_certificate(r) for r in certs))
+
+        return self.db.run("irp person view", read)
+
+    def list_persons(self, after: str | None, limit: int) -> defer.Deferred[list[PersonSummary]]:
+        def read(cursor: Cursor) -> list[PersonSummary]:
+            rows = cursor.execute(
+                "SELECT p.id, p.created,"
+                " (SELECT count(*) FROM irp_certificate c WHERE c.person = p.id),"
+                " (SELECT count(*) FROM irp_account a WHERE a.person = p.id)"
+                " FROM irp_person p WHERE p.id > ? ORDER BY p.id LIMIT ?",
+                (after or "", limit)).fetchall()
+            return [PersonSummary(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+        return self.db.run("irp list persons", read)
+
+    def remove_person(self, person: str) -> defer.Deferred[bool]:
+        def remove(cursor: Cursor) -> bool:
+            found = cursor.execute("DELETE FROM irp_person WHERE id = ?",
+                                   (person,)).rowcount > 0
+            for table, column in (("irp_account", "person"), ("irp_device", "person"),
+                                  ("irp_backup", "person"), ("irp_invite", "person")):
+                cursor.execute(f"DELETE FROM {table} WHERE {column} = ?", (person,))  # noqa: S608
+            if found:
+                _changed(cursor, person, "removed")
+            return found
+
+        return self.db.run("irp remove person", remove)
+
+    # -- accounts and invitations ----------------------------------------------------------------
+
+    def get_account(self, person: str) -> defer.Deferred[Account | None]:
+        return self.db.run("irp get account", _get_account, person)
+
+    def set_password(self, person: str, password_hash: str, now: int) -> defer.Deferred[None]:
+        def write(cursor: Cursor) -> None:
+            _ensure_person(cursor, person, now)
+            if cursor.execute("UPDATE irp_account SET password_hash = ?, failures = 0,"
+                              " locked_until = 0 WHERE person = ?",
+                              (password_hash, person)).rowcount == 0:
+                cursor.execute("INSERT INTO irp_account (person, password_hash, created)"
+                               " VALUES (?, ?, ?)", (person, password_hash, now))
+
+        return self.db.run("irp set password", write)
+
+    def record_failure(self, person: str, now: int, lock_after: int,
+                       lock_ms: int) -> defer.Deferred[Account | None]:
+        def write(cursor: Cursor) -> Account | None:
+            account = _get_account(cursor, person)
+            if account is None:
+                return None
+            failures = account.failures + 1
+            locked = now + lock_ms if failures >= lock_after else account.locked_until
+            cursor.execute("UPDATE irp_account SET failures = ?, locked_until = ?"
+                           " WHERE person = ?", (failures, locked, person))
+            return Account(person, account.password_hash, failures, locked)
+
+        return self.db.run("irp record failure", write)
+
+    def clear_failures(self, person: str) -> defer.Deferred[None]:
+        return self.db.run("irp clear failures", lambda c: c.execute(
+            "UPDATE irp_account SET failures = 0, locked_until = 0 WHERE person = ?"
+            " AND failures > 0", (person,)) and None)
+
+    def add_invite(self, code_hash: str, person: str, now: int,
+                   expires: int) -> defer.Deferred[None]:
+        def write(cursor: Cursor) -> None:
+            _ensure_person(cursor, person, now)
+            cursor.execute("INSERT INTO irp_invite (code_hash, person, created, expires)"
+                           " VALUES (?, ?, ?, ?)", (code_hash, person, now, expires))
+
+        return self.db.run("irp add invite", write)
+
+    def consume_invite(self, code_hash: str, person: str, now: int) -> defer.Deferred[bool]:
+        return self.db.run("irp consume invite", lambda c: c.execute(
+            "UPDATE irp_invite SET used = ? WHERE code_hash = ? AND person = ?"
+            " AND used IS NULL AND expires > ?", (now, code_hash, person, now)).rowcount == 1)
+
+    # -- certificates ---------------------------------------------------------------------------
+
+    def add_certificate(self, row: CertificateRow) -> defer.Deferred[None]:
+        def write(cursor: Cursor) -> None:
+            _ensure_person(cursor, row.person, row.issued)
+            cursor.execute(
+                "INSERT INTO irp_certificate (serial, person, issued, not_after, chain, revoked)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
+                (row.serial, row.person, row.issued, row.not_after, row.chain_pem, row.revoked))
+            _changed(cursor, row.person, "certificate")
+
+        return self.db.run("irp add certificate", write)
+
+    def certificate(self, serial: str) -> defer.Deferred[CertificateRow | None]:
+        def read(cursor: Cursor) -> CertificateRow | None:
+            row = cursor.execute(
+                "SELECT serial, person, issued, not_after, chain, revoked FROM irp_certificate"
+                " WHERE serial = ?", (serial,)).fetchone()
+            return _certificate(row) if row else None
+
+        return self.db.run("irp certificate", read)
+
+    def mark_revoked(self, serial: str, now: int) -> defer.Deferred[bool]:
+        def write(cursor: Cursor) -> bool:
+            row = cursor.execute("SELECT person FROM irp_certificate WHERE serial = ?"
+                                 " AND revoked IS NULL", (serial,)).fetchone()
+            if row is None:
+                return False
+            cursor.execute("UPDATE irp_certificate SET revoked = ? WHERE serial = ?",
+                           (now, serial))
+            _changed(cursor, row[0], "revoked")
+            return True
+
+        return self.db.run("irp mark revoked", write)
+
+    # -- addresses --------------------------------------------------------------------------------
+
+    def register(self, person: str, device: str, addresses: tuple[tuple[str, int], ...],
+                 now: int, expires: int, max_devices: int) -> defer.Deferred[None]:
+        packed = json.dumps([[ip, port] for ip, port in addresses], separators=(",", ":"))
+
+        def write(cursor: Cursor) -> None:
+            cursor.execute("DELETE FROM irp_device WHERE person = ? AND device = ?",
+                           (person, device))
+            count = cursor.execute("SELECT count(*) FROM irp_device WHERE person = ?"
+                                   " AND expires > ?", (person, now)).fetchone()
+            if count is not None and count[0] >= max_devices:
+                raise TooManyDevices(f"{person} has {count[0]} devices registered already")
+            cursor.execute("INSERT INTO irp_device (person, device, registered, expires,"
+                           " addresses) VALUES (?, ?, ?, ?, ?)",
+                           (person, device, now, expires, packed))
+            _changed(cursor, person)
+
+        return self.db.run("irp register", write)
+
+    def unregister(self, person: str, device: str | None) -> defer.Deferred[int]:
+        def write(cursor: Cursor) -> int:
+            if device is None:
+                count = cursor.execute("DELETE FROM irp_device WHERE person = ?",
+                                       (person,)).rowcount
+            else:
+                count = cursor.execute("DELETE FROM irp_device WHERE person = ? AND device = ?",
+                                       (person, device)).rowcount
+            if count:
+                _changed(cursor, person)
+            return count
+
+        return self.db.run("irp unregister", write)
+
+    def purge_expired(self, now: int) -> defer.Deferred[int]:
+        return self.db.run("irp purge expired", lambda c: c.execute(
+            "DELETE FROM irp_device WHERE expires <= ?", (now,)).rowcount)
+
+    # -- backups --------------------------------------------------------------------------------
+
+    def put_backup(self, person: str, data: bytes, now: int) -> defer.Deferred[None]:
+        def write(cursor: Cursor) -> None:
+            if cursor.execute("UPDATE irp_backup SET data = ?, updated = ? WHERE person = ?",
+                              (data, now, person)).rowcount == 0:
+                cursor.execute("INSERT INTO irp_backup (person, data, updated) VALUES (?, ?, ?)",
+                               (person, data, now))
+
+        return self.db.run("irp put backup", write)
+
+    def get_backup(self, person: str) -> defer.Deferred[bytes | None]:
+        def read(cursor: Cursor) -> bytes | None:
+            row = cursor.execute("SELECT data FROM irp_backup WHERE person = ?",
+                                 (person,)).fetchone()
+            return bytes(row[0]) if row else None
+
+        return self.db.run("irp get backup", read)
+
+
+def _ensure_person(cursor: Cursor, person: str, now: int) -> None:
+    cursor.execute("INSERT INTO irp_person (id, created) VALUES (?, ?)"
+                   " ON CONFLICT (id) DO NOTHING", (person, now))
+
+
+def _get_account(cursor: Cursor, person: str) -> Account | None:
+    row = cursor.execute("SELECT person, password_hash, failures, locked_until FROM irp_account"
+                         " WHERE person = ?", (person,)).fetchone()
+    return Account(*row) if row else None
+
+
+def _device(row: Any) -> DeviceRow:
+    return DeviceRow(row[0], row[1], row[2], tuple((ip, int(port)) for ip, port in
+                                                   json.loads(row[3])))
+
+
+def _certificate(row: Any) -> CertificateRow:
+    return CertificateRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5])

@@ -1,0 +1,592 @@
+"""IRP on the wire: the namespace, request parsing, result building and response signatures.
+
+Both the registry and the client use this module, so the two agree on every element by
+construction. `docs/irp.rst` is the specification; this module follows it.
+
+A request element is parsed once into a `Request` (its operation name, id and checked
+arguments); a malformed one raises `IRPError` with the protocol's error condition.
+Results are `<result id><data .../><signature/></result>`: the ``<data>`` element is signed
+by the registry's host key over its exclusive XML canonical form (`canonical_bytes`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hashlib
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from lxml import etree
+
+from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
+
+NS = "urn:sixnet:irp:1"
+#: The protocol version this module speaks (``major.minor``; a different major is refused).
+VERSION = "1.0"
+ROOT = f"{{{NS}}}irp"
+
+#: Error conditions a request can get (docs/irp.rst, "Errors").
+CONDITIONS = (
+    "bad-request",            # the request is malformed or an argument is invalid
+    "not-authorized",         # no verified certificate / wrong credentials
+    "forbidden",              # authenticated, but the policy does not allow it
+    "item-not-found",         # no such person, certificate or backup
+    "conflict",               # the code was used already, the serial is already revoked
+    "policy-violation",       # a limit: too many addresses or devices, too large
+    "locked",                 # the account is locked after repeated failures
+    "resource-constraint",    # too many requests in flight on this connection
+    "feature-not-implemented",  # unknown operation, or the registry has no CA
+    "internal-server-error",  # the registry failed; nothing was changed
+)
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_DEVICE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SERIAL = re.compile(r"(?:0[xX])?[0-9A-Fa-f:]{1,64}")
+_B64_SPACE = re.compile(r"\s+")
+
+
+def q(name: str) -> str:
+    """The Clark name of an IRP element."""
+    return f"{{{NS}}}{name}"
+
+
+class IRPError(Exception):
+    """A request failed with one of `CONDITIONS`; the text is for people."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        if condition not in CONDITIONS:
+            raise ValueError(f"unknown IRP error condition {condition!r}")
+        super().__init__(f"{condition}: {text}")
+        self.condition = condition
+        self.text = text
+
+
+# -- values ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Address:
+    """One transport address of a device: an IPv6 or IPv4 address and a TCP port."""
+
+    ip: str
+    port: int
+
+    @classmethod
+    def parse(cls, ip: str | None, port: str | int | None) -> Address:
+        if ip is None or port is None:
+            raise IRPError("bad-request", "an <address> needs ip and port")
+        if "%" in ip or "/" in ip:
+            raise IRPError("bad-request", f"{ip!r}: scoped or prefixed addresses are not allowed")
+        try:
+            parsed = ipaddress.ip_address(ip)
+        except ValueError:
+            raise IRPError("bad-request", f"{ip!r} is not an IPv6 or IPv4 address") from None
+        if parsed.is_unspecified or parsed.is_multicast:
+            raise IRPError("bad-request", f"{ip}: unspecified and multicast addresses are "
+                                          "not allowed")
+        number = parse_int(port, "port")
+        if not 1 <= number <= 65535:
+            raise IRPError("bad-request", f"port {number} is out of range 1-65535")
+        return cls(parsed.compressed, number)
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.ip).version
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """The addresses one device of a person registered, with when and until when."""
+
+    device: str
+    addresses: tuple[Address, ...]
+    registered: datetime.datetime
+    expires: datetime.datetime
+
+
+@dataclass(frozen=True)
+class CertificateInfo:
+    """A certificate the registry issued or knows, with its status now."""
+
+    serial: str  # upper-case hex
+    status: str  # "valid", "revoked", "expired", "invalid"
+    chain: tuple[x509.Certificate, ...]  # leaf first
+    revoked_at: datetime.datetime | None = None
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+
+@dataclass(frozen=True)
+class PersonRecord:
+    """What a lookup (or a watch notification) says about a person, most recent device first.
+
+    `addresses` flattens the devices in that order: the first address is the best guess.
+    `removed` is true in a notification saying the person no longer exists.
+    """
+
+    person: str
+    devices: tuple[DeviceRecord, ...] = ()
+    certificate: CertificateInfo | None = None
+    removed: bool = False
+
+    @property
+    def addresses(self) -> list[tuple[str, int, str]]:
+        return [(a.ip, a.port, d.device) for d in self.devices for a in d.addresses]
+
+
+# -- small parsers ---------------------------------------------------------------------------
+
+
+def parse_int(value: str | int, what: str) -> int:
+    if isinstance(value, int):
+        return value
+    if not re.fullmatch(r"[0-9]{1,10}", value):
+        raise IRPError("bad-request", f"{what} {value!r} is not a non-negative integer")
+    return int(value)
+
+
+def parse_user(value: str | None, what: str = "user") -> str:
+    if value is None:
+        raise IRPError("bad-request", f"the {what} attribute is missing")
+    try:
+        return normalize_user_id(value)
+    except IdentitySyntaxError as e:
+        raise IRPError("bad-request", str(e)) from None
+
+
+def parse_serial(value: str) -> str:
+    """A certificate serial in canonical form: upper-case hex, no separators."""
+    if not _SERIAL.fullmatch(value):
+        raise IRPError("bad-request", f"{value!r} is not a certificate serial (hexadecimal)")
+    cleaned = value.lower().removeprefix("0x").replace(":", "")
+    number = int(cleaned, 16) if cleaned else 0
+    if number <= 0:
+        raise IRPError("bad-request", f"{value!r} is not a positive serial")
+    return format(number, "X")
+
+
+def b64decode(text: str | None, what: str) -> bytes:
+    if not text:
+        raise IRPError("bad-request", f"<{what}> is empty")
+    try:
+        return base64.b64decode(_B64_SPACE.sub("", text), validate=True)
+    except (binascii.Error, ValueError):
+        raise IRPError("bad-request", f"<{what}> is not base64") from None
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def timestamp(when: datetime.datetime) -> str:
+    """RFC 3339 UTC with milliseconds, the one time format on the wire."""
+    return when.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def parse_timestamp(text: str | None) -> datetime.datetime:
+    if not text:
+        raise IRPError("bad-request", "a time attribute is missing")
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise IRPError("bad-request", f"{text!r} is not an RFC 3339 time") from None
+    if when.tzinfo is None:
+        raise IRPError("bad-request", f"{text!r} has no time zone")
+    return when
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed request: the operation (its element name), its id and its arguments."""
+
+    op: str
+    id: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def _text_child(element: etree._Element, name: str) -> str | None:
+    child = element.find(q(name))
+    return child.text if child is not None else None
+
+
+def _csr(element: etree._Element) -> x509.CertificateSigningRequest:
+    raw = b64decode(_text_child(element, "csr"), "csr")
+    try:
+        csr = x509.load_der_x509_csr(raw)
+    except ValueError:
+        raise IRPError("bad-request", "<csr> is not a DER certificate signing request") from None
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, TypeError):
+        valid = False
+    if not valid:
+        raise IRPError("bad-request", "the CSR's self-signature does not verify")
+    return csr
+
+
+def _credentials(element: etree._Element) -> dict[str, Any]:
+    password = _text_child(element, "password")
+    code = _text_child(element, "code")
+    if password is not None and code is not None:
+        raise IRPError("bad-request", "give <password> or <code>, not both")
+    if password is not None and not 1 <= len(password) <= 1024:
+        raise IRPError("bad-request", "the password must be 1-1024 characters")
+    if code is not None and not 1 <= len(code) <= 128:
+        raise IRPError("bad-request", "the code must be 1-128 characters")
+    return {"password": password, "code": code}
+
+
+def _optional_user(element: etree._Element) -> str | None:
+    value = element.get("user")
+    return parse_user(value) if value is not None else None
+
+
+def _parse_enroll(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    creds = _credentials(element)
+    if creds["password"] is None and creds["code"] is None:
+        raise IRPError("bad-request", "enroll needs <password> or <code>")
+    return {"user": parse_user(element.get("user")), "csr": _csr(element), **creds}
+
+
+def _parse_register(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    device = element.get("device", "default")
+    if not _DEVICE.fullmatch(device):
+        raise IRPError("bad-request", f"device label {device[:80]!r} must be 1-64 of "
+                                      "A-Z a-z 0-9 . _ -")
+    lifetime = parse_int(element.get("lifetime", str(limits.default_lifetime)), "lifetime")
+    if not 1 <= lifetime <= limits.max_lifetime:
+        raise IRPError("bad-request", f"lifetime {lifetime} is out of range "
+                                      f"1-{limits.max_lifetime} seconds")
+    children = element.findall(q("address"))
+    if len(children) > limits.max_addresses:
+        raise IRPError("policy-violation", f"{len(children)} addresses; at most "
+                                           f"{limits.max_addresses} per registration")
+    if not children:
+        raise IRPError("bad-request", "register needs at least one <address>")
+    addresses: list[Address] = []
+    for child in children:
+        address = Address.parse(child.get("ip"), child.get("port"))
+        if address not in addresses:
+            addresses.append(address)
+    return {"user": _optional_user(element), "device": device, "lifetime": lifetime,
+            "addresses": tuple(addresses)}
+
+
+def _parse_unregister(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    device = element.get("device")
+    if device is not None and not _DEVICE.fullmatch(device):
+        raise IRPError("bad-request", f"device label {device[:80]!r} is invalid")
+    return {"user": _optional_user(element), "device": device}
+
+
+def _parse_user_arg(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    return {"user": parse_user(element.get("user"))}
+
+
+def _parse_certificates(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    user, serial = element.get("user"), element.get("serial")
+    if (user is None) == (serial is None):
+        raise IRPError("bad-request", "certificates needs exactly one of user and serial")
+    return {"user": parse_user(user) if user is not None else None,
+            "serial": parse_serial(serial) if serial is not None else None}
+
+
+def _parse_renew(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    return {"csr": _csr(element)}
+
+
+def _parse_revoke(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    serial = element.get("serial")
+    return {"serial": parse_serial(serial) if serial is not None else None}
+
+
+def _parse_backup_put(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    data = b64decode(element.text, "backup-put")
+    if len(data) > limits.max_backup_bytes:
+        raise IRPError("policy-violation", f"the backup is {len(data)} bytes; at most "
+                                           f"{limits.max_backup_bytes}")
+    return {"user": _optional_user(element), "data": data}
+
+
+def _parse_backup_get(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    creds = _credentials(element)
+    if creds["code"] is not None:
+        raise IRPError("bad-request", "backup-get takes a <password>, not a <code>")
+    user = _optional_user(element)
+    if creds["password"] is not None and user is None:
+        raise IRPError("bad-request", "backup-get with a password needs the user attribute")
+    return {"user": user, "password": creds["password"]}
+
+
+def _parse_list_users(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    after = element.get("after")
+    limit = parse_int(element.get("limit", "100"), "limit")
+    if not 1 <= limit <= 1000:
+        raise IRPError("bad-request", f"limit {limit} is out of range 1-1000")
+    if after is not None and not 1 <= len(after) <= 2048:
+        raise IRPError("bad-request", "after must be 1-2048 characters")
+    return {"after": after, "limit": limit}
+
+
+def _parse_nothing(element: etree._Element, limits: Limits) -> dict[str, Any]:
+    return {}
+
+
+_PARSERS = {
+    "enroll": _parse_enroll,
+    "ca-certificates": _parse_nothing,
+    "renew": _parse_renew,
+    "revoke": _parse_revoke,
+    "register": _parse_register,
+    "unregister": _parse_unregister,
+    "lookup": _parse_user_arg,
+    "certificates": _parse_certificates,
+    "watch": _parse_user_arg,
+    "unwatch": _parse_user_arg,
+    "backup-put": _parse_backup_put,
+    "backup-get": _parse_backup_get,
+    "list-users": _parse_list_users,
+    "remove": _parse_user_arg,
+}
+OPERATIONS = tuple(_PARSERS)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The request limits the parser enforces (from the ``[irp]`` section)."""
+
+    max_addresses: int = 8
+    max_lifetime: int = 86400
+    default_lifetime: int = 3600
+    max_backup_bytes: int = 32768
+
+
+def request_id(element: etree._Element) -> str | None:
+    """The request's id if it has a valid one (so even a bad request gets a matching error)."""
+    value = element.get("id")
+    return value if value is not None and _ID.fullmatch(value) else None
+
+
+def parse_request(element: etree._Element, limits: Limits) -> Request:
+    """Parse a top-level element into a Request; raise IRPError for anything wrong."""
+    tag = element.tag
+    if not isinstance(tag, str) or not tag.startswith(f"{{{NS}}}"):
+        raise IRPError("feature-not-implemented", f"unknown element {tag!s:.100}")
+    op = tag[len(NS) + 2:]
+    parser = _PARSERS.get(op)
+    if parser is None:
+        raise IRPError("feature-not-implemented", f"unknown operation <{op:.64}>")
+    rid = request_id(element)
+    if rid is None:
+        raise IRPError("bad-request", "the id attribute is missing or invalid "
+                                      "(1-64 of A-Z a-z 0-9 . _ : -)")
+    return Request(op, rid, parser(element, limits))
+
+
+# -- building elements --------------------------------------------------------------------------
+
+
+def element(name: str, attrib: dict[str, str] | None = None, text: str | None = None,
+            children: Sequence[etree._Element] = ()) -> etree._Element:
+    node = etree.Element(q(name), nsmap={None: NS})
+    for key, value in (attrib or {}).items():
+        node.set(key, value)
+    if text is not None:
+        node.text = text
+    for child in children:
+        node.append(child)
+    return node
+
+
+def serialize(node: etree._Element) -> bytes:
+    """A top-level element as sent (it repeats the stream's default namespace declaration)."""
+    return etree.tostring(node, encoding="utf-8", xml_declaration=False)
+
+
+def stream_header(attrib: dict[str, str]) -> bytes:
+    attrs = "".join(f' {k}="{_attr(v)}"' for k, v in attrib.items())
+    return f'<?xml version="1.0" encoding="UTF-8"?><irp xmlns="{NS}" version="{VERSION}"' \
+           f'{attrs}>'.encode()
+
+
+def _attr(value: str) -> str:
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+            .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;"))
+
+
+def stream_error(condition: str, text: str) -> bytes:
+    node = element("stream-error", {"condition": condition}, text)
+    return serialize(node) + b"</irp>"
+
+
+def error_element(rid: str | None, error: IRPError) -> etree._Element:
+    attrib = {"condition": error.condition}
+    if rid is not None:
+        attrib = {"id": rid, **attrib}
+    return element("error", attrib, error.text)
+
+
+def certificate_element(cert: x509.Certificate) -> etree._Element:
+    return element("certificate", {"serial": format(cert.serial_number, "X")},
+                   b64(cert.public_bytes(serialization.Encoding.DER)))
+
+
+def chain_element(info: CertificateInfo) -> etree._Element:
+    attrib = {"serial": info.serial, "status": info.status,
+              "not-after": timestamp(info.certificate.not_valid_after_utc)}
+    if info.revoked_at is not None:
+        attrib["revoked"] = timestamp(info.revoked_at)
+    return element("chain", attrib, children=[certificate_element(c) for c in info.chain])
+
+
+def person_element(record: PersonRecord) -> etree._Element:
+    node = element("person", {"id": record.person})
+    if record.removed:
+        node.set("removed", "true")
+    for device in record.devices:
+        for address in device.addresses:
+            node.append(element("address", {
+                "ip": address.ip, "port": str(address.port), "device": device.device,
+                "registered": timestamp(device.registered),
+                "expires": timestamp(device.expires)}))
+    if record.certificate is not None:
+        node.append(chain_element(record.certificate))
+    return node
+
+
+# -- reading elements (client side) -----------------------------------------------------------
+
+
+def read_certificate(node: etree._Element) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(b64decode(node.text, "certificate"))
+    except ValueError:
+        raise IRPError("bad-request", "<certificate> is not a DER certificate") from None
+
+
+def read_chain(node: etree._Element) -> CertificateInfo:
+    revoked = node.get("revoked")
+    return CertificateInfo(
+        serial=parse_serial(node.get("serial", "")),
+        status=node.get("status", "invalid"),
+        chain=tuple(read_certificate(c) for c in node.findall(q("certificate"))),
+        revoked_at=parse_timestamp(revoked) if revoked else None,
+    )
+
+
+def read_person(node: etree._Element) -> PersonRecord:
+    devices: dict[str, list[Any]] = {}
+    for child in node.findall(q("address")):
+        name = child.get("device", "default")
+        entry = devices.setdefault(name, [[], child.get("registered"), child.get("expires")])
+        entry[0].append(Address.parse(child.get("ip"), child.get("port")))
+    chain = node.find(q("chain"))
+    return PersonRecord(
+        person=parse_user(node.get("id"), "id"),
+        devices=tuple(DeviceRecord(name, tuple(addrs), parse_timestamp(reg),
+                                   parse_timestamp(exp))
+                      for name, (addrs, reg, exp) in devices.items()),
+        certificate=read_chain(chain) if chain is not None else None,
+        removed=node.get("removed") == "true",
+    )
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+
+def canonical_bytes(data: etree._Element) -> bytes:
+    """Exclusive XML Canonicalization 1.0, without comments, of the ``<data>`` element."""
+    return etree.tostring(data, method="c14n", exclusive=True, with_comments=False)
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def signature_algorithm(key: Any) -> str:
+    """The ``alg`` name for a registry key (public or private)."""
+    public = key.public_key() if hasattr(key, "private_bytes") else key
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return "ecdsa-sha384" if public.curve.key_size > 256 else "ecdsa-sha256"
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    if isinstance(public, rsa.RSAPublicKey):
+        return "rsa-pss-sha256"
+    raise ValueError(f"the registry cannot sign with a {type(public).__name__}")
+
+
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+
+
+class ResponseSigner:
+    """Signs ``<data>`` elements with the registry's host key."""
+
+    def __init__(self, key: Any, certificate: x509.Certificate) -> None:
+        self.key = key
+        self.alg = signature_algorithm(key)
+        self.key_id = fingerprint(certificate)
+
+    def sign(self, data: etree._Element) -> etree._Element:
+        message = canonical_bytes(data)
+        if self.alg.startswith("ecdsa"):
+            digest = hashes.SHA384() if self.alg == "ecdsa-sha384" else hashes.SHA256()
+            raw = self.key.sign(message, ec.ECDSA(digest))
+        elif self.alg == "ed25519":
+            raw = self.key.sign(message)
+        else:
+            raw = self.key.sign(message, _PSS, hashes.SHA256())
+        return element("signature", {"alg": self.alg, "key": self.key_id}, b64(raw))
+
+
+def verify_signature(data: etree._Element, signature: etree._Element,
+                     certificate: x509.Certificate) -> None:
+    """Check that `certificate`'s key signed `data`; raise IRPError("bad-request") if not.
+
+    `data` and `signature` are the children of a ``<result>`` or ``<notify>`` as received.
+    """
+    alg = signature.get("alg")
+    public: Any = certificate.public_key()
+    try:
+        expected = signature_algorithm(public)
+    except ValueError as e:
+        raise IRPError("bad-request", str(e)) from None
+    if alg != expected:
+        raise IRPError("bad-request", f"signature algorithm {alg!r} does not fit the "
+                                      f"registry's key ({expected})")
+    if signature.get("key") != fingerprint(certificate):
+        raise IRPError("bad-request", "the response was signed by another registry key")
+    raw = b64decode(signature.text, "signature")
+    message = canonical_bytes(data)
+    try:
+        if alg.startswith("ecdsa"):
+            digest = hashes.SHA384() if alg == "ecdsa-sha384" else hashes.SHA256()
+            public.verify(raw, message, ec.ECDSA(digest))
+        elif alg == "ed25519":
+            public.verify(raw, message)
+        else:
+            public.verify(raw, message, _PSS, hashes.SHA256())
+    except InvalidSignature:
+        raise IRPError("bad-request", "the registry's signature does not verify") from None
+
+
+def signed_parts(node: etree._Element) -> tuple[etree._Element, etree._Element]:
+    """The ``<data>`` and ``<signature>`` children of a result or notification."""
+    data, signature = node.find(q("data")), node.find(q("signature"))
+    if data is None or signature is None:
+        raise IRPError("bad-request", f"<{etree.QName(node).localname}> is not signed")
+    return data, signature

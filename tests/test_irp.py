@@ -1,0 +1,309 @@
+"""The IRP registry over real TLS on loopback, with certificates from a lab CA.
+
+`RegistryTests` runs on SQLite here and on PostgreSQL in test_irp_postgres.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from sixnet.irp.client import IRPConnectionError, IRPError, connect
+from sixnet.irp.config import IRPConfig
+from sixnet.irp.engine import hash_password, invite_hash, new_invite_code
+from sixnet.irp.service import IRPService, build_service
+from sixnet.pki.ca import LabCA
+from sixnet.pki.keys import generate_key
+from sixnet.pki.store import CertificateStore, NodeIdentity
+
+HOST = "irp.example.test"
+
+
+async def wait_for(condition, timeout: float = 3.0) -> None:
+    waited = 0.0
+    while not condition():
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+        await task.deferLater(reactor, 0.01, lambda: None)
+        waited += 0.01
+
+
+class LabSetup:
+    """A fresh CA, the registry's host identity and a client-side trust store."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.ca = LabCA.init(base / "ca", name="IRP test CA")
+        cert, key, _ = self.ca.issue("host", HOST, out=base / "host")
+        self.host = NodeIdentity.load("host", cert, key)
+
+    def server_store(self) -> CertificateStore:
+        return CertificateStore.from_files([self.ca.directory / "ca.pem"],
+                                           [self.ca.directory / "crl.pem"],
+                                           identities=[self.host])
+
+    def client_store(self) -> CertificateStore:
+        return CertificateStore.from_files([self.ca.directory / "ca.pem"])
+
+    def person(self, user: str, name: str = "") -> NodeIdentity:
+        out = self.base / "people" / (name or user)
+        if not (out / "cert.pem").exists():
+            self.ca.issue("user", user, out=out)
+        return NodeIdentity.load(user, out / "cert.pem", out / "key.pem")
+
+
+class RegistryHarness:
+    """Starts registries and connects clients; subclasses choose the database."""
+
+    lab: LabSetup
+
+    def database_url(self) -> str:
+        return f"sqlite:{Path(self.mktemp()).absolute() / 'irp.sqlite3'}"  # type: ignore[attr-defined]
+
+    async def start(self, *, database: str | None = None, ca: bool = True,
+                    **settings: object) -> IRPService:
+        state = Path(self.mktemp()).absolute()  # type: ignore[attr-defined]
+        config = dataclasses.replace(
+            IRPConfig(), enabled=True, listen=["tcp:0:interface=127.0.0.1"],
+            database=database or self.database_url(), failure_delay=0.05,
+            operators=["root@example.test"], **settings)
+        service = build_service(config, self.lab.server_store(), self.lab.host, state,
+                                self.lab.ca if ca else None)
+        service.startService()
+        self.addCleanup(service.stopService)  # type: ignore[attr-defined]
+        await service.ready
+        await wait_for(lambda: bool(service.listening.ports))
+        return service
+
+    def port(self, service: IRPService) -> int:
+        return service.listening.ports[0].getHost().port
+
+    async def client(self, service: IRPService, identity: NodeIdentity | None = None):
+        client = await connect("127.0.0.1", self.port(service), self.lab.client_store(),
+                               identity=identity, server_name=HOST)
+        self.addCleanup(client.close)  # type: ignore[attr-defined]
+        return client
+
+    def audit(self, service: IRPService) -> list[dict]:
+        return [json.loads(line) for line in
+                service.registry.audit.path.read_text().splitlines()]
+
+
+class RegistryTests(RegistryHarness):
+    """Behaviour every storage backend must show."""
+
+    async def test_register_two_devices_lookup_most_recent_first(self) -> None:
+        service = await self.start()
+        alice = self.lab.person("alice@example.test")
+        bob = self.lab.person("bob@example.test")
+        phone = await self.client(service, alice)
+        laptop = await self.client(service, alice)
+        assert phone.user == "alice@example.test"
+        await laptop.register([("2001:db8::1", 4605), ("192.0.2.1", 4605)], device="laptop")
+        await phone.register([("2001:db8::2", 4605)], device="phone")
+        looker = await self.client(service, bob)
+        record = await looker.lookup("Alice@Example.TEST")
+        assert record.person == "alice@example.test"
+        assert record.addresses == [("2001:db8::2", 4605, "phone"),
+                                    ("2001:db8::1", 4605, "laptop"),
+                                    ("192.0.2.1", 4605, "laptop")]
+        assert record.certificate is not None and record.certificate.status == "valid"
+        assert record.certificate.chain[0].serial_number == alice.certificate.serial_number
+        # registering the laptop again makes it the most recent
+        await laptop.register([("2001:db8::3", 4605)], device="laptop")
+        record = await looker.lookup("alice@example.test")
+        assert [a[:2] for a in record.addresses] == [("2001:db8::3", 4605),
+                                                    ("2001:db8::2", 4605)]
+
+    async def test_expired_registration_is_never_returned(self) -> None:
+        service = await self.start()
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="short", lifetime=1)
+        await alice.register([("2001:db8::9", 4605)], device="long", lifetime=600)
+        assert len((await alice.lookup("alice@example.test")).addresses) == 2
+        clock = service.registry.clock
+        service.registry.clock = lambda: clock() + 2
+        record = await alice.lookup("alice@example.test")
+        assert record.addresses == [("2001:db8::9", 4605, "long")]
+        assert await service.registry.store.purge_expired(service.registry.now_ms()) == 1
+
+    async def test_unregister(self) -> None:
+        service = await self.start()
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="a")
+        await alice.register([("2001:db8::2", 4605)], device="b")
+        record = await alice.unregister(device="a")
+        assert record.addresses == [("2001:db8::2", 4605, "b")]
+        assert (await alice.unregister()).addresses == []
+
+    async def test_cannot_change_anothers_record_refused_and_audited(self) -> None:
+        service = await self.start()
+        mallory = await self.client(service, self.lab.person("mallory@example.test"))
+        d = mallory.request("register", {"user": "alice@example.test", "device": "x"},
+                            [_address("2001:db8::66", 4605)])
+        error = await _fails(d, IRPError)
+        assert error.condition == "forbidden"
+        refused = [e for e in self.audit(service) if e["outcome"] == "refused"]
+        assert refused[-1]["event"] == "register"
+        assert refused[-1]["actor"] == "mallory@example.test"
+        assert refused[-1]["target"] == "alice@example.test"
+
+    async def test_watch_sees_change_within_a_second(self) -> None:
+        service = await self.start()
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="phone")
+        seen = []
+        first = await bob.watch("alice@example.test", seen.append)
+        assert first.addresses[0][:2] == ("2001:db8::1", 4605)
+        started = time.monotonic()
+        await alice.register([("2001:db8::2", 4605)], device="phone")
+        await wait_for(lambda: seen, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        assert seen[-1].addresses == [("2001:db8::2", 4605, "phone")]
+        await bob.unwatch("alice@example.test")
+        await alice.register([("2001:db8::3", 4605)], device="phone")
+        await alice.lookup("alice@example.test")
+        await task.deferLater(reactor, 0.1, lambda: None)
+        assert len(seen) == 1
+
+    async def test_enroll_by_password_then_use_certificate(self) -> None:
+        service = await self.start()
+        await service.registry.store.set_password("carol@example.test",
+                                                  hash_password("correct horse"), 0)
+        anonymous = await self.client(service)
+        assert anonymous.user is None
+        key = generate_key()
+        chain = await anonymous.enroll("carol@example.test", key, password="correct horse")
+        assert chain[0].public_key() == key.public_key()
+        carol = await self.client(service, _identity(self.mktemp(), "carol", chain, key))
+        assert carol.user == "carol@example.test"
+        await carol.register([("2001:db8::c", 4605)])
+        certs = await carol.certificates(user="carol@example.test")
+        assert [c.status for c in certs] == ["valid"]
+
+    async def test_enroll_by_code_once(self) -> None:
+        service = await self.start()
+        code = new_invite_code()
+        now = service.registry.now_ms()
+        await service.registry.store.add_invite(invite_hash(code), "dave@example.test", now,
+                                                now + 60_000)
+        anonymous = await self.client(service)
+        chain = await anonymous.enroll("dave@example.test", generate_key(), code=code)
+        assert chain
+        error = await _fails(anonymous.enroll("dave@example.test", generate_key(), code=code),
+                             IRPError)
+        assert error.condition == "not-authorized"
+        assert [e["event"] for e in self.audit(service) if e["outcome"] == "refused"] == \
+            ["enroll"]
+
+    async def test_wrong_password_delayed_counted_locked_out(self) -> None:
+        service = await self.start(lockout_after=3)
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        anonymous = await self.client(service)
+        for attempt in range(3):
+            started = time.monotonic()
+            error = await _fails(anonymous.enroll("erin@example.test", generate_key(),
+                                                  password="wrong"), IRPError)
+            assert time.monotonic() - started >= 0.05
+            assert error.condition == ("locked" if attempt == 2 else "not-authorized")
+        error = await _fails(anonymous.enroll("erin@example.test", generate_key(),
+                                              password="right"), IRPError)
+        assert error.condition == "locked"
+        refused = [e for e in self.audit(service) if e["event"] == "password"]
+        assert [e["failures"] for e in refused] == [1, 2, 3]
+
+    async def test_revoked_certificate_is_refused(self) -> None:
+        service = await self.start()
+        await service.registry.store.set_password("frank@example.test", hash_password("pw"), 0)
+        key = generate_key()
+        chain = await (await self.client(service)).enroll("frank@example.test", key,
+                                                          password="pw")
+        frank_id = _identity(self.mktemp(), "frank", chain, key)
+        frank = await self.client(service, frank_id)
+        serial = await frank.revoke()
+        assert serial == format(chain[0].serial_number, "X")
+        # the same connection lost its authentication
+        error = await _fails(frank.lookup("frank@example.test"), IRPError)
+        assert error.condition == "not-authorized"
+        again = await self.client(service, frank_id)
+        assert again.user is None and again.refused == "revoked"
+        assert self.lab.ca.is_revoked(chain[0].serial_number)
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        record = await bob.lookup("frank@example.test")
+        assert record.certificate is not None and record.certificate.status == "revoked"
+
+    async def test_backup_round_trip_to_second_device(self) -> None:
+        service = await self.start()
+        await service.registry.store.set_password("gina@example.test", hash_password("pw"), 0)
+        gina = await self.client(service, self.lab.person("gina@example.test"))
+        blob = b"\x30\x82PKCS12-blob" * 50
+        await gina.put_backup(blob)
+        assert await gina.get_backup() == blob
+        second_device = await self.client(service)
+        assert await second_device.get_backup("gina@example.test", "pw") == blob
+        error = await _fails(second_device.get_backup("gina@example.test", "nope"), IRPError)
+        assert error.condition == "not-authorized"
+
+    async def test_lookup_unknown_and_operator_only_operations(self) -> None:
+        service = await self.start()
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        error = await _fails(alice.lookup("nobody@example.test"), IRPError)
+        assert error.condition == "item-not-found"
+        error = await _fails(alice.list_users(), IRPError)
+        assert error.condition == "forbidden"
+        await alice.register([("2001:db8::1", 4605)])
+        root = await self.client(service, self.lab.person("root@example.test"))
+        assert root.role == "operator"
+        await root.register([("2001:db8::2", 4605)])
+        users, after = await root.list_users(limit=1)
+        assert [u["id"] for u in users] == ["alice@example.test"] and after
+        users, after = await root.list_users(after=after, limit=1)
+        assert [u["id"] for u in users] == ["root@example.test"] and after is None
+        await root.remove("alice@example.test")
+        error = await _fails(alice.lookup("alice@example.test"), IRPError)
+        assert error.condition == "item-not-found"
+
+    async def test_ca_certificates_anonymous(self) -> None:
+        service = await self.start()
+        anonymous = await self.client(service)
+        certs = await anonymous.ca_certificates()
+        assert self.lab.ca.certificate in certs
+        error = await _fails(anonymous.lookup("alice@example.test"), IRPError)
+        assert error.condition == "not-authorized"
+
+
+def _address(ip: str, port: int):
+    from sixnet.irp.wire import element
+
+    return element("address", {"ip": ip, "port": str(port)})
+
+
+def _identity(base: str, name: str, chain, key) -> NodeIdentity:
+    from sixnet.pki.keys import certificates_pem, write_private_key, write_public_file
+
+    directory = Path(base) / name
+    write_public_file(directory / "cert.pem", certificates_pem(chain))
+    write_private_key(directory / "key.pem", key)
+    return NodeIdentity.load(name, directory / "cert.pem", directory / "key.pem")
+
+
+async def _fails(d: defer.Deferred, kind: type[Exception]) -> Exception:
+    try:
+        await d
+    except kind as e:
+        return e
+    raise AssertionError(f"expected {kind.__name__}")
+
+
+class SQLiteRegistryTests(RegistryTests, unittest.TestCase):
+    def setUp(self) -> None:
+        self.lab = LabSetup(Path(self.mktemp()).absolute())
+
+
+__all__ = ["IRPConnectionError", "LabSetup", "RegistryHarness", "RegistryTests"]
