@@ -15,7 +15,7 @@ Every method returns a Deferred (``await`` it from an ``async def``). The API::
     await client.watch("bob@example.test", on_change)   # on_change(PersonRecord); returns now
     await client.unwatch("bob@example.test")
     await client.unregister(device="laptop")
-    client.close()
+    client.close()               # client.lost fires when the connection has ended
 
 Every result is signed by the registry; the signature is checked against the registry's
 certificate from the TLS handshake (itself verified for `server_name` by the store) before
@@ -192,6 +192,8 @@ class IRPClient:
         self._pending: dict[str, tuple[str, defer.Deferred[etree._Element]]] = {}
         self._watches: dict[str, tuple[str, Callable[[PersonRecord], object]]] = {}
         self._closed: IRPConnectionError | None = None
+        #: Fires (with the IRPConnectionError saying why) when the connection has ended.
+        self.lost: defer.Deferred[IRPConnectionError] = defer.Deferred()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -211,6 +213,7 @@ class IRPClient:
         pending, self._pending = self._pending, {}
         for _, d in pending.values():
             d.errback(error)
+        self.lost.callback(error)
 
     def _verified(self, node: etree._Element) -> etree._Element:
         data, signature = signed_parts(node)

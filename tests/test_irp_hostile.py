@@ -1,0 +1,190 @@
+"""Hostile and broken input: each gets the protocol's error or a close; others keep working."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from lxml import etree
+from twisted.internet import defer, endpoints, reactor, task
+from twisted.internet.protocol import Protocol
+from twisted.trial import unittest
+
+from sixnet.irp.client import IRPConnectionError, IRPError
+from sixnet.irp.wire import q, verify_signature
+
+from .test_irp import LabSetup, RegistryHarness, _address, _fails
+
+
+class RawClient(Protocol):
+    """Sends bytes in the clear and collects whatever comes back until the close."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[bytes] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        self.closed.callback(self.received)
+
+
+class HostileInputTests(RegistryHarness, unittest.TestCase):
+    def setUp(self) -> None:
+        self.lab = LabSetup(Path(self.mktemp()).absolute())
+
+    async def raw(self, service, data: bytes) -> bytes:
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port(service))
+        client = RawClient()
+        await endpoints.connectProtocol(endpoint, client)
+        client.transport.write(data)
+        timer = reactor.callLater(5, client.transport.abortConnection)
+        received = await client.closed
+        if timer.active():
+            timer.cancel()
+        return received
+
+    async def still_serving(self, service) -> None:
+        """Another client is unaffected: it registers and looks up as usual."""
+        other = await self.client(service, self.lab.person("bystander@example.test"))
+        await other.register([("2001:db8::b", 4605)])
+        assert (await other.lookup("bystander@example.test")).addresses
+
+    async def stream_error_after_tls(self, service, data: bytes) -> IRPConnectionError:
+        client = await self.client(service, self.lab.person("mallory@example.test"))
+        client.protocol.transport.write(data)
+        error = await client.lost
+        return error
+
+    # -- in the clear ---------------------------------------------------------------------------
+
+    async def test_doctype_and_entities_refused(self) -> None:
+        service = await self.start()
+        reply = await self.raw(service, b'<?xml version="1.0"?><!DOCTYPE irp [<!ENTITY a '
+                                        b'"&#38;a;&#38;a;">]><irp xmlns="urn:sixnet:irp:1">')
+        assert b'condition="restricted-xml"' in reply
+        await self.still_serving(service)
+
+    async def test_request_before_starttls_refused(self) -> None:
+        service = await self.start()
+        reply = await self.raw(service, b'<irp xmlns="urn:sixnet:irp:1" version="1.0">'
+                                        b'<lookup id="1" user="a@example.test"/>')
+        assert b"<features" in reply and b'condition="policy-violation"' in reply
+        assert reply.endswith(b"</irp>")
+
+    async def test_wrong_namespace_and_version(self) -> None:
+        service = await self.start()
+        reply = await self.raw(service, b'<irp xmlns="urn:other" version="1.0">')
+        assert b'condition="invalid-namespace"' in reply
+        reply = await self.raw(service, b'<irp xmlns="urn:sixnet:irp:1" version="2.0">')
+        assert b'condition="unsupported-version"' in reply
+
+    async def test_malformed_xml_closes_only_that_stream(self) -> None:
+        service = await self.start()
+        error = await self.stream_error_after_tls(
+            service, b'<lookup id="1" user="a@example.test"></lookupx>')
+        assert error.condition == "not-well-formed"
+        await self.still_serving(service)
+
+    async def test_oversized_message(self) -> None:
+        service = await self.start(max_message_bytes=4096)
+        error = await self.stream_error_after_tls(
+            service, b'<backup-put id="1">' + b"A" * 20000 + b"</backup-put>")
+        assert error.condition == "policy-violation"
+        await self.still_serving(service)
+
+    async def test_stalled_client_times_out(self) -> None:
+        service = await self.start(stall_timeout=0.3)
+        error = await self.stream_error_after_tls(service, b'<lookup id="1" user="a@exa')
+        assert error.condition == "connection-timeout"
+        assert any(e["event"] == "timeout" for e in self.audit(service))
+        await self.still_serving(service)
+
+    async def test_idle_client_times_out(self) -> None:
+        service = await self.start(idle_timeout=0.3)
+        client = await self.client(service, self.lab.person("idle@example.test"))
+        error = await client.lost
+        assert error.condition == "connection-timeout"
+
+    async def test_connection_flood_from_one_address(self) -> None:
+        service = await self.start(max_connections_per_address=3)
+        people = [await self.client(service, self.lab.person(f"p{i}@example.test"))
+                  for i in range(3)]
+        error = await _fails(self.client(service), IRPConnectionError)
+        assert error.condition == "resource-constraint"
+        await people[0].register([("192.0.2.7", 4605)])  # the first three still work
+        people[2].close()
+        await people[2].lost
+        await task.deferLater(reactor, 0.05, lambda: None)
+        await self.still_serving(service)
+
+    # -- bad requests inside a good stream --------------------------------------------------------
+
+    async def test_bad_requests_get_errors_and_the_stream_goes_on(self) -> None:
+        service = await self.start(max_addresses=2)
+        client = await self.client(service, self.lab.person("alice@example.test"))
+        cases = [
+            ("register", {"device": "x"},
+             [_address("2001:db8::1", 1), _address("2001:db8::2", 2),
+              _address("2001:db8::3", 3)], "policy-violation"),
+            ("register", {}, [_address("2001:db8::zz", 4605)], "bad-request"),
+            ("register", {}, [_address("fe80::1%eth0", 4605)], "bad-request"),
+            ("register", {}, [_address("192.0.2.300", 4605)], "bad-request"),
+            ("register", {}, [_address("192.0.2.3", 70000)], "bad-request"),
+            ("register", {"device": "no spaces"}, [_address("192.0.2.3", 1)], "bad-request"),
+            ("register", {"lifetime": "999999999"}, [_address("192.0.2.3", 1)],
+             "bad-request"),
+            ("lookup", {"user": "not-a-user"}, [], "bad-request"),
+            ("frobnicate", {}, [], "feature-not-implemented"),
+        ]
+        for op, attrib, children, condition in cases:
+            error = await _fails(client.request(op, attrib, children), IRPError)
+            assert error.condition == condition, (op, attrib, error)
+        # an element in a foreign namespace
+        client.protocol.transport.write(b'<x:lookup xmlns:x="urn:other" id="77"/>')
+        d = defer.Deferred()
+        client._pending["77"] = ("lookup", d)
+        error = await _fails(d, IRPError)
+        assert error.condition == "feature-not-implemented"
+        record = await client.register([("2001:db8::1", 4605)])
+        assert record.addresses == [("2001:db8::1", 4605, "default")]
+
+    async def test_signature_verifies_and_fails_when_a_byte_changes(self) -> None:
+        service = await self.start()
+        client = await self.client(service, self.lab.person("alice@example.test"))
+        captured = []
+        original = client._response
+
+        def capture(node):
+            captured.append(copy.deepcopy(node))
+            original(node)
+
+        client._response = capture
+        await client.register([("2001:db8::1", 4605)])
+        await client.lookup("alice@example.test")
+        node = captured[-1]
+        server_cert = self.lab.host.certificate
+        verify_signature(node.find(q("data")), node.find(q("signature")), server_cert)
+        wire = etree.tostring(node)
+        assert b'port="4605"' in wire
+        for original_bytes, changed in ((b'port="4605"', b'port="4606"'),
+                                        (b"2001:db8::1", b"2001:db8::2")):
+            tampered = etree.fromstring(wire.replace(original_bytes, changed, 1))
+            error = None
+            try:
+                verify_signature(tampered.find(q("data")), tampered.find(q("signature")),
+                                 server_cert)
+            except IRPError as e:
+                error = e
+            assert error is not None and "does not verify" in error.text
+        # the certificate bytes inside the signed data are covered too
+        tampered = etree.fromstring(wire)
+        cert = tampered.find(f".//{q('certificate')}")
+        cert.text = cert.text[:-8] + ("A" if cert.text[-8] != "A" else "B") + cert.text[-7:]
+        try:
+            verify_signature(tampered.find(q("data")), tampered.find(q("signature")),
+                             server_cert)
+        except IRPError:
+            return
+        raise AssertionError("a changed certificate byte verified")
