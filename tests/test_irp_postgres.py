@@ -1,0 +1,68 @@
+"""The registry on PostgreSQL: the same behaviour as on SQLite, and two registries on one
+database (register through one, look up and watch through the other)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+from .test_irp import LabSetup, RegistryHarness, RegistryTests, wait_for
+
+
+class PostgreSQLRegistryTests(RegistryTests, unittest.TestCase):
+    skip = postgres_unavailable()
+
+    def setUp(self) -> None:
+        self.lab = LabSetup(Path(self.mktemp()).absolute())
+
+    def database_url(self) -> str:
+        url, schema = fresh_postgres_schema()
+        self.addCleanup(drop_postgres_schema, schema)
+        return url
+
+
+class TwoRegistriesTests(RegistryHarness, unittest.TestCase):
+    """Two registry services sharing one PostgreSQL, as on two hosts."""
+
+    skip = postgres_unavailable()
+
+    def setUp(self) -> None:
+        self.lab = LabSetup(Path(self.mktemp()).absolute())
+
+    def database_url(self) -> str:
+        url, schema = fresh_postgres_schema()
+        self.addCleanup(drop_postgres_schema, schema)
+        return url
+
+    async def test_register_on_one_lookup_and_watch_on_the_other(self) -> None:
+        url = self.database_url()
+        first = await self.start(database=url)
+        second = await self.start(database=url)
+        alice = await self.client(first, self.lab.person("alice@example.test"))
+        bob = await self.client(second, self.lab.person("bob@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="phone")
+        record = await bob.lookup("alice@example.test")
+        assert record.addresses == [("2001:db8::1", 4605, "phone")]
+        seen = []
+        await bob.watch("alice@example.test", seen.append)
+        started = time.monotonic()
+        await alice.register([("2001:db8::2", 4605)], device="phone")
+        await wait_for(lambda: seen, timeout=1.0)
+        assert time.monotonic() - started < 1.0
+        assert seen[-1].addresses == [("2001:db8::2", 4605, "phone")]
+
+    async def test_revocation_on_one_is_refused_by_the_other(self) -> None:
+        url = self.database_url()
+        first = await self.start(database=url)
+        second = await self.start(database=url)
+        frank_id = self.lab.person("frank@example.test")
+        frank = await self.client(first, frank_id)
+        await frank.revoke()
+        # the second process never re-read the CRL file itself: the database tells it
+        second.registry.certificates.crl_files = []
+        second.registry.certificates.reload_crls()
+        again = await self.client(second, frank_id)
+        assert again.user is None and again.refused == "revoked"
