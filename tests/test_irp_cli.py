@@ -1,0 +1,97 @@
+"""``sixnet irp`` commands, run as processes against a registry on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.internet import threads
+from twisted.trial import unittest
+
+from .test_irp import HOST, LabSetup, RegistryHarness
+
+
+class CommandTests(RegistryHarness, unittest.TestCase):
+    def setUp(self) -> None:
+        self.base = Path(self.mktemp()).absolute()
+        self.lab = LabSetup(self.base / "lab")
+        self.state = self.base / "state"
+        ca = self.lab.ca.directory
+        self.config = self.base / "sixnet.toml"
+        self.config.parent.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(f"""
+[sixnet]
+state_dir = "{self.state}"
+[pki]
+trust_anchors = ["{ca / 'ca.pem'}"]
+crls = ["{ca / 'crl.pem'}"]
+lab_ca = "{ca}"
+[pki.identities.host]
+subject = "{HOST}"
+certificate = "{self.base / 'lab/host/cert.pem'}"
+key = "{self.base / 'lab/host/key.pem'}"
+[pki.identities.user]
+subject = "carol@example.test"
+certificate = "{self.base / 'carol/cert.pem'}"
+key = "{self.base / 'carol/key.pem'}"
+[irp]
+enabled = true
+listen = ["tcp:0:interface=127.0.0.1"]
+database = "sqlite:irp.sqlite3"
+""")
+
+    def database_url(self) -> str:
+        return f"sqlite:{self.state / 'irp.sqlite3'}"
+
+    async def sixnet(self, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "sixnet", *args, "--config", str(self.config)]
+        return await threads.deferToThread(
+            subprocess.run, command, input=stdin, capture_output=True, text=True, timeout=60)
+
+    async def test_admin_and_client_commands(self) -> None:
+        service = await self.start()
+        server = ["--server", f"127.0.0.1:{self.port(service)}", "--server-name", HOST]
+
+        done = await self.sixnet("irp", "user", "add", "carol@example.test", stdin="s3cret\n")
+        assert done.returncode == 0, done.stderr
+        done = await self.sixnet("irp", "enroll", "carol@example.test", *server,
+                                 stdin="wrong\n")
+        assert done.returncode == 1 and done.stderr.count("\n") == 1
+        assert "not-authorized" in done.stderr
+        done = await self.sixnet("irp", "enroll", "carol@example.test", *server,
+                                 stdin="s3cret\n")
+        assert done.returncode == 0, done.stderr
+        assert (self.base / "carol/cert.pem").exists()
+
+        done = await self.sixnet("irp", "register", "[2001:db8::5]:4605", "192.0.2.5:4605",
+                                 "--device", "cli", "--json", *server)
+        assert done.returncode == 0, done.stderr
+        done = await self.sixnet("irp", "lookup", "carol@example.test", "--json", *server)
+        record = json.loads(done.stdout)
+        assert [(a["ip"], a["port"]) for a in record["addresses"]] == [
+            ("2001:db8::5", 4605), ("192.0.2.5", 4605)]
+        assert record["certificate"]["status"] == "valid"
+
+        done = await self.sixnet("irp", "invite", "dave@example.test", "--json")
+        code = json.loads(done.stdout)["code"]
+        dave = ["--out", str(self.base / "dave")]
+        done = await self.sixnet("irp", "enroll", "dave@example.test", "--code", code, *dave,
+                                 *server)
+        assert done.returncode == 0, done.stderr
+        done = await self.sixnet("irp", "enroll", "dave@example.test", "--code", code, *dave,
+                                 "--force", *server)
+        assert done.returncode == 1 and "code is wrong, expired or used" in done.stderr
+
+        done = await self.sixnet("irp", "user", "list", "--json")
+        assert [u["user"] for u in json.loads(done.stdout)] == ["carol@example.test",
+                                                               "dave@example.test"]
+        done = await self.sixnet("irp", "lookup", "nobody@example.test", *server)
+        assert done.returncode == 1 and "item-not-found" in done.stderr
+        done = await self.sixnet("irp", "lookup", "not a user", *server)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1
+        done = await self.sixnet("irp", "revoke", *server)
+        assert done.returncode == 0, done.stderr
+        done = await self.sixnet("irp", "lookup", "carol@example.test", *server)
+        assert done.returncode == 1 and "revoked" in done.stderr
