@@ -1,0 +1,545 @@
+"""IRP registry throughput and latency, against OpenLDAP slapd serving the same records.
+
+Both servers hold N persons (default 100,000), each with one registered IPv6 address and a
+real certificate from a lab CA, and are driven by the same raw asyncio load generator in
+this process (no IRP or LDAP library in the measured path; responses are framed, not
+verified): C clients (default 50) on persistent TLS connections, each authenticated (IRP: its
+client certificate; LDAP: a simple bind as its own entry over LDAPS), each with one request
+in flight (closed loop).
+
+* lookups: each client looks up random persons for ``--seconds``;
+* registrations: each client re-registers its own address (IRP ``<register>``; LDAP: a
+  modify replacing ``labeledURI`` on its own entry) for ``--seconds``.
+
+Reported per server and phase: operations/s, p50/p99 latency; for IRP also the registry's
+resident memory (RSS) with the N persons loaded and its database size, both per person.
+sixnet runs as ``twistd -n sixnet-irp`` (SQLite, WAL, synchronous=FULL); slapd (Debian
+package ``slapd``) runs with back-mdb and the same TLS certificate, both on loopback.
+If slapd is not installed, it is skipped.
+
+Usage: python benchmarks/irp.py [--persons 100000] [--clients 50] [--seconds 10]
+Prints one JSON document on standard output (progress on standard error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime
+import json
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from lxml import etree
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sixnet.irp.storage import MIGRATIONS  # noqa: E402
+from sixnet.pki.ca import LabCA  # noqa: E402
+from sixnet.pki.identity import user_san  # noqa: E402
+from sixnet.pki.keys import certificates_pem, generate_key, signature_hash  # noqa: E402
+from sixnet.storage import _TYPES  # noqa: E402
+from sixnet.xmlstream import StreamParser  # noqa: E402
+
+HOST = "localhost"
+NS = "urn:sixnet:irp:1"
+HEADER = f'<irp xmlns="{NS}" version="1.0" to="{HOST}">'.encode()
+
+
+def progress(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the records ------------------------------------------------------------------------------
+
+
+def person_id(i: int) -> str:
+    return f"person{i:06d}@example.test"
+
+
+def person_address(i: int) -> str:
+    return f"2001:db8::{i // 65536:x}:{i % 65536:x}"
+
+
+def make_population(ca: LabCA, count: int) -> list[bytes]:
+    """One real certificate per person (DER), made directly with the CA key (fast path)."""
+    key = generate_key().public_key()  # one key for all: only the certificates matter here
+    now = datetime.datetime.now(datetime.UTC)
+    issuer = ca.certificate.subject
+    algorithm = signature_hash(ca.key)
+    out = []
+    for i in range(count):
+        user = person_id(i)
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+                .issuer_name(issuer).public_key(key)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .add_extension(user_san(user), critical=False)
+                .sign(ca.key, algorithm))
+        out.append(cert.public_bytes(serialization.Encoding.DER))
+    return out
+
+
+def fill_registry_database(path: Path, certs: list[bytes]) -> None:
+    now = int(time.time() * 1000)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE schema_version (component TEXT PRIMARY KEY, version INTEGER "
+               "NOT NULL)")
+    for statement in MIGRATIONS[1]:
+        db.execute(statement.format(**_TYPES["sqlite"]))
+    db.execute("INSERT INTO schema_version VALUES ('irp', 1)")
+    people = [(person_id(i), now) for i in range(len(certs))]
+    db.executemany("INSERT INTO irp_person VALUES (?, ?)", people)
+    db.executemany(
+        "INSERT INTO irp_certificate (serial, person, issued, not_after, chain, revoked)"
+        " VALUES (?, ?, ?, ?, ?, NULL)",
+        [(format(x509.load_der_x509_certificate(der).serial_number, "X"), person_id(i), now,
+          now + 30 * 86_400_000,
+          certificates_pem([x509.load_der_x509_certificate(der)])) for i, der in
+         enumerate(certs)])
+    db.executemany(
+        "INSERT INTO irp_device (person, device, registered, expires, addresses)"
+        " VALUES (?, 'default', ?, ?, ?)",
+        [(person_id(i), now + i, now + 86_400_000, json.dumps([[person_address(i), 4605]]))
+         for i in range(len(certs))])
+    db.commit()
+    db.close()
+
+
+# -- load generation --------------------------------------------------------------------------
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def summary(self, elapsed: float) -> dict[str, float | int]:
+        lat = sorted(self.latencies)
+        if not lat:
+            return {"operations": 0, "errors": self.errors}
+        return {
+            "operations": len(lat),
+            "errors": self.errors,
+            "per_second": round(len(lat) / elapsed, 1),
+            "p50_ms": round(lat[len(lat) // 2] * 1000, 3),
+            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 3),
+            "mean_ms": round(statistics.fmean(lat) * 1000, 3),
+        }
+
+
+async def run_clients(sessions: list, operation, seconds: float) -> dict:
+    stats = Stats()
+    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+
+    async def loop(index: int, session) -> None:
+        rng = random.Random(index)
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            ok = await operation(session, rng)
+            if ok:
+                stats.latencies.append(time.perf_counter() - t0)
+            else:
+                stats.errors += 1
+
+    await asyncio.gather(*(loop(i, s) for i, s in enumerate(sessions)))
+    return stats.summary(time.monotonic() - started)
+
+
+class IRPSession:
+    """A raw IRP client: header, STARTTLS, client certificate, then one request at a time."""
+
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+        self.parser = StreamParser(max_element_bytes=1 << 20)
+        self.queue: list = []
+        self.next_id = 0
+
+    async def element(self):
+        while not self.queue:
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.queue.extend(e for e in self.parser.feed(data)
+                              if isinstance(e, etree._Element))
+        return self.queue.pop(0)
+
+    @classmethod
+    async def open(cls, port: int, context: ssl.SSLContext) -> IRPSession:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        session = cls(reader, writer)
+        writer.write(HEADER)
+        await session.expect("features")
+        writer.write(b"<starttls/>")
+        await session.expect("proceed")
+        session.parser.reset()
+        session.queue.clear()
+        await writer.start_tls(context, server_hostname=HOST)
+        writer.write(HEADER)
+        session_element = await session.expect("session")
+        if session_element.get("user") is None:
+            raise RuntimeError(f"not authenticated: {session_element.get('refused')}")
+        return session
+
+    async def expect(self, name: str):
+        while True:
+            node = await self.element()
+            if isinstance(node.tag, str) and node.tag.endswith("}" + name):
+                return node
+
+    async def call(self, body: str) -> bool:
+        self.next_id += 1
+        rid = str(self.next_id)
+        self.writer.write(body.replace("ID", rid, 1).encode())
+        node = await self.element()
+        return node.tag == f"{{{NS}}}result" and node.get("id") == rid
+
+
+async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
+                    seconds: float, own: list[int]) -> dict:
+    sessions = [await IRPSession.open(port, c) for c in contexts]
+
+    async def lookup(session: IRPSession, rng: random.Random) -> bool:
+        return await session.call(f'<lookup id="ID" user="{person_id(rng.randrange(persons))}"/>')
+
+    async def register(session: IRPSession, rng: random.Random) -> bool:
+        return await session.call(
+            f'<register id="ID" device="bench" lifetime="3600"><address '
+            f'ip="{person_address(rng.randrange(1 << 30))}" port="4605"/></register>')
+
+    result = {"lookups": await run_clients(sessions, lookup, seconds),
+              "registrations": await run_clients(sessions, register, seconds)}
+    for s in sessions:
+        s.writer.close()
+    return result
+
+
+
+# -- LDAP (raw BER over TLS) ------------------------------------------------------------------
+
+
+def ber(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def ber_int(value: int, tag: int = 0x02) -> bytes:
+    return ber(tag, value.to_bytes(max(1, (value.bit_length() + 8) // 8), "big", signed=True))
+
+
+def ber_str(value: str | bytes, tag: int = 0x04) -> bytes:
+    return ber(tag, value.encode() if isinstance(value, str) else value)
+
+
+def ldap_message(mid: int, op: bytes) -> bytes:
+    return ber(0x30, ber_int(mid) + op)
+
+
+class LDAPSession:
+    def __init__(self, reader, writer) -> None:
+        self.reader, self.writer = reader, writer
+        self.buffer = b""
+        self.mid = 0
+
+    async def message(self) -> tuple[int, int, bytes]:
+        """One LDAPMessage: (message id, protocolOp tag, op content)."""
+        while True:
+            if len(self.buffer) >= 2:
+                first = self.buffer[1]
+                if first < 0x80:
+                    head, length = 2, first
+                else:
+                    count = first & 0x7F
+                    head = 2 + count
+                    length = int.from_bytes(self.buffer[2:head], "big") if \
+                        len(self.buffer) >= head else -1
+                if length >= 0 and len(self.buffer) >= head + length:
+                    body = self.buffer[head:head + length]
+                    self.buffer = self.buffer[head + length:]
+                    # messageID INTEGER then the op TLV
+                    id_len = body[1]
+                    mid = int.from_bytes(body[2:2 + id_len], "big")
+                    return mid, body[2 + id_len], body[2 + id_len:]
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buffer += data
+
+    async def request(self, op: bytes, done_tag: int) -> bool:
+        self.mid += 1
+        self.writer.write(ldap_message(self.mid, op))
+        while True:
+            mid, tag, content = await self.message()
+            if tag == done_tag:
+                # resultCode ENUMERATED is the first element of the LDAPResult
+                inner = content[2:] if content[1] < 0x80 else content[2 + (content[1] & 0x7F):]
+                return mid == self.mid and inner[:3] == b"\x0a\x01\x00"
+
+    @classmethod
+    async def open(cls, port: int, context: ssl.SSLContext, dn: str,
+                   password: str) -> LDAPSession:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context,
+                                                       server_hostname=HOST)
+        session = cls(reader, writer)
+        bind = ber(0x60, ber_int(3) + ber_str(dn) + ber_str(password, 0x80))
+        if not await session.request(bind, 0x61):
+            raise RuntimeError(f"LDAP bind as {dn} failed")
+        return session
+
+
+def ldap_dn(i: int) -> str:
+    return f"uid=person{i:06d},ou=people,dc=example,dc=test"
+
+
+async def ldap_phase(port: int, context: ssl.SSLContext, persons: int, seconds: float,
+                     own: list[int]) -> dict:
+    sessions = [await LDAPSession.open(port, context, ldap_dn(i), f"pw{i}") for i in own]
+
+    async def lookup(session: LDAPSession, rng: random.Random) -> bool:
+        search = ber(0x63, ber_str(ldap_dn(rng.randrange(persons))) + ber_int(0, 0x0A)
+                     + ber_int(0, 0x0A) + ber_int(0) + ber_int(0) + ber(0x01, b"\x00")
+                     + ber_str("objectClass", 0x87) + ber(0x30, b""))
+        return await session.request(search, 0x65)
+
+    async def register(session: LDAPSession, rng: random.Random) -> bool:
+        index = own[sessions.index(session)]
+        value = f"irp [{person_address(rng.randrange(1 << 30))}]:4605 bench"
+        change = ber(0x30, ber_int(2, 0x0A) + ber(0x30, ber_str("labeledURI")
+                                                  + ber(0x31, ber_str(value))))
+        modify = ber(0x66, ber_str(ldap_dn(index)) + ber(0x30, change))
+        return await session.request(modify, 0x67)
+
+    result = {"lookups": await run_clients(sessions, lookup, seconds),
+              "registrations": await run_clients(sessions, register, seconds)}
+    for s in sessions:
+        s.writer.close()
+    return result
+
+
+def write_ldif(path: Path, certs: list[bytes], clients: list[int]) -> None:
+    passwords = set(clients)
+    with path.open("w") as out:
+        out.write("dn: dc=example,dc=test\nobjectClass: dcObject\nobjectClass: organization\n"
+                  "o: example\ndc: example\n\n"
+                  "dn: ou=people,dc=example,dc=test\nobjectClass: organizationalUnit\n"
+                  "ou: people\n\n")
+        for i, der in enumerate(certs):
+            out.write(f"dn: {ldap_dn(i)}\nobjectClass: inetOrgPerson\n"
+                      f"uid: person{i:06d}\ncn: person{i:06d}\nsn: person\n"
+                      f"mail: {person_id(i)}\n"
+                      f"labeledURI: irp [{person_address(i)}]:4605 default\n"
+                      f"userCertificate;binary:: {base64.b64encode(der).decode()}\n")
+            if i in passwords:
+                out.write(f"userPassword: pw{i}\n")
+            out.write("\n")
+
+
+def slapd_config(base: Path, cert: Path, key: Path, ca: Path) -> Path:
+    conf = base / "slapd.conf"
+    (base / "db").mkdir()
+    conf.write_text(f"""
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+modulepath /usr/lib/ldap
+moduleload back_mdb
+pidfile {base}/slapd.pid
+TLSCertificateFile {cert}
+TLSCertificateKeyFile {key}
+TLSCACertificateFile {ca}
+loglevel 0
+database mdb
+maxsize 4294967296
+suffix "dc=example,dc=test"
+directory {base}/db
+index uid eq
+access to attrs=userPassword by self write by anonymous auth by * none
+access to * by self write by users read by * none
+""")
+    return conf
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def client_context(ca_pem: Path, cert: Path | None = None,
+                   key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_pem))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+async def measure(args: argparse.Namespace) -> dict:
+    base = Path(tempfile.mkdtemp(prefix="irp-bench-"))
+    result: dict = {"persons": args.persons, "clients": args.clients, "seconds": args.seconds,
+                    "machine": {"cpus": os.cpu_count()}}
+    try:
+        ca = LabCA.init(base / "ca", name="bench CA")
+        host_cert, host_key, _ = ca.issue("host", HOST, out=base / "host")
+        progress(f"making {args.persons} certificates")
+        t0 = time.monotonic()
+        certs = make_population(ca, args.persons)
+        result["setup_certificates_s"] = round(time.monotonic() - t0, 1)
+        clients = list(range(args.clients))
+        contexts = []
+        for i in clients:
+            user_cert, user_key, _ = ca.issue("user", person_id(i), out=base / "users" / str(i))
+            contexts.append(client_context(ca.directory / "ca.pem", user_cert, user_key))
+
+        # sixnet
+        state = base / "state"
+        state.mkdir()
+        progress("filling the registry database")
+        fill_registry_database(state / "irp.sqlite3", certs)
+        port = free_port()
+        config = base / "sixnet.toml"
+        config.write_text(f"""
+[sixnet]
+state_dir = "{state}"
+[pki]
+trust_anchors = ["{ca.directory / 'ca.pem'}"]
+crls = ["{ca.directory / 'crl.pem'}"]
+lab_ca = "{ca.directory}"
+[pki.identities.host]
+subject = "{HOST}"
+certificate = "{host_cert}"
+key = "{host_key}"
+[irp]
+enabled = true
+listen = ["tcp:{port}:interface=127.0.0.1"]
+max_connections_per_address = {args.clients + 10}
+""")
+        twistd = Path(sys.executable).parent / "twistd"
+        server = subprocess.Popen([str(twistd), "-n", "--pidfile=", "sixnet-irp", "--config",
+                                   str(config)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, cwd=base)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            rss_start = rss_kib(server.pid)
+            cpu_start = cpu_seconds(server.pid)
+            progress("sixnet: measuring")
+            irp = await irp_phase(port, contexts, args.persons, args.seconds, clients)
+            irp["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu_start, 2)
+            rss_end = rss_kib(server.pid)
+            db_bytes = sum(p.stat().st_size for p in state.glob("irp.sqlite3*"))
+            irp["rss_kib_start"] = rss_start
+            irp["rss_kib_end"] = rss_end
+            irp["rss_bytes_per_person"] = round(rss_end * 1024 / args.persons, 1)
+            irp["database_bytes_per_person"] = round(db_bytes / args.persons, 1)
+            result["sixnet"] = irp
+        finally:
+            server.terminate()
+            server.wait(10)
+
+        # slapd
+        slapd = shutil.which("slapd") or "/usr/sbin/slapd"
+        if not Path(slapd).exists():
+            result["slapd"] = "skipped: slapd is not installed"
+            return result
+        progress("slapd: loading the same records")
+        ldap_base = base / "ldap"
+        ldap_base.mkdir()
+        conf = slapd_config(ldap_base, host_cert, host_key, ca.directory / "ca.pem")
+        ldif = ldap_base / "people.ldif"
+        write_ldif(ldif, certs, clients)
+        t0 = time.monotonic()
+        subprocess.run([slapd.replace("slapd", "slapadd"), "-q", "-f", str(conf), "-l",
+                        str(ldif)], check=True, capture_output=True)
+        result["setup_slapadd_s"] = round(time.monotonic() - t0, 1)
+        ldap_port = free_port()
+        server = subprocess.Popen([slapd, "-d", "0", "-f", str(conf), "-h",
+                                   f"ldaps://127.0.0.1:{ldap_port}/"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", ldap_port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            progress("slapd: measuring")
+            cpu_start = cpu_seconds(server.pid)
+            ldap = await ldap_phase(ldap_port, client_context(ca.directory / "ca.pem"),
+                                    args.persons, args.seconds, clients)
+            ldap["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu_start, 2)
+            ldap["rss_kib_end"] = rss_kib(server.pid)
+            ldap["rss_bytes_per_person"] = round(ldap["rss_kib_end"] * 1024 / args.persons, 1)
+            result["slapd"] = ldap
+        finally:
+            server.terminate()
+            server.wait(10)
+        ratios = {}
+        for phase in ("lookups", "registrations"):
+            ours = result["sixnet"][phase].get("per_second")
+            theirs = ldap[phase].get("per_second")
+            if ours and theirs:
+                ratios[f"{phase}_per_second_sixnet_over_slapd"] = round(ours / theirs, 3)
+        result["ratios"] = ratios
+        return result
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--persons", type=int, default=100_000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(measure(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
