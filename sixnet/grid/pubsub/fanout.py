@@ -1,11 +1,12 @@
 """Delivering notifications: in order, in chunks that never hold the reactor for long.
 
 A publish makes one `Notification`: its event element is built once, with the payload parsed
-from the publisher's stanza, and handed to `IRouter.route_fanout` as one message template per
-chunk of recipients; the router serialises it once and splices each recipient's address into
-the bytes. Every notification goes through one FIFO queue drained by one cooperative task
-(`twisted.internet.task.cooperate`), so a 100,000-subscriber fan-out is interleaved with other
-work and two publishes reach every subscriber in the order they were published.
+from the publisher's stanza, and handed to `IRouter.route_fanout` as one message template for
+each chunk of `CHUNK` recipients; the router serialises the template once per chunk and
+splices each recipient's address into the bytes (so 1,000 subscribers cost 16
+serialisations, not 1,000). Every notification goes through one FIFO queue drained by one
+cooperative task (a `twisted.internet.task.Cooperator`), so a 100,000-subscriber fan-out is
+interleaved with other work and two publishes reach every subscriber in publish order.
 
 Notifications are ``type="normal"`` messages: the core stores them for an offline subscriber
 and delivers them at its next login with a delay stamp (RFC 8600 section 6, XEP-0160). A topic
@@ -16,8 +17,9 @@ the core does not store (RFC 8600 section 5).
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from lxml import etree
 from twisted.internet import defer, task
@@ -28,8 +30,14 @@ from sixnet.grid.pubsub.engine import Notification
 
 log = Logger(namespace="sixnet.grid.pubsub")
 _MESSAGE = "{jabber:client}message"
-#: Messages sent before the reactor gets a turn.
-CHUNK = 256
+#: Messages handed to the router in one step of the delivery task.
+CHUNK = 64
+#: How long delivery keeps the reactor before letting it run (which is when the TLS layer
+#: flushes what was written). With nothing queued behind the notification being sent, short
+#: slices get the first subscribers of a large fan-out their copy sooner; with a backlog,
+#: long slices (Twisted's default) give the most notifications per second.
+SLICE_IDLE = 0.002
+SLICE_BUSY = 0.010
 
 
 class Delivery:
@@ -43,13 +51,18 @@ class Delivery:
         self._task: task.CooperativeTask | None = None
         self._idle: list[defer.Deferred[None]] = []
         self._prefix = os.urandom(4).hex() + "-"
+        self._cooperator = task.Cooperator(terminationPredicateFactory=self._time_slice)
+
+    def _time_slice(self) -> Callable[[], bool]:
+        deadline = time.monotonic() + (SLICE_BUSY if self._queue else SLICE_IDLE)
+        return lambda: time.monotonic() >= deadline
 
     def enqueue(self, notification: Notification) -> None:
         if not notification.recipients:
             return
         self._queue.append(notification)
         if self._task is None:
-            self._task = task.cooperate(self._drain())
+            self._task = self._cooperator.cooperate(self._drain())
             self._task.whenDone().addBoth(self._finished)
 
     def idle(self) -> defer.Deferred[None]:
@@ -64,7 +77,7 @@ class Delivery:
     def _finished(self, result: object) -> None:
         self._task = None
         if self._queue:  # enqueued after the iterator ended but before whenDone fired
-            self._task = task.cooperate(self._drain())
+            self._task = self._cooperator.cooperate(self._drain())
             self._task.whenDone().addBoth(self._finished)
             return
         waiting, self._idle = self._idle, []
