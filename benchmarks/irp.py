@@ -455,8 +455,10 @@ listen = ["tcp:{port}:interface=127.0.0.1"]
 max_connections_per_address = {args.clients + 10}
 """)
         twistd = Path(sys.executable).parent / "twistd"
-        server = subprocess.Popen([str(twistd), "-n", "--pidfile=", "sixnet-irp", "--config",
-                                   str(config)], stdout=subprocess.DEVNULL,
+        profile = ["--profile", str(args.profile), "--profiler", "cprofile", "--savestats"] \
+            if args.profile else []
+        server = subprocess.Popen([str(twistd), "-n", "--pidfile=", *profile, "sixnet-irp",
+                                   "--config", str(config)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, cwd=base)
         try:
             for _ in range(100):
@@ -480,6 +482,8 @@ max_connections_per_address = {args.clients + 10}
         finally:
             server.terminate()
             server.wait(10)
+        if args.slapd == "no":
+            return result
 
         # slapd
         slapd = shutil.which("slapd") or "/usr/sbin/slapd"
@@ -536,7 +540,11 @@ def main() -> None:
     parser.add_argument("--persons", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--slapd", choices=("yes", "no"), default="yes",
+                        help="also measure slapd (default yes)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--profile", type=Path, help="cProfile the registry's reactor thread "
+                                                     "into this file")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(measure(args)), indent=2))
 

@@ -11,7 +11,7 @@ Every method returns a Deferred (``await`` it from an ``async def``). The API::
     record = await client.lookup("bob@example.test")
     record.addresses             # [(ip, port, device), ...], most recently registered first
     record.certificate.chain     # bob's certificate chain, leaf first
-    record.certificate.status    # "valid", "revoked", "expired" or "invalid"
+    record.certificate.status    # "valid", "revoked" or "expired"
     await client.watch("bob@example.test", on_change)   # on_change(PersonRecord); returns now
     await client.unwatch("bob@example.test")
     await client.unregister(device="laptop")

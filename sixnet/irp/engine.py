@@ -51,6 +51,9 @@ from sixnet.pki.store import CertificateStore, VerificationError, VerifiedPeer
 
 log = Logger(namespace="sixnet.irp")
 
+#: Parsed certificate chains kept in memory (oldest dropped first).
+CHAIN_CACHE = 20_000
+
 ANONYMOUS, PERSON, OPERATOR = "anonymous", "person", "operator"
 _ALL = frozenset({ANONYMOUS, PERSON, OPERATOR})
 _ENROLLED = frozenset({PERSON, OPERATOR})
@@ -174,7 +177,7 @@ class Registry:
         self.reactor = reactor
         self.operators = {o.lower() for o in config.operators}
         self._watchers: dict[str, list[Watcher]] = {}
-        self._status_cache: dict[tuple[str, int], tuple[str, float]] = {}
+        self._chains: dict[str, tuple[tuple[x509.Certificate, ...], float]] = {}
         store.on_change(self._changed)
 
     # -- authentication ---------------------------------------------------------------------
@@ -358,25 +361,36 @@ class Registry:
                         children=[chain_element(self._status(r)) for r in view.certificates])]
 
     def _status(self, row: CertificateRow) -> CertificateInfo:
-        chain = tuple(x509.load_pem_x509_certificates(row.chain_pem))
+        """A certificate's status now: revoked (by the registry or a CRL), expired or valid.
+
+        A chain is verified against the trust anchors when it enters the registry (issued
+        by its CA, or presented and verified at authentication); afterwards only time and
+        revocation can change its status, and those are checked here on every call.
+        """
+        chain, not_after = self._chain(row)
         if row.revoked is not None:
             return CertificateInfo(row.serial, "revoked", chain,
                                    datetime.datetime.fromtimestamp(row.revoked / 1000,
                                                                    datetime.UTC))
-        now = self.clock()
-        key = (row.serial, self.certificates.generation)
-        cached = self._status_cache.get(key)
-        if cached is not None and (cached[0] != "valid" or now * 1000 < row.not_after):
-            return CertificateInfo(row.serial, cached[0], chain)
-        try:
-            self.certificates.verify(list(chain), "client", row.person)
-            status = "valid"
-        except VerificationError as e:
-            status = e.check if e.check in ("revoked", "expired") else "invalid"
-        if len(self._status_cache) > 100_000:
-            self._status_cache.clear()
-        self._status_cache[key] = (status, now)
-        return CertificateInfo(row.serial, status, chain)
+        if self.clock() >= not_after:
+            return CertificateInfo(row.serial, "expired", chain)
+        for cert in chain:
+            entry = self.certificates.revocation_status(cert)
+            if entry is not None:
+                return CertificateInfo(row.serial, "revoked", chain,
+                                       entry.revocation_date_utc)
+        return CertificateInfo(row.serial, "valid", chain)
+
+    def _chain(self, row: CertificateRow) -> tuple[tuple[x509.Certificate, ...], float]:
+        """The parsed chain and the earliest notAfter in it (seconds), cached by serial."""
+        cached = self._chains.get(row.serial)
+        if cached is None:
+            chain = tuple(x509.load_pem_x509_certificates(row.chain_pem))
+            cached = (chain, min(c.not_valid_after_utc.timestamp() for c in chain))
+            if len(self._chains) >= CHAIN_CACHE:
+                self._chains.pop(next(iter(self._chains)))
+            self._chains[row.serial] = cached
+        return cached
 
     # -- records ---------------------------------------------------------------------------------
 

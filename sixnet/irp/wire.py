@@ -118,7 +118,7 @@ class CertificateInfo:
     """A certificate the registry issued or knows, with its status now."""
 
     serial: str  # upper-case hex
-    status: str  # "valid", "revoked", "expired", "invalid"
+    status: str  # "valid", "revoked" or "expired"
     chain: tuple[x509.Certificate, ...]  # leaf first
     revoked_at: datetime.datetime | None = None
 
@@ -481,9 +481,12 @@ def read_certificate(node: etree._Element) -> x509.Certificate:
 
 def read_chain(node: etree._Element) -> CertificateInfo:
     revoked = node.get("revoked")
+    status = node.get("status", "")
+    if status not in ("valid", "revoked", "expired"):
+        raise IRPError("bad-request", f"unknown certificate status {status[:40]!r}")
     return CertificateInfo(
         serial=parse_serial(node.get("serial", "")),
-        status=node.get("status", "invalid"),
+        status=status,
         chain=tuple(read_certificate(c) for c in node.findall(q("certificate"))),
         revoked_at=parse_timestamp(revoked) if revoked else None,
     )
