@@ -269,6 +269,36 @@ class RegistryTests(RegistryHarness):
         error = await _fails(alice.lookup("alice@example.test"), IRPError)
         assert error.condition == "item-not-found"
 
+    async def test_renew_and_certificates_by_serial(self) -> None:
+        service = await self.start()
+        alice_id = self.lab.person("alice@example.test")
+        alice = await self.client(service, alice_id)
+        key = generate_key("ed25519")
+        chain = await alice.renew(key)
+        assert chain[0].public_key() == key.public_key()
+        serial = format(chain[0].serial_number, "X")
+        (info,) = await alice.certificates(serial=serial)
+        assert info.status == "valid" and info.chain[0] == chain[0]
+        infos = await alice.certificates(user="alice@example.test")
+        assert [i.serial for i in infos][0] == serial and len(infos) == 2
+        error = await _fails(alice.certificates(serial="ABCDEF0123"), IRPError)
+        assert error.condition == "item-not-found"
+        # the renewed certificate works, and the old one is still valid
+        renewed = await self.client(service, _identity(self.mktemp(), "alice2", chain, key))
+        assert renewed.user == "alice@example.test"
+
+    async def test_policy_same_domain(self) -> None:
+        service = await self.start(lookup_access="same-domain", watch_access="operators")
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await alice.register([("192.0.2.1", 4605)])
+        outsider = await self.client(service, self.lab.person("eve@elsewhere.test"))
+        error = await _fails(outsider.lookup("alice@example.test"), IRPError)
+        assert error.condition == "forbidden"
+        colleague = await self.client(service, self.lab.person("bob@example.test"))
+        assert (await colleague.lookup("alice@example.test")).addresses
+        error = await _fails(colleague.watch("alice@example.test", print), IRPError)
+        assert error.condition == "forbidden"
+
     async def test_ca_certificates_anonymous(self) -> None:
         service = await self.start()
         anonymous = await self.client(service)
@@ -307,3 +337,41 @@ class SQLiteRegistryTests(RegistryTests, unittest.TestCase):
 
 
 __all__ = ["IRPConnectionError", "LabSetup", "RegistryHarness", "RegistryTests"]
+
+
+class FakeResolver:
+    """Answers SRV queries from a table, as twisted.names.client would."""
+
+    def __init__(self, records: dict[str, list[tuple[int, int, int, str]]]) -> None:
+        self.records = records
+
+    def lookupService(self, name: str):  # noqa: N802 - twisted.names' name
+        from twisted.names import dns, error
+
+        if name not in self.records:
+            return defer.fail(error.DNSNameError(name))
+        answers = [dns.RRHeader(name, dns.SRV, payload=dns.Record_SRV(prio, weight, port,
+                                                                       target))
+                   for prio, weight, port, target in self.records[name]]
+        return defer.succeed((answers, [], []))
+
+
+class DiscoveryTests(unittest.TestCase):
+    async def test_srv_in_priority_order(self) -> None:
+        from sixnet.irp.client import find_registry
+
+        resolver = FakeResolver({"_irp._tcp.example.test": [
+            (20, 0, 4604, "backup.example.test"), (10, 0, 14604, "irp.example.test")]})
+        assert await find_registry("example.test", resolver) == [
+            ("irp.example.test", 14604), ("backup.example.test", 4604)]
+
+    async def test_no_srv_means_the_domain_on_4604(self) -> None:
+        from sixnet.irp.client import find_registry
+
+        assert await find_registry("other.test", FakeResolver({})) == [("other.test", 4604)]
+
+    async def test_dot_target_means_no_registry(self) -> None:
+        from sixnet.irp.client import find_registry
+
+        resolver = FakeResolver({"_irp._tcp.none.test": [(0, 0, 0, "")]})
+        assert await find_registry("none.test", resolver) == []

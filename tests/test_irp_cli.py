@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from twisted.internet import threads
+from twisted.internet import reactor, task, threads
+from twisted.internet.error import ConnectError
 from twisted.trial import unittest
+
+from sixnet.config import load_config
+from sixnet.irp.client import IRPConnectionError, connect
+from sixnet.irp.service import make_service
+from sixnet.service import build_store
 
 from .test_irp import HOST, LabSetup, RegistryHarness
 
@@ -95,3 +104,55 @@ database = "sqlite:irp.sqlite3"
         assert done.returncode == 0, done.stderr
         done = await self.sixnet("irp", "lookup", "carol@example.test", *server)
         assert done.returncode == 1 and "revoked" in done.stderr
+
+    async def test_make_service_from_the_configuration(self) -> None:
+        self.lab.ca.issue("user", "carol@example.test", out=self.base / "carol")
+        config = load_config(self.config, check_files=False)
+        service = make_service(config, build_store(config))
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        port = service.listening.ports[0].getHost().port
+        bob = await connect("127.0.0.1", port, self.lab.client_store(),
+                            identity=self.lab.person("bob@example.test"), server_name=HOST)
+        self.addCleanup(bob.close)
+        assert bob.user == "bob@example.test"
+        assert (await bob.register([("192.0.2.9", 4605)])).addresses
+
+    async def test_acknowledged_registration_survives_kill(self) -> None:
+        """twistd is killed with SIGKILL right after the answer; the record is there after."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        text = self.config.read_text().replace('"tcp:0:interface=127.0.0.1"',
+                                               f'"tcp:{port}:interface=127.0.0.1"')
+        self.config.write_text(text)
+        self.lab.ca.issue("user", "carol@example.test", out=self.base / "carol")
+        twistd = [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=",
+                  "sixnet-irp", "--config", str(self.config)]
+        alice = self.lab.person("alice@example.test")
+
+        async def started() -> subprocess.Popen:
+            process = subprocess.Popen(twistd, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, cwd=self.base)
+            self.addCleanup(lambda: process.poll() is None and process.kill())
+            for _ in range(200):
+                try:
+                    client = await connect("127.0.0.1", port, self.lab.client_store(),
+                                           identity=alice, server_name=HOST, timeout=2)
+                    return process, client
+                except (IRPConnectionError, OSError, ConnectError):
+                    await task.deferLater(reactor, 0.05, lambda: None)
+            raise AssertionError("twistd did not start")
+
+        process, client = await started()
+        await client.register([("2001:db8::dead", 4605)], device="phone")
+        os.kill(process.pid, signal.SIGKILL)
+        await client.lost
+        await threads.deferToThread(process.wait)
+        process, client = await started()
+        record = await client.lookup("alice@example.test")
+        client.close()
+        process.terminate()
+        await threads.deferToThread(process.wait)
+        assert record.addresses == [("2001:db8::dead", 4605, "phone")]

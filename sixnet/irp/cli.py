@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.error import ConnectError
+
 from sixnet.cli import Output, add_common, config_of
 from sixnet.config import Config
 from sixnet.errors import EXIT_USAGE, CommandError, ConfigError
@@ -185,7 +187,7 @@ async def _connect(args: argparse.Namespace, config: Config, store: CertificateS
         try:
             return await connect(host, port, store, identity=identity,
                                  server_name=args.server_name or host)
-        except (IRPConnectionError, OSError) as e:
+        except (IRPConnectionError, OSError, ConnectError) as e:
             errors.append(f"{host}:{port}: {e}")
     raise CommandError("cannot reach the registry: " + "; ".join(errors) if errors
                        else f"{args.domain}: no IRP registry (SRV says none)")

@@ -436,7 +436,7 @@ async def _find(domain: str, resolver: Any) -> list[tuple[str, int]]:
         return [(domain, DEFAULT_PORT)]
     records = sorted((a.payload for a in answers if a.type == dns.SRV),
                      key=lambda r: (r.priority, -r.weight))
-    if len(records) == 1 and str(records[0].target) == ".":
+    if len(records) == 1 and str(records[0].target) in ("", "."):
         return []  # RFC 2782: the service is decidedly not available
     return [(str(r.target), r.port) for r in records] or [(domain, DEFAULT_PORT)]
 
