@@ -257,6 +257,17 @@ class NegotiationTests(GridTestCase):
         data = await c.until(rb"</iq>")
         assert b"<service-unavailable" in data
 
+    async def test_the_broker_component_is_attached(self) -> None:
+        """Stanzas to broker.<domain> reach the pubsub component and its answers come back."""
+        await self._grid()
+        c = await self._login("alice")
+        c.clear()
+        c.send("<iq type='get' id='bd' to='broker.localhost'>"
+               "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+        data = await c.until(rb"id=.bd.[^>]*>.*?</iq>")
+        assert b'from="broker.localhost"' in data or b"from='broker.localhost'" in data
+        assert b"pubsub" in data and b"type=\"result\"" in data
+
     async def test_two_clients_exchange_messages_iq_and_presence(self) -> None:
         await self._grid()
         alice = await self._login("alice", "a")

@@ -69,10 +69,6 @@ class JID:
     def bare(self) -> JID:
         return JID(self.local, self.domain) if self.resource is not None else self
 
-    @property
-    def is_bare(self) -> bool:
-        return self.resource is None
-
     def with_resource(self, resource: str) -> JID:
         return JID(self.local, self.domain, _resource(resource))
 

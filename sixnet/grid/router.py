@@ -143,9 +143,6 @@ class Router:
         self.sessions.setdefault(str(bare), {})[jid.resource or ""] = session
         return session
 
-    def session_count(self) -> int:
-        return sum(len(r) for r in self.sessions.values())
-
     def enable_sm(self, session: Session, resume: bool, max_resume: int) -> StreamManagement:
         resume_id = secrets.token_urlsafe(18) if resume else None
         session.sm = StreamManagement(resume_id, max_resume)
