@@ -202,3 +202,19 @@ class RouterTests(unittest.TestCase):
         self.clock.advance(61)
         await self._settle()
         assert bob.ended and await self.offline.count("bob") == 1
+
+    async def test_a_cut_session_may_not_hoard_stanzas(self) -> None:
+        import sixnet.grid.router as router_module
+
+        self.patch(router_module, "MAX_WAITING", 4)
+        router = await self._router()
+        alice, _ = await self._session("alice", "a")
+        bob, _ = await self._session("bob", "b")
+        router.enable_sm(bob, resume=True, max_resume=60)
+        router.connection_lost(bob, clean=False)
+        for i in range(5):
+            router.from_client(alice, stanza(
+                f"<message to='bob@localhost/b'><body>{i}</body></message>"))
+        await self._settle()
+        assert bob.ended and "bob@localhost" not in router.sessions
+        assert await self.offline.count("bob") == 3  # the rest bounced: storage is full

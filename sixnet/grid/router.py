@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import secrets
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from copy import deepcopy
 from typing import Any, Protocol
 
@@ -45,6 +45,9 @@ PRODUCT = "sixnet XMPP-Grid controller"
 SERVER_FEATURES = (NS_DISCO_INFO, NS_DISCO_ITEMS, NS_PING, "msgoffline", NS_DELAY,
                    NS_SM, "urn:xmpp:sm:2")
 ACCOUNT_FEATURES = (NS_DISCO_INFO, NS_PING, "msgoffline")
+#: Stanzas a session cut from its connection may queue before it is ended (its messages
+#: then go to offline storage, which has its own limit).
+MAX_WAITING = 5000
 _MESSAGE = f"{{{NS_CLIENT}}}message"
 _PRESENCE = f"{{{NS_CLIENT}}}presence"
 
@@ -84,6 +87,8 @@ class Session:
         self.ended = False
         #: The client certificate chain a SASL EXTERNAL session authenticated with.
         self.certificate_chain: tuple[Any, ...] = ()
+        #: Called when a session waiting to be resumed has too many stanzas queued.
+        self.overflow: Callable[[Session], None] | None = None
 
     def send(self, data: bytes) -> None:
         if self.held is not None:
@@ -94,6 +99,10 @@ class Session:
     def write(self, data: bytes) -> None:
         if self.sm is not None:
             self.sm.sent(data)
+            if self.connection is None and len(self.sm.unacked) > MAX_WAITING and \
+                    self.overflow is not None:
+                self.overflow(self)  # a cut session may not hoard memory: end it
+                return
         if self.connection is not None:
             self.connection.send_stanza(data)
 
@@ -139,6 +148,7 @@ class Router:
             if old_connection is not None:
                 old_connection.close_with_error("conflict", "replaced by a new session")
         session = Session(jid, connection)
+        session.overflow = self._overflowed
         # Ending the old session may have dropped the account's (then empty) table.
         self.sessions.setdefault(str(bare), {})[jid.resource or ""] = session
         return session
@@ -162,6 +172,11 @@ class Router:
             return
         self.end_session(session, resumable=False)
 
+    def _overflowed(self, session: Session) -> None:
+        log.warn("{jid}: {count} stanzas queued while waiting to be resumed; session ended",
+                 jid=session.full, count=MAX_WAITING)
+        self.end_session(session)
+
     def resume(self, resume_id: str, handled: int, connection: Connection,
                bare: JID) -> Session:
         """XEP-0198 resumption: move a session onto a new stream (StanzaError on failure)."""
@@ -169,6 +184,7 @@ class Router:
         if session is None or session.ended or session.bare != str(bare):
             raise StanzaError("item-not-found", "no such session to resume")
         assert session.sm is not None
+        session.sm.ack(handled)  # first: a bad count leaves the session as it was
         if session.resume_timer is not None and session.resume_timer.active():
             session.resume_timer.cancel()
         session.resume_timer = None
@@ -176,7 +192,6 @@ class Router:
         session.connection = None
         if old is not None:
             old.drop()
-        session.sm.ack(handled)
         session.connection = connection
         log.info("{jid}: session resumed", jid=session.full)
         return session
@@ -387,6 +402,8 @@ class Router:
             return  # messages and presence to the server itself are ignored
         if stanza.get("type") not in ("get", "set"):
             return
+        if len(stanza) != 1:
+            raise StanzaError("bad-request", "an iq get/set has exactly one child")
         payload = stanza[0]
         ns = etree.QName(payload).namespace
         reply = result_reply(stanza)
@@ -412,6 +429,8 @@ class Router:
         """RFC 6121 8.5.1/8.5.2.1.3: the server answers an iq to a bare JID for the account."""
         if stanza.get("type") not in ("get", "set"):
             return
+        if len(stanza) != 1:
+            raise StanzaError("bad-request", "an iq get/set has exactly one child")
         payload = stanza[0]
         ns = etree.QName(payload).namespace
         reply = result_reply(stanza)

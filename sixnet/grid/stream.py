@@ -23,6 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 from twisted.internet import defer
@@ -522,13 +523,13 @@ class ClientStream(Protocol):
         try:
             handled = int(element.get("h", ""))
             session = self.server.router.resume(previd, handled, self, self.jid)
-        except (ValueError, StanzaError):
+        except (ValueError, StanzaError, StreamError):
             self._write(f"<failed xmlns='{NS_SM}'><item-not-found xmlns='{NS_STANZAS}'/>"
                         "</failed>".encode())
             return
         assert session.sm is not None
         self._session_started(session)
-        self._write(f"<resumed xmlns='{NS_SM}' previd='{previd}' "
+        self._write(f"<resumed xmlns='{NS_SM}' previd={quoteattr(previd)} "
                     f"h='{session.sm.handled_in}'/>".encode())
         for data in list(session.sm.unacked):
             self.transport.write(data)
