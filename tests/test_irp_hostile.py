@@ -10,10 +10,10 @@ from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
-from sixnet.irp.client import IRPConnectionError, IRPError
+from sixnet.irp.client import IRPConnectionError, IRPError, connect
 from sixnet.irp.wire import q, verify_signature
 
-from .test_irp import LabSetup, RegistryHarness, _address, _fails
+from .test_irp import HOST, LabSetup, RegistryHarness, _address, _fails
 
 
 class RawClient(Protocol):
@@ -101,11 +101,18 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         assert any(e["event"] == "timeout" for e in self.audit(service))
         await self.still_serving(service)
 
-    async def test_idle_client_times_out(self) -> None:
+    async def test_idle_client_times_out_unless_it_keeps_alive(self) -> None:
         service = await self.start(idle_timeout=0.3)
-        client = await self.client(service, self.lab.person("idle@example.test"))
-        error = await client.lost
+        store = self.lab.client_store()
+        quiet = await connect("127.0.0.1", self.port(service), store, server_name=HOST,
+                              identity=self.lab.person("idle@example.test"), keepalive=0)
+        alive = await connect("127.0.0.1", self.port(service), store, server_name=HOST,
+                              identity=self.lab.person("alive@example.test"), keepalive=0.1)
+        self.addCleanup(alive.close)
+        error = await quiet.lost
         assert error.condition == "connection-timeout"
+        await task.deferLater(reactor, 0.4, lambda: None)
+        assert (await alive.register([("192.0.2.1", 4605)])).addresses
 
     async def test_connection_flood_from_one_address(self) -> None:
         service = await self.start(max_connections_per_address=3)

@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 from lxml import etree
-from twisted.internet import defer, endpoints, interfaces
+from twisted.internet import defer, endpoints, interfaces, task
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -192,6 +192,7 @@ class IRPClient:
         self._pending: dict[str, tuple[str, defer.Deferred[etree._Element]]] = {}
         self._watches: dict[str, tuple[str, Callable[[PersonRecord], object]]] = {}
         self._closed: IRPConnectionError | None = None
+        self._keepalive: task.LoopingCall | None = None
         #: Fires (with the IRPConnectionError saying why) when the connection has ended.
         self.lost: defer.Deferred[IRPConnectionError] = defer.Deferred()
 
@@ -204,10 +205,21 @@ class IRPClient:
         if not self.ready.called:
             self.ready.callback(self)
 
+    def _start_keepalive(self, reactor: Any, interval: float) -> None:
+        def ping() -> None:
+            if self._closed is None and self.protocol is not None:
+                self.protocol.transport.write(b" ")
+
+        self._keepalive = task.LoopingCall(ping)
+        self._keepalive.clock = reactor
+        self._keepalive.start(interval, now=False)
+
     def _broken(self, error: IRPConnectionError) -> None:
         if self._closed is not None:
             return
         self._closed = error
+        if self._keepalive is not None and self._keepalive.running:
+            self._keepalive.stop()
         if not self.ready.called:
             self.ready.errback(error)
         pending, self._pending = self._pending, {}
@@ -393,7 +405,7 @@ def _certificates(data: etree._Element) -> list[x509.Certificate]:
 
 async def _connect(host: str, port: int, store: CertificateStore,
                    identity: NodeIdentity | None, server_name: str | None,
-                   reactor: Any, timeout: float) -> IRPClient:
+                   reactor: Any, timeout: float, keepalive: float) -> IRPClient:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -413,15 +425,22 @@ async def _connect(host: str, port: int, store: CertificateStore,
     finally:
         if timer.active():
             timer.cancel()
+    if keepalive > 0:
+        client._start_keepalive(reactor, keepalive)
     return client
 
 
 def connect(host: str, port: int, store: CertificateStore, *,
             identity: NodeIdentity | None = None, server_name: str | None = None,
-            reactor: Any = None, timeout: float = 10.0) -> defer.Deferred[IRPClient]:
-    """Connect, upgrade to TLS, check the registry is `server_name`; fires when ready."""
+            reactor: Any = None, timeout: float = 10.0,
+            keepalive: float = 60.0) -> defer.Deferred[IRPClient]:
+    """Connect, upgrade to TLS, check the registry is `server_name`; fires when ready.
+
+    A space is sent every `keepalive` seconds (0: never) so that a connection that only
+    waits for watch notifications is not closed by the registry's idle timeout.
+    """
     return defer.Deferred.fromCoroutine(
-        _connect(host, port, store, identity, server_name, reactor, timeout))
+        _connect(host, port, store, identity, server_name, reactor, timeout, keepalive))
 
 
 async def _find(domain: str, resolver: Any) -> list[tuple[str, int]]:
