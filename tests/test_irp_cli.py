@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cryptography import x509
 from twisted.internet import reactor, task, threads
 from twisted.internet.error import ConnectError
 from twisted.trial import unittest
@@ -104,6 +105,15 @@ database = "sqlite:irp.sqlite3"
         assert done.returncode == 0, done.stderr
         done = await self.sixnet("irp", "lookup", "carol@example.test", *server)
         assert done.returncode == 1 and "revoked" in done.stderr
+
+        dave_serial = format(x509.load_pem_x509_certificate(
+            (self.base / "dave/cert.pem").read_bytes()).serial_number, "X")
+        done = await self.sixnet("irp", "user", "remove", "dave@example.test", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["revoked"] == [dave_serial]
+        assert self.lab.ca.is_revoked(int(dave_serial, 16))
+        done = await self.sixnet("irp", "user", "remove", "dave@example.test")
+        assert done.returncode == 1 and "not registered" in done.stderr
 
     async def test_make_service_from_the_configuration(self) -> None:
         self.lab.ca.issue("user", "carol@example.test", out=self.base / "carol")

@@ -26,6 +26,7 @@ from sixnet.irp.client import DEFAULT_PORT, IRPClient, IRPConnectionError, conne
 from sixnet.irp.engine import AuditLog, hash_password, invite_hash, new_invite_code
 from sixnet.irp.storage import MIGRATIONS, SQLRegistryStore
 from sixnet.irp.wire import IRPError, PersonRecord, timestamp
+from sixnet.pki.ca import CAError, LabCA
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 from sixnet.pki.keys import (
     KeyFileError,
@@ -369,8 +370,8 @@ def _admin(args: argparse.Namespace, body: Callable[[SQLRegistryStore, Config, A
 
     try:
         return _run(main)
-    except (OSError, KeyFileError) as e:
-        raise CommandError(f"the registry database: {e}") from None
+    except (OSError, KeyFileError, CAError) as e:
+        raise CommandError(f"the registry: {e}") from None
 
 
 def _now_ms() -> int:
@@ -415,16 +416,30 @@ def run_user_add(args: argparse.Namespace, out: Output) -> int:
 def run_user_remove(args: argparse.Namespace, out: Output) -> int:
     user = _user(args.user)
 
-    async def body(store: SQLRegistryStore, config: Config, audit: AuditLog) -> bool:
-        found = await store.remove_person(user)
-        audit.write("user-remove", "ok" if found else "failed", "operator (command line)",
-                    target=user)
-        return found
+    async def body(store: SQLRegistryStore, config: Config, audit: AuditLog) -> list[str]:
+        view = await store.person_view(user, _now_ms())
+        if not view.exists:
+            raise CommandError(f"{user} is not registered")
+        ca = LabCA.open(config.pki.lab_ca) if config.pki.lab_ca is not None else None
+        revoked = []
+        for row in view.certificates:
+            if row.revoked is not None:
+                continue
+            if ca is not None:
+                try:
+                    ca.revoke(int(row.serial, 16), "IRP user removed")
+                except CAError:
+                    pass  # not issued by this CA: the registry's own record still refuses it
+            await store.mark_revoked(row.serial, _now_ms())
+            revoked.append(row.serial)
+        await store.remove_person(user)
+        audit.write("user-remove", "ok", "operator (command line)", target=user,
+                    revoked=revoked)
+        return revoked
 
-    if not _admin(args, body):
-        raise CommandError(f"{user} is not registered")
-    out.result({"user": user, "removed": True},
-               f"{user} removed (revoke their certificates with 'sixnet pki revoke')")
+    revoked = _admin(args, body)
+    out.result({"user": user, "removed": True, "revoked": revoked},
+               f"{user} removed; certificates revoked: {', '.join(revoked) or 'none'}")
     return 0
 
 
