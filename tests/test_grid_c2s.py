@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from twisted.internet import reactor, task, utils
 from twisted.trial import unittest
 
@@ -399,6 +400,29 @@ class LimitTests(GridTestCase):
         c.send("".join(f"<message to='bob@localhost' id='{i}'><body>{i}</body></message>"
                        for i in range(20)))
         await self._refused(c, "policy-violation")
+        await self._still_served(bob)
+
+    async def test_a_client_that_reads_nothing_is_cut_off(self) -> None:
+        import sixnet.grid.stream as stream_module
+
+        self.patch(stream_module, "SLOW_CONSUMER_BYTES", 1_000_000)
+        await self._grid()
+        bob = await self._login("bob")
+        deaf = await self._login("alice", "deaf")
+        deaf.transport.pauseProducing()  # stops reading from its socket
+        session = self.grid.router.sessions["alice@localhost"]["deaf"]
+        stream = session.connection
+        body = "x" * 10_000
+        for i in range(2000):  # 20 MB for a client that takes none of it
+            if session.connection is None:
+                break
+            self.grid.router.route(etree.fromstring(
+                f"<message xmlns='jabber:client' from='bob@localhost/x' to='alice@localhost/deaf'"
+                f" type='headline' id='{i}'><body>{body}</body></message>"))
+            if i % 100 == 0:
+                await task.deferLater(reactor, 0.01, lambda: None)
+        await stream.lost
+        assert i < 1999  # cut off long before all of it was queued
         await self._still_served(bob)
 
     async def test_max_stanza_size(self) -> None:

@@ -27,7 +27,12 @@ from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -80,6 +85,9 @@ ACK_REQUEST_BATCH = 32
 #: Seconds a closing connection gets to flush (e.g. a TLS peer that never finishes the
 #: handshake) before it is aborted.
 CLOSE_GRACE = 10.0
+#: Bytes written to a client whose connection stopped draining (its transport paused us)
+#: before the stream is closed: a peer that does not read must not fill the server's memory.
+SLOW_CONSUMER_BYTES = 8 * 1024 * 1024
 
 
 class State(enum.Enum):
@@ -155,7 +163,7 @@ def _input_name(element: etree._Element) -> str:
     return "unknown"
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class ClientStream(Protocol):
     """One client connection (the `Connection` a router session writes to)."""
 
@@ -182,6 +190,9 @@ class ClientStream(Protocol):
         self._ack_timer: IDelayedCall | None = None
         self._abort_timer: IDelayedCall | None = None
         self._refusal: tuple[str, str] | None = None
+        #: Bytes written since the transport said its buffer is full (None: it is not).
+        self._unsent: int | None = None
+        self._registered = False  # as the transport's producer
         self._tokens = float(server.limits.stanza_burst)
         self._refilled = server.clock.seconds()
         #: Fires when the connection is gone (the service waits for it when stopping).
@@ -237,6 +248,9 @@ class ClientStream(Protocol):
 
     def _close(self) -> None:
         """Close after what was written is sent; abort if the peer does not let that happen."""
+        if self._registered:  # a transport with a producer would wait for it to go away
+            self._registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
         if self._abort_timer is None:
             self._abort_timer = self.server.clock.callLater(CLOSE_GRACE,
@@ -257,6 +271,8 @@ class ClientStream(Protocol):
             bindings["tls-exporter"] = conn.export_keying_material(
                 b"EXPORTER-Channel-Binding", 32, b"")
         self.tls = TLSFacts(version, bindings, peer_chain(conn))
+        self.transport.registerProducer(self, True)
+        self._registered = True
         if self._refusal is not None:
             self.close_with_error(*self._refusal)
             return
@@ -269,6 +285,15 @@ class ClientStream(Protocol):
     def send_stanza(self, data: bytes) -> None:
         if self.state is State.CLOSED or self._dropped:
             return
+        if self._unsent is not None:
+            self._unsent += len(data)
+            if self._unsent > SLOW_CONSUMER_BYTES:
+                log.warn("{jid}: the client reads nothing; {bytes} bytes wait to be sent",
+                         jid=self.jid, bytes=self._unsent)
+                self.state = State.CLOSED
+                self._cancel_timers()
+                self.transport.abortConnection()  # unacked stanzas stay with the session
+                return
         self.transport.write(data)
         session = self.session
         if session is not None and session.sm is not None and self._ack_timer is None:
@@ -311,6 +336,18 @@ class ClientStream(Protocol):
 
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
+
+    # -- IPushProducer: the transport tells us when the client stops draining ---------------
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        if self._unsent is None:
+            self._unsent = 0
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._unsent = None
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._unsent = None
 
     # -- input -------------------------------------------------------------------------------
 
