@@ -392,11 +392,15 @@ class ClientStream(Protocol):
             handler(self, event)
 
     def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run an asynchronous step; later input waits until it has finished."""
+        """Run an asynchronous step; later input waits until it has finished (and the socket
+        is not read meanwhile, so what waits is at most one read's worth)."""
         self._busy = True
+        self.transport.pauseProducing()
 
         def done(result: object) -> None:
             self._busy = False
+            if self.state is not State.CLOSED:
+                self.transport.resumeProducing()
             if isinstance(result, Failure):
                 if result.check(StreamError):
                     e = result.value
