@@ -425,6 +425,16 @@ class LimitTests(GridTestCase):
         assert i < 1999  # cut off long before all of it was queued
         await self._still_served(bob)
 
+    async def test_silent_sessions_are_pinged_then_closed(self) -> None:
+        await self._grid(idle_timeout=0.6)
+        answering = await self._login("bob")
+        silent = await self._login("alice")
+        data = await answering.until(rb"<ping xmlns=.urn:xmpp:ping.")
+        iq_id = re.search(rb"id='(idle-[0-9a-f]+)'", data)[1].decode()
+        answering.send(f"<iq type='result' id='{iq_id}' to='localhost'/>")
+        await self._refused(silent, "connection-timeout")
+        await self._still_served(answering)
+
     async def test_max_stanza_size(self) -> None:
         await self._grid(max_stanza_bytes=10000)
         c = await self._login("alice")

@@ -47,6 +47,9 @@ class GridConfig(ServiceConfig):
     lockout_seconds: float = setting(300.0, check=positive)
     offline_max_messages: int = setting(10000, check=positive,
                                         doc="offline messages stored per account")
+    idle_timeout: float = setting(300.0, check=positive,
+                                  doc="seconds of silence before a session is pinged; as "
+                                      "long again without an answer closes it")
     resume_timeout: float = setting(300.0, check=positive,
                                     doc="seconds a cut stream-management session waits")
     broker: BrokerConfig = setting(BrokerConfig(), doc="the [grid.broker] table")

@@ -94,7 +94,7 @@ class GridService(MultiService):
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
             max_connections_per_address=grid.max_connections_per_address,
             max_sessions=grid.max_sessions, negotiation_timeout=grid.negotiation_timeout,
-            resume_timeout=grid.resume_timeout)
+            idle_timeout=grid.idle_timeout, resume_timeout=grid.resume_timeout)
         self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
                                 clock)
         self.starttls_port = ListeningService(
@@ -108,6 +108,8 @@ class GridService(MultiService):
         self._crl_generation = store.generation
         self._revocation_check = task.LoopingCall(self.check_revocations)
         self._revocation_check.clock = clock
+        self._idle_check = task.LoopingCall(self.server.check_idle)
+        self._idle_check.clock = clock
 
     def check_revocations(self) -> None:
         """When the CRLs changed, end the sessions whose client certificate is now refused
@@ -150,6 +152,7 @@ class GridService(MultiService):
         for port in (self.starttls_port, self.direct_tls_port):
             port.setServiceParent(self)
         self._revocation_check.start(REVOCATION_CHECK_INTERVAL, now=False)
+        self._idle_check.start(self.config.grid.idle_timeout / 4, now=False)
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
@@ -165,8 +168,9 @@ class GridService(MultiService):
 
     async def _stop(self) -> None:
         self.server.stopping = True
-        if self._revocation_check.running:
-            self._revocation_check.stop()
+        for check in (self._revocation_check, self._idle_check):
+            if check.running:
+                check.stop()
         await super().stopService()
         streams = list(self.server.connections)
         for stream in streams:

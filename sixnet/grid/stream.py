@@ -55,6 +55,7 @@ from sixnet.grid.xmpp import (
     NS_BIND,
     NS_CLIENT,
     NS_LIMITS,
+    NS_PING,
     NS_SASL,
     NS_SASL_CB,
     NS_SESSION,
@@ -111,6 +112,7 @@ class Limits:
     max_connections_per_address: int = 100
     max_sessions: int = 20000
     negotiation_timeout: float = 30.0
+    idle_timeout: float = 300.0
     resume_timeout: float = 300.0
 
 
@@ -129,6 +131,13 @@ class C2SServer:
         self.connections: set[ClientStream] = set()
         self.per_address: Counter[str] = Counter()
         self.stopping = False
+
+    def check_idle(self) -> None:
+        """Ping sessions that have been silent for `idle_timeout`; close those that stay
+        silent as long again (a dead peer on a half-open TCP connection says nothing)."""
+        now = self.clock.seconds()
+        for stream in list(self.connections):
+            stream.check_idle(now, self.limits.idle_timeout)
 
 
 class ClientStreamFactory(Factory):
@@ -193,6 +202,8 @@ class ClientStream(Protocol):
         #: Bytes written since the transport said its buffer is full (None: it is not).
         self._unsent: int | None = None
         self._registered = False  # as the transport's producer
+        self.last_received = server.clock.seconds()
+        self._pinged = False  # since the last data received
         self._tokens = float(server.limits.stanza_burst)
         self._refilled = server.clock.seconds()
         #: Fires when the connection is gone (the service waits for it when stopping).
@@ -337,6 +348,22 @@ class ClientStream(Protocol):
     def _write(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def check_idle(self, now: float, timeout: float) -> None:
+        if self.state is not State.SESSION or self.session is None:
+            return  # the negotiation timeout covers streams without a session
+        silent = now - self.last_received
+        if silent >= 2 * timeout:
+            log.info("{jid}: silent for {seconds:.0f}s after a ping; closing",
+                     jid=self.session.full, seconds=silent)
+            self.close_with_error("connection-timeout", "no answer to a ping")
+        elif silent >= timeout and not self._pinged:
+            self._pinged = True
+            # Through the session, so stream management counts it like any other stanza.
+            self.session.write(f"<iq type='get' id='idle-{secrets.token_hex(4)}' "
+                               f"from='{self.server.domain}' "
+                               f"to={quoteattr(self.session.full)}>"
+                               f"<ping xmlns='{NS_PING}'/></iq>".encode())
+
     # -- IPushProducer: the transport tells us when the client stops draining ---------------
 
     def pauseProducing(self) -> None:  # noqa: N802
@@ -354,6 +381,8 @@ class ClientStream(Protocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self.state is State.CLOSED:
             return
+        self.last_received = self.server.clock.seconds()
+        self._pinged = False
         try:
             self._events.extend(self.parser.feed(data))
         except XMLStreamError as e:
