@@ -151,6 +151,17 @@ class NegotiationTests(GridTestCase):
         audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
         assert '"event": "session-revoked"' in audit
 
+    async def test_password_guesses_do_not_lock_out_a_certificate_login(self) -> None:
+        await self._grid(max_failed_logins=1)
+        first = await self._external("platform6@localhost")
+        assert b"<success" in first.received
+        c = await self._connect()
+        await c.starttls(self.grid.tls.store)
+        await c.open_stream()
+        assert b"<not-authorized/>" in await c.scram_login("platform6", "guess")
+        again = await self._external("platform6@localhost")
+        assert b"<success" in again.received
+
     async def test_external_refusals(self) -> None:
         await self._grid()
         c = await self._external("platform8@localhost", authzid="other@localhost")
