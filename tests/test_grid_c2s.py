@@ -265,6 +265,10 @@ class NegotiationTests(GridTestCase):
         data = await c.until(rb"</iq>")
         assert b"broker.localhost" in data
         c.clear()
+        c.send("<iq type='get' id='n' to='localhost'>"
+               "<query xmlns='http://jabber.org/protocol/disco#info' node='x'/></iq>")
+        assert b"<item-not-found" in await c.until(rb"</iq>")
+        c.clear()
         c.send("<iq type='get' id='r'><query xmlns='jabber:iq:roster'/></iq>")
         data = await c.until(rb"</iq>")
         assert b"<service-unavailable" in data

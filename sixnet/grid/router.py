@@ -421,6 +421,8 @@ class Router:
                                      nsmap={None: NS_DISCO_ITEMS})
             for domain in sorted(self.components):
                 etree.SubElement(query, f"{{{NS_DISCO_ITEMS}}}item", jid=domain)
+        elif ns in (NS_DISCO_INFO, NS_DISCO_ITEMS):
+            raise StanzaError("item-not-found", "no such node")
         else:
             raise StanzaError("service-unavailable")
         self._deliver(reply, parse_jid(reply.get("to", "")))
@@ -444,6 +446,8 @@ class Router:
                              type="registered")
             for feature in ACCOUNT_FEATURES:
                 etree.SubElement(query, f"{{{NS_DISCO_INFO}}}feature", var=feature)
+        elif ns == NS_DISCO_INFO:
+            raise StanzaError("item-not-found", "no such node")
         else:
             raise StanzaError("service-unavailable")
         self._deliver(reply, parse_jid(reply.get("to", "")))
