@@ -260,7 +260,7 @@ max_connections_per_address = 1000
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=",
          "sixnet-grid", "--config", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def add_sixnet_accounts(work: Path, clients: int) -> None:
@@ -313,7 +313,7 @@ storage = "internal"
 ssl = {{ certificate = "{base}/cert.pem", key = "{base}/key.pem" }}
 VirtualHost "localhost"
 """)
-    return subprocess.Popen(["prosody", "-F", "--config", str(config)],
+    return subprocess.Popen(["prosody", "-F", "--config", str(config)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -352,7 +352,7 @@ modules:
         ["ejabberdctl", "--config", str(base / "ejabberd.yml"),
          "--ctl-config", str(base / "ejabberdctl.cfg"), "--logs", str(base),
          "--spool", str(base / "spool"), "--node", NODE, "foreground"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def our_beam_processes() -> list[int]:

@@ -381,6 +381,29 @@ class NegotiationTests(GridTestCase):
         assert b"Protocol version: TLSv1.2" in out + err
 
 
+    async def test_tls_exporter_matches_openssl(self) -> None:
+        """The server's tls-exporter binding (RFC 9266) equals what OpenSSL's own client
+        exports for the same connection: an independent check of the label and context."""
+        import sixnet.grid.stream as stream_module
+
+        seen: list[bytes] = []
+        original = stream_module.ClientStream.handshakeCompleted
+
+        def recording(stream: Any) -> None:
+            original(stream)
+            seen.append(stream.tls.channel_bindings["tls-exporter"])
+
+        self.patch(stream_module.ClientStream, "handshakeCompleted", recording)
+        await self._grid()
+        out, err, _ = await utils.getProcessOutputAndValue("openssl", [
+            "s_client", "-starttls", "xmpp", "-xmpphost", "localhost", "-connect",
+            f"127.0.0.1:{self.port}", "-keymatexport", "EXPORTER-Channel-Binding",
+            "-keymatexportlen", "32"], stdinBytes=b"")
+        exported = re.search(rb"Keying material: ([0-9A-F]+)", out + err)
+        assert exported, out + err
+        assert seen == [bytes.fromhex(exported[1].decode())]
+
+
 class LimitTests(GridTestCase):
     async def test_connections_per_address(self) -> None:
         await self._grid(max_connections_per_address=2)
