@@ -17,6 +17,7 @@ process. A rolled-back transaction notifies nobody.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -127,6 +128,7 @@ class Database:
                 "psycopg", self.target, cp_min=1, cp_max=pool_size, cp_reconnect=True,
             )
         self._listeners: dict[str, list[Callable[[str], object]]] = {}
+        self._gap_callbacks: list[Callable[[], object]] = []
         self._pg_listener: _PostgresListener | None = None
 
     def sql(self, text: str) -> str:
@@ -159,21 +161,33 @@ class Database:
 
     # -- notifications ------------------------------------------------------------------------
 
-    def listen(self, channel: str, callback: Callable[[str], object]) -> defer.Deferred[None]:
+    def listen(self, channel: str, callback: Callable[[str], object],
+               on_gap: Callable[[], object] | None = None) -> defer.Deferred[None]:
         """Call ``callback(payload)`` for every notification on `channel` from now on.
 
         The Deferred fires once listening has started (on PostgreSQL: ``LISTEN`` is done), so
-        a notification committed after it fired is not missed.
+        a notification committed after it fired is not missed. On PostgreSQL the listening
+        connection is made again if it breaks; ``on_gap()`` is then called, because
+        notifications sent while it was down are lost.
         """
         if not _CHANNEL.fullmatch(channel):
             raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 63)")
         first = channel not in self._listeners
         self._listeners.setdefault(channel, []).append(callback)
+        if on_gap is not None:
+            self._gap_callbacks.append(on_gap)
         if self.dialect != "postgresql" or not first:
             return defer.succeed(None)
         if self._pg_listener is None:
-            self._pg_listener = _PostgresListener(self.target, self._deliver)
+            self._pg_listener = _PostgresListener(self.target, self._deliver, self._gap)
         return self._pg_listener.listen(channel)
+
+    def _gap(self) -> None:
+        for callback in list(self._gap_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.failure("notification gap handler failed", Failure())
 
     def unlisten(self, channel: str, callback: Callable[[str], object]) -> None:
         callbacks = self._listeners.get(channel, [])
@@ -220,6 +234,7 @@ class Database:
             self._pg_listener.close()
             self._pg_listener = None
         self._listeners.clear()
+        self._gap_callbacks.clear()
         if self.pool.running:
             self.pool.close()
 
@@ -229,62 +244,127 @@ class _PostgresListener:
 
     Connecting and ``LISTEN`` are short blocking calls made in a thread; afterwards the
     connection's socket is watched with ``addReader`` and notifications are read without
-    blocking (``consume_input``), so a quiet channel costs nothing.
+    blocking (``consume_input``), so a quiet channel costs nothing. When the connection
+    breaks (a server restart) it is made again with backoff, every channel is listened to
+    again, and ``gap()`` is called: notifications sent meanwhile are lost, so listeners must
+    re-read what they care about.
     """
 
-    def __init__(self, target: str, deliver: Callable[[str, str], None]) -> None:
+    RETRY_MAX = 30.0
+
+    def __init__(self, target: str, deliver: Callable[[str, str], None],
+                 gap: Callable[[], None]) -> None:
         self.target = target
         self.deliver = deliver
+        self.gap = gap
+        self.channels: list[str] = []
         self.connection: Any = None
         self._reader: _SocketReader | None = None
         self._lock = defer.DeferredLock()
+        self._retry: Any = None
+        self._delay = 0.5
+        self._closed = False
 
     def listen(self, channel: str) -> defer.Deferred[None]:
+        self.channels.append(channel)
+        return self._lock.run(self._connect_and_listen, [channel])
+
+    def _connect_and_listen(self, channels: list[str]) -> defer.Deferred[None]:
         from twisted.internet import reactor, threads
 
-        def connect_and_listen() -> Any:
+        def blocking() -> Any:
             import psycopg
 
             connection = self.connection
             if connection is None:
-                connection = psycopg.connect(self.target, autocommit=True)
+                connection = psycopg.connect(self.target, autocommit=True, connect_timeout=5)
                 # Notifications that arrive while psycopg itself reads (during a later
                 # LISTEN) reach this handler; idle ones are read by _SocketReader.
                 connection.add_notify_handler(
                     lambda n: reactor.callFromThread(self.deliver, n.channel, n.payload))
-            connection.execute(f'LISTEN "{channel}"')  # the name was checked by listen()
+            for channel in channels:
+                connection.execute(f'LISTEN "{channel}"')  # names checked by Database.listen
             return connection
 
         def connected(connection: Any) -> None:
+            if self._closed:
+                connection.close()
+                return
             if self.connection is None:
                 self.connection = connection
-                self._reader = _SocketReader(connection, self.deliver)
+                self._reader = _SocketReader(connection, self.deliver, self._broken)
                 reactor.addReader(self._reader)  # type: ignore[attr-defined]
             self._reader.drain()  # type: ignore[union-attr]
 
-        return self._lock.run(
-            lambda: threads.deferToThread(connect_and_listen).addCallback(connected))
+        return threads.deferToThread(blocking).addCallback(connected)
 
-    def close(self) -> None:
+    def _broken(self) -> None:
+        """The connection failed: drop it and make it again later."""
+        self._drop()
+        if not self._closed and (self._retry is None or not self._retry.active()):
+            from twisted.internet import reactor
+
+            log.warn("PostgreSQL notifications: connection lost; reconnecting in {delay}s",
+                     delay=self._delay)
+            self._retry = reactor.callLater(self._delay, self._reconnect)  # type: ignore[attr-defined]
+            self._delay = min(self._delay * 2, self.RETRY_MAX)
+
+    def _reconnect(self) -> None:
+        def done(_: object) -> None:
+            if self._closed or self.connection is None:
+                return
+            self._delay = 0.5
+            log.info("PostgreSQL notifications: listening again")
+            self.gap()
+
+        def failed(failure: Failure) -> None:
+            log.warn("PostgreSQL notifications: reconnect failed: {error}",
+                     error=failure.getErrorMessage())
+            self._broken()
+
+        d = self._lock.run(self._connect_and_listen, list(self.channels))
+        d.addCallbacks(done, failed)
+
+    def _drop(self) -> None:
         from twisted.internet import reactor
 
         if self._reader is not None:
             reactor.removeReader(self._reader)  # type: ignore[attr-defined]
+            self._reader.close()
             self._reader = None
         if self.connection is not None:
-            self.connection.close()
+            try:
+                self.connection.close()
+            except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail too
+                pass
             self.connection = None
+
+    def close(self) -> None:
+        self._closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._drop()
 
 
 class _SocketReader:
     """The reactor's view of a listening PostgreSQL connection (an IReadDescriptor)."""
 
-    def __init__(self, connection: Any, deliver: Callable[[str, str], None]) -> None:
+    def __init__(self, connection: Any, deliver: Callable[[str, str], None],
+                 broken: Callable[[], None]) -> None:
         self.connection = connection
         self.deliver = deliver
+        self.broken = broken
+        # The reactor watches a duplicate of libpq's socket: libpq closes its own when the
+        # connection breaks, and the reactor must still be able to unregister it then.
+        self._fd = os.dup(int(connection.pgconn.socket))
 
     def fileno(self) -> int:
-        return int(self.connection.pgconn.socket)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
         return "postgresql-listen"
@@ -293,11 +373,8 @@ class _SocketReader:
         pgconn = self.connection.pgconn
         try:
             pgconn.consume_input()
-        except Exception:  # the connection broke; listeners get nothing more until restart
-            log.failure("the PostgreSQL notification connection failed", Failure())
-            from twisted.internet import reactor
-
-            reactor.removeReader(self)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - any failure means the connection is gone
+            self.broken()
             return
         self.drain()
 
@@ -307,5 +384,5 @@ class _SocketReader:
             self.deliver(note.relname.decode(), note.extra.decode())
 
     def connectionLost(self, reason: object) -> None:  # noqa: N802
-        log.warn("the PostgreSQL notification connection was closed")
+        self.broken()
 

@@ -66,3 +66,28 @@ class TwoRegistriesTests(RegistryHarness, unittest.TestCase):
         second.registry.certificates.reload_crls()
         again = await self.client(second, frank_id)
         assert again.user is None and again.refused == "revoked"
+
+    async def test_watch_survives_a_lost_database_connection(self) -> None:
+        """The listening connection is killed: watchers get the current record again (a
+        change may have been missed) and later changes as before."""
+        import psycopg
+
+        from .databases import postgres_base
+
+        url = self.database_url()
+        first = await self.start(database=url)
+        second = await self.start(database=url)
+        alice = await self.client(first, self.lab.person("alice@example.test"))
+        bob = await self.client(second, self.lab.person("bob@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="phone")
+        seen = []
+        await bob.watch("alice@example.test", seen.append)
+        listener = second.registry.store.db._pg_listener
+        with psycopg.connect(postgres_base(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)",
+                          (listener.connection.info.backend_pid,))
+        await alice.register([("2001:db8::2", 4605)], device="phone")  # may be missed
+        await wait_for(lambda: seen and seen[-1].addresses[0][0] == "2001:db8::2",
+                       timeout=5.0)
+        await alice.register([("2001:db8::3", 4605)], device="phone")
+        await wait_for(lambda: seen[-1].addresses[0][0] == "2001:db8::3", timeout=2.0)

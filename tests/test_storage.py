@@ -161,3 +161,28 @@ class PostgreSQLNotificationTests(NotificationTests, unittest.TestCase):
         await other.listen("note_changes", got.append)
         await self.db.run("n", lambda c: c.notify("note_changes", "across"))
         await wait_for(lambda: got == ["across"])
+
+
+class PostgreSQLListenerRecoveryTests(unittest.TestCase):
+    skip = postgres_unavailable()
+
+    def setUp(self) -> None:
+        url, schema = fresh_postgres_schema()
+        self.db = Database(url)
+        self.addCleanup(drop_postgres_schema, schema)
+        self.addCleanup(self.db.close)
+
+    async def test_listens_again_after_the_connection_is_killed(self) -> None:
+        import psycopg
+
+        from .databases import postgres_base
+
+        got: list[str] = []
+        gaps: list[bool] = []
+        await self.db.listen("note_changes", got.append, lambda: gaps.append(True))
+        pid = self.db._pg_listener.connection.info.backend_pid
+        with psycopg.connect(postgres_base(), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await wait_for(lambda: gaps, timeout=5.0)
+        await self.db.run("n", lambda c: c.notify("note_changes", "after"))
+        await wait_for(lambda: got == ["after"])

@@ -476,13 +476,14 @@ class Registry:
         if not watchers:
             self._watchers.pop(person, None)
 
-    def _changed(self, person: str, kind: str) -> None:
-        if kind == "revoked":
+    def _changed(self, person: str | None, kind: str) -> None:
+        if kind in ("revoked", "gap"):
             self.certificates.reload_crls()  # another process may have revoked it
-        if person in self._watchers:
-            d = defer.Deferred.fromCoroutine(self._notify(person))
-            d.addErrback(lambda f: log.failure("notifying watchers of {person}", f,
-                                               person=person))
+        for watched in [person] if person is not None else list(self._watchers):
+            if watched in self._watchers:
+                d = defer.Deferred.fromCoroutine(self._notify(watched))
+                d.addErrback(lambda f, p=watched: log.failure(
+                    "notifying watchers of {person}", f, person=p))
 
     async def _notify(self, person: str) -> None:
         record = await self.record(person)

@@ -103,8 +103,9 @@ class IRegistryStore(Interface):
     def close() -> None:
         """Release connections; committed data is already durable."""
 
-    def on_change(callback: Callable[[str, str], object]) -> None:
-        """Call ``callback(person, kind)`` whenever a person's record changed (any process)."""
+    def on_change(callback: Callable[[str | None, str], object]) -> None:
+        """Call ``callback(person, kind)`` whenever a person's record changed (any process);
+        ``callback(None, "gap")`` when changes may have been missed."""
 
     def ensure_person(person: str, now: int) -> defer.Deferred[None]: ...
 
@@ -157,13 +158,13 @@ class SQLRegistryStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._callbacks: list[Callable[[str, str], object]] = []
+        self._callbacks: list[Callable[[str | None, str], object]] = []
 
     # -- lifetime -----------------------------------------------------------------------------
 
     async def _open(self) -> None:
         await self.db.migrate("irp", MIGRATIONS)
-        await self.db.listen(CHANGE_CHANNEL, self._heard)
+        await self.db.listen(CHANGE_CHANNEL, self._heard, self._gap)
 
     def open(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._open())
@@ -171,8 +172,14 @@ class SQLRegistryStore:
     def close(self) -> None:
         self.db.close()
 
-    def on_change(self, callback: Callable[[str, str], object]) -> None:
+    def on_change(self, callback: Callable[[str | None, str], object]) -> None:
         self._callbacks.append(callback)
+
+    def _gap(self) -> None:
+        """Notifications may have been lost (the database connection broke): anything may
+        have changed."""
+        for callback in list(self._callbacks):
+            callback(None, "gap")
 
     def _heard(self, payload: str) -> None:
         try:
