@@ -27,7 +27,7 @@ DOMAIN = "localhost"
 
 
 def write_config(directory: Path, pki: Any, **grid: Any) -> Config:
-    host = pki.identity("host", DOMAIN)
+    pki.identity("host", DOMAIN)  # issued once per test session
     host_dir = pki.directory / "issued" / pki.root.directory.name / "host" / DOMAIN / "ecdsa-p256"
     settings = {
         "domain": DOMAIN, "listen": ["tcp:0:interface=127.0.0.1"],
@@ -43,7 +43,6 @@ def write_config(directory: Path, pki: Any, **grid: Any) -> Config:
         f"key = {json.dumps(str(host_dir / 'key.pem'))}",
         "[grid]", "enabled = true",
     ]
-    assert host is not None
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
     path = directory / "sixnet.toml"
     path.write_text("\n".join(lines) + "\n")
