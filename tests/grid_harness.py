@@ -43,7 +43,10 @@ def write_config(directory: Path, pki: Any, **grid: Any) -> Config:
         f"key = {json.dumps(str(host_dir / 'key.pem'))}",
         "[grid]", "enabled = true",
     ]
+    broker = settings.pop("broker", {})
     lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    if broker:
+        lines += ["[grid.broker]"] + [f"{k} = {json.dumps(v)}" for k, v in broker.items()]
     path = directory / "sixnet.toml"
     path.write_text("\n".join(lines) + "\n")
     return load_config(path)

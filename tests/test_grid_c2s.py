@@ -284,6 +284,40 @@ class NegotiationTests(GridTestCase):
         assert b'from="broker.localhost"' in data or b"from='broker.localhost'" in data
         assert b"pubsub" in data and b"type=\"result\"" in data
 
+    async def test_broker_notifications_wait_offline(self) -> None:
+        """RFC 8600 offline delivery: a notification for a subscriber who is offline is
+        stored by the core and delivered, with a delay stamp, at its next login."""
+        await self._grid(broker={"default_access_model": "open", "open_access": True})
+        ps = "http://jabber.org/protocol/pubsub"
+        bob = await self._login("bob")
+        bob.clear()
+        bob.send(f"<iq type='set' id='c' to='broker.localhost'><pubsub xmlns='{ps}'>"
+                 "<create node='t1'/></pubsub></iq>")
+        assert b'type="result"' in await bob.until(rb"id=.c.[^>]*>.*?</iq>|id=.c.[^>]*/>")
+        alice = await self._login("alice")
+        alice.clear()
+        alice.send(f"<iq type='set' id='s' to='broker.localhost'><pubsub xmlns='{ps}'>"
+                   "<subscribe node='t1' jid='alice@localhost'/></pubsub></iq>")
+        data = await alice.until(rb"id=.s.[^>]*>.*?</iq>")
+        assert b"subscription='subscribed'" in data or b'subscription="subscribed"' in data
+        alice.send("</stream:stream>")
+        await alice.closed
+        bob.clear()
+        bob.send(f"<iq type='set' id='p' to='broker.localhost'><pubsub xmlns='{ps}'>"
+                 "<publish node='t1'><item id='i1'><entry xmlns='urn:example'>x</entry>"
+                 "</item></publish></pubsub></iq>")
+        await bob.until(rb"id=.p.[^>]*>.*?</iq>|id=.p.[^>]*/>")
+        for _ in range(50):
+            if await self.grid.offline.count("alice") == 1:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert await self.grid.offline.count("alice") == 1
+        alice = await self._login("alice")
+        alice.clear()
+        alice.send("<presence/>")
+        data = await alice.until(rb"</message>")
+        assert b"urn:xmpp:delay" in data and b"<entry" in data and b"i1" in data
+
     async def test_two_clients_exchange_messages_iq_and_presence(self) -> None:
         await self._grid()
         alice = await self._login("alice", "a")
