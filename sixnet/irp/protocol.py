@@ -117,6 +117,7 @@ class IRPServerProtocol(Protocol):
         self._stall_timer: Any = None
         #: True until STARTTLS: events parsed from this feed came in the clear.
         self.transport_is_clear = True
+        self._header_out = False
 
     # -- connection lifetime ----------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class IRPServerProtocol(Protocol):
                 # Bytes sent in the clear after <starttls/> must not pass as protected ones.
                 self.fail("policy-violation", "data after <starttls/> before the handshake")
                 return
-            if self.state in (HANDSHAKE, ) or (self._pending and self.state != OPEN):
+            if self.state == HANDSHAKE:  # held until the client's certificate is judged
                 self._pending.append(event)
                 continue
             self._event(event)
@@ -221,12 +222,12 @@ class IRPServerProtocol(Protocol):
             self.fail("unsupported-version", f"this registry speaks IRP {VERSION}")
             return
         if self.state == CLEAR:
-            self.send(stream_header({"from": self.factory.hostname}))
+            self._send_header()
             self.send(serialize(element("features", children=[
                 element("starttls", {"required": "true"})])))
             self.state = OFFERED
         elif self.state == AUTHENTICATED:
-            self.send(stream_header({"from": self.factory.hostname}))
+            self._send_header()
             self.send(serialize(self._session_element()))
             self.state = OPEN
         else:
@@ -240,6 +241,7 @@ class IRPServerProtocol(Protocol):
             return
         self.send(serialize(element("proceed")))
         self.state = HANDSHAKE
+        self._header_out = False  # a new stream starts inside TLS
         self.parser.reset()
         self.transport.startTLS(self.factory.tls)
 
@@ -369,15 +371,16 @@ class IRPServerProtocol(Protocol):
         if self.state != CLOSED or data == b"</irp>":
             self.transport.write(data)
 
+    def _send_header(self) -> None:
+        self.send(stream_header({"from": self.factory.hostname}))
+        self._header_out = True
+
     def fail(self, condition: str, text: str) -> None:
         """A stream error: say why, close the stream and the connection."""
         if self.state == CLOSED:
             return
-        if self.state in (CLEAR,) and not self._header_sent():
-            self.transport.write(stream_header({"from": self.factory.hostname}))
+        if not self._header_out:  # the error must be inside a stream the client can parse
+            self._send_header()
         self.transport.write(stream_error(condition, text))
         self.state = CLOSED
         self.transport.loseConnection()
-
-    def _header_sent(self) -> bool:
-        return self.state != CLEAR

@@ -1,0 +1,126 @@
+"""The registry's connection state machine, fed bytes over StringTransport with a fake clock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from sixnet.irp.config import IRPConfig
+from sixnet.irp.engine import AuditLog, Registry
+from sixnet.irp.protocol import IRPServerFactory
+from sixnet.irp.storage import SQLRegistryStore
+from sixnet.irp.wire import ResponseSigner
+from sixnet.pki.tls import ServerTLS
+from sixnet.storage import Database
+
+HEADER = b'<irp xmlns="urn:sixnet:irp:1" version="1.0" to="irp.example.test">'
+
+
+class TLSRecordingTransport(StringTransport):
+    """StringTransport that notes when TLS would start."""
+
+    tls_started = False
+
+    def startTLS(self, context_factory: object) -> None:  # noqa: N802
+        self.tls_started = True
+
+
+@pytest.fixture
+def factory(tmp_path: Path, pki) -> IRPServerFactory:
+    host = pki.identity("host", "irp.example.test")
+    clock = Clock()
+    config = IRPConfig(stall_timeout=5.0, idle_timeout=60.0, max_connections_per_address=2)
+    db = Database(f"sqlite:{tmp_path / 'irp.sqlite3'}")
+    registry = Registry(SQLRegistryStore(db), pki.store(), config,
+                        AuditLog(tmp_path / "audit.jsonl"), reactor=clock)
+    made = IRPServerFactory(registry, ServerTLS(pki.store(), host, "requested"),
+                            ResponseSigner(host.key, host.certificate), "irp.example.test",
+                            reactor=clock)
+    yield made
+    db.close()
+
+
+def connect(factory: IRPServerFactory, host: str = "192.0.2.1"):
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
+    transport = TLSRecordingTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_header_gets_starttls_offer(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER)
+    out = transport.value()
+    assert b'from="irp.example.test"' in out
+    assert b'<starttls required="true"/>' in out
+    protocol.dataReceived(b"<starttls/>")
+    assert b"<proceed" in transport.value() and transport.tls_started
+
+
+def test_request_before_starttls_is_a_stream_error(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER + b'<lookup id="1" user="a@example.test"/>')
+    assert b'condition="policy-violation"' in transport.value()
+    assert transport.disconnecting
+
+
+def test_plaintext_after_starttls_is_refused(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER + b'<starttls/><lookup id="1" user="a@example.test"/>')
+    assert transport.tls_started
+    assert b'condition="policy-violation"' in transport.value()
+    assert transport.disconnecting
+
+
+def test_stalled_message_times_out(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER + b"<startt")
+    factory.reactor.advance(4.9)
+    assert not transport.disconnecting
+    factory.reactor.advance(0.2)
+    assert b'condition="connection-timeout"' in transport.value()
+    assert transport.disconnecting
+
+
+def test_complete_messages_stop_the_stall_clock(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER + b"<startt")
+    factory.reactor.advance(3)
+    protocol.dataReceived(b"ls/>")
+    factory.reactor.advance(10)
+    assert b"connection-timeout" not in transport.value()
+
+
+def test_idle_connection_times_out_and_whitespace_keeps_it(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER)
+    for _ in range(5):
+        factory.reactor.advance(50)
+        protocol.dataReceived(b" ")
+    assert not transport.disconnecting
+    factory.reactor.advance(61)
+    assert b'condition="connection-timeout"' in transport.value()
+
+
+def test_connections_per_address_are_limited(factory) -> None:
+    first, _ = connect(factory)
+    connect(factory)
+    _, refused = connect(factory)
+    assert b'condition="resource-constraint"' in refused.value() and refused.disconnecting
+    _, other_host = connect(factory, "192.0.2.2")
+    assert not other_host.disconnecting
+    first.connectionLost()
+    _, again = connect(factory)
+    assert not again.disconnecting
+
+
+def test_doctype_is_refused_before_parsing(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b'<!DOCTYPE irp [<!ENTITY x "y">]>' + HEADER)
+    out = transport.value()
+    assert out.startswith(b"<?xml") and b'condition="restricted-xml"' in out
+    assert out.endswith(b"</irp>")
