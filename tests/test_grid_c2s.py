@@ -14,6 +14,7 @@ from lxml import etree
 from twisted.internet import reactor, task, utils
 from twisted.trial import unittest
 
+from tests.databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 
 HEADER = ("<?xml version='1.0'?><stream:stream to='localhost' version='1.0' "
@@ -436,6 +437,28 @@ class NegotiationTests(GridTestCase):
         exported = re.search(rb"Keying material: ([0-9A-F]+)", out + err)
         assert exported, out + err
         assert seen == [bytes.fromhex(exported[1].decode())]
+
+
+class PostgresServerTests(GridTestCase):
+    """The same server on PostgreSQL: accounts, logins and offline storage."""
+
+    skip = postgres_unavailable()
+
+    async def test_login_and_offline_storage(self) -> None:
+        url, schema = fresh_postgres_schema()
+        self.addCleanup(drop_postgres_schema, schema)
+        await self._grid(database=url)
+        alice = await self._login("alice")
+        alice.send("<message to='bob@localhost' id='m'><body>stored</body></message>")
+        for _ in range(50):
+            if await self.grid.offline.count("bob") == 1:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        bob = await self._login("bob")
+        bob.clear()
+        bob.send("<presence/>")
+        data = await bob.until(rb"</message>")
+        assert b"<body>stored</body>" in data and b"urn:xmpp:delay" in data
 
 
 class LimitTests(GridTestCase):
