@@ -86,11 +86,22 @@ def test_stalled_message_times_out(factory) -> None:
     assert transport.disconnecting
 
 
+def test_header_and_handshake_are_due_in_time(factory) -> None:
+    silent, transport = connect(factory)
+    factory.reactor.advance(5.1)
+    assert b'condition="connection-timeout"' in transport.value()
+    protocol, transport = connect(factory, "192.0.2.9")
+    protocol.dataReceived(HEADER + b"<starttls/>")
+    assert transport.tls_started
+    factory.reactor.advance(5.1)  # no handshake, no new header
+    assert b'condition="connection-timeout"' in transport.value()
+
+
 def test_complete_messages_stop_the_stall_clock(factory) -> None:
     protocol, transport = connect(factory)
-    protocol.dataReceived(HEADER + b"<startt")
+    protocol.dataReceived(HEADER[:20])
     factory.reactor.advance(3)
-    protocol.dataReceived(b"ls/>")
+    protocol.dataReceived(HEADER[20:])
     factory.reactor.advance(10)
     assert b"connection-timeout" not in transport.value()
 

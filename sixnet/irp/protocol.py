@@ -125,6 +125,7 @@ class IRPServerProtocol(Protocol):
         self.factory.per_address[self.peer] += 1
         self.factory.protocols.add(self)
         self._reset_idle()
+        self._start_stall_clock()  # the stream header is due like any other message
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
         self.state = CLOSED
@@ -150,7 +151,7 @@ class IRPServerProtocol(Protocol):
         if self.state == CLOSED:
             return
         text = ("no data for too long" if why == "idle"
-                else "a message was not completed in time")
+                else "a message (or the TLS handshake) was not completed in time")
         self.registry.audit.write("timeout", "refused", self.caller.identity, peer=self.peer,
                                   detail=text)
         self.fail("connection-timeout", text)
@@ -195,6 +196,9 @@ class IRPServerProtocol(Protocol):
             if self._stall_timer is not None and self._stall_timer.active():
                 self._stall_timer.cancel()
             return
+        self._start_stall_clock()
+
+    def _start_stall_clock(self) -> None:
         if self._stall_timer is None or not self._stall_timer.active():
             self._stall_timer = self.factory.reactor.callLater(
                 self.config.stall_timeout, self._timed_out, "stall")
@@ -244,6 +248,7 @@ class IRPServerProtocol(Protocol):
         self._header_out = False  # a new stream starts inside TLS
         self.parser.reset()
         self.transport.startTLS(self.factory.tls)
+        self._start_stall_clock()  # the handshake and the new header are due in time
 
     # -- TLS --------------------------------------------------------------------------------
 
