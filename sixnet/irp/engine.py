@@ -405,14 +405,15 @@ class Registry:
         person = self._own(caller, user, "register")
         now = self.now_ms()
         try:
-            await self.store.register(person, device, tuple((a.ip, a.port) for a in addresses),
-                                      now, now + lifetime * 1000, self.config.max_devices)
+            view = await self.store.register(
+                person, device, tuple((a.ip, a.port) for a in addresses), now,
+                now + lifetime * 1000, self.config.max_devices)
         except TooManyDevices:
             raise IRPError("policy-violation", f"at most {self.config.max_devices} devices "
                                                "per person; unregister one first") from None
         self.audit.write("register", "ok", person, peer=caller.peer, device=device,
                          addresses=[f"[{a.ip}]:{a.port}" for a in addresses], lifetime=lifetime)
-        return [person_element(await self.record(person))]
+        return [person_element(self._record(view))]
 
     async def op_unregister(self, caller: Caller, user: str | None,
                             device: str | None) -> list[etree._Element]:
