@@ -178,6 +178,7 @@ class Registry:
         self.operators = {o.lower() for o in config.operators}
         self._watchers: dict[str, list[Watcher]] = {}
         self._chains: dict[str, tuple[tuple[x509.Certificate, ...], float]] = {}
+        self._last_registration = 0
         store.on_change(self._changed)
 
     # -- authentication ---------------------------------------------------------------------
@@ -403,7 +404,8 @@ class Registry:
     async def op_register(self, caller: Caller, user: str | None, device: str, lifetime: int,
                           addresses: tuple[Address, ...]) -> list[etree._Element]:
         person = self._own(caller, user, "register")
-        now = self.now_ms()
+        # Strictly increasing, so "most recently registered first" holds within a millisecond.
+        now = self._last_registration = max(self.now_ms(), self._last_registration + 1)
         try:
             view = await self.store.register(
                 person, device, tuple((a.ip, a.port) for a in addresses), now,

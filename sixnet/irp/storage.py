@@ -371,10 +371,12 @@ class SQLRegistryStore:
             if count is not None and count[0] >= max_devices:
                 return TooManyDevices(f"{person} has {count[0]} devices registered already")
             _ensure_person(cursor, person, now)
-            cursor.execute("DELETE FROM irp_device WHERE person = ? AND device = ?",
-                           (person, device))
+            # An upsert, so that two registry processes registering the same device at once
+            # cannot fail each other's batch on the unique index.
             cursor.execute("INSERT INTO irp_device (person, device, registered, expires,"
-                           " addresses) VALUES (?, ?, ?, ?, ?)",
+                           " addresses) VALUES (?, ?, ?, ?, ?) ON CONFLICT (person, device)"
+                           " DO UPDATE SET registered = excluded.registered,"
+                           " expires = excluded.expires, addresses = excluded.addresses",
                            (person, device, now, expires, packed))
             _changed(cursor, person)
             return _person_view(cursor, person, now)
@@ -434,7 +436,8 @@ def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:
                             (person,)).fetchone() is not None
     devices = cursor.execute(
         "SELECT device, registered, expires, addresses FROM irp_device"
-        " WHERE person = ? AND expires > ? ORDER BY seq DESC", (person, now)).fetchall()
+        " WHERE person = ? AND expires > ? ORDER BY registered DESC, seq DESC",
+        (person, now)).fetchall()
     certs = cursor.execute(
         "SELECT serial, person, issued, not_after, chain, revoked FROM irp_certificate"
         " WHERE person = ? ORDER BY issued DESC, serial", (person,)).fetchall()
