@@ -241,14 +241,23 @@ class RegistryTests(RegistryHarness):
     async def test_backup_round_trip_to_second_device(self) -> None:
         service = await self.start()
         await service.registry.store.set_password("gina@example.test", hash_password("pw"), 0)
-        gina = await self.client(service, self.lab.person("gina@example.test"))
-        blob = b"\x30\x82PKCS12-blob" * 50
+        from cryptography.hazmat.primitives.serialization import BestAvailableEncryption, pkcs12
+
+        first = self.lab.person("gina@example.test")
+        gina = await self.client(service, first)
+        blob = pkcs12.serialize_key_and_certificates(
+            b"gina", first.key, first.certificate, None, BestAvailableEncryption(b"passphrase"))
         await gina.put_backup(blob)
         assert await gina.get_backup() == blob
         second_device = await self.client(service)
-        assert await second_device.get_backup("gina@example.test", "pw") == blob
         error = await _fails(second_device.get_backup("gina@example.test", "nope"), IRPError)
         assert error.condition == "not-authorized"
+        fetched = await second_device.get_backup("gina@example.test", "pw")
+        key, cert, _ = pkcs12.load_key_and_certificates(fetched, b"passphrase")
+        restored = _identity(self.mktemp(), "gina-phone", [cert], key)
+        phone = await self.client(service, restored)
+        assert phone.user == "gina@example.test"
+        await phone.register([("2001:db8::6", 4605)], device="phone")
 
     async def test_lookup_unknown_and_operator_only_operations(self) -> None:
         service = await self.start()
