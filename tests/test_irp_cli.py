@@ -166,3 +166,23 @@ database = "sqlite:irp.sqlite3"
         process.terminate()
         await threads.deferToThread(process.wait)
         assert record.addresses == [("2001:db8::dead", 4605, "phone")]
+
+    async def test_watch_prints_changes(self) -> None:
+        service = await self.start()
+        self.lab.ca.issue("user", "carol@example.test", out=self.base / "carol")
+        alice = await connect("127.0.0.1", self.port(service), self.lab.client_store(),
+                              identity=self.lab.person("alice@example.test"), server_name=HOST)
+        self.addCleanup(alice.close)
+        await alice.register([("192.0.2.1", 4605)], device="laptop")
+        command = [sys.executable, "-m", "sixnet", "irp", "watch", "alice@example.test",
+                   "--count", "1", "--json", "--server", f"127.0.0.1:{self.port(service)}",
+                   "--server-name", HOST, "--config", str(self.config)]
+        watcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        self.addCleanup(lambda: watcher.poll() is None and watcher.kill())
+        first = json.loads(await threads.deferToThread(watcher.stdout.readline))
+        assert [a["ip"] for a in first["addresses"]] == ["192.0.2.1"]
+        await alice.register([("192.0.2.2", 4605)], device="laptop")
+        out, err = await threads.deferToThread(watcher.communicate, timeout=30)
+        assert watcher.returncode == 0, err
+        assert [a["ip"] for a in json.loads(out)["addresses"]] == ["192.0.2.2"]
