@@ -274,8 +274,18 @@ class RegistryTests(RegistryHarness):
         assert [u["id"] for u in users] == ["alice@example.test"] and after
         users, after = await root.list_users(after=after, limit=1)
         assert [u["id"] for u in users] == ["root@example.test"] and after is None
+        bob_id = self.lab.person("bob@example.test")
+        bob = await self.client(service, bob_id)
+        bob_serial = format(bob_id.certificate.serial_number, "X")
+        error = await _fails(alice.revoke(bob_serial), IRPError)
+        assert error.condition == "forbidden"
+        assert await root.revoke(bob_serial) == bob_serial
+        assert (await self.client(service, bob_id)).refused == "revoked"
+        error = await bob.lost  # the session authenticated by it ends
+        assert error.condition == "not-authorized"
         await root.remove("alice@example.test")
-        error = await _fails(alice.lookup("alice@example.test"), IRPError)
+        assert (await alice.lost).condition == "not-authorized"  # her certificate is revoked
+        error = await _fails(root.lookup("alice@example.test"), IRPError)
         assert error.condition == "item-not-found"
 
     async def test_renew_and_certificates_by_serial(self) -> None:

@@ -60,7 +60,10 @@ class TwoRegistriesTests(RegistryHarness, unittest.TestCase):
         second = await self.start(database=url)
         frank_id = self.lab.person("frank@example.test")
         frank = await self.client(first, frank_id)
+        frank_elsewhere = await self.client(second, frank_id)
         await frank.revoke()
+        # the session on the other registry ends: it hears of the revocation by NOTIFY
+        assert (await frank_elsewhere.lost).condition == "not-authorized"
         # the second process never re-read the CRL file itself: the database tells it
         second.registry.certificates.crl_files = []
         second.registry.certificates.reload_crls()

@@ -179,6 +179,9 @@ class Registry:
         self._watchers: dict[str, list[Watcher]] = {}
         self._chains: dict[str, tuple[tuple[x509.Certificate, ...], float]] = {}
         self._last_registration = 0
+        #: Called with a person (None: anyone) whose certificate may have been revoked, so
+        #: connections authenticated by it can be checked again.
+        self.revocation_listeners: list[Callable[[str | None], object]] = []
         store.on_change(self._changed)
 
     # -- authentication ---------------------------------------------------------------------
@@ -482,6 +485,8 @@ class Registry:
     def _changed(self, person: str | None, kind: str) -> None:
         if kind in ("revoked", "gap"):
             self.certificates.reload_crls()  # another process may have revoked it
+            for listener in list(self.revocation_listeners):
+                listener(person)
         for watched in [person] if person is not None else list(self._watchers):
             if watched in self._watchers:
                 d = defer.Deferred.fromCoroutine(self._notify(watched))

@@ -76,6 +76,13 @@ class IRPServerFactory(Factory):
                              self.config.default_lifetime, self.config.max_backup_bytes)
         self.per_address: Counter[str] = Counter()
         self.protocols: set[IRPServerProtocol] = set()
+        registry.revocation_listeners.append(self._revoked)
+
+    def _revoked(self, person: str | None) -> None:
+        for protocol in list(self.protocols):
+            if protocol.caller.identity is not None and \
+                    (person is None or protocol.caller.identity == person):
+                protocol.check_revocation()
 
     def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 - Twisted's name
         host = getattr(addr, "host", str(addr))
@@ -280,6 +287,24 @@ class IRPServerProtocol(Protocol):
             if self.state == CLOSED:
                 return
             self._event(event)
+
+    def check_revocation(self) -> None:
+        """A certificate of this person was revoked (here or in another process): if it is
+        the one this connection authenticated with, end the connection."""
+        serial = self.caller.serial
+        if serial is None:
+            return
+
+        def checked(row: Any) -> None:
+            if row is not None and row.revoked is not None and self.caller.serial == serial:
+                self.registry.audit.write("session", "refused", self.caller.identity,
+                                          peer=self.peer, serial=serial,
+                                          detail="certificate revoked during the session")
+                self.fail("not-authorized", "the certificate of this connection was revoked")
+
+        d = self.registry.store.certificate(serial)
+        d.addCallback(checked)
+        d.addErrback(lambda f: log.failure("checking a revoked certificate", f))
 
     def _session_element(self) -> etree._Element:
         if self.caller.identity is not None:
