@@ -116,6 +116,9 @@ def make_service(config: Config, store: CertificateStore) -> IRPService:
         return build_service(section, store, identity, config.sixnet.state_dir, ca)
     except DatabaseURLError as e:
         raise ConfigError(str(config.path), "irp.database", str(e)) from None
+    except OSError as e:  # the state directory or the audit log cannot be written
+        raise ConfigError(str(config.path), "sixnet.state_dir",
+                          f"{e.filename}: {e.strerror}") from None
 
 
 def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIdentity,
