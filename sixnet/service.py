@@ -70,6 +70,9 @@ class ListeningService(Service):
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
 
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class SixnetService(MultiService):
     """The root service: holds the shared certificate store; children are the services.
 
@@ -81,6 +84,7 @@ class SixnetService(MultiService):
         super().__init__()
         self.config = config
         self.store = store
+        self._previous_handlers: dict[int, Any] = {}
         # CRLs change under a running process (sixnet pki revoke, a CA's cron job): look.
         TimerService(config.pki.crl_refresh, self.refresh_crls).setServiceParent(self)
 
@@ -102,13 +106,25 @@ class SixnetService(MultiService):
         super().startService()
 
     def _running(self) -> None:
+        if not self.running:  # stopped before the reactor got going
+            return
         self._handle_stop_signals()
         log.info("sixnet {version} started: {services}", version=__version__,
                  services=", ".join(s.name for s in self
                                     if not isinstance(s, TimerService)) or "no services")
 
+    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+        # Give the signals back (the process may go on: tests, an embedding program).
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
+        return super().stopService()
+
     def _handle_stop_signals(self) -> None:
         from twisted.internet import reactor
+
+        if not self._previous_handlers:
+            self._previous_handlers = {s: signal.getsignal(s) for s in _HANDLED_SIGNALS}
 
         def stop(signum: int, frame: object) -> None:
             log.info("signal {signal}: stopping", signal=signal.Signals(signum).name)

@@ -116,6 +116,7 @@ class Database:
 
     def __init__(self, url: str, *, base: Path = Path("."), pool_size: int = 4) -> None:
         self.dialect, self.target = parse_url(url, base)
+        self.closed = False
         if self.dialect == "sqlite":
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             # One connection: SQLite has one writer, and one connection keeps WAL simple.
@@ -235,7 +236,10 @@ class Database:
             self._pg_listener = None
         self._listeners.clear()
         self._gap_callbacks.clear()
-        if self.pool.running:
+        if not self.closed:
+            # Also before the pool started: close() cancels its pending start, which would
+            # otherwise leave a worker thread behind that keeps the process from exiting.
+            self.closed = True
             self.pool.close()
 
 
