@@ -82,6 +82,7 @@ def test_make_service_from_the_file(base: str, tmp_path: Path) -> None:
     store = build_store(config)
     shared = SharedDirectory(lambda: 0.0)
     service = make_service(config, store, directory=shared.for_person("alice@example.test"))
+    service.db.close()  # never started: closing cancels the pool's pending start
     assert service.agent.me == "alice@example.test"
     assert service.control_path == tmp_path / "state" / "chat" / "control.sock"
     config = load_config(write(tmp_path, base + 'identity = "host"\n'))

@@ -54,6 +54,14 @@ def server_address_check(value: str) -> str | None:
     return _address_problem(value, ip_only=False)
 
 
+def device_check(value: str) -> str | None:
+    import re
+
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return None
+    return f"{value!r} must be 1-64 of A-Z a-z 0-9 . _ -"
+
+
 def size_check(value: int) -> str | None:
     return None if 1 <= value <= 1 << 20 else f"{value} is out of range 1-1048576"
 
@@ -70,6 +78,10 @@ class ChatConfig(ServiceConfig):
                                   doc="the UNIX control socket, relative to state_dir")
     irp_server: str = setting("localhost:4604", check=server_address_check,
                               doc="host:port of the IRP registry")
+    irp_server_name: str = setting("", doc="the registry certificate's host name; "
+                                           "empty: the host of irp_server")
+    device: str = setting("chat", check=device_check,
+                          doc="the device label this agent registers its addresses under")
     advertise: list[str] = setting([], check=addresses_check,
                                    doc="ip:port addresses to register; empty: discover")
     registration_lifetime: float = setting(3600.0, check=positive)

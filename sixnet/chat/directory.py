@@ -61,7 +61,14 @@ class IPeerDirectory(Interface):
         """The person's record, or None when they are not registered."""
 
     def watch(user_id: str, watcher: Watcher) -> Callable[[], None]:
-        """Call `watcher` whenever the person's addresses change; returns a cancel function."""
+        """Call `watcher` whenever the person's record changes; returns a cancel function.
+
+        A directory that may have missed changes (it was disconnected) also calls it with
+        the current record when the watch (re)starts.
+        """
+
+    def close() -> None:
+        """Stop: no more watcher calls, no more connections."""
 
 
 @dataclass
@@ -130,3 +137,6 @@ class InMemoryDirectory:
                 watchers.remove(watcher)
 
         return cancel
+
+    def close(self) -> None:
+        """Nothing to release: the shared records stay for the other agents."""

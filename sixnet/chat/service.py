@@ -24,6 +24,7 @@ from sixnet.chat.config import ChatConfig
 from sixnet.chat.control import ControlFactory
 from sixnet.chat.directory import IPeerDirectory, PeerAddress
 from sixnet.chat.handshake import HandshakePolicy
+from sixnet.chat.session import own_user_id
 from sixnet.chat.store import MessageStore
 from sixnet.config import Config
 from sixnet.errors import ConfigError
@@ -188,6 +189,7 @@ class ChatService(MultiService):
             self.control_port = None
         for port in ports:
             await port.stopListening()
+        self.directory.close()
         self.db.close()
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
@@ -222,13 +224,14 @@ def make_service(config: Config, store: CertificateStore, *,
     except KeyError as e:
         raise ConfigError(str(config.path), "chat.identity", str(e.args[0])) from None
     try:
-        db = Database(chat.database, base=config.sixnet.state_dir)
-    except DatabaseURLError as e:
-        raise ConfigError(str(config.path), "chat.database", str(e)) from None
+        own_user_id(identity)
+    except ValueError as e:  # the identity names no person, or several
+        raise ConfigError(str(config.path), "chat.identity", str(e)) from None
     if directory is None:
         directory = make_directory(config, identity, store)
     try:
-        return ChatService(chat, identity, store, db, directory, control_socket_path(config),
-                           reactor)
-    except ValueError as e:  # the identity names no person, or several
-        raise ConfigError(str(config.path), "chat.identity", str(e)) from None
+        db = Database(chat.database, base=config.sixnet.state_dir)
+    except DatabaseURLError as e:
+        raise ConfigError(str(config.path), "chat.database", str(e)) from None
+    return ChatService(chat, identity, store, db, directory, control_socket_path(config),
+                       reactor)
