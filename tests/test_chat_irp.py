@@ -1,0 +1,100 @@
+"""Agents that find each other through a real IRP registry on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+
+from sixnet.chat.config import ChatConfig
+from sixnet.chat.directory import PeerAddress
+from sixnet.chat.irp import IRPDirectory
+from sixnet.chat.service import ChatService
+from sixnet.irp.config import IRPConfig
+from sixnet.irp.service import IRPService, build_service
+from sixnet.storage import Database
+
+from .test_chat_agents import ALICE, BOB, until
+
+REGISTRY = "irp.example.test"
+
+
+class IRPAgentTests(unittest.TestCase):
+    timeout = 60
+
+    @pytest.fixture(autouse=True)
+    def _lab(self, pki: Any) -> None:
+        self.pki = pki
+        self.host = pki.identity("host", REGISTRY)
+        self.store = pki.store(identities=[self.host])
+
+    def setUp(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="chatirp", dir="/tmp"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.delivered: list[str] = []
+        self.received: list[str] = []
+
+    async def registry(self) -> IRPService:
+        config = dataclasses.replace(IRPConfig(), enabled=True,
+                                     listen=["tcp:0:interface=127.0.0.1"],
+                                     database=f"sqlite:{self.dir / 'irp.sqlite3'}")
+        service = build_service(config, self.store, self.host, self.dir / "irp", None)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        await until(lambda: bool(service.listening.ports))
+        self.irp_port = service.listening.ports[0].getHost().port
+        return service
+
+    async def agent(self, name: str) -> ChatService:
+        home = self.dir / name.split("@")[0]
+        chat = dataclasses.replace(
+            ChatConfig(), enabled=True, listen=["tcp:0:interface=127.0.0.1"],
+            irp_server=f"127.0.0.1:{self.irp_port}", irp_server_name=REGISTRY,
+            retry_initial=30.0, handshake_timeout=5.0)
+        identity = self.pki.identity("user", name)
+        directory = IRPDirectory("127.0.0.1", self.irp_port, self.store, identity,
+                                 server_name=REGISTRY)
+        service = ChatService(chat, identity, self.store,
+                              Database(f"sqlite:{home / 'chat.sqlite'}"), directory,
+                              home / "control.sock", reactor)
+        service.startService()
+        await service.ready
+        self.addCleanup(lambda: service.stopService() if service.running else None)
+        service.agent.listen(self._event)
+        return service
+
+    def _event(self, event: str, message: Any) -> None:
+        (self.delivered if event == "delivered" else self.received).append(message.body)
+
+    async def test_register_lookup_send_and_follow_a_move(self) -> None:
+        await self.registry()
+        alice, bob = await self.agent(ALICE), await self.agent(BOB)
+        await until(lambda: bool(bob.registration.registered))
+        record = await alice.directory.lookup(BOB)
+        assert record is not None and record.user_id == BOB
+        assert record.addresses[0] == PeerAddress("127.0.0.1", bob.ports[0].getHost().port)
+        assert record.chain[0] == self.pki.identity("user", BOB).certificate
+        await alice.agent.send(BOB, "through the registry")
+        await until(lambda: self.delivered == ["through the registry"])
+
+        # bob goes away; alice queues; bob returns on a new port and re-registers: alice's
+        # watch (not her 30 s retry timer) brings the message over
+        await bob.stopService()
+        await until(lambda: BOB not in alice.agent.sessions)
+        await alice.agent.send(BOB, "after the move")
+        await task.deferLater(reactor, 0.3, lambda: None)
+        bob = await self.agent(BOB)
+        await until(lambda: "after the move" in self.received, timeout=10)
+        await until(lambda: self.delivered == ["through the registry", "after the move"])
+
+    async def test_unknown_person_is_none(self) -> None:
+        await self.registry()
+        alice = await self.agent(ALICE)
+        assert await alice.directory.lookup("nobody@example.test") is None
