@@ -100,8 +100,9 @@ class FanoutTests(unittest.TestCase):
         assert all(seen == ["first", "second", "third"] for seen in order.values())
         # The engine's share of a publish does not grow with N (cached recipients).
         assert publish_cost < 0.05, publish_cost
-        # The reactor ran between chunks: no gap near the whole fan-out's duration.
-        assert len(gaps) > 20 and max(gaps) < 0.1, (len(gaps), max(gaps))
+        # The reactor ran between chunks (many ticks during a 0.6 s fan-out), never held for
+        # anything near the whole fan-out (the margin is for a loaded machine).
+        assert len(gaps) > 20 and max(gaps) < 0.3, (len(gaps), max(gaps))
 
     def test_recipient_list_is_cached_until_subscriptions_change(self) -> None:
         engine = engine_with_subscribers(3)

@@ -22,8 +22,8 @@ from .test_pubsub_conversations import IODEF, error, pubsub_error
 
 OWNER = "owner@localhost/desk"
 READER = "reader@localhost/desk"
-#: Quiet time after which a step's answers are taken to be complete.
-SETTLE = 0.25
+#: Time allowed, once the expected answers are in, for an unexpected extra one to show.
+SETTLE = 0.15
 
 
 class StreamReader:
@@ -62,6 +62,7 @@ class LiveConversationTests(unittest.TestCase):
         self.port, _ = ports(self.grid)
         self.clients: dict[str, RawClient] = {}
         self.readers: list[StreamReader] = []
+        self.pending: list[etree._Element] = []
         for jid in (OWNER, READER):
             user, resource = jid.split("@")[0], jid.split("/")[1]
             await self.grid.accounts.add(user, f"{user} secret")
@@ -77,15 +78,19 @@ class LiveConversationTests(unittest.TestCase):
         for client in self.clients.values():
             self.readers.append(StreamReader(client))
 
-    async def send(self, stanza: etree._Element) -> None:
+    async def send(self, stanza: etree._Element, expected: int) -> None:
+        """Send, wait until `expected` stanzas arrived (10 s at most), then a quiet spell."""
         self.clients[stanza.get("from")].send(etree.tostring(stanza))
-        seen = -1
-        while seen != sum(len(c.received) for c in self.clients.values()):
-            seen = sum(len(c.received) for c in self.clients.values())
-            await task.deferLater(reactor, SETTLE, lambda: None)
+        deadline = reactor.seconds() + 10
+        while len(self.pending) < expected and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.02, lambda: None)
+            self.pending += [s for reader in self.readers for s in reader.stanzas()]
+        await task.deferLater(reactor, SETTLE, lambda: None)
 
     def collect(self) -> list[etree._Element]:
-        return [s for reader in self.readers for s in reader.stanzas()]
+        arrived = self.pending + [s for reader in self.readers for s in reader.stanzas()]
+        self.pending = []
+        return arrived
 
     async def talk(self, script: str) -> None:
         await run_conversation(script, self.send, self.collect)

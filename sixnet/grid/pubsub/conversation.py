@@ -125,14 +125,18 @@ def _shown(stanzas: list[etree._Element], limit: int = 4000) -> str:
 
 
 async def run_conversation(script: str,
-                           send: Callable[[etree._Element], Awaitable[None]],
+                           send: Callable[[etree._Element, int], Awaitable[None]],
                            collect: Callable[[], list[etree._Element]],
                            matcher: Matcher | None = None) -> Matcher:
-    """Play a script: send each stanza, wait for `send` to settle, check what was collected."""
+    """Play a script: send each stanza, check what was collected.
+
+    ``send(stanza, expected)`` sends and returns once `expected` stanzas may have arrived
+    (and a little more time for any unexpected extra one).
+    """
     matcher = matcher or Matcher()
     for step in parse_script(script):
         stanza = parse_stanza(matcher.fill(step.send))
-        await send(stanza)
+        await send(stanza, len(step.expect))
         arrived = collect()
         remaining = list(arrived)
         for text in step.expect:

@@ -118,21 +118,56 @@ class Node:
     created: str
     creator: str
     affiliations: dict[str, str] = field(default_factory=dict)
-    subscriptions: dict[str, Subscription] = field(default_factory=dict)
     items: dict[str, Item] = field(default_factory=dict)  # oldest first
+    #: Subscriptions by subid, in the order they were made, and the indexes over them: every
+    #: lookup a request makes is O(1), whatever the number of subscribers.
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    by_jid: dict[str, Subscription] = field(default_factory=dict)
+    by_platform: dict[str, dict[str, Subscription]] = field(default_factory=dict)
+    pending: dict[str, Subscription] = field(default_factory=dict)
+    #: JIDs a notification goes to: approved subscriptions with delivery on. The engine keeps
+    #: every approved subscription allowed to receive (see `PubSubEngine._prune`).
+    receivers: dict[str, None] = field(default_factory=dict)
     recipients_cache: tuple[str, ...] | None = None
 
+    def add(self, sub: Subscription) -> None:
+        self.subscriptions[sub.subid] = sub
+        self.by_jid[sub.jid] = sub
+        self.by_platform.setdefault(bare(sub.jid), {})[sub.subid] = sub
+        self.refresh(sub)
+
+    def remove(self, sub: Subscription) -> None:
+        del self.subscriptions[sub.subid]
+        self.by_jid.pop(sub.jid, None)
+        platform = self.by_platform.get(bare(sub.jid), {})
+        platform.pop(sub.subid, None)
+        if not platform:
+            self.by_platform.pop(bare(sub.jid), None)
+        self.pending.pop(sub.subid, None)
+        if self.receivers.pop(sub.jid, 0) is None:
+            self.recipients_cache = None
+
+    def refresh(self, sub: Subscription) -> None:
+        """Update the indexes after a subscription's state or delivery option changed."""
+        if sub.state == "pending":
+            self.pending[sub.subid] = sub
+        else:
+            self.pending.pop(sub.subid, None)
+        if sub.state == "subscribed" and sub.deliver:
+            self.receivers[sub.jid] = None
+        else:
+            self.receivers.pop(sub.jid, None)
+        self.recipients_cache = None
+
     def subscription_of(self, jid: str) -> Subscription | None:
-        for sub in self.subscriptions.values():
-            if sub.jid == jid:
-                return sub
-        return None
+        return self.by_jid.get(jid)
+
+    def of_platform(self, jid: str) -> list[Subscription]:
+        return list(self.by_platform.get(bare(jid), {}).values())
 
     def subscribed(self, jid: str) -> bool:
         """Whether the bare JID has an approved subscription (any resource)."""
-        platform = bare(jid)
-        return any(s.state == "subscribed" and bare(s.jid) == platform
-                   for s in self.subscriptions.values())
+        return any(s.state == "subscribed" for s in self.of_platform(jid))
 
 
 @dataclass
@@ -204,8 +239,8 @@ class PubSubEngine:
                 self.nodes[a.node].affiliations[a.jid] = a.affiliation
         for s in snapshot.subscriptions:
             if s.node in self.nodes:
-                self.nodes[s.node].subscriptions[s.subid] = Subscription(
-                    s.subid, s.jid, s.state, s.deliver, s.position)
+                self.nodes[s.node].add(Subscription(s.subid, s.jid, s.state, s.deliver,
+                                                    s.position))
             self.position = max(self.position, s.position)
         for i in snapshot.items:
             if i.node in self.nodes:
@@ -238,10 +273,7 @@ class PubSubEngine:
     def recipients(self, node: Node) -> tuple[str, ...]:
         """Who a notification on this node goes to, cached until subscriptions change."""
         if node.recipients_cache is None:
-            node.recipients_cache = tuple(
-                s.jid for s in node.subscriptions.values()
-                if s.state == "subscribed" and s.deliver
-                and self.verdict(node, s.jid, "receive") is not NO)
+            node.recipients_cache = tuple(node.receivers)
         return node.recipients_cache
 
     def _node(self, request: PubSubRequest) -> Node:
@@ -463,10 +495,11 @@ class PubSubEngine:
         if "owner" not in wanted.values():
             raise not_acceptable(text="a node keeps at least one owner")
         outcome = Outcome()
-        demoted = set()
+        demoted, changed = set(), set()
         for jid in sorted(set(wanted) | set(node.affiliations)):
             old, new = node.affiliations.get(jid, "none"), wanted.get(jid, "none")
             if new != old:
+                changed.add(jid)
                 outcome.changes.append(ch.PutAffiliation(node.name, jid, new))
                 outcome.audit.append({"action": "affiliation", "node": node.name,
                                       "actor": bare(request.sender), "jid": jid,
@@ -476,21 +509,25 @@ class PubSubEngine:
         node.affiliations = wanted
         # Demoted to `none`: whatever the access model, the subscriptions that came with the
         # old affiliation end; the platform may ask again under the node's access model.
-        for sub in list(node.subscriptions.values()):
-            if bare(sub.jid) in demoted:
+        for jid in demoted:
+            for sub in node.of_platform(jid):
                 self._unsubscribe(node, sub, outcome, reason="demoted")
-        self._prune(node, outcome)
+        self._prune(node, outcome, changed | demoted)
         return outcome
 
-    def _prune(self, node: Node, outcome: Outcome) -> None:
+    def _prune(self, node: Node, outcome: Outcome, platforms: set[str] | None = None) -> None:
         """Make subscriptions agree with affiliations and access model after a change.
 
         A subscriber who may no longer receive (outcast, publish-only, or `none` on a
         whitelist node) loses the subscription and is told; a pending request the new
-        policy grants outright is approved, one it forbids is dropped.
+        policy grants outright is approved, one it forbids is dropped. Only the subscriptions
+        of `platforms` are looked at when only their affiliations changed.
         """
-        node.recipients_cache = None
-        for sub in list(node.subscriptions.values()):
+        if platforms is None:
+            subs = list(node.subscriptions.values())
+        else:
+            subs = [s for p in sorted(platforms) for s in node.of_platform(p)]
+        for sub in subs:
             if sub.state == "subscribed":
                 if self.verdict(node, sub.jid, "receive") is NO:
                     self._unsubscribe(node, sub, outcome, reason="policy")
@@ -503,8 +540,7 @@ class PubSubEngine:
 
     def _unsubscribe(self, node: Node, sub: Subscription, outcome: Outcome, *,
                      reason: str, notify: bool = True) -> None:
-        del node.subscriptions[sub.subid]
-        node.recipients_cache = None
+        node.remove(sub)
         outcome.changes.append(ch.DeleteSubscription(node.name, sub.subid))
         outcome.audit.append({"action": "unsubscribe", "node": node.name, "jid": sub.jid,
                               "subid": sub.subid, "reason": reason})
@@ -513,7 +549,7 @@ class PubSubEngine:
 
     def _approve(self, node: Node, sub: Subscription, outcome: Outcome) -> None:
         sub.state = "subscribed"
-        node.recipients_cache = None
+        node.refresh(sub)
         outcome.changes.append(self._put(node, sub))
         outcome.messages.append(self._subscription_event(node, sub.jid, "subscribed"))
         self._send_last(node, sub, outcome)
@@ -554,7 +590,7 @@ class PubSubEngine:
                 if self.verdict(node, jid, "receive") is NO:
                     raise not_acceptable(text=f"{jid} may not receive from this node")
                 sub = Subscription(uuid.uuid4().hex, jid, "pending", True, self._next())
-                node.subscriptions[sub.subid] = sub
+                node.add(sub)
                 self._approve(node, sub, outcome)
                 outcome.audit.append({"action": "subscribe", "node": node.name, "jid": jid,
                                       "subid": sub.subid, "decision": "subscribed",
@@ -589,8 +625,7 @@ class PubSubEngine:
                 deliver = parse_options(DataForm.parse(request.form, SUBSCRIBE_OPTIONS))
             state = "subscribed" if verdict is YES else "pending"
             sub = Subscription(uuid.uuid4().hex, jid, state, deliver, self._next())
-            node.subscriptions[sub.subid] = sub
-            node.recipients_cache = None
+            node.add(sub)
             outcome.changes.append(self._put(node, sub))
             outcome.audit.append({"action": "subscribe", "node": node.name, "jid": jid,
                                   "subid": sub.subid, "decision": state})
@@ -650,7 +685,7 @@ class PubSubEngine:
         sub = self._own_subscription(node, request,
                                      PubSubError("unexpected-request", "not-subscribed"))
         sub.deliver = parse_options(DataForm.parse(request.form, SUBSCRIBE_OPTIONS))
-        node.recipients_cache = None
+        node.refresh(sub)
         return Outcome(changes=[self._put(node, sub)])
 
     def _do_own_subscriptions(self, request: PubSubRequest) -> Outcome:
@@ -662,10 +697,9 @@ class PubSubEngine:
             listing.set("node", request.node)
         for name in names:
             node = self.nodes.get(name)
-            for sub in node.subscriptions.values() if node else ():
-                if bare(sub.jid) == platform:
-                    etree.SubElement(listing, _P + "subscription", node=name, jid=sub.jid,
-                                     subid=sub.subid, subscription=sub.state)
+            for sub in node.of_platform(platform) if node else ():
+                etree.SubElement(listing, _P + "subscription", node=name, jid=sub.jid,
+                                 subid=sub.subid, subscription=sub.state)
         return Outcome(payload)
 
     def _do_own_affiliations(self, request: PubSubRequest) -> Outcome:
@@ -780,8 +814,7 @@ class PubSubEngine:
         node = self._node(request)
         self._require_retrieve(node, request.sender)
         if request.subid is not None and not any(
-                s.subid == request.subid and bare(s.jid) == bare(request.sender)
-                for s in node.subscriptions.values()):
+                s.subid == request.subid for s in node.of_platform(request.sender)):
             raise not_acceptable("invalid-subid")
         payload = _pubsub()
         listing = etree.SubElement(payload, _P + "items", node=node.name)
@@ -831,12 +864,11 @@ class PubSubEngine:
         """Approval requests waiting for an owner who has just come online."""
         found = []
         for node in self.nodes.values():
-            if not node.subscriptions or self.verdict(node, owner, "manage") is not YES:
+            if not node.pending or self.verdict(node, owner, "manage") is not YES:
                 continue
-            for sub in node.subscriptions.values():
-                if sub.state == "pending":
-                    found.append(Notification(authorization_form(node.name, sub.jid, sub.subid),
-                                              (owner,)))
+            for sub in node.pending.values():
+                found.append(Notification(authorization_form(node.name, sub.jid, sub.subid),
+                                          (owner,)))
         return found
 
     # -- revocation (RFC 8600 section 8.3) ---------------------------------------------------
@@ -848,9 +880,8 @@ class PubSubEngine:
         outcome = Outcome(changes=[ch.PutRevoked(platform, timestamp(self.clock()))],
                           audit=[{"action": "revoke", "jid": platform}])
         for node in self.nodes.values():
-            for sub in list(node.subscriptions.values()):
-                if bare(sub.jid) == platform:
-                    self._unsubscribe(node, sub, outcome, reason="revoked", notify=False)
+            for sub in node.of_platform(platform):
+                self._unsubscribe(node, sub, outcome, reason="revoked", notify=False)
         return outcome
 
 
