@@ -117,3 +117,25 @@ class FanoutTests(unittest.TestCase):
         delivery = Delivery("broker.example.test")
         delivery.router = CountingRouter()
         assert delivery.idle().called
+
+
+def test_subscribing_costs_the_same_at_any_node_size() -> None:
+    """Subscription lookups are indexed: the 20,000th subscribe costs what the first did."""
+    config = dataclasses.replace(BrokerConfig(), open_access=True,
+                                 default_access_model="open")
+    engine = PubSubEngine("broker.example.test", config)
+    engine.handle(PubSubRequest("create", "owner@example.test/o", node="big"))
+
+    def batch(start: int) -> float:
+        began = time.perf_counter()
+        for i in range(start, start + 2000):
+            jid = f"s{i}@example.test"
+            engine.handle(PubSubRequest("subscribe", jid + "/r", node="big", jid=jid))
+            engine.handle(PubSubRequest("items", jid + "/r", node="big"))
+        return time.perf_counter() - began
+
+    first = batch(0)
+    for start in range(2000, 18000, 2000):
+        batch(start)
+    last = batch(18000)
+    assert last < 4 * first + 0.05, (first, last)
