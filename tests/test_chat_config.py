@@ -108,3 +108,18 @@ def test_command_line_errors_are_one_line_with_status_2(tmp_path: Path) -> None:
     r = sixnet("peers", "--config", str(tmp_path / "missing.toml"))
     assert r.returncode == 2
     assert r.stderr == f"sixnet: {tmp_path / 'missing.toml'}: configuration file does not exist\n"
+
+
+def test_registry_given_by_ip_needs_its_certificate_name(base: str, tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, base + 'irp_server = "127.0.0.1:4604"\n'))
+    with pytest.raises(ConfigError) as info:
+        make_service(config, build_store(config))
+    assert str(info.value) == (f"{config.path}: chat.irp_server_name: must be set when "
+                               "irp_server is an IP address: it is the host name the "
+                               "registry's certificate is checked for")
+    config = load_config(write(tmp_path, base + 'irp_server = "127.0.0.1:4604"\n'
+                                                'irp_server_name = "irp.example.test"\n'))
+    service = make_service(config, build_store(config))
+    service.db.close()
+    assert (service.directory.host, service.directory.server_name) == ("127.0.0.1",
+                                                                        "irp.example.test")

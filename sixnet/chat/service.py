@@ -8,6 +8,7 @@ session cleanly, unregisters nothing (the registration simply expires) and close
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Sequence
@@ -89,6 +90,7 @@ class Registration:
         self.registered_at = 0.0
         self._call: IDelayedCall | None = None
         self._running = False
+        self._retry = 2.0
 
     def start(self) -> None:
         self._running = True
@@ -104,22 +106,29 @@ class Registration:
         self._call = None
         current = self.addresses()
         due = self.clock.seconds() >= self.registered_at + self.lifetime * 2 / 3
-        d: defer.Deferred[Any] = defer.succeed(None)
+        d: defer.Deferred[Any] = defer.succeed(self.check_interval)
         if current and (current != self.registered or due):
             d = defer.maybeDeferred(self.directory.announce, current, self.lifetime)
-            d.addCallback(self._registered, current)
-            d.addErrback(lambda f: log.warn("IRP registration failed: {error}",
-                                            error=f.getErrorMessage()))
-        d.addBoth(self._schedule)
+            d.addCallbacks(self._registered, self._failed, callbackArgs=(current,))
+        d.addCallback(self._schedule)
 
-    def _registered(self, _: object, addresses: list[PeerAddress]) -> None:
+    def _registered(self, _: object, addresses: list[PeerAddress]) -> float:
         log.info("registered at {addresses}", addresses=", ".join(map(str, addresses)))
         self.registered = list(addresses)
         self.registered_at = self.clock.seconds()
+        self._retry = 2.0
+        return self.check_interval
 
-    def _schedule(self, _: object) -> None:
+    def _failed(self, failure: Any) -> float:
+        """Try again soon (the registry may be starting too), backing off to the interval."""
+        delay, self._retry = self._retry, min(self._retry * 2, self.check_interval)
+        log.warn("IRP registration failed ({error}); again in {delay:.0f}s",
+                 error=failure.getErrorMessage(), delay=delay)
+        return min(delay, self.check_interval)
+
+    def _schedule(self, delay: float) -> None:
         if self._running:
-            self._call = self.clock.callLater(self.check_interval, self._tick)
+            self._call = self.clock.callLater(delay, self._tick)
 
 
 class ChatService(MultiService):
@@ -213,7 +222,20 @@ def make_directory(config: Config, identity: NodeIdentity,
         raise ConfigError(str(config.path), "chat.irp_server",
                           "this build has no IRP client (sixnet.irp.client), so the agent "
                           "cannot find or announce anyone") from None
+    host = PeerAddress.parse(config.chat.irp_server).host
+    if not config.chat.irp_server_name and _is_ip(host):
+        raise ConfigError(str(config.path), "chat.irp_server_name",
+                          "must be set when irp_server is an IP address: it is the host name "
+                          "the registry's certificate is checked for")
     return IRPDirectory.from_config(config, identity, store)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def make_service(config: Config, store: CertificateStore, *,
