@@ -158,7 +158,7 @@ def run_follow(args: argparse.Namespace, out: Output) -> int:
     async def body(client: _Client) -> int:
         await client.callRemote(Follow)
         await client.lost
-        return 1  # the agent went away
+        raise CommandError("the chat agent stopped")
 
     return _run(args, out, body)
 
