@@ -18,9 +18,10 @@ condition:
 * A top-level child larger than ``max_element_bytes`` raw bytes, or nesting deeper than
   ``max_depth`` (``policy-violation``), checked while the child is still arriving. Large
   feeds are parsed in slices of a quarter of the limit and bytes are charged per slice, so
-  a child of at most ``max_element_bytes`` passes (unless charged whitespace just before it
-  tips it over) and a bigger one is refused before 1.5 x ``max_element_bytes`` of it has
-  been parsed (a 10 MB stanza costs ~80 KB, not 10 MB). The same budget bounds the stream
+  a child much bigger than the limit is refused before 1.5 x ``max_element_bytes`` of it
+  has been parsed (a 10 MB stanza costs ~80 KB, not 10 MB); a child that completes within
+  a slice of the limit is measured exactly (its serialised size), so one just over the
+  limit is refused too. The same budget bounds the stream
   header and the bytes between stanzas; whitespace keepalives sent while the stream is idle
   are not charged, so a quiet connection may ping forever.
 * Non-whitespace text between stanzas (``bad-format``).
@@ -316,6 +317,8 @@ class StreamParser:
                         out.append(StreamOpened(elem.tag, dict(elem.attrib), dict(elem.nsmap)))
                 elif depth == 1:
                     depth = 0
+                    if self._used + self._slice > self.max_element_bytes:
+                        self._check_size(elem)
                     self._used = 0
                     out.append(self._detach(elem))
                 else:
@@ -327,6 +330,26 @@ class StreamParser:
                         out.append(StreamClosed())
         finally:
             self._depth = depth
+
+    def _check_size(self, elem: etree._Element) -> None:
+        """Measure a child that finished near the limit: slices charge bytes only roughly.
+
+        Part of the slice it ended in may belong to the next child, and the slice it began in
+        may have been charged to the previous one; its serialised size settles it. Only
+        children within a slice of the limit pay for this.
+        """
+        size = len(etree.tostring(elem, with_tail=False))
+        # lxml repeats the root's namespace declarations on the copy; they were not sent.
+        root = self._root
+        if root is not None:
+            size -= sum(
+                len(f' xmlns{":" + prefix if prefix else ""}="{uri}"'.encode())
+                for prefix, uri in root.nsmap.items()
+            )
+        if size > self.max_element_bytes:
+            raise XMLStreamError(
+                "policy-violation", f"element exceeds {self.max_element_bytes} bytes"
+            )
 
     def _detach(self, elem: etree._Element) -> etree._Element:
         """Return a standalone copy of a finished stanza and drop the original from the root.

@@ -363,3 +363,24 @@ def test_bad_limits_rejected() -> None:
         StreamParser(max_depth=300)
     with pytest.raises(ValueError):
         StreamParser(max_element_bytes=0)
+
+
+def test_a_stanza_just_over_the_limit_is_refused_in_one_feed() -> None:
+    """A stanza ending in the slice that crosses the limit is measured, not waved through."""
+    parser = StreamParser(max_element_bytes=10000)
+    parser.feed(b"<stream:stream xmlns='jabber:client' "
+                b"xmlns:stream='http://etherx.jabber.org/streams'>")
+    body = b"x" * 11900
+    with pytest.raises(XMLStreamError) as info:
+        parser.feed(b"<message><body>" + body + b"</body></message>")
+    assert info.value.condition == "policy-violation"
+
+
+def test_a_stanza_just_under_the_limit_passes_among_others() -> None:
+    parser = StreamParser(max_element_bytes=10000)
+    parser.feed(b"<stream:stream xmlns='jabber:client' "
+                b"xmlns:stream='http://etherx.jabber.org/streams'>")
+    small = b"<message><body>hi</body></message>"
+    near = b"<message><body>" + b"y" * 9900 + b"</body></message>"
+    events = parser.feed(small * 3 + near + small * 3)
+    assert [len(e.findtext("{jabber:client}body")) for e in events] == [2, 2, 2, 9900, 2, 2, 2]
