@@ -217,7 +217,9 @@ class Agent:
             return True
         self._watch(peer)
         try:
-            record = await self.directory.lookup(peer)
+            lookup = self.directory.lookup(peer)
+            lookup.addTimeout(self.settings.connect_timeout, self.reactor)
+            record = await lookup
         except Exception as e:
             log.warn("lookup of {peer} failed: {error}", peer=peer, error=e)
             record = None
