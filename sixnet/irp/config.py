@@ -22,6 +22,10 @@ def _at_least_one(value: int) -> str | None:
     return None if value >= 1 else f"{value} must be at least 1"
 
 
+def _not_negative(value: int) -> str | None:
+    return None if value >= 0 else f"{value} must not be negative"
+
+
 @dataclass(frozen=True)
 class IRPConfig(ServiceConfig):
     """``[irp]``: the Identity Registration Protocol registry (TCP 4604)."""
@@ -48,3 +52,5 @@ class IRPConfig(ServiceConfig):
     lockout_seconds: int = setting(900, check=_at_least_one)
     invite_days: int = setting(7, check=_at_least_one)
     certificate_days: int = setting(365, check=_at_least_one)
+    answer_cache: int = setting(100_000, check=_not_negative,
+                                doc="persons whose lookup answer is kept in memory (0: none)")

@@ -3,9 +3,11 @@
 The protocol hands a parsed `Request` and the `Caller` (what the connection proved: a
 verified person, or nobody yet) to `Registry.handle`, which checks the access table, does
 the work through the `IRegistryStore` and the lab CA, writes the audit log, and returns the
-payload elements the protocol puts in the signed ``<data>``. Failures are `IRPError`s.
-Watches are kept here: `Registry.watch` registers a callback that gets a `PersonRecord`
-whenever that person's record changes, in this process or (on PostgreSQL) any other.
+canonical payload the protocol puts in the signed ``<data>``. Failures are `IRPError`s.
+Lookup answers are kept in memory until the person's record changes (`Registry._answer`).
+Watches are kept here: `Registry.watch` registers a callback that gets the person's record
+(canonical ``<person>``) whenever it changes, in this process or (on PostgreSQL) any other,
+and when one of its addresses or certificates expires (one timer for the whole process).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import heapq
 import hmac
 import json
 import os
@@ -39,6 +42,7 @@ from sixnet.irp.wire import (
     PersonRecord,
     Request,
     b64,
+    canonical_payload,
     certificate_element,
     chain_element,
     element,
@@ -53,6 +57,8 @@ log = Logger(namespace="sixnet.irp")
 
 #: Parsed certificate chains kept in memory (oldest dropped first).
 CHAIN_CACHE = 20_000
+#: A time after every expiry (ms): a record without addresses or expiring certificates.
+NEVER = 2**62
 
 ANONYMOUS, PERSON, OPERATOR = "anonymous", "person", "operator"
 _ALL = frozenset({ANONYMOUS, PERSON, OPERATOR})
@@ -155,7 +161,17 @@ class Caller:
         return OPERATOR if self.operator else PERSON
 
 
-Watcher = Callable[[PersonRecord], object]
+#: Gets the canonical ``<person>`` payload (`canonical_payload`) of a changed record.
+Watcher = Callable[[bytes], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A person's record as a lookup returns it, kept in memory until it may change."""
+
+    payload: bytes  # the canonical <person> element, as inside the signed <data>
+    changes_at: int  # ms: the earliest address or certificate expiry in it (or NEVER)
+    crls: int  # the certificate store's CRL generation it was computed with
 
 
 class Registry:
@@ -178,6 +194,16 @@ class Registry:
         self.operators = {o.lower() for o in config.operators}
         self._watchers: dict[str, list[Watcher]] = {}
         self._chains: dict[str, tuple[tuple[x509.Certificate, ...], float]] = {}
+        #: Lookup answers of persons, oldest first (dropped first beyond config.answer_cache).
+        self._answers: dict[str, Answer] = {}
+        #: A token per person whose record is being read: a change while the read runs
+        #: removes it, so the read's (possibly older) answer is not kept.
+        self._reading: dict[str, object] = {}
+        #: The next expiry of each watched person's record (ms), a heap of the same (with
+        #: outdated entries skipped when they come up) and the one timer for its head.
+        self._expiry_at: dict[str, int] = {}
+        self._expiries: list[tuple[int, str]] = []
+        self._expiry_timer: Any = None
         self._last_registration = 0
         #: Called with a person (None: anyone) whose certificate may have been revoked, so
         #: connections authenticated by it can be checked again.
@@ -209,12 +235,13 @@ class Registry:
             await self.store.add_certificate(CertificateRow(
                 serial, verified.identity, self.now_ms(),
                 int(leaf.not_valid_after_utc.timestamp() * 1000), certificates_pem(path), None))
+            self._forget(verified.identity)
         return Caller(peer, verified.identity, serial, verified.identity in self.operators)
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    async def handle(self, caller: Caller, request: Request) -> list[etree._Element]:
-        """Run one request; return the payload for ``<data>`` or raise IRPError."""
+    async def handle(self, caller: Caller, request: Request) -> bytes:
+        """Run one request; return the canonical payload for ``<data>`` or raise IRPError."""
         allowed = ACCESS[request.op]
         if caller.role not in allowed:
             if caller.role == ANONYMOUS:
@@ -226,11 +253,12 @@ class Registry:
             raise error
         method = getattr(self, "op_" + request.op.replace("-", "_"))
         try:
-            return await method(caller, **request.args)
+            payload = await method(caller, **request.args)
         except IRPError as error:
             if error.condition in ("not-authorized", "forbidden", "locked"):
                 self._refused(caller, request, error)
             raise
+        return payload if isinstance(payload, bytes) else canonical_payload(payload)
 
     def _refused(self, caller: Caller, request: Request, error: IRPError) -> None:
         target = request.args.get("user") or request.args.get("serial")
@@ -290,6 +318,7 @@ class Registry:
         await self.store.add_certificate(CertificateRow(
             serial, user, self.now_ms(), int(leaf.not_valid_after_utc.timestamp() * 1000),
             certificates_pem(chain), None))
+        self._forget(user)
         self.audit.write(event, "ok", caller.identity or user, peer=caller.peer, target=user,
                          serial=serial)
         return [certificate_element(c) for c in chain]
@@ -345,6 +374,7 @@ class Registry:
             except CAError as e:  # issued by an earlier CA: the registry's record still counts
                 log.warn("revoking {serial} in the CA: {error}", serial=row.serial, error=e)
         await self.store.mark_revoked(row.serial, self.now_ms())
+        self._forget(row.person)
         self.certificates.reload_crls()
 
     async def op_certificates(self, caller: Caller, user: str | None,
@@ -416,17 +446,19 @@ class Registry:
         except TooManyDevices:
             raise IRPError("policy-violation", f"at most {self.config.max_devices} devices "
                                                "per person; unregister one first") from None
+        self._forget(person)
         self.audit.write("register", "ok", person, peer=caller.peer, device=device,
                          addresses=[f"[{a.ip}]:{a.port}" for a in addresses], lifetime=lifetime)
         return [person_element(self._record(view))]
 
     async def op_unregister(self, caller: Caller, user: str | None,
-                            device: str | None) -> list[etree._Element]:
+                            device: str | None) -> bytes:
         person = self._own(caller, user, "unregister")
         count = await self.store.unregister(person, device)
+        self._forget(person)
         self.audit.write("unregister", "ok", person, peer=caller.peer, device=device,
                          removed=count)
-        return [person_element(await self.record(person))]
+        return (await self._answer(person))[1]
 
     def _may_see(self, caller: Caller, target: str, policy: str, op: str) -> None:
         if caller.operator or caller.identity == target:
@@ -439,11 +471,6 @@ class Registry:
         raise IRPError("forbidden", f"the registry's policy does not let {caller.identity} "
                                     f"{op} {target}")
 
-    async def record(self, person: str) -> PersonRecord:
-        """A person's current record, as a lookup returns it."""
-        view = await self.store.person_view(person, self.now_ms())
-        return self._record(view)
-
     def _record(self, view: PersonView) -> PersonRecord:
         devices = tuple(
             DeviceRecord(d.device, tuple(Address(ip, port) for ip, port in d.addresses),
@@ -452,22 +479,72 @@ class Registry:
         current = next((i for i in infos if i.status == "valid"), infos[0] if infos else None)
         return PersonRecord(view.person, devices, current, removed=not view.exists)
 
-    async def op_lookup(self, caller: Caller, user: str) -> list[etree._Element]:
+    async def op_lookup(self, caller: Caller, user: str) -> bytes:
         self._may_see(caller, user, self.config.lookup_access, "look up")
-        view = await self.store.person_view(user, self.now_ms())
-        if not view.exists:
+        exists, payload, _ = await self._answer(user)
+        if not exists:
             raise IRPError("item-not-found", f"{user} is not registered")
-        return [person_element(self._record(view))]
+        return payload
+
+    # -- the answer cache -------------------------------------------------------------------------
+
+    async def _answer(self, person: str) -> tuple[bool, bytes, int]:
+        """Whether the person exists, their record's canonical payload and when it next
+        changes by itself (an expiry, ms), from memory while that is still exact.
+
+        A kept answer is dropped when the person's record changes (this process's writes
+        and every change notification, from any process), on a notification gap, when the
+        CRLs are read again (a certificate's status may change), and is not used from its
+        first expiry on (an answer never contains an expired address or shows an expired
+        certificate as valid). Unknown persons are not kept: creating an account or an
+        invitation makes a person without a notification.
+        """
+        now = self.now_ms()
+        kept = self._answers.get(person)
+        if kept is not None and now < kept.changes_at and \
+                kept.crls == self.certificates.generation:
+            return True, kept.payload, kept.changes_at
+        crls = self.certificates.generation
+        token = self._reading[person] = object()
+        try:
+            view = await self.store.person_view(person, now)
+        finally:
+            mine = self._reading.get(person) is token
+            if mine:
+                del self._reading[person]
+        record = self._record(view)
+        payload = canonical_payload([person_element(record)])
+        changes_at = min([d.expires for d in view.devices] +
+                         [int(self._chain(r)[1] * 1000) for r in view.certificates
+                          if r.revoked is None], default=NEVER)
+        if changes_at <= now:
+            changes_at = NEVER  # expired certificates stay expired
+        if mine and view.exists and self.config.answer_cache > 0:
+            self._answers.pop(person, None)
+            if len(self._answers) >= self.config.answer_cache:
+                self._answers.pop(next(iter(self._answers)))
+            self._answers[person] = Answer(payload, changes_at, crls)
+        return view.exists, payload, changes_at
+
+    def _forget(self, person: str | None) -> None:
+        """The record of `person` (None: of anyone) changed or may have changed."""
+        if person is None:
+            self._answers.clear()
+            self._reading.clear()
+        else:
+            self._answers.pop(person, None)
+            self._reading.pop(person, None)
 
     # -- watches ----------------------------------------------------------------------------------
 
-    async def op_watch(self, caller: Caller, user: str) -> list[etree._Element]:
+    async def op_watch(self, caller: Caller, user: str) -> bytes:
         """Check the policy and return the current record; the session then calls watch()."""
         self._may_see(caller, user, self.config.watch_access, "watch")
-        view = await self.store.person_view(user, self.now_ms())
-        if not view.exists:
+        exists, payload, changes_at = await self._answer(user)
+        if not exists:
             raise IRPError("item-not-found", f"{user} is not registered")
-        return [person_element(self._record(view))]
+        self._expire_at(user, changes_at)
+        return payload
 
     async def op_unwatch(self, caller: Caller, user: str) -> list[etree._Element]:
         return [element("unwatched", {"user": user})]
@@ -481,8 +558,10 @@ class Registry:
             watchers.remove(watcher)
         if not watchers:
             self._watchers.pop(person, None)
+            self._expiry_at.pop(person, None)
 
     def _changed(self, person: str | None, kind: str) -> None:
+        self._forget(person)
         if kind in ("revoked", "gap"):
             self.certificates.reload_crls()  # another process may have revoked it
             for listener in list(self.revocation_listeners):
@@ -494,9 +573,58 @@ class Registry:
                     "notifying watchers of {person}", f, person=p))
 
     async def _notify(self, person: str) -> None:
-        record = await self.record(person)
+        _, payload, changes_at = await self._answer(person)
+        if person in self._watchers:
+            self._expire_at(person, changes_at)
         for watcher in list(self._watchers.get(person, ())):
-            watcher(record)
+            watcher(payload)
+
+    # -- expiry of watched records ------------------------------------------------------------
+
+    def _expire_at(self, person: str, at: int) -> None:
+        """Notify the watchers of `person` at `at` (ms), when their record next changes by
+        itself (an address or a certificate expires). One timer serves every person."""
+        if at >= NEVER:
+            self._expiry_at.pop(person, None)
+            return
+        if self._expiry_at.get(person) == at:
+            return
+        self._expiry_at[person] = at
+        heapq.heappush(self._expiries, (at, person))
+        if len(self._expiries) > 2 * len(self._expiry_at) + 64:  # outdated entries
+            self._expiries = [(t, p) for p, t in self._expiry_at.items()]
+            heapq.heapify(self._expiries)
+        self._arm_expiry_timer()
+
+    def _arm_expiry_timer(self) -> None:
+        if not self._expiries:
+            return
+        delay = max(0.0, (self._expiries[0][0] - self.now_ms()) / 1000) + 0.001
+        timer = self._expiry_timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self.reactor.seconds() + delay:
+                return
+            timer.cancel()
+        self._expiry_timer = self.reactor.callLater(delay, self._expire)
+
+    def _expire(self) -> None:
+        now = self.now_ms()
+        while self._expiries and self._expiries[0][0] <= now:
+            at, person = heapq.heappop(self._expiries)
+            if self._expiry_at.get(person) != at:
+                continue  # outdated: the record changed since, or nobody watches it
+            del self._expiry_at[person]
+            if person not in self._watchers:
+                continue
+            d = defer.Deferred.fromCoroutine(self._notify(person))
+            d.addErrback(lambda f, p=person: log.failure(
+                "notifying watchers of {person} after an expiry", f, person=p))
+        self._arm_expiry_timer()
+
+    def stop(self) -> None:
+        """Cancel the expiry timer (the service is stopping)."""
+        if self._expiry_timer is not None and self._expiry_timer.active():
+            self._expiry_timer.cancel()
 
     # -- backups ----------------------------------------------------------------------------------
 

@@ -26,20 +26,20 @@ from zope.interface import implementer
 
 from sixnet.irp.engine import Caller, Registry
 from sixnet.irp.wire import (
+    NS,
     ROOT,
     VERSION,
     IRPError,
     Limits,
-    PersonRecord,
     Request,
     ResponseSigner,
     element,
     error_element,
     parse_request,
-    person_element,
     q,
     request_id,
     serialize,
+    signed_data,
     stream_error,
     stream_header,
     timestamp,
@@ -359,24 +359,23 @@ class IRPServerProtocol(Protocol):
         elif request.op == "revoke" and (request.args["serial"] or caller.serial) == \
                 caller.serial:
             self.caller = Caller(self.peer)  # this connection's certificate is no longer good
-        self.send(serialize(self._signed("result", request, payload)))
+        self.send(self._signed(f'<result xmlns="{NS}" id="{request.id}">', b"</result>",
+                               request, payload))
 
-    def _signed(self, name: str, request: Request, payload: list[etree._Element]
-                ) -> etree._Element:
-        now = datetime.datetime.now(datetime.UTC)
-        data = element("data", {"op": request.op, "request": request.id,
-                                "registry": self.factory.hostname, "time": timestamp(now)},
-                       children=payload)
-        attrib = {"id": request.id} if name == "result" else {}
-        return element(name, attrib, children=[data, self.factory.signer.sign(data)])
+    def _signed(self, head: str, tail: bytes, request: Request, payload: bytes) -> bytes:
+        """A result or notification: the canonical ``<data>`` around `payload` (canonical
+        bytes, possibly the registry's cached answer), signed now for this request."""
+        now = timestamp(datetime.datetime.now(datetime.UTC))
+        data = signed_data(request.op, request.id, self.factory.hostname, now, payload)
+        return head.encode() + data + self.factory.signer.signature(data) + tail
 
     def _start_watch(self, request: Request) -> None:
         user = request.args["user"]
         self._stop_watch(user)
 
-        def changed(record: PersonRecord) -> None:
+        def changed(payload: bytes) -> None:
             if self.state == OPEN:
-                self.send(serialize(self._signed("notify", request, [person_element(record)])))
+                self.send(self._signed(f'<notify xmlns="{NS}">', b"</notify>", request, payload))
 
         self.watches[user] = (request.id, changed)
         self.registry.watch(user, changed)

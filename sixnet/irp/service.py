@@ -92,6 +92,7 @@ class IRPService(MultiService):
         await defer.maybeDeferred(super().stopService)
         for protocol in list(self.factory.protocols):
             protocol.transport.loseConnection()
+        self.registry.stop()
         self.registry.store.close()
         self.registry.audit.close()
 

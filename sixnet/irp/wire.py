@@ -536,16 +536,41 @@ def signature_algorithm(key: Any) -> str:
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 
+_DATA_OPEN = f'<data xmlns="{NS}">'.encode()
+_DATA_CLOSE = b"</data>"
+
+
+def canonical_payload(children: Sequence[etree._Element]) -> bytes:
+    """The canonical form of payload elements as they stand inside a canonical ``<data>``
+    (in its default namespace, so without a namespace declaration of their own)."""
+    return canonical_bytes(element("data", children=children))[len(_DATA_OPEN):-len(_DATA_CLOSE)]
+
+
+def _c14n_attr(value: str) -> str:
+    """An attribute value escaped as Canonical XML writes it."""
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+            .replace("\t", "&#x9;").replace("\n", "&#xA;").replace("\r", "&#xD;"))
+
+
+def signed_data(op: str, request: str, registry: str, time: str, payload: bytes) -> bytes:
+    """The canonical ``<data>`` element around a canonical payload (`canonical_payload`):
+    the exact bytes the registry signs and sends, so a client's canonicalization of what it
+    received gives them back. Attributes in canonical (alphabetical) order."""
+    return (f'<data xmlns="{NS}" op="{_c14n_attr(op)}" registry="{_c14n_attr(registry)}"'
+            f' request="{_c14n_attr(request)}" time="{_c14n_attr(time)}">').encode() \
+        + payload + _DATA_CLOSE
+
+
 class ResponseSigner:
-    """Signs ``<data>`` elements with the registry's host key."""
+    """Signs canonical ``<data>`` bytes with the registry's host key."""
 
     def __init__(self, key: Any, certificate: x509.Certificate) -> None:
         self.key = key
         self.alg = signature_algorithm(key)
         self.key_id = fingerprint(certificate)
 
-    def sign(self, data: etree._Element) -> etree._Element:
-        message = canonical_bytes(data)
+    def signature(self, message: bytes) -> bytes:
+        """The ``<signature>`` element (serialized, in the default namespace) for `message`."""
         if self.alg.startswith("ecdsa"):
             digest = hashes.SHA384() if self.alg == "ecdsa-sha384" else hashes.SHA256()
             raw = self.key.sign(message, ec.ECDSA(digest))
@@ -553,7 +578,7 @@ class ResponseSigner:
             raw = self.key.sign(message)
         else:
             raw = self.key.sign(message, _PSS, hashes.SHA256())
-        return element("signature", {"alg": self.alg, "key": self.key_id}, b64(raw))
+        return f'<signature alg="{self.alg}" key="{self.key_id}">{b64(raw)}</signature>'.encode()
 
 
 def verify_signature(data: etree._Element, signature: etree._Element,
