@@ -56,14 +56,13 @@ class PubSubBroker:
     """
 
     def __init__(self, config: BrokerConfig, domain: str, database: Database,
-                 audit_log: Path, *, clock: Callable[[], float] = time.time,
-                 store: IPubSubStore | None = None) -> None:
+                 audit_log: Path, *, clock: Callable[[], float] = time.time) -> None:
         if config.default_access_model == "open" and not config.open_access:
             raise ConfigError("[grid.broker]", "default_access_model",
                               "'open' needs open_access = true")
         self.domain = f"{config.subdomain}.{domain}"
         self.engine = PubSubEngine(self.domain, config, clock=clock)
-        self.store = store or SQLPubSubStore(database)
+        self.store: IPubSubStore = SQLPubSubStore(database)
         self.audit = AuditLog(audit_log, clock)
         self.delivery = Delivery(self.domain)
         self.router: IRouter | None = None

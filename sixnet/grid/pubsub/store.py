@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from sixnet.grid.pubsub import changes as ch
+from sixnet.grid.pubsub.policy import bare
 from sixnet.storage import Cursor, Database
 
 MIGRATIONS = {
@@ -176,8 +177,6 @@ class SQLPubSubStore:
 def revoke_in_store(database: Database, jid: str, when: str) -> defer.Deferred[None]:
     """Record a revocation directly (for the `sixnet grid revoke` command when the broker is
     not running): the broker refuses the platform from its next start."""
-    from sixnet.grid.pubsub.policy import bare
-
     platform = bare(jid)
 
     def revoke(cursor: Cursor) -> None:
