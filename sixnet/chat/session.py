@@ -20,6 +20,7 @@ state does not accept) into ``refuse``, so one state has one set of allowed inpu
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -92,7 +93,7 @@ class Session:
         self.cipher: str | None = None
         self.records: RecordLayer | None = None
         self.end_reason: str | None = None
-        self.created = (clock or _monotonic)()
+        self.created = (clock or time.time)()  # when the connection began (epoch seconds)
         self._transcript = hs.Transcript()
         self._share: hs.X25519Share | None = None
         self._schedule: KeySchedule | None = None
@@ -523,9 +524,3 @@ class Session:
         _state.upon(connection_lost, enter=_state, outputs=[])
         _state.upon(close, enter=_state, outputs=[])
     del _state
-
-
-def _monotonic() -> float:
-    import time
-
-    return time.monotonic()
