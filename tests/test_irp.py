@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
@@ -66,14 +67,17 @@ class RegistryHarness:
         return f"sqlite:{Path(self.mktemp()).absolute() / 'irp.sqlite3'}"  # type: ignore[attr-defined]
 
     async def start(self, *, database: str | None = None, ca: bool = True,
-                    **settings: object) -> IRPService:
+                    clock: task.Clock | None = None, **settings: object) -> IRPService:
+        """A running registry; with `clock`, its own timers and time follow that clock."""
         state = Path(self.mktemp()).absolute()  # type: ignore[attr-defined]
         config = dataclasses.replace(
             IRPConfig(), enabled=True, listen=["tcp:0:interface=127.0.0.1"],
             database=database or self.database_url(), failure_delay=0.05,
             operators=["root@example.test"], **settings)
         service = build_service(config, self.lab.server_store(), self.lab.host, state,
-                                self.lab.ca if ca else None)
+                                self.lab.ca if ca else None, reactor=clock)
+        if clock is not None:
+            service.registry.clock = clock.seconds
         service.startService()
         self.addCleanup(service.stopService)  # type: ignore[attr-defined]
         await service.ready
@@ -131,6 +135,105 @@ class RegistryTests(RegistryHarness):
         record = await alice.lookup("alice@example.test")
         assert record.addresses == [("2001:db8::9", 4605, "long")]
         assert await service.registry.store.purge_expired(service.registry.now_ms()) == 1
+
+    async def test_lookup_answer_kept_until_the_record_changes(self) -> None:
+        service = await self.start()
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="phone")
+        store = service.registry.store
+        reads = []
+        person_view = store.person_view
+
+        def counting(person, now):
+            reads.append(person)
+            return person_view(person, now)
+
+        store.person_view = counting
+        first = await bob.lookup("alice@example.test")
+        second = await bob.lookup("alice@example.test")  # signed anew, verified by the client
+        assert second == first and first.addresses == [("2001:db8::1", 4605, "phone")]
+        assert reads == ["alice@example.test"]
+        # every change through the registry is seen by the next lookup (no wait)
+        await alice.register([("2001:db8::2", 4605)], device="phone")
+        assert (await bob.lookup("alice@example.test")).addresses == [
+            ("2001:db8::2", 4605, "phone")]
+        await alice.unregister()
+        assert (await bob.lookup("alice@example.test")).addresses == []
+        await alice.revoke()
+        record = await bob.lookup("alice@example.test")
+        assert record.certificate is not None and record.certificate.status == "revoked"
+        assert len(reads) == 4
+
+    async def test_notification_gap_drops_kept_answers(self) -> None:
+        service = await self.start()
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="phone")
+        assert (await alice.lookup("alice@example.test")).addresses[0][0] == "2001:db8::1"
+        # a change nobody announced (as when notifications were lost)
+        store = service.registry.store
+        await store.db.run("unannounced", lambda c: c.execute(
+            "UPDATE irp_device SET addresses = ? WHERE person = ?",
+            ('[["2001:db8::9",4605]]', "alice@example.test")))
+        assert (await alice.lookup("alice@example.test")).addresses[0][0] == "2001:db8::1"
+        store._gap()
+        assert (await alice.lookup("alice@example.test")).addresses[0][0] == "2001:db8::9"
+
+    async def test_answer_cache_is_bounded(self) -> None:
+        service = await self.start(answer_cache=1)
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await self.client(service, self.lab.person("bob@example.test"))  # bob is known
+        store = service.registry.store
+        reads = []
+        person_view = store.person_view
+
+        def counting(person, now):
+            reads.append(person)
+            return person_view(person, now)
+
+        store.person_view = counting
+        for user in ("alice", "alice", "bob", "alice"):
+            await alice.lookup(f"{user}@example.test")
+        assert reads == ["alice@example.test", "bob@example.test", "alice@example.test"]
+
+    async def test_watch_hears_expiry_from_one_timer(self) -> None:
+        clock = task.Clock()
+        clock.advance(time.time())
+        service = await self.start(clock=clock)
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        carol = await self.client(service, self.lab.person("carol@example.test"))
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="short", lifetime=5)
+        await alice.register([("2001:db8::9", 4605)], device="long", lifetime=600)
+        await carol.register([("2001:db8::c", 4605)], lifetime=60)
+        about_alice, about_carol = [], []
+        await bob.watch("alice@example.test", about_alice.append)
+        await bob.watch("carol@example.test", about_carol.append)
+        registry = service.registry
+        timers = [c for c in clock.getDelayedCalls() if c.func == registry._expire]
+        assert len(timers) == 1 and timers[0].getTime() == pytest.approx(clock.seconds() + 5,
+                                                                         abs=0.01)
+        clock.advance(4)
+        await task.deferLater(reactor, 0.1, lambda: None)
+        assert about_alice == [] and about_carol == []
+        clock.advance(1.01)
+        await wait_for(lambda: about_alice)
+        assert about_alice[-1].addresses == [("2001:db8::9", 4605, "long")]
+        assert about_carol == []
+        clock.advance(55)
+        await wait_for(lambda: about_carol)
+        assert about_carol[-1].addresses == []
+        assert len(about_alice) == 1
+        # a registration moves the next expiry: the timer follows it
+        await alice.register([("2001:db8::2", 4605)], device="short", lifetime=10)
+        await wait_for(lambda: len(about_alice) == 2)
+        clock.advance(10.01)
+        await wait_for(lambda: len(about_alice) == 3)
+        assert about_alice[-1].addresses == [("2001:db8::9", 4605, "long")]
+        await bob.unwatch("alice@example.test")
+        clock.advance(600)
+        await task.deferLater(reactor, 0.1, lambda: None)
+        assert len(about_alice) == 3
 
     async def test_unregister(self) -> None:
         service = await self.start()

@@ -54,6 +54,20 @@ class TwoRegistriesTests(RegistryHarness, unittest.TestCase):
         assert time.monotonic() - started < 1.0
         assert seen[-1].addresses == [("2001:db8::2", 4605, "phone")]
 
+    async def test_kept_answer_on_the_other_follows_a_registration(self) -> None:
+        url = self.database_url()
+        first = await self.start(database=url)
+        second = await self.start(database=url)
+        alice = await self.client(first, self.lab.person("alice@example.test"))
+        bob = await self.client(second, self.lab.person("bob@example.test"))
+        await alice.register([("2001:db8::1", 4605)], device="phone")
+        assert (await bob.lookup("alice@example.test")).addresses[0][0] == "2001:db8::1"
+        await alice.register([("2001:db8::2", 4605)], device="phone")
+        started = time.monotonic()
+        # the second registry kept the first answer; the NOTIFY replaces it
+        while (await bob.lookup("alice@example.test")).addresses[0][0] != "2001:db8::2":
+            assert time.monotonic() - started < 1.0
+
     async def test_revocation_on_one_is_refused_by_the_other(self) -> None:
         url = self.database_url()
         first = await self.start(database=url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -13,7 +14,14 @@ from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine import AuditLog, Registry
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
-from sixnet.irp.wire import ResponseSigner
+from sixnet.irp.wire import (
+    ResponseSigner,
+    canonical_bytes,
+    canonical_payload,
+    element,
+    q,
+    signed_data,
+)
 from sixnet.pki.tls import ServerTLS
 from sixnet.storage import Database
 
@@ -135,3 +143,23 @@ def test_doctype_is_refused_before_parsing(factory) -> None:
     out = transport.value()
     assert out.startswith(b"<?xml") and b'condition="restricted-xml"' in out
     assert out.endswith(b"</irp>")
+
+
+def test_signed_data_is_the_canonical_form_of_the_data_element() -> None:
+    """The registry signs and sends `signed_data` bytes; a client canonicalizes the
+    ``<data>`` element it parsed: both must be the same bytes."""
+    def payload():
+        return [element("person", {"id": "a@example.test"}, children=[
+            element("address", {"ip": "2001:db8::1", "port": "4605", "device": "d",
+                                "registered": "2026-11-22T01:00:00.000Z",
+                                "expires": "2026-11-22T02:00:00.000Z"})]),
+            element("more", {"after": 'x"&<>\t\n\ry'}, "text & <more> \r")]
+
+    attrib = {"time": "2026-11-22T01:00:00.000Z", "request": "7:a",
+              "registry": 'irp "&<> \t\n', "op": "lookup"}
+    expected = canonical_bytes(element("data", attrib, children=payload()))
+    made = signed_data("lookup", "7:a", 'irp "&<> \t\n', "2026-11-22T01:00:00.000Z",
+                       canonical_payload(payload()))
+    assert made == expected
+    wrapped = b'<result xmlns="urn:sixnet:irp:1" id="7:a">' + made + b"</result>"
+    assert canonical_bytes(etree.fromstring(wrapped).find(q("data"))) == made
