@@ -1106,3 +1106,18 @@ class RobustnessTests(BrokerTestCase):
         self.flushLoggedErrors(RuntimeError)
         self.broker.engine.handle = handle
         await self.talk(publish("t", "y", []))
+
+
+class RevocationFromAnotherCommandTests(BrokerTestCase):
+    async def test_revoke_in_store_reaches_the_running_broker(self) -> None:
+        from sixnet.grid.pubsub.store import revoke_in_store
+
+        await self.talk(create_topic("t"),
+                        set_affiliation("t", "consumer@example.test", "member"),
+                        subscribe("t", CONSUMER, "subscribed"))
+        await revoke_in_store(self.database, "consumer@example.test", "2026-01-01T00:00:00Z")
+        await self.broker.idle()
+        assert "consumer@example.test" in self.broker.engine.revoked
+        await self.talk(publish("t", "after", []),
+                        subscribe("t", CONSUMER, "x", stanza_id="back").split("<<<")[0] +
+                        error(CONSUMER, "back", "auth", "forbidden", text=True))

@@ -126,3 +126,34 @@ class PostgreSQLStoreTests(StoreTests, unittest.TestCase):
         self.base = Path(".")
         self.url, schema = fresh_postgres_schema()
         self.addCleanup(drop_postgres_schema, schema)
+
+
+class PostgreSQLRevocationTests(unittest.TestCase):
+    """`sixnet grid revoke` in another process reaches a running broker through NOTIFY."""
+
+    skip = postgres_unavailable()
+
+    async def test_revocation_from_another_connection(self) -> None:
+        from twisted.internet import reactor, task
+
+        from sixnet.grid.pubsub.component import PubSubBroker
+        from sixnet.grid.pubsub.conversation import RecordingRouter
+
+        url, schema = fresh_postgres_schema()
+        self.addCleanup(drop_postgres_schema, schema)
+        directory = Path(tempfile.mkdtemp(prefix="sixnet-pubsub-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        broker_db, command_db = Database(url), Database(url)
+        self.addCleanup(broker_db.close)
+        self.addCleanup(command_db.close)
+        broker = PubSubBroker(BrokerConfig(), "example.test", broker_db,
+                              directory / "audit.jsonl")
+        broker.attach(RecordingRouter("example.test"))
+        self.addCleanup(lambda: broker.stop())
+        await broker.idle()
+        await revoke_in_store(command_db, "bad@example.test", "2026-01-01T00:00:00Z")
+        for _ in range(250):
+            if "bad@example.test" in broker.engine.revoked:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert "bad@example.test" in broker.engine.revoked

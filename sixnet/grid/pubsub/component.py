@@ -37,7 +37,12 @@ from sixnet.grid.pubsub.fanout import Delivery
 from sixnet.grid.pubsub.forms import DATA_NS
 from sixnet.grid.pubsub.policy import bare
 from sixnet.grid.pubsub.request import PubSubRequest, parse_iq
-from sixnet.grid.pubsub.store import IPubSubStore, SQLPubSubStore
+from sixnet.grid.pubsub.store import (
+    REVOKE_CHANNEL,
+    IPubSubStore,
+    SQLPubSubStore,
+    revoked_platforms,
+)
 from sixnet.storage import Database
 
 log = Logger(namespace="sixnet.grid.pubsub")
@@ -62,6 +67,7 @@ class PubSubBroker:
                               "'open' needs open_access = true")
         self.domain = f"{config.subdomain}.{domain}"
         self.engine = PubSubEngine(self.domain, config, clock=clock)
+        self.database = database
         self.store: IPubSubStore = SQLPubSubStore(database)
         self.audit = AuditLog(audit_log, clock)
         self.delivery = Delivery(self.domain)
@@ -81,8 +87,23 @@ class PubSubBroker:
     async def _load(self) -> None:
         await self.store.open()
         self.engine.load(await self.store.load())
+        await self.database.listen(REVOKE_CHANNEL, self._revoked_elsewhere,
+                                   on_gap=self._catch_up_revocations)
         log.info("broker {domain}: {nodes} topics loaded", domain=self.domain,
                  nodes=len(self.engine.nodes))
+
+    def _revoked_elsewhere(self, jid: str) -> None:
+        """`revoke_in_store` ran (e.g. `sixnet grid revoke` in another process)."""
+        if jid not in self.engine.revoked:
+            self.revoke(jid)
+
+    def _catch_up_revocations(self) -> None:
+        """Notifications were missed (the listening connection broke): read the table."""
+        async def catch_up() -> None:
+            for jid in await revoked_platforms(self.database):
+                self._revoked_elsewhere(jid)
+
+        self._track(defer.Deferred.fromCoroutine(catch_up()))
 
     def receive(self, stanza: etree._Element) -> None:
         self._track(defer.Deferred.fromCoroutine(self._receive(stanza)))
@@ -106,6 +127,7 @@ class PubSubBroker:
 
     async def stop(self) -> None:
         """Finish in-flight work and close the audit log (the caller closes the Database)."""
+        self.database.unlisten(REVOKE_CHANNEL, self._revoked_elsewhere)
         await self._idle()
         if self._sweeper.running:
             self._sweeper.stop()

@@ -174,9 +174,17 @@ class SQLPubSubStore:
         self.database.close()
 
 
+#: Channel on which `revoke_in_store` tells running brokers (`Database.listen`).
+REVOKE_CHANNEL = "grid_pubsub_revoke"
+
+
 def revoke_in_store(database: Database, jid: str, when: str) -> defer.Deferred[None]:
-    """Record a revocation directly (for the `sixnet grid revoke` command when the broker is
-    not running): the broker refuses the platform from its next start."""
+    """Record a revocation in the broker's database, from any process (`sixnet grid revoke`).
+
+    A broker running on the same database applies it at once (on PostgreSQL from any process,
+    on SQLite when it shares this `Database`); otherwise the broker refuses the platform from
+    its next start.
+    """
     platform = bare(jid)
 
     def revoke(cursor: Cursor) -> None:
@@ -184,5 +192,12 @@ def revoke_in_store(database: Database, jid: str, when: str) -> defer.Deferred[N
         # The bare JID and every full JID under it ('/' sorts just before '0').
         cursor.execute("DELETE FROM pubsub_subscription WHERE jid = ? OR "
                        "(jid >= ? AND jid < ?)", (platform, platform + "/", platform + "0"))
+        cursor.notify(REVOKE_CHANNEL, platform)
 
     return database.run("pubsub revoke", revoke)
+
+
+def revoked_platforms(database: Database) -> defer.Deferred[list[str]]:
+    """Every revoked platform (to catch up after missed notifications)."""
+    return database.run("pubsub revoked", lambda cursor: [
+        row[0] for row in cursor.execute("SELECT jid FROM pubsub_revoked").fetchall()])
