@@ -18,7 +18,16 @@ from twisted.trial import unittest
 from sixnet.grid.pubsub.conversation import run_conversation
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 
-from .test_pubsub_conversations import IODEF, error, pubsub_error
+from .test_pubsub_conversations import (
+    IODEF,
+    IODEF_NS,
+    create_topic,
+    error,
+    publish,
+    pubsub_error,
+    set_affiliation,
+    subscribe,
+)
 
 OWNER = "owner@localhost/desk"
 READER = "reader@localhost/desk"
@@ -63,7 +72,7 @@ class LiveConversationTests(unittest.TestCase):
         self.clients: dict[str, RawClient] = {}
         self.readers: list[StreamReader] = []
         self.pending: list[etree._Element] = []
-        for jid in (OWNER, READER):
+        for jid in (OWNER, READER, "provider@localhost/p", "consumer@localhost/c"):
             user, resource = jid.split("@")[0], jid.split("/")[1]
             await self.grid.accounts.add(user, f"{user} secret")
             client = await RawClient.connect(self.port)
@@ -161,3 +170,52 @@ class LiveConversationTests(unittest.TestCase):
       <query xmlns='http://jabber.org/protocol/disco#items'>
         <item jid='broker.localhost' node='MILEHost'/></query></iq>
 """)
+
+    async def test_in_memory_scripts_replayed_over_sockets(self) -> None:
+        """Scripts of the in-memory conversation tests, addressed to the live server."""
+        await self.asyncSetUp()
+        c = "consumer@example.test"
+        items = "".join(f"<item id='i{n}'><n xmlns='{IODEF_NS}'>{n}</n></item>"
+                        for n in range(3))
+        script = "\n".join([
+            create_topic("w", "whitelist"),
+            subscribe("w", "consumer@example.test/c", "x").split("<<<")[0] +
+            error("consumer@example.test/c", "sub", "cancel", "not-allowed",
+                  pubsub_error("closed-node")),
+            set_affiliation("w", c, "member"),
+            subscribe("w", "consumer@example.test/c", "subscribed", stanza_id="ok"),
+            *[publish("w", f"i{n}", [c], payload=f"<n xmlns='{IODEF_NS}'>{n}</n>")
+              for n in range(3)],
+            """
+>>> <iq type='get' from='consumer@example.test/c' to='broker.example.test' id='g'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='w'/>
+        <set xmlns='http://jabber.org/protocol/rsm'><max>2</max><after>i0</after></set>
+      </pubsub></iq>
+<<< <iq type='result' from='broker.example.test' to='consumer@example.test/c' id='g'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='w'>ITEMS</items>
+        <set xmlns='http://jabber.org/protocol/rsm'><first index='1'>i1</first>
+          <last>i2</last><count>3</count></set></pubsub></iq>
+>>> <iq type='set' from='provider@example.test/p' to='broker.example.test' id='r'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub'>
+        <retract node='w' notify='1'><item id='i0'/></retract></pubsub></iq>
+<<< <iq type='result' from='broker.example.test' to='provider@example.test/p' id='r'/>
+<<< <message from='broker.example.test' to='consumer@example.test' type='normal' id='*'>
+      <event xmlns='http://jabber.org/protocol/pubsub#event'>
+        <items node='w'><retract id='i0'/></items></event></message>
+""".replace("ITEMS", items.split("</item>", 1)[1]),
+            set_affiliation("w", c, "none", """
+<<< <message from='broker.example.test' to='consumer@example.test' type='normal' id='*'>
+      <event xmlns='http://jabber.org/protocol/pubsub#event'>
+        <subscription node='w' jid='consumer@example.test' subscription='none'/>
+      </event></message>
+"""),
+            publish("w", "i9", []),
+            """
+>>> <iq type='set' from='provider@example.test/p' to='broker.example.test' id='del'>
+      <pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='w'/></pubsub></iq>
+<<< <iq type='result' from='broker.example.test' to='provider@example.test/p' id='del'/>
+""",
+            publish("w", "x", [], sender="consumer@example.test/c").split("<<<")[0] +
+            error("consumer@example.test/c", "pub-x", "cancel", "item-not-found"),
+        ])
+        await self.talk(script.replace("example.test", "localhost"))
