@@ -209,3 +209,24 @@ def test_refresh_crls_reads_changed_files_only(tmp_path) -> None:
     with pytest.raises(VerificationError) as info:
         store.verify(chain, "client")
     assert info.value.check == "revoked"
+
+
+def test_a_remembered_verdict_still_honours_dates_and_new_crls(tmp_path) -> None:
+    from sixnet.pki.store import CertificateStore
+
+    ca = LabCA.init(tmp_path / "ca", name="cache CA")
+    _, _, chain = ca.issue("user", "c@example.test", out=tmp_path / "c")
+    store = CertificateStore.from_files([tmp_path / "ca/ca.pem"], [tmp_path / "ca/crl.pem"])
+    first = store.verify(chain, "client")
+    assert store.verify(chain, "client") is first  # remembered
+    with pytest.raises(VerificationError) as info:
+        store.verify(chain, "client", at=utc(days=400))
+    assert info.value.check == "expired"
+    with pytest.raises(VerificationError) as info:
+        store.verify(chain, "client", "d@example.test")
+    assert info.value.check == "identity-mismatch"
+    ca.revoke(chain[0].serial_number)
+    assert store.refresh_crls()
+    with pytest.raises(VerificationError) as info:
+        store.verify(chain, "client")
+    assert info.value.check == "revoked"

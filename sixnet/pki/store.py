@@ -9,6 +9,7 @@ verifier refuses a chain, the store works out which check failed, so the error s
 from __future__ import annotations
 
 import datetime
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,10 @@ CHECKS = (
     "no-identity",        # a client certificate names no person (or more than one)
     "invalid-chain",      # refused by the path verifier for another RFC 5280 reason
 )
+
+
+#: Verdicts kept for repeated verifications of the same chain (reconnecting peers).
+VERIFIED_CACHE_SIZE = 4096
 
 
 class VerificationError(Exception):
@@ -121,6 +126,11 @@ class CertificateStore:
         if not anchors:
             raise ValueError("a certificate store needs at least one trust anchor")
         self.anchors = list(anchors)
+        self._trusted = xv.Store(self.anchors)
+        #: Whether the current CRL of an issuer verifies with that issuer's key, by issuer.
+        self._crl_signature_ok: dict[x509.Certificate, bool] = {}
+        self._verified: OrderedDict[tuple[object, ...], tuple[
+            int, datetime.datetime, datetime.datetime, VerifiedPeer]] = OrderedDict()
         self._crls: dict[bytes, x509.CertificateRevocationList] = {}
         self.identities = {i.name: i for i in identities}
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
@@ -165,6 +175,7 @@ class CertificateStore:
         """Read the configured CRL files again (after ``sixnet pki revoke``)."""
         self._stamps = self._crl_stamps()
         self._crls.clear()
+        self._crl_signature_ok.clear()
         for crl in self._extra_crls:
             self._index_crl(crl)
         for path in self.crl_files:
@@ -187,6 +198,7 @@ class CertificateStore:
         current = self._crls.get(key)
         if current is None or current.last_update_utc <= crl.last_update_utc:
             self._crls[key] = crl
+            self._crl_signature_ok.clear()
 
     def crls(self) -> list[x509.CertificateRevocationList]:
         return list(self._crls.values())
@@ -218,8 +230,29 @@ class CertificateStore:
         if not chain:
             raise VerificationError("malformed", "the peer sent no certificate")
         when = at or self.now()
+        key = (tuple(chain), purpose, expected)
+        cached = self._verified.get(key)
+        if cached is not None and cached[0] == self.generation and \
+                cached[1] <= when <= cached[2]:
+            self._verified.move_to_end(key)
+            return cached[3]
+        peer = self._verify_uncached(chain, purpose, expected, when)
+        # Only the dates and the CRLs can change the verdict on the same chain: keep it for
+        # repeated handshakes while the CRLs stay the same and the whole path is valid.
+        self._verified[key] = (
+            self.generation,
+            max(c.not_valid_before_utc for c in peer.chain),
+            min(c.not_valid_after_utc for c in peer.chain),
+            peer,
+        )
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return peer
+
+    def _verify_uncached(self, chain: Sequence[x509.Certificate], purpose: Purpose,
+                         expected: str | None, when: datetime.datetime) -> VerifiedPeer:
         leaf, intermediates = chain[0], list(chain[1:])
-        builder = xv.PolicyBuilder().store(xv.Store(self.anchors)).time(when)
+        builder = xv.PolicyBuilder().store(self._trusted).time(when)
         try:
             if purpose == "client":
                 verified = builder.build_client_verifier().verify(leaf, intermediates)
@@ -247,7 +280,7 @@ class CertificateStore:
     def _check_revocation(self, path: list[x509.Certificate], when: datetime.datetime) -> None:
         for cert, issuer in zip(path, path[1:], strict=False):
             crl = self._crls.get(cert.issuer.public_bytes())
-            if crl is not None and _crl_signed_by(crl, issuer):
+            if crl is not None and self._crl_trusted(crl, issuer):
                 entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
                 if entry is not None and entry.revocation_date_utc <= when:
                     raise VerificationError(
@@ -256,6 +289,14 @@ class CertificateStore:
                         f"({cert.subject.rfc4514_string()}) was revoked on "
                         f"{entry.revocation_date_utc:%Y-%m-%d %H:%M:%SZ}",
                     )
+
+    def _crl_trusted(self, crl: x509.CertificateRevocationList,
+                     issuer: x509.Certificate) -> bool:
+        """Whether `issuer` signed `crl`; checked once per CRL, not on every verification."""
+        ok = self._crl_signature_ok.get(issuer)
+        if ok is None:
+            ok = self._crl_signature_ok[issuer] = _crl_signed_by(crl, issuer)
+        return ok
 
     def _check_identity(self, leaf: x509.Certificate, purpose: Purpose,
                         expected: str | None) -> str:
