@@ -37,7 +37,7 @@ def endpoints_check(values: list[str]) -> str | None:
     return None
 
 
-def port_range(low: int, high: int) -> Callable[[int], str | None]:
+def in_range(low: int, high: int) -> Callable[[int], str | None]:
     def check(value: int) -> str | None:
         if not low <= value <= high:
             return f"{value} is out of range {low}-{high}"

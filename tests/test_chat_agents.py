@@ -302,6 +302,27 @@ class AgentTests(unittest.TestCase):
         for p in (stalled, garbage):
             p.transport.loseConnection()
 
+    async def test_handshakes_from_one_address_are_limited(self) -> None:
+        bob = await self.agent(BOB, max_handshakes_per_address=2)
+        closed: list[str] = []
+
+        class Silent(protocol.Protocol):
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def connectionLost(self, reason: Any) -> None:  # noqa: N802
+                closed.append(self.name)
+
+        silent = [await protocol.ClientCreator(reactor, Silent, f"s{i}").connectTCP(
+            "127.0.0.1", self.port(bob)) for i in range(3)]
+        await until(lambda: closed == ["s2"], timeout=5)  # the third, at once
+        silent[0].transport.loseConnection()
+        await until(lambda: "s0" in closed)
+        alice = await self.agent(ALICE)  # a slot is free again: a real handshake gets in
+        await alice.agent.send(BOB, "through the limit")
+        await until(lambda: self.received(BOB) == ["through the limit"])
+        silent[1].transport.loseConnection()
+
     async def test_foreign_ca_caller_is_refused(self) -> None:
         await self.agent(BOB)
         foreign = self.pki.identity("user", ALICE, ca=self.pki.foreign)

@@ -50,6 +50,7 @@ class AgentSettings:
     retry_max: float = 300.0
     max_message_bytes: int = 65536
     key_update_bytes: int = 1 << 30
+    max_handshakes_per_address: int = 8
     policy: HandshakePolicy = DEFAULT_POLICY
 
 
@@ -95,7 +96,7 @@ class Agent:
     # -- wiring ------------------------------------------------------------------------------
 
     def factory(self) -> SessionFactory:
-        return SessionFactory(self.make_protocol)
+        return SessionFactory(self.make_protocol, self.settings.max_handshakes_per_address)
 
     def make_protocol(self, dial_to: str | None) -> SessionProtocol:
         s = self.settings

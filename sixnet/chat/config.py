@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sixnet.settings import ServiceConfig, endpoints_check, positive, setting
+from sixnet.settings import ServiceConfig, endpoints_check, in_range, positive, setting
 
 KEY_AGREEMENTS = ("x25519", "rsa-oaep")
 CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
@@ -87,6 +87,8 @@ class ChatConfig(ServiceConfig):
     registration_lifetime: float = setting(3600.0, check=positive)
     address_check_interval: float = setting(60.0, check=positive)
     handshake_timeout: float = setting(10.0, check=positive)
+    max_handshakes_per_address: int = setting(8, check=in_range(1, 10000),
+                                              doc="handshakes under way from one address")
     connect_timeout: float = setting(10.0, check=positive)
     retry_initial: float = setting(5.0, check=positive)
     retry_max: float = setting(300.0, check=positive)

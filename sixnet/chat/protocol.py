@@ -6,18 +6,22 @@ stream and record-phase bytes to its `Session`, and owns the connection's timers
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sixnet.chat.alerts import Alert
 from sixnet.chat.messages import ROOT, STREAM_END, VERSION
 from sixnet.chat.session import Session, SessionTransport
 from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+
+log = Logger(namespace="sixnet.chat")
 
 #: Handshake elements (a hello with an 8-certificate chain is well under this).
 MAX_HANDSHAKE_BYTES = 32768
@@ -50,6 +54,8 @@ class SessionProtocol(Protocol):
         self._close_timer: IDelayedCall | None = None
         #: Fires when the connection is gone.
         self.lost: Deferred[None] = Deferred()
+        #: Fires once the handshake is over: records established, or the connection gone.
+        self.handshake_over: Deferred[None] = Deferred()
 
     # -- SessionTransport --------------------------------------------------------------------
 
@@ -88,6 +94,8 @@ class SessionProtocol(Protocol):
             if self._timer is not None and session.records is not None:
                 self._timer.cancel()
                 self._timer = None
+            if session.records is not None and not self.handshake_over.called:
+                self.handshake_over.callback(None)
             data = rest
         if data:
             session.records_received(data)
@@ -144,14 +152,39 @@ class SessionProtocol(Protocol):
         session = self.session
         if session is not None:
             session.handle(session.connection_lost)
+        if not self.handshake_over.called:
+            self.handshake_over.callback(None)
         self.lost.callback(None)
 
 
 class SessionFactory(Factory):
-    """Accepted connections: a responder session each."""
+    """Accepted connections: a responder session each.
 
-    def __init__(self, make_protocol: Callable[[str | None], SessionProtocol]) -> None:
+    A handshake costs the responder signatures and key agreement before it knows who calls,
+    so one address may have at most `max_handshakes_per_address` of them under way; a
+    connection beyond that is closed at once (and logged).
+    """
+
+    noisy = False
+
+    def __init__(self, make_protocol: Callable[[str | None], SessionProtocol],
+                 max_handshakes_per_address: int = 8) -> None:
         self.make_protocol = make_protocol
+        self.max_handshakes_per_address = max_handshakes_per_address
+        self.handshaking: Counter[str] = Counter()
 
-    def buildProtocol(self, addr: Any) -> SessionProtocol:  # noqa: N802
-        return self.make_protocol(None)
+    def buildProtocol(self, addr: Any) -> SessionProtocol | None:  # noqa: N802
+        host = str(getattr(addr, "host", ""))
+        if self.handshaking[host] >= self.max_handshakes_per_address:
+            log.warn("refused a connection from {host}: {count} handshakes already under way",
+                     host=host, count=self.handshaking[host])
+            return None
+        self.handshaking[host] += 1
+        proto = self.make_protocol(None)
+        proto.handshake_over.addBoth(self._handshake_over, host)
+        return proto
+
+    def _handshake_over(self, result: object, host: str) -> None:
+        self.handshaking[host] -= 1
+        if self.handshaking[host] <= 0:
+            del self.handshaking[host]

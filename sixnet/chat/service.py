@@ -150,6 +150,7 @@ class ChatService(MultiService):
             handshake_timeout=chat.handshake_timeout, connect_timeout=chat.connect_timeout,
             retry_initial=chat.retry_initial, retry_max=chat.retry_max,
             max_message_bytes=chat.max_message_bytes, key_update_bytes=chat.key_update_bytes,
+            max_handshakes_per_address=chat.max_handshakes_per_address,
             policy=HandshakePolicy(tuple(chat.key_agreement), tuple(chat.ciphers)))
         self.agent = Agent(identity, store, MessageStore(db), directory, reactor, settings)
         self.ports: list[IListeningPort] = []
