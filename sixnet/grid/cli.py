@@ -1,4 +1,5 @@
-"""``sixnet grid user add|remove|list|passwd``: the XMPP server's password accounts.
+"""``sixnet grid user add|remove|list|passwd``: the XMPP server's password accounts;
+``sixnet grid revoke [--undo|--list] PLATFORM``: platforms cut off (RFC 8600 section 8.3).
 
 Passwords are read from a prompt (twice) on a terminal, or as the first line of standard input
 otherwise; never from the command line, where other users could read them. The server reads
@@ -8,6 +9,7 @@ the same database, so a change applies to the next login without a restart.
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,8 +21,9 @@ from sixnet.cli import Output, add_common, config_of
 from sixnet.config import Config
 from sixnet.errors import EXIT_USAGE, CommandError
 from sixnet.grid.accounts import AccountError, AccountStore, normalize_username
+from sixnet.grid.revocations import RevocationError, RevocationStore, platform_jid
 from sixnet.grid.service import open_database
-from sixnet.storage import DatabaseURLError, parse_url
+from sixnet.storage import Database, DatabaseURLError, parse_url
 
 
 def register(commands: Any) -> None:
@@ -45,6 +48,19 @@ def register(commands: Any) -> None:
     verb("remove", run_remove, "delete an account and its stored offline messages")
     verb("list", run_list, "list the accounts (password and certificate)", named=False)
 
+    revoke_help = ("cut a platform off: its sessions end, its subscriptions and affiliations "
+                   "go, its logins are refused (a running server acts within seconds)")
+    revoke = sub.add_parser("revoke", help=revoke_help, description=revoke_help)
+    add_common(revoke)
+    revoke.add_argument("platform", metavar="PLATFORM", nargs="?",
+                        help="the platform's bare JID (alice@DOMAIN, or alice)")
+    revoke.add_argument("--reason", default="", help="recorded with the revocation")
+    what = revoke.add_mutually_exclusive_group()
+    what.add_argument("--undo", action="store_true",
+                      help="lift the revocation (removed subscriptions stay removed)")
+    what.add_argument("--list", action="store_true", help="list the revoked platforms")
+    revoke.set_defaults(run=run_revoke)
+
 
 def checked_name(name: str) -> str:
     try:
@@ -67,15 +83,33 @@ def read_password(name: str) -> str:
 
 def with_accounts(config: Config, work: Callable[[AccountStore], Awaitable[Any]]) -> Any:
     """Run `work` against the account store with a reactor, and return its result."""
+    async def accounts(db: Database) -> Any:
+        store = AccountStore(db, config.grid.scram_iterations)
+        await store.prepare()
+        return await work(store)
+
+    return with_database(config, accounts)
+
+
+def with_revocations(config: Config,
+                     work: Callable[[RevocationStore], Awaitable[Any]]) -> Any:
+    async def revocations(db: Database) -> Any:
+        store = RevocationStore(db)
+        await store.prepare()
+        return await work(store)
+
+    return with_database(config, revocations)
+
+
+def with_database(config: Config, work: Callable[[Database], Awaitable[Any]]) -> Any:
+    """Run `work` against the grid database with a reactor, and return its result."""
     outcome: dict[str, Any] = {}
 
     async def main() -> None:
         db = open_database(config)
         try:
-            store = AccountStore(db, config.grid.scram_iterations)
-            await store.prepare()
-            outcome["value"] = await work(store)
-        except AccountError as e:
+            outcome["value"] = await work(db)
+        except (AccountError, RevocationError) as e:
             outcome["error"] = CommandError(str(e))
         except Exception as e:  # noqa: BLE001 - a database failure is one line, not a trace
             outcome["error"] = CommandError(f"{config.grid.database}: {e}")
@@ -135,4 +169,31 @@ def run_list(args: argparse.Namespace, out: Output) -> int:
         lambda: "\n".join(f"{a.username + '@' + domain:<40} {a.kind:<12} {a.created}"
                            for a in accounts) or "no accounts",
     )
+    return 0
+
+
+def run_revoke(args: argparse.Namespace, out: Output) -> int:
+    config = config_of(args, check_files=False)
+    if args.list:
+        if args.platform:
+            raise CommandError("--list takes no PLATFORM", EXIT_USAGE)
+        rows = with_revocations(config, lambda store: store.list())
+        out.result([vars(r) for r in rows],
+                   lambda: "\n".join(f"{r.jid:<40} {r.revoked}  {r.reason}".rstrip()
+                                      for r in rows) or "no revoked platforms")
+        return 0
+    if not args.platform:
+        raise CommandError("PLATFORM is missing", EXIT_USAGE)
+    try:
+        jid = platform_jid(args.platform, config.grid.domain)
+    except RevocationError as e:
+        raise CommandError(str(e), EXIT_USAGE) from None
+    if args.undo:
+        with_revocations(config, lambda store: store.unrevoke(jid))
+        out.result({"unrevoked": jid}, f"{jid} is no longer revoked")
+        return 0
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    new = with_revocations(config, lambda store: store.revoke(jid, when, args.reason))
+    out.result({"revoked": jid, "new": new},
+               f"{jid} revoked" if new else f"{jid} was revoked already")
     return 0

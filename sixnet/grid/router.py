@@ -570,14 +570,19 @@ class Router:
         """Wait for offline writes in flight (the service calls this before closing storage)."""
         return defer.DeferredList(list(self._pending))
 
-    def revoke_session(self, session: Session, reason: str) -> None:
-        """End a session whose credentials are no longer valid; it cannot be resumed
-        (RFC 6120 4.9.3.16: the stream is closed with <reset/>)."""
+    def revoke_session(self, session: Session, reason: str, condition: str = "reset") -> None:
+        """End a session whose credentials are no longer valid; it cannot be resumed. The
+        stream is closed with `condition`: <reset/> when its credentials changed (RFC 6120
+        4.9.3.16), <policy-violation/> when the operator revoked the platform."""
         log.warn("{jid}: session ended: {reason}", jid=session.full, reason=reason)
         connection = session.connection
         self.end_session(session)
         if connection is not None:
-            connection.close_with_error("reset", reason)
+            connection.close_with_error(condition, reason)
+
+    def sessions_of(self, bare: str) -> list[Session]:
+        """Every session of one bare JID (detached ones awaiting resumption too)."""
+        return list(self.sessions.get(bare, {}).values())
 
     def all_sessions(self) -> Iterable[Session]:
         for resources in list(self.sessions.values()):

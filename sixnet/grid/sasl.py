@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -82,8 +82,11 @@ class SaslPolicy:
 
     def __init__(self, domain: str, accounts: AccountStore, store: CertificateStore,
                  guard: LoginGuard, audit: AuditLog, clock: IReactorTime, secret: bytes,
-                 iterations: int, failure_delay: float, allow_plain: bool) -> None:
+                 iterations: int, failure_delay: float, allow_plain: bool,
+                 revoked: Collection[str] = frozenset()) -> None:
         self.domain = domain
+        #: Bare JIDs refused whatever their credentials (`sixnet grid revoke`).
+        self.revoked = revoked
         self.accounts = accounts
         self.store = store
         self.guard = guard
@@ -208,10 +211,11 @@ class SaslExchange:
             except IdentitySyntaxError:
                 raise SaslFailure("invalid-authzid", "not a bare JID") from None
         username = self._username(local)
+        jid = self._jid_for(username, None)
         # No lockout check: a certificate cannot be guessed, and password guesses against a
         # platform's name must not lock the platform out.
         await self.policy.accounts.record_certificate_login(username)
-        success = self._succeeded(self._jid_for(username, None), b"", None)
+        success = self._succeeded(jid, b"", None)
         return Success(success.jid, success.data, tuple(self.tls.peer_chain))
 
     async def _plain(self, payload: bytes) -> Success:
@@ -257,6 +261,9 @@ class SaslExchange:
 
     def _jid_for(self, username: str, authzid: str | None) -> JID:
         jid = JID(username, self.policy.domain)
+        if str(jid) in self.policy.revoked:
+            self._proof_checked = False  # refused, not a guess: no lockout count
+            raise SaslFailure("not-authorized", "this platform's access has been revoked")
         if authzid:
             try:
                 wanted = parse_jid(authzid)

@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from sixnet.config import Config
 from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
 from sixnet.grid.offline import OfflineStore
+from sixnet.grid.revocations import RevocationStore, RevocationWatch
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
@@ -86,9 +87,12 @@ class GridService(MultiService):
         self.audit = AuditLog(state_dir / AUDIT_FILE)
         self.guard = LoginGuard(grid.max_failed_logins, grid.lockout_seconds,
                                 clock=clock.seconds)
+        self.revocations = RevocationWatch(RevocationStore(self.db), clock,
+                                           self.platform_revoked, self.platform_restored)
         sasl = SaslPolicy(grid.domain, self.accounts, store, self.guard, self.audit, clock,
                           load_secret(state_dir), grid.scram_iterations,
-                          grid.failed_login_delay, grid.allow_plain)
+                          grid.failed_login_delay, grid.allow_plain,
+                          self.revocations.revoked)
         limits = Limits(
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
@@ -126,6 +130,23 @@ class GridService(MultiService):
                 self.audit.record("session-revoked", user=session.full, reason=str(e))
                 self.router.revoke_session(session, f"client certificate refused: {e}")
 
+    def platform_revoked(self, jid: str) -> None:
+        """`sixnet grid revoke` (read from the database): end the platform's sessions, remove
+        its subscriptions and affiliations; SASL refuses it from now on."""
+        self.audit.record("platform-revoked", user=jid)
+        for session in self.router.sessions_of(jid):
+            self.audit.record("session-revoked", user=session.full, reason="platform revoked")
+            self.router.revoke_session(session, "this platform's access has been revoked",
+                                       "policy-violation")
+        if self.broker is not None:
+            self.broker.revoke(jid)
+
+    def platform_restored(self, jid: str) -> None:
+        """`sixnet grid revoke --undo`: the platform may log in again."""
+        self.audit.record("platform-unrevoked", user=jid)
+        if self.broker is not None:
+            self.broker.restore(jid)
+
     def _make_broker(self) -> Any:
         """The pubsub broker component, once its module exists."""
         try:
@@ -147,8 +168,13 @@ class GridService(MultiService):
 
     async def _start(self) -> None:
         await self.accounts.prepare()
+        await self.revocations.store.prepare()
         if self.broker is not None:
             self.router.attach_component(self.broker)
+        await self.revocations.start()
+        if self.broker is not None:
+            for jid in self.revocations.revoked:  # revoked while the server was down
+                self.broker.revoke(jid)
         for port in (self.starttls_port, self.direct_tls_port):
             port.setServiceParent(self)
         self._revocation_check.start(REVOCATION_CHECK_INTERVAL, now=False)
@@ -172,6 +198,7 @@ class GridService(MultiService):
             if check.running:
                 check.stop()
         await super().stopService()
+        await self.revocations.stop()
         streams = list(self.server.connections)
         for stream in streams:
             stream.close_with_error("system-shutdown", "the server is stopping")

@@ -72,8 +72,13 @@ class PutRevoked:
     revoked: str
 
 
+@dataclass(frozen=True)
+class DeleteRevoked:
+    jid: str
+
+
 Change = (PutNode | DeleteNode | PutAffiliation | PutSubscription | DeleteSubscription
-          | PutItem | DeleteItem | PurgeItems | PutRevoked)
+          | PutItem | DeleteItem | PurgeItems | PutRevoked | DeleteRevoked)
 
 
 @dataclass

@@ -118,8 +118,13 @@ class PubSubBroker:
     # -- operations for the grid service and `sixnet grid revoke` ----------------------------
 
     def revoke(self, jid: str) -> defer.Deferred[None]:
-        """Revoke a platform: subscriptions removed, every later request refused."""
+        """Revoke a platform: subscriptions and affiliations removed, every later request
+        refused. Nothing happens if it is revoked already."""
         return self._track(defer.Deferred.fromCoroutine(self._revoke(jid)))
+
+    def restore(self, jid: str) -> defer.Deferred[None]:
+        """Undo a revocation: the platform's requests are accepted again."""
+        return self._track(defer.Deferred.fromCoroutine(self._restore(jid)))
 
     def idle(self) -> defer.Deferred[None]:
         """Fires when every request received so far is answered and its messages are sent."""
@@ -207,10 +212,21 @@ class PubSubBroker:
     async def _revoke(self, jid: str) -> None:
         assert self._ready is not None, "attach() must come first"
         await self._ready
+        if bare(jid) in self.engine.revoked:
+            return
         outcome = self.engine.revoke(jid)
         if not await self._commit(outcome):
             raise RuntimeError(f"revocation of {jid} could not be stored")
         log.warn("platform {jid} revoked", jid=bare(jid))
+
+    async def _restore(self, jid: str) -> None:
+        assert self._ready is not None, "attach() must come first"
+        await self._ready
+        if bare(jid) not in self.engine.revoked:
+            return
+        if not await self._commit(self.engine.restore(jid)):
+            raise RuntimeError(f"lifting the revocation of {jid} could not be stored")
+        log.warn("platform {jid} no longer revoked", jid=bare(jid))
 
     async def _commit(self, outcome: Outcome) -> bool:
         """Store the outcome's changes, then audit it; False if storage failed."""

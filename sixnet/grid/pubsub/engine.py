@@ -874,7 +874,8 @@ class PubSubEngine:
     # -- revocation (RFC 8600 section 8.3) ---------------------------------------------------
 
     def revoke(self, jid: str) -> Outcome:
-        """Cut a platform off: its subscriptions go, and every later request is refused."""
+        """Cut a platform off: its subscriptions and affiliations go, and every later
+        request is refused."""
         platform = bare(jid)
         self.revoked.add(platform)
         outcome = Outcome(changes=[ch.PutRevoked(platform, timestamp(self.clock()))],
@@ -882,7 +883,17 @@ class PubSubEngine:
         for node in self.nodes.values():
             for sub in node.of_platform(platform):
                 self._unsubscribe(node, sub, outcome, reason="revoked", notify=False)
+            if node.affiliations.pop(platform, None) is not None:
+                outcome.changes.append(ch.PutAffiliation(node.name, platform, "none"))
         return outcome
+
+    def restore(self, jid: str) -> Outcome:
+        """Undo a revocation (`sixnet grid revoke --undo`): requests are accepted again; the
+        subscriptions removed stay removed."""
+        platform = bare(jid)
+        self.revoked.discard(platform)
+        return Outcome(changes=[ch.DeleteRevoked(platform)],
+                       audit=[{"action": "unrevoke", "jid": platform}])
 
 
 #: Parser for payloads the broker serialised itself.

@@ -97,6 +97,8 @@ def _write(cursor: Cursor, change: ch.Change) -> None:
             cursor.execute("DELETE FROM pubsub_item WHERE node = ?", (node,))
         case ch.PutRevoked(jid, revoked):
             _upsert(cursor, "pubsub_revoked", {"jid": jid}, {"revoked": revoked})
+        case ch.DeleteRevoked(jid):
+            cursor.execute("DELETE FROM pubsub_revoked WHERE jid = ?", (jid,))
 
 
 def _write_all(cursor: Cursor, batch: Sequence[ch.Change]) -> None:
