@@ -7,7 +7,8 @@ verified): C clients (default 50) on persistent TLS connections, each authentica
 client certificate; LDAP: a simple bind as its own entry over LDAPS), each with one request
 in flight (closed loop).
 
-* lookups: each client looks up random persons for ``--seconds``;
+* lookups: each client looks up random persons for ``--seconds`` (with ``--hot N``: random
+  persons among the first N only, a working set such as people's contacts);
 * registrations: each client re-registers its own address (IRP ``<register>``; LDAP: a
   modify replacing ``labeledURI`` on its own entry) for ``--seconds``.
 
@@ -17,7 +18,7 @@ sixnet runs as ``twistd -n sixnet-irp`` (SQLite, WAL, synchronous=FULL); slapd (
 package ``slapd``) runs with back-mdb and the same TLS certificate, both on loopback.
 If slapd is not installed, it is skipped.
 
-Usage: python benchmarks/irp.py [--persons 100000] [--clients 50] [--seconds 10]
+Usage: python benchmarks/irp.py [--persons 100000] [--clients 50] [--seconds 10] [--hot N]
 Prints one JSON document on standard output (progress on standard error).
 """
 
@@ -416,8 +417,9 @@ def client_context(ca_pem: Path, cert: Path | None = None,
 
 async def measure(args: argparse.Namespace) -> dict:
     base = Path(tempfile.mkdtemp(prefix="irp-bench-"))
+    looked_up = min(args.hot or args.persons, args.persons)
     result: dict = {"persons": args.persons, "clients": args.clients, "seconds": args.seconds,
-                    "machine": {"cpus": os.cpu_count()}}
+                    "lookup_persons": looked_up, "machine": {"cpus": os.cpu_count()}}
     try:
         ca = LabCA.init(base / "ca", name="bench CA")
         host_cert, host_key, _ = ca.issue("host", HOST, out=base / "host")
@@ -471,7 +473,7 @@ max_connections_per_address = {args.clients + 10}
             cpu_start = cpu_seconds(server.pid)
             progress("sixnet: measuring")
             own_cpu = time.process_time()
-            irp = await irp_phase(port, contexts, args.persons, args.seconds)
+            irp = await irp_phase(port, contexts, looked_up, args.seconds)
             irp["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu_start, 2)
             irp["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
             rss_end = rss_kib(server.pid)
@@ -517,7 +519,7 @@ max_connections_per_address = {args.clients + 10}
             cpu_start = cpu_seconds(server.pid)
             own_cpu = time.process_time()
             ldap = await ldap_phase(ldap_port, client_context(ca.directory / "ca.pem"),
-                                    args.persons, args.seconds, clients)
+                                    looked_up, args.seconds, clients)
             ldap["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu_start, 2)
             ldap["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
             ldap["rss_kib_end"] = rss_kib(server.pid)
@@ -544,6 +546,8 @@ def main() -> None:
     parser.add_argument("--persons", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--hot", type=int, default=0,
+                        help="look up random persons among the first N only (default: all)")
     parser.add_argument("--slapd", choices=("yes", "no"), default="yes",
                         help="also measure slapd (default yes)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,20 @@ from sixnet.irp.engine import AuditLog, Registry
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
 from sixnet.irp.wire import (
+    Address,
+    CertificateInfo,
+    DeviceRecord,
+    PersonRecord,
     ResponseSigner,
     canonical_bytes,
     canonical_payload,
+    chain_element,
     element,
+    person_payload,
     q,
+    read_person,
     signed_data,
+    timestamp,
 )
 from sixnet.pki.tls import ServerTLS
 from sixnet.storage import Database
@@ -163,3 +172,30 @@ def test_signed_data_is_the_canonical_form_of_the_data_element() -> None:
     assert made == expected
     wrapped = b'<result xmlns="urn:sixnet:irp:1" id="7:a">' + made + b"</result>"
     assert canonical_bytes(etree.fromstring(wrapped).find(q("data"))) == made
+
+
+def test_person_payload_is_the_canonical_person_element(pki) -> None:
+    """The registry builds a lookup's ``<person>`` bytes directly: they must be what
+    canonicalizing the element gives, and read back as the same record."""
+    cert = pki.identity("host", "irp.example.test").certificate  # any certificate
+    t = datetime.datetime(2026, 11, 22, 1, 2, 3, 456000, tzinfo=datetime.UTC)
+    later = t + datetime.timedelta(hours=1)
+    devices = (DeviceRecord("phone", (Address("2001:db8::1", 4605),), later, later),
+               DeviceRecord("lap.top_1", (Address("2001:db8::2", 1), Address("192.0.2.7", 9)),
+                            t, later))
+    for info in (CertificateInfo(format(cert.serial_number, "X"), "valid", (cert,)),
+                 CertificateInfo(format(cert.serial_number, "X"), "revoked", (cert,), t),
+                 None):
+        record = PersonRecord("alice@example.test", devices, info)
+        expected = element("person", {"id": record.person}, children=[
+            element("address", {"ip": a.ip, "port": str(a.port), "device": d.device,
+                                "registered": timestamp(d.registered),
+                                "expires": timestamp(d.expires)})
+            for d in devices for a in d.addresses] + ([chain_element(info)] if info else []))
+        made = person_payload(record)
+        assert made == canonical_payload([expected])
+        assert read_person(etree.fromstring(b'<data xmlns="urn:sixnet:irp:1">' + made +
+                                            b"</data>")[0]) == record
+    removed = PersonRecord('odd"&<name@example.test', removed=True)
+    assert person_payload(removed) == canonical_payload([
+        element("person", {"id": removed.person, "removed": "true"})])

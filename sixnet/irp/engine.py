@@ -46,7 +46,7 @@ from sixnet.irp.wire import (
     certificate_element,
     chain_element,
     element,
-    person_element,
+    person_payload,
     timestamp,
 )
 from sixnet.pki.ca import CAError, LabCA
@@ -435,7 +435,7 @@ class Registry:
         return caller.identity
 
     async def op_register(self, caller: Caller, user: str | None, device: str, lifetime: int,
-                          addresses: tuple[Address, ...]) -> list[etree._Element]:
+                          addresses: tuple[Address, ...]) -> bytes:
         person = self._own(caller, user, "register")
         # Strictly increasing, so "most recently registered first" holds within a millisecond.
         now = self._last_registration = max(self.now_ms(), self._last_registration + 1)
@@ -449,7 +449,7 @@ class Registry:
         self._forget(person)
         self.audit.write("register", "ok", person, peer=caller.peer, device=device,
                          addresses=[f"[{a.ip}]:{a.port}" for a in addresses], lifetime=lifetime)
-        return [person_element(self._record(view))]
+        return person_payload(self._record(view))
 
     async def op_unregister(self, caller: Caller, user: str | None,
                             device: str | None) -> bytes:
@@ -513,7 +513,7 @@ class Registry:
             if mine:
                 del self._reading[person]
         record = self._record(view)
-        payload = canonical_payload([person_element(record)])
+        payload = person_payload(record)
         changes_at = min([d.expires for d in view.devices] +
                          [int(self._chain(r)[1] * 1000) for r in view.certificates
                           if r.revoked is None], default=NEVER)

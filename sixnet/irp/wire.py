@@ -454,19 +454,29 @@ def chain_element(info: CertificateInfo) -> etree._Element:
     return element("chain", attrib, children=[certificate_element(c) for c in info.chain])
 
 
-def person_element(record: PersonRecord) -> etree._Element:
-    node = element("person", {"id": record.person})
-    if record.removed:
-        node.set("removed", "true")
+def person_payload(record: PersonRecord) -> bytes:
+    """The ``<person>`` element of `record` in canonical form as it stands inside ``<data>``
+    (what `canonical_payload` gives for it; built directly, lookups being the hot path):
+    attributes in alphabetical order, empty elements as start/end tag pairs."""
+    removed = ' removed="true"' if record.removed else ""
+    out = [f'<person id="{_c14n_attr(record.person)}"{removed}>']
     for device in record.devices:
-        for address in device.addresses:
-            node.append(element("address", {
-                "ip": address.ip, "port": str(address.port), "device": device.device,
-                "registered": timestamp(device.registered),
-                "expires": timestamp(device.expires)}))
-    if record.certificate is not None:
-        node.append(chain_element(record.certificate))
-    return node
+        common = (f'<address device="{_c14n_attr(device.device)}" '
+                  f'expires="{timestamp(device.expires)}"')
+        registered = timestamp(device.registered)
+        out.extend(f'{common} ip="{a.ip}" port="{a.port}" registered="{registered}"></address>'
+                   for a in device.addresses)
+    info = record.certificate
+    if info is not None:
+        revoked = f' revoked="{timestamp(info.revoked_at)}"' if info.revoked_at else ""
+        out.append(f'<chain not-after="{timestamp(info.certificate.not_valid_after_utc)}"'
+                   f'{revoked} serial="{info.serial}" status="{info.status}">')
+        out.extend(f'<certificate serial="{c.serial_number:X}">'
+                   f'{b64(c.public_bytes(serialization.Encoding.DER))}</certificate>'
+                   for c in info.chain)
+        out.append("</chain>")
+    out.append("</person>")
+    return "".join(out).encode()
 
 
 # -- reading elements (client side) -----------------------------------------------------------
