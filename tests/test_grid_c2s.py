@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +482,26 @@ class LimitTests(GridTestCase):
         await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.tls_port,
                                                  ClientTLS(self.grid.tls.store)), c)
         await self._refused(c, "policy-violation")
+
+    async def test_client_streams_have_no_nagle_delay(self) -> None:
+        """TCP_NODELAY on both ports, as the kernel reports it for the server's sockets."""
+        await self._grid()
+        from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+        from sixnet.pki.tls import ClientTLS
+
+        await (await self._connect()).open_stream()
+        c = RawClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.tls_port,
+                                                 ClientTLS(self.grid.tls.store)), c)
+        self.addCleanup(lambda: c.transport.abortConnection())
+        await c.open_stream()
+        tcp = [s.transport.transport if s.direct_tls else s.transport
+               for s in self.grid.server.connections]
+        assert len(tcp) == 2
+        for transport in tcp:
+            handle = transport.getHandle()
+            assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
     async def test_total_connections(self) -> None:
         await self._grid(max_sessions=1)

