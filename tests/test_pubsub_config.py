@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +14,7 @@ from sixnet.errors import ConfigError
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.storage import Database
+from tests.grid_harness import write_config
 
 BASE = '[pki]\ntrust_anchors = ["ca.pem"]\n'
 
@@ -69,3 +73,15 @@ def test_open_default_needs_open_access(tmp_path: Path) -> None:
         assert "'open' needs open_access = true" in str(info.value)
     finally:
         database.close()
+
+
+def test_open_without_open_access_names_the_file(pki: Any, tmp_path: Path) -> None:
+    """Two keys checked together by the broker: still one line with the file and the key."""
+    config = write_config(tmp_path, pki, broker={"default_access_model": "open"}).path
+    twistd = Path(sys.executable).parent / "twistd"
+    result = subprocess.run([str(twistd), "-n", "--pidfile=", "sixnet-grid", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"sixnet: {config}: grid.broker.default_access_model: "
+                             "'open' needs open_access = true\n")

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from sixnet.config import Config
+from sixnet.errors import ConfigError
 from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
 from sixnet.grid.offline import OfflineStore
 from sixnet.grid.revocations import RevocationStore, RevocationWatch
@@ -158,8 +159,14 @@ class GridService(MultiService):
         grid = self.config.grid
         state_dir = self.config.sixnet.state_dir
         self.broker_db = Database(grid.broker.database, base=state_dir)
-        return module.PubSubBroker(grid.broker, grid.domain, self.broker_db,
-                                   state_dir / grid.broker.audit_log)
+        try:
+            return module.PubSubBroker(grid.broker, grid.domain, self.broker_db,
+                                       state_dir / grid.broker.audit_log)
+        except ConfigError as e:
+            # The broker checks keys together but knows only its section: name the file.
+            self.broker_db.close()
+            self.db.close()
+            raise ConfigError(str(self.config.path), f"grid.broker.{e.key}", e.problem) from None
 
     def startService(self) -> None:  # noqa: N802 - Twisted's name
         # The ports listen only once the schema is ready, so no login meets a missing table.
