@@ -165,6 +165,26 @@ class RegistryTests(RegistryHarness):
         assert record.certificate is not None and record.certificate.status == "revoked"
         assert len(reads) == 4
 
+    async def test_lookups_read_together_each_get_their_own_record(self) -> None:
+        service = await self.start()
+        for i, name in enumerate(("alice", "bob", "carol"), 1):
+            person = await self.client(service, self.lab.person(f"{name}@example.test"))
+            await person.register([(f"2001:db8::{i}", 4605)], device=name)
+            if name == "alice":
+                await person.register([("2001:db8::a", 4605)], device="second", lifetime=1)
+        store = service.registry.store
+        users = ["alice@example.test", "bob@example.test", "nobody@example.test",
+                 "carol@example.test", "alice@example.test"]
+        now = service.registry.now_ms()
+        # the first read runs at once, the four submitted meanwhile share one transaction
+        views = await defer.gatherResults([store.person_view(u, t) for u, t in zip(
+            users, [now, now, now, now, now + 1500], strict=True)])
+        assert [v.person for v in views] == users
+        assert [v.exists for v in views] == [True, True, False, True, True]
+        assert [[d.device for d in v.devices] for v in views] == [
+            ["second", "alice"], ["bob"], [], ["carol"], ["alice"]]
+        assert [len(v.certificates) for v in views] == [1, 1, 0, 1, 1]
+
     async def test_notification_gap_drops_kept_answers(self) -> None:
         service = await self.start()
         alice = await self.client(service, self.lab.person("alice@example.test"))

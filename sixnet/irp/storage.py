@@ -151,25 +151,28 @@ class IRegistryStore(Interface):
 
 
 class _Batch:
-    """Runs the work submitted while the previous batch was busy in one transaction.
+    """Runs the items submitted while the previous batch was busy in one transaction.
 
     Under load, many registrations share one commit (group commit: one fsync, one thread
-    hop) and many lookups share one read transaction; an idle registry runs each at once.
-    Work functions report expected outcomes in their return value; one that raises rolls
-    back the whole batch, and every caller in it gets that error (nothing was changed).
+    hop) and many lookups share one read transaction (and its queries); an idle registry
+    runs each at once. `body(cursor, items)` returns one result per item; expected
+    outcomes are reported in a result; a body that raises rolls back the whole batch, and
+    every caller in it gets that error (nothing was changed).
     """
 
     MAX = 64
 
-    def __init__(self, db: Database, name: str) -> None:
+    def __init__(self, db: Database, name: str,
+                 body: Callable[[Cursor, list[tuple[Any, ...]]], list[Any]]) -> None:
         self.db = db
         self.name = name
-        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+        self.body = body
+        self.queue: list[tuple[tuple[Any, ...], defer.Deferred[Any]]] = []
         self.busy = False
 
-    def submit(self, work: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    def submit(self, *item: Any) -> defer.Deferred[Any]:
         d: defer.Deferred[Any] = defer.Deferred()
-        self.queue.append((work, args, d))
+        self.queue.append((item, d))
         if not self.busy:
             self._next()
         return d
@@ -181,18 +184,15 @@ class _Batch:
             return
         self.busy = True
 
-        def body(cursor: Cursor) -> list[Any]:
-            return [work(cursor, *args) for work, args, _ in batch]
-
         def done(results: list[Any]) -> None:
-            for (_, _, d), result in zip(batch, results, strict=True):
+            for (_, d), result in zip(batch, results, strict=True):
                 d.callback(result)
 
         def failed(failure: Any) -> None:
-            for _, _, d in batch:
+            for _, d in batch:
                 d.errback(failure)
 
-        run = self.db.run(self.name, body)
+        run = self.db.run(self.name, self.body, [item for item, _ in batch])
         run.addCallbacks(done, failed)
         run.addBoth(lambda _: self._next())
 
@@ -208,8 +208,8 @@ class SQLRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._callbacks: list[Callable[[str | None, str], object]] = []
-        self._reads = _Batch(db, "irp read batch")
-        self._writes = _Batch(db, "irp write batch")
+        self._reads = _Batch(db, "irp read batch", _person_views)
+        self._writes = _Batch(db, "irp write batch", _each)
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -247,7 +247,7 @@ class SQLRegistryStore:
         return self.db.run("irp ensure person", _ensure_person, person, now)
 
     def person_view(self, person: str, now: int) -> defer.Deferred[PersonView]:
-        return self._reads.submit(_person_view, person, now)
+        return self._reads.submit(person, now)
 
     def list_persons(self, after: str | None, limit: int) -> defer.Deferred[list[PersonSummary]]:
         def read(cursor: Cursor) -> list[PersonSummary]:
@@ -429,6 +429,36 @@ class SQLRegistryStore:
 def _ensure_person(cursor: Cursor, person: str, now: int) -> None:
     cursor.execute("INSERT INTO irp_person (id, created) VALUES (?, ?)"
                    " ON CONFLICT (id) DO NOTHING", (person, now))
+
+
+def _each(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[Any]:
+    """A write batch: each item is ``(work, *args)``, run as ``work(cursor, *args)``."""
+    return [work(cursor, *args) for work, *args in items]
+
+
+def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonView]:
+    """A read batch: the views of the ``(person, now)`` items, three queries in all."""
+    persons = sorted({person for person, _ in items})
+    marks = ",".join("?" * len(persons))  # placeholders only: the ids are parameters
+    exists = {row[0] for row in cursor.execute(
+        f"SELECT id FROM irp_person WHERE id IN ({marks})", persons).fetchall()}  # noqa: S608
+    devices: dict[str, list[Any]] = {}
+    for row in cursor.execute(
+            f"SELECT person, device, registered, expires, addresses FROM irp_device"  # noqa: S608
+            f" WHERE person IN ({marks}) AND expires > ?"
+            " ORDER BY person, registered DESC, seq DESC",
+            (*persons, min(now for _, now in items))).fetchall():
+        devices.setdefault(row[0], []).append(row[1:])
+    certificates: dict[str, list[CertificateRow]] = {}
+    for row in cursor.execute(
+            f"SELECT serial, person, issued, not_after, chain, revoked FROM irp_certificate"  # noqa: S608
+            f" WHERE person IN ({marks}) ORDER BY person, issued DESC, serial",
+            persons).fetchall():
+        certificates.setdefault(row[1], []).append(_certificate(row))
+    return [PersonView(person, person in exists,
+                       tuple(_device(r) for r in devices.get(person, ()) if r[2] > now),
+                       tuple(certificates.get(person, ())))
+            for person, now in items]
 
 
 def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:
