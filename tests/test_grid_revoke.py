@@ -109,6 +109,8 @@ class RevokeTests(unittest.TestCase):
     async def test_revoke_cuts_off_refuses_and_undo(self) -> None:
         await self._grid()
         scram, external = await self._subscribed_platform()
+        unbound, result = await self._scram()  # authenticated before, binds after
+        assert b"<success" in result, result
 
         done = await self._cli(PLATFORM, "--reason", "key leaked", "--json")
         assert done.returncode == 0, done.stderr
@@ -117,6 +119,10 @@ class RevokeTests(unittest.TestCase):
         started = time.monotonic()
         for client in (scram, external):
             assert await self._stream_error(client, started) < PROMPT
+        assert self.grid.router.sessions_of(PLATFORM) == []
+        await unbound.open_stream()
+        unbound.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        await self._stream_error(unbound, started)
         assert self.grid.router.sessions_of(PLATFORM) == []
 
         # Its subscription and affiliation are gone, in memory and in the broker's store.

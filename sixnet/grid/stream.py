@@ -573,6 +573,9 @@ class ClientStream(Protocol):
             raise StreamError("invalid-xml", "iq without an id")
         resource_el = iq[0].find(f"{{{NS_BIND}}}resource")
         resource = (resource_el.text or "").strip() if resource_el is not None else ""
+        if str(self.jid) in self.server.sasl.revoked:  # revoked since it authenticated
+            self.close_with_error("policy-violation", "this platform's access has been revoked")
+            return
         try:
             session = self.server.router.bind(self, self.jid, resource or None)
         except StanzaError as e:
