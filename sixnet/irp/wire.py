@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import ipaddress
 import re
@@ -160,9 +161,14 @@ def parse_user(value: str | None, what: str = "user") -> str:
     if value is None:
         raise IRPError("bad-request", f"the {what} attribute is missing")
     try:
-        return normalize_user_id(value)
+        return _normalized(value) if len(value) <= 256 else normalize_user_id(value)
     except IdentitySyntaxError as e:
         raise IRPError("bad-request", str(e)) from None
+
+
+#: Lookups name the same persons again and again; normalizing (NFC, IDNA) is not free.
+#: At most 4096 ids of at most 256 characters are kept (about 2 MB at worst).
+_normalized = functools.lru_cache(maxsize=4096)(normalize_user_id)
 
 
 def parse_serial(value: str) -> str:
