@@ -138,7 +138,9 @@ class RevocationWatch:
         if self._reading is not None:
             self._again = True
             return self._reading
-        reading = defer.Deferred.fromCoroutine(self._read())
+        # Never a failure: the poll's LoopingCall would stop on one.
+        reading = defer.Deferred.fromCoroutine(self._read()).addErrback(
+            lambda f: log.failure("acting on a revocation failed", f))
         if not reading.called:
             self._reading = reading
         return reading
