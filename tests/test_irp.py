@@ -18,8 +18,9 @@ from sixnet.irp.client import IRPConnectionError, IRPError, connect
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine import hash_password, invite_hash, new_invite_code
 from sixnet.irp.service import IRPService, build_service
+from sixnet.irp.storage import CertificateRow
 from sixnet.pki.ca import LabCA
-from sixnet.pki.keys import generate_key
+from sixnet.pki.keys import certificates_pem, generate_key
 from sixnet.pki.store import CertificateStore, NodeIdentity
 
 HOST = "irp.example.test"
@@ -254,6 +255,30 @@ class RegistryTests(RegistryHarness):
         clock.advance(600)
         await task.deferLater(reactor, 0.1, lambda: None)
         assert len(about_alice) == 3
+
+    async def test_watch_hears_certificate_expiry(self) -> None:
+        """An expired certificate does not hide the next expiry of a valid one."""
+        clock = task.Clock()
+        clock.advance(time.time() + 2 * 86400)
+        # (the connection's idle timeout follows the same clock: keep it beyond 30 days)
+        service = await self.start(clock=clock, idle_timeout=60 * 86400.0)
+        registry = service.registry
+        for days in (1, 30):  # the first expired a day ago (registry time)
+            chain = self.lab.ca.sign_user("dora@example.test", generate_key().public_key(),
+                                          days=days)
+            not_after = chain[0].not_valid_after_utc.timestamp()
+            await registry.store.add_certificate(CertificateRow(
+                format(chain[0].serial_number, "X"), "dora@example.test",
+                registry.now_ms() + days, int(not_after * 1000), certificates_pem(chain), None))
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        seen = []
+        first = await bob.watch("dora@example.test", seen.append)
+        assert first.certificate is not None and first.certificate.status == "valid"
+        timers = [c for c in clock.getDelayedCalls() if c.func == registry._expire]
+        assert len(timers) == 1 and timers[0].getTime() == pytest.approx(not_after, abs=0.01)
+        clock.advance(timers[0].getTime() - clock.seconds() + 0.001)
+        await wait_for(lambda: seen)
+        assert seen[-1].certificate is not None and seen[-1].certificate.status == "expired"
 
     async def test_unregister(self) -> None:
         service = await self.start()

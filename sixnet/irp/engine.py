@@ -514,11 +514,10 @@ class Registry:
                 del self._reading[person]
         record = self._record(view)
         payload = person_payload(record)
+        # Devices read are unexpired; certificates that expired already stay expired.
         changes_at = min([d.expires for d in view.devices] +
-                         [int(self._chain(r)[1] * 1000) for r in view.certificates
-                          if r.revoked is None], default=NEVER)
-        if changes_at <= now:
-            changes_at = NEVER  # expired certificates stay expired
+                         [t for r in view.certificates if r.revoked is None
+                          and (t := int(self._chain(r)[1] * 1000)) > now], default=NEVER)
         if mine and view.exists and self.config.answer_cache > 0:
             self._answers.pop(person, None)
             if len(self._answers) >= self.config.answer_cache:
