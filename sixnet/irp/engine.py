@@ -161,7 +161,7 @@ class Caller:
         return OPERATOR if self.operator else PERSON
 
 
-#: Gets the canonical ``<person>`` payload (`canonical_payload`) of a changed record.
+#: Gets the canonical ``<person>`` payload (`person_payload`) of a changed record.
 Watcher = Callable[[bytes], object]
 
 
@@ -674,6 +674,7 @@ class Registry:
             if row.revoked is None:
                 await self._revoke_row(row)
         await self.store.remove_person(user)
+        self._forget(user)
         self.audit.write("remove", "ok", caller.identity, peer=caller.peer, target=user)
         return [element("removed", {"user": user})]
 
