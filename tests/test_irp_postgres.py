@@ -8,6 +8,8 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from sixnet.irp.service import IRPService
+
 from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 from .test_irp import LabSetup, RegistryHarness, RegistryTests, wait_for
 
@@ -22,6 +24,11 @@ class PostgreSQLRegistryTests(RegistryTests, unittest.TestCase):
         url, schema = fresh_postgres_schema()
         self.addCleanup(drop_postgres_schema, schema)
         return url
+
+    async def start(self, **settings: object) -> IRPService:
+        """The same suite as on SQLite, kept answers included (one registry per test)."""
+        settings.setdefault("answer_cache_shared", True)
+        return await super().start(**settings)
 
 
 class TwoRegistriesTests(RegistryHarness, unittest.TestCase):

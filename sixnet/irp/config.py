@@ -54,3 +54,6 @@ class IRPConfig(ServiceConfig):
     certificate_days: int = setting(365, check=_at_least_one)
     answer_cache: int = setting(100_000, check=_not_negative,
                                 doc="persons whose lookup answer is kept in memory (0: none)")
+    answer_cache_shared: bool = setting(
+        False, doc="keep answers also on a shared (PostgreSQL) database: faster lookups, but "
+                   "a change made through another registry shows after its notification")

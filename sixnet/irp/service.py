@@ -7,6 +7,7 @@ then the database and the audit log.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,10 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
                   state_dir: Path, ca: LabCA | None, reactor: Any = None) -> IRPService:
     """The registry from its parts (what `make_service` reads from the configuration)."""
     db = Database(section.database, base=state_dir)
+    if db.dialect != "sqlite" and not section.answer_cache_shared:
+        # Another registry may change a record at any moment: read it, so a registration
+        # acknowledged there is visible here at once.
+        section = dataclasses.replace(section, answer_cache=0)
     audit = AuditLog(state_dir / section.audit_log)
     registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor)
     signer = ResponseSigner(identity.key, identity.certificate)
