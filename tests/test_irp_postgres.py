@@ -14,35 +14,29 @@ from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_una
 from .test_irp import LabSetup, RegistryHarness, RegistryTests, wait_for
 
 
-class PostgreSQLRegistryTests(RegistryTests, unittest.TestCase):
+class OnPostgreSQL(RegistryHarness):
+    """Registries on a fresh schema of the machine's PostgreSQL."""
+
     skip = postgres_unavailable()
 
     def setUp(self) -> None:
-        self.lab = LabSetup(Path(self.mktemp()).absolute())
+        self.lab = LabSetup(Path(self.mktemp()).absolute())  # type: ignore[attr-defined]
 
     def database_url(self) -> str:
         url, schema = fresh_postgres_schema()
-        self.addCleanup(drop_postgres_schema, schema)
+        self.addCleanup(drop_postgres_schema, schema)  # type: ignore[attr-defined]
         return url
 
+
+class PostgreSQLRegistryTests(OnPostgreSQL, RegistryTests, unittest.TestCase):
     async def start(self, **settings: object) -> IRPService:
         """The same suite as on SQLite, kept answers included (one registry per test)."""
         settings.setdefault("answer_cache_shared", True)
         return await super().start(**settings)
 
 
-class TwoRegistriesTests(RegistryHarness, unittest.TestCase):
+class TwoRegistriesTests(OnPostgreSQL, unittest.TestCase):
     """Two registry services sharing one PostgreSQL, as on two hosts."""
-
-    skip = postgres_unavailable()
-
-    def setUp(self) -> None:
-        self.lab = LabSetup(Path(self.mktemp()).absolute())
-
-    def database_url(self) -> str:
-        url, schema = fresh_postgres_schema()
-        self.addCleanup(drop_postgres_schema, schema)
-        return url
 
     async def test_register_on_one_lookup_and_watch_on_the_other(self) -> None:
         url = self.database_url()
