@@ -1,4 +1,4 @@
-"""The ``sixnet`` command: administration of the suite (the services themselves run in twistd).
+"""The sixnet command: administration of the suite (the services themselves run in twistd).
 
 Exit status: 0 success; 1 the operation failed (the message says why); 2 a bad command line or
 configuration file. Errors are one line on standard error, never a traceback. Every command
