@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -34,6 +35,17 @@ def endpoints_check(values: list[str]) -> str | None:
         problem = _endpoint_problem(value)
         if problem:
             return problem
+    return None
+
+
+def database_url(value: str) -> str | None:
+    """A database setting: ``sqlite:PATH`` or a ``postgresql://`` URL (see sixnet.storage)."""
+    from sixnet.storage import DatabaseURLError, parse_url
+
+    try:
+        parse_url(value, Path("."))
+    except DatabaseURLError as e:
+        return str(e)
     return None
 
 

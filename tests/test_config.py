@@ -73,6 +73,8 @@ def test_defaults_and_relative_paths(tmp_path: Path, base: str) -> None:
     ('[grid]\nenabled = true\nidentity = "nobody"\n',
      "FILE: grid.identity: no [pki.identities.nobody] table defines it"),
     ('[grid.broker]\nsubdomian = "b"\n', "FILE: grid.broker.subdomian: unknown key"),
+    ('[grid]\ndatabase = "mysql://x"\n',
+     "FILE: grid.database: 'mysql://x' is neither sqlite:PATH nor a postgresql:// URL"),
 ])
 def test_one_line_problems(tmp_path: Path, base: str, extra: str, expected: str) -> None:
     assert problem(tmp_path, base + extra).startswith(expected)

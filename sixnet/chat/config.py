@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sixnet.settings import ServiceConfig, endpoints_check, in_range, positive, setting
+from sixnet.settings import (
+    ServiceConfig,
+    database_url,
+    endpoints_check,
+    in_range,
+    positive,
+    setting,
+)
 
 KEY_AGREEMENTS = ("x25519", "rsa-oaep")
 CIPHERS = ("aes-256-gcm", "chacha20-poly1305")
@@ -72,7 +79,7 @@ class ChatConfig(ServiceConfig):
 
     listen: list[str] = setting(["tcp6:4605:interface=\\:\\:"], check=endpoints_check)
     identity: str = setting("user")
-    database: str = setting("sqlite:chat.sqlite",
+    database: str = setting("sqlite:chat.sqlite", check=database_url,
                             doc="sqlite:PATH (relative to state_dir) or a postgresql:// URL")
     control_socket: str = setting("chat/control.sock",
                                   doc="the UNIX control socket, relative to state_dir")

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sixnet.grid.pubsub.config import BrokerConfig
-from sixnet.settings import ServiceConfig, endpoints_check, positive, setting
+from sixnet.settings import ServiceConfig, database_url, endpoints_check, positive, setting
 
 
 def at_least(low: float) -> Callable[[float], str | None]:
@@ -25,7 +25,7 @@ class GridConfig(ServiceConfig):
                             doc="client streams with STARTTLS")
     listen_tls: list[str] = setting(["tcp6:5223:interface=\\:\\:"], check=endpoints_check,
                                 doc="direct TLS client streams (XEP-0368)")
-    database: str = setting("sqlite:grid.sqlite3",
+    database: str = setting("sqlite:grid.sqlite3", check=database_url,
                             doc="accounts and offline messages: sqlite:PATH (under state_dir) "
                                 "or a postgresql:// URL")
     scram_iterations: int = setting(10000, check=at_least(4096),

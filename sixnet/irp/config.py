@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sixnet.settings import ServiceConfig, endpoints_check, one_of, positive, setting
+from sixnet.settings import ServiceConfig, database_url, endpoints_check, one_of, positive, setting
 
 #: Who may look up or watch a person (docs/irp.rst, "Access policy").
 ACCESS_POLICIES = ("enrolled", "same-domain", "operators")
-
-
-def _database_check(value: str) -> str | None:
-    if value.startswith("sqlite:") and len(value) > len("sqlite:"):
-        return None
-    if value.startswith(("postgresql://", "postgres://")):
-        return None
-    return f"{value!r} is neither sqlite:PATH nor a postgresql:// URL"
 
 
 def _at_least_one(value: int) -> str | None:
@@ -31,7 +23,7 @@ class IRPConfig(ServiceConfig):
     """``[irp]``: the Identity Registration Protocol registry (TCP 4604)."""
 
     listen: list[str] = setting(["tcp6:4604:interface=\\:\\:"], check=endpoints_check)
-    database: str = setting("sqlite:irp.sqlite3", check=_database_check,
+    database: str = setting("sqlite:irp.sqlite3", check=database_url,
                             doc="sqlite:PATH (relative to state_dir) or a postgresql:// URL")
     audit_log: str = setting("irp-audit.jsonl", doc="JSON lines file, relative to state_dir")
     operators: list[str] = setting([], doc="user ids with the operator role")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sixnet.settings import one_of, positive, setting
+from sixnet.settings import database_url, one_of, positive, setting
 
 #: Operations a platform role may grant (RFC 8600 section 8.3: per-platform authorization).
 OPERATIONS = ("create", "publish", "subscribe")
@@ -51,7 +51,7 @@ class BrokerConfig:
     """``[grid.broker]``: the pubsub service at ``<subdomain>.<domain>``."""
 
     subdomain: str = setting("broker", doc="the service's JID is subdomain.domain")
-    database: str = setting("sqlite:grid-broker.sqlite3",
+    database: str = setting("sqlite:grid-broker.sqlite3", check=database_url,
                             doc="sqlite:PATH (relative to state_dir) or a postgresql:// URL")
     audit_log: str = setting("grid-broker-audit.jsonl",
                              doc="JSON-lines audit log, relative to state_dir")
