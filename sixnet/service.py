@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 from collections.abc import Iterable
 from typing import Any
@@ -42,26 +43,53 @@ class ListeningService(Service):
         self.endpoint_strings = list(endpoint_strings)
         self.factory = factory
         self.ports: list[IListeningPort] = []
+        self._listened = False
 
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
+    def privilegedStartService(self) -> None:  # noqa: N802 - Twisted's name
+        """Bind every port before twistd daemonizes or sheds privileges.
+
+        A port that cannot be had (in use, no permission) then stops the process with one
+        line on standard error and exit status 1, instead of a daemon that runs without
+        listening. A service that starts listening later (after opening its database) gets
+        a critical log line, and the process stops with exit status 1.
+        """
         from twisted.internet import reactor
 
+        super().privilegedStartService()
+        self._listen(fatal=not reactor.running)
+
+    def startService(self) -> None:  # noqa: N802
         super().startService()
+        if not self._listened:  # started directly (tests, an embedding program)
+            self._listen(fatal=False)
+
+    def _listen(self, *, fatal: bool) -> None:
+        from twisted.internet import reactor
+
+        self._listened = True
+        refused: list[str] = []
         for description in self.endpoint_strings:
             endpoint = endpoints.serverFromString(reactor, description)
             d = endpoint.listen(self.factory)
             d.addCallback(self._listening, description)
-            d.addErrback(self._failed, description)
+            d.addErrback(self._failed, description, refused if fatal else None)
+        if refused:
+            raise SystemExit(f"sixnet: {refused[0]}")
 
     def _listening(self, port: IListeningPort, description: str) -> None:
         self.ports.append(port)
         log.info("{service} listening on {endpoint}", service=self.name, endpoint=description)
 
-    def _failed(self, failure: Any, description: str) -> None:
+    def _failed(self, failure: Any, description: str, refused: list[str] | None) -> None:
         from twisted.internet import reactor
 
-        log.critical("{service}: cannot listen on {endpoint}: {error}", service=self.name,
-                     endpoint=description, error=failure.getErrorMessage())
+        message = f"{self.name}: cannot listen on {description}: {failure.getErrorMessage()}"
+        if refused is not None:
+            refused.append(message)  # raised by _listen once every endpoint was tried
+            return
+        log.critical("{message}", message=message)
+        # Not a clean stop: once every service has stopped, leave with status 1.
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         reactor.stop()
 
     def stopService(self) -> defer.Deferred[object]:  # noqa: N802

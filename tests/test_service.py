@@ -87,3 +87,31 @@ def test_twistd_starts_and_stops_cleanly_on_sigterm(pki: LabPKI, tmp_path: Path)
             proc.kill()
             proc.wait()
 
+
+
+def test_a_port_in_use_stops_twistd_with_status_1(pki: LabPKI, tmp_path: Path) -> None:
+    import socket
+
+    from .test_config import write
+
+    out = pki.directory / "issued" / pki.root.directory.name / "host" / "localhost" / "ecdsa-p256"
+    pki.identity("host", "localhost")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write(tmp_path, BASE.format(
+            ca=pki.root.directory / "ca.pem", crl=pki.root.directory / "crl.pem",
+            cert=out / "cert.pem", key=out / "key.pem") + f"""
+[sixnet]
+state_dir = "{tmp_path / 'state'}"
+[grid]
+enabled = true
+listen = ["tcp:{port}:interface=127.0.0.1"]
+listen_tls = ["tcp:0:interface=127.0.0.1"]
+""")
+        r = subprocess.run([TWISTD, "--nodaemon", "--pidfile=", "sixnet", "--config",
+                            str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"grid: cannot listen on tcp:{port}:interface=127.0.0.1: Couldn't listen on " \
+           f"127.0.0.1:{port}: [Errno 98] Address already in use." in r.stdout
