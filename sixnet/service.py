@@ -31,6 +31,14 @@ class NotBuilt(Exception):
     """The service's own issue has not landed yet."""
 
 
+def stop_failed(reactor: Any, message: str) -> None:
+    """A service cannot run: log why, stop every service, and leave with exit status 1."""
+    log.critical("{message}", message=message)
+    if getattr(reactor, "running", False):
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        reactor.stop()
+
+
 class ListeningService(Service):
     """Listens with one protocol factory on every endpoint string of a service's section.
 
@@ -87,10 +95,7 @@ class ListeningService(Service):
         if refused is not None:
             refused.append(message)  # raised by _listen once every endpoint was tried
             return
-        log.critical("{message}", message=message)
-        # Not a clean stop: once every service has stopped, leave with status 1.
-        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        reactor.stop()
+        stop_failed(reactor, message)
 
     def stopService(self) -> defer.Deferred[object]:  # noqa: N802
         super().stopService()

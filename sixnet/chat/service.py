@@ -30,6 +30,7 @@ from sixnet.chat.store import MessageStore
 from sixnet.config import Config
 from sixnet.errors import ConfigError
 from sixnet.pki.store import CertificateStore, NodeIdentity
+from sixnet.service import stop_failed
 from sixnet.storage import Database, DatabaseURLError
 
 log = Logger(namespace="sixnet.chat")
@@ -185,10 +186,8 @@ class ChatService(MultiService):
         self.registration.start()
 
     def _failed(self, failure: Any) -> None:
-        log.critical("chat: cannot start: {error}", error=failure.getErrorMessage())
         self.ready.errback(failure)
-        if getattr(self.reactor, "running", False):
-            self.reactor.stop()
+        stop_failed(self.reactor, f"chat: cannot start: {failure.getErrorMessage()}")
 
     async def _stop(self) -> None:
         self.registration.stop()

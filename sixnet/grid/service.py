@@ -29,7 +29,7 @@ from sixnet.grid.sasl import SaslPolicy
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
 from sixnet.pki.store import CertificateStore, VerificationError
 from sixnet.pki.tls import ServerTLS
-from sixnet.service import ListeningService
+from sixnet.service import ListeningService, stop_failed
 from sixnet.storage import Database
 
 log = Logger(namespace="sixnet.grid")
@@ -191,10 +191,8 @@ class GridService(MultiService):
     def _failed(self, failure: Any) -> None:
         from twisted.internet import reactor
 
-        log.critical("grid: cannot start: {error}", error=failure.getErrorMessage())
         self.ready.errback(failure)
-        if reactor.running:
-            reactor.stop()
+        stop_failed(reactor, f"grid: cannot start: {failure.getErrorMessage()}")
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         return defer.Deferred.fromCoroutine(self._stop())

@@ -28,7 +28,7 @@ from sixnet.pki.ca import CAError, LabCA
 from sixnet.pki.keys import KeyFileError
 from sixnet.pki.store import CertificateStore, NodeIdentity
 from sixnet.pki.tls import ServerTLS
-from sixnet.service import ListeningService
+from sixnet.service import ListeningService, stop_failed
 from sixnet.storage import Database, DatabaseURLError
 
 log = Logger(namespace="sixnet.irp")
@@ -79,8 +79,7 @@ class IRPService(MultiService):
     def _failed(self, failure: Any) -> None:
         from twisted.internet import reactor
 
-        log.critical("irp: cannot open the database: {error}", error=failure.getErrorMessage())
-        reactor.stop()
+        stop_failed(reactor, f"irp: cannot open the database: {failure.getErrorMessage()}")
 
     def _purge_expired(self) -> defer.Deferred[int]:
         d = self.registry.store.purge_expired(self.registry.now_ms())
