@@ -21,18 +21,8 @@ from sixnet.grid.pubsub.config import BrokerConfig, RateLimitConfig, RoleConfig
 from sixnet.grid.pubsub.conversation import RecordingRouter, run_conversation
 from sixnet.storage import Database
 
-IODEF = """<IODEF-Document version="2.00" xml:lang="en"
-    xmlns="urn:ietf:params:xml:ns:iodef-2.0">
-  <Incident purpose="reporting" restriction="private">
-    <IncidentID name="csirt.example.com">492382</IncidentID>
-    <GenerationTime>2015-07-18T09:00:00-05:00</GenerationTime>
-    <Contact type="organization" role="creator">
-      <Email><EmailTo>contact@csirt.example.com</EmailTo></Email>
-    </Contact>
-  </Incident>
-</IODEF-Document>"""
+from .iodef_example import IODEF, IODEF_NS
 
-IODEF_NS = "urn:ietf:params:xml:ns:iodef-2.0"
 PROVIDER = "provider@example.test/p"
 CONSUMER = "consumer@example.test/c"
 

@@ -17,6 +17,8 @@ from sixnet.grid.pubsub.forms import (
 from sixnet.grid.pubsub.iodef import IODEFValidator
 from sixnet.grid.pubsub.rsm import PageRequest, paginate, sorted_locator
 
+from .iodef_example import IODEF
+
 LIMITS = ConfigLimits(("authorize", "whitelist"), 500)
 
 
@@ -139,16 +141,6 @@ def test_rsm_request_numbers_are_checked() -> None:
 
 # -- IODEF -----------------------------------------------------------------------------------
 
-IODEF = """<IODEF-Document version="2.00" xml:lang="en"
-    xmlns="urn:ietf:params:xml:ns:iodef-2.0">
-  <Incident purpose="reporting" restriction="private">
-    <IncidentID name="csirt.example.com">492382</IncidentID>
-    <GenerationTime>2015-07-18T09:00:00-05:00</GenerationTime>
-    <Contact type="organization" role="creator">
-      <Email><EmailTo>contact@csirt.example.com</EmailTo></Email>
-    </Contact>
-  </Incident>
-</IODEF-Document>"""
 
 
 def test_iodef_validation_inside_a_stanza() -> None:

@@ -14,16 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-IODEF_NS = "urn:ietf:params:xml:ns:iodef-2.0"
-IODEF = f"""<IODEF-Document version="2.00" xml:lang="en" xmlns="{IODEF_NS}">
-  <Incident purpose="reporting" restriction="private">
-    <IncidentID name="csirt.example.com">492382</IncidentID>
-    <GenerationTime>2015-07-18T09:00:00-05:00</GenerationTime>
-    <Contact type="organization" role="creator">
-      <Email><EmailTo>contact@csirt.example.com</EmailTo></Email>
-    </Contact>
-  </Incident>
-</IODEF-Document>"""
+from tests.iodef_example import IODEF, IODEF_NS
+
 BROKER = "broker.localhost"
 
 
