@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sixnet.chat.protocol import SessionFactory, SessionProtocol  # noqa: E402
 from sixnet.chat.session import APP_HEADER, Session  # noqa: E402
+from sixnet.core.stream.parser import StreamOpened, StreamParser  # noqa: E402
 from sixnet.pki.ca import LabCA  # noqa: E402
 from sixnet.pki.store import CertificateStore, NodeIdentity  # noqa: E402
 from sixnet.pki.tls import ClientTLS, ServerTLS, peer_chain  # noqa: E402
-from sixnet.xmlstream import StreamOpened, StreamParser  # noqa: E402
 
 WINDOW = 64
 ACK_EVERY = 16
@@ -262,7 +262,7 @@ async def agents_flow(directory: Path, alice: NodeIdentity, bob: NodeIdentity,
     from sixnet.chat.config import ChatConfig
     from sixnet.chat.directory import SharedDirectory
     from sixnet.chat.service import ChatService
-    from sixnet.storage import Database
+    from sixnet.core.storage.database import Database
 
     shared = SharedDirectory(reactor.seconds)
     services = []

@@ -49,12 +49,12 @@ from lxml import etree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sixnet.core.storage.database import _TYPES  # noqa: E402
+from sixnet.core.stream.parser import StreamParser  # noqa: E402
 from sixnet.irp.storage import MIGRATIONS  # noqa: E402
 from sixnet.pki.ca import LabCA  # noqa: E402
 from sixnet.pki.identity import user_san  # noqa: E402
 from sixnet.pki.keys import certificates_pem, generate_key, signature_hash  # noqa: E402
-from sixnet.storage import _TYPES  # noqa: E402
-from sixnet.xmlstream import StreamParser  # noqa: E402
 
 HOST = "localhost"
 NS = "urn:sixnet:irp:1"

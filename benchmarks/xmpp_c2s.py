@@ -269,7 +269,7 @@ def add_sixnet_accounts(work: Path, clients: int) -> None:
     code = (
         "import sys\n"
         "from twisted.internet import defer, task\n"
-        "from sixnet.config import load_config\n"
+        "from sixnet.app.config import load_config\n"
         "from sixnet.grid.accounts import AccountStore\n"
         "from sixnet.grid.service import open_database\n"
         "config = load_config(__import__('pathlib').Path(sys.argv[1]))\n"

@@ -1,5 +1,5 @@
 """python -m sixnet: the sixnet command."""
 
-from sixnet.cli import main
+from sixnet.app.cli import main
 
 raise SystemExit(main())

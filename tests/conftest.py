@@ -54,7 +54,7 @@ def utc(**delta: float) -> datetime.datetime:
 @pytest.fixture(autouse=True)
 def _no_database_left_open(monkeypatch: pytest.MonkeyPatch):
     """Fail a test that leaves a Database open: its pool thread would hang interpreter exit."""
-    from sixnet.storage import Database
+    from sixnet.core.storage.database import Database
 
     opened: list[Database] = []
     original = Database.__init__

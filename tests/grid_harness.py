@@ -17,10 +17,10 @@ from typing import Any
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from sixnet.config import Config, load_config
+from sixnet.app.config import Config, load_config
 from sixnet.grid.service import GridService
+from sixnet.pki.store import store_from_config
 from sixnet.pki.tls import ClientTLS
-from sixnet.service import build_store
 
 HERE = Path(__file__).parent
 DOMAIN = "localhost"
@@ -53,7 +53,7 @@ def write_config(directory: Path, pki: Any, **grid: Any) -> Config:
 
 
 async def start_grid(config: Config) -> GridService:
-    service = GridService(config, build_store(config))
+    service = GridService(config, store_from_config(config))
     service.startService()
     await service.ready
     return service

@@ -21,7 +21,7 @@ from sixnet.chat.config import ChatConfig
 from sixnet.chat.directory import PeerAddress, SharedDirectory
 from sixnet.chat.service import ChatService
 from sixnet.chat.store import StoredMessage
-from sixnet.storage import Database
+from sixnet.core.storage.database import Database
 
 ALICE, BOB, CAROL, MALLORY = ("alice@example.test", "bob@example.test", "carol@example.test",
                               "mallory@example.test")

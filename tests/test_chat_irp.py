@@ -16,9 +16,9 @@ from sixnet.chat.config import ChatConfig
 from sixnet.chat.directory import PeerAddress
 from sixnet.chat.irp import IRPDirectory
 from sixnet.chat.service import ChatService
+from sixnet.core.storage.database import Database
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.service import IRPService, build_service
-from sixnet.storage import Database
 
 from .test_chat_agents import ALICE, BOB, until
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sixnet.config import load_config
-from sixnet.errors import ConfigError
+from sixnet.app.config import load_config
+from sixnet.core.errors import ConfigError
 
 from .conftest import LabPKI
 

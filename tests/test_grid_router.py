@@ -11,13 +11,13 @@ from twisted.internet import task
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from sixnet.core.storage.database import Database
 from sixnet.grid.accounts import AccountStore
 from sixnet.grid.component import IComponent, IRouter
 from sixnet.grid.jid import JID, JIDError, parse_jid
 from sixnet.grid.offline import OfflineStore
 from sixnet.grid.router import Router
 from sixnet.grid.xmpp import StanzaError, splice_to
-from sixnet.storage import Database
 
 
 class FakeConnection:

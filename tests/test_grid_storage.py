@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from twisted.trial import unittest
 
+from sixnet.core.storage.database import Database
 from sixnet.grid.accounts import AccountError, AccountStore, LoginGuard
 from sixnet.grid.offline import OfflineStore
 from sixnet.grid.scram import ScramCredentials
-from sixnet.storage import Database
 from tests.databases import (
     drop_postgres_schema,
     fresh_postgres_schema,

@@ -11,12 +11,12 @@ from twisted.internet import reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from sixnet.core.storage.database import Database
 from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
 from sixnet.grid.offline import OfflineStore
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy, TLSFacts
 from sixnet.grid.stream import REFUSALS, TRANSITIONS, C2SServer, ClientStream, Limits, State
-from sixnet.storage import Database
 
 HEADER = (b"<stream:stream to='localhost' version='1.0' xmlns='jabber:client' "
           b"xmlns:stream='http://etherx.jabber.org/streams'>")

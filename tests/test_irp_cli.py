@@ -15,10 +15,10 @@ from twisted.internet import reactor, task, threads
 from twisted.internet.error import ConnectError
 from twisted.trial import unittest
 
-from sixnet.config import load_config
+from sixnet.app.config import load_config
 from sixnet.irp.client import IRPConnectionError, connect
 from sixnet.irp.service import make_service
-from sixnet.service import build_store
+from sixnet.pki.store import store_from_config
 
 from .test_irp import HOST, LabSetup, RegistryHarness
 
@@ -118,7 +118,7 @@ database = "sqlite:irp.sqlite3"
     async def test_make_service_from_the_configuration(self) -> None:
         self.lab.ca.issue("user", "carol@example.test", out=self.base / "carol")
         config = load_config(self.config, check_files=False)
-        service = make_service(config, build_store(config))
+        service = make_service(config, store_from_config(config))
         service.startService()
         self.addCleanup(service.stopService)
         await service.ready

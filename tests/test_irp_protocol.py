@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from sixnet.core.storage.database import Database
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine import AuditLog, Registry
 from sixnet.irp.protocol import IRPServerFactory
@@ -32,7 +33,6 @@ from sixnet.irp.wire import (
     timestamp,
 )
 from sixnet.pki.tls import ServerTLS
-from sixnet.storage import Database
 
 HEADER = b'<irp xmlns="urn:sixnet:irp:1" version="1.0" to="irp.example.test">'
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from sixnet.config import load_config
-from sixnet.errors import ConfigError
+from sixnet.app.config import load_config
+from sixnet.core.errors import ConfigError
+from sixnet.core.storage.database import Database
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig
-from sixnet.storage import Database
 from tests.grid_harness import write_config
 
 BASE = '[pki]\ntrust_anchors = ["ca.pem"]\n'

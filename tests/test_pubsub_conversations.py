@@ -16,10 +16,10 @@ from pathlib import Path
 from lxml import etree
 from twisted.trial import unittest
 
+from sixnet.core.storage.database import Database
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig, RateLimitConfig, RoleConfig
 from sixnet.grid.pubsub.conversation import RecordingRouter, run_conversation
-from sixnet.storage import Database
 
 from .iodef_example import IODEF, IODEF_NS
 

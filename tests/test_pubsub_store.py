@@ -9,12 +9,12 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from sixnet.core.storage.database import Database
 from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import PubSubEngine
 from sixnet.grid.pubsub.request import PubSubRequest
 from sixnet.grid.pubsub.store import SQLPubSubStore, revoke_in_store
-from sixnet.storage import Database
 
 from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 

@@ -12,7 +12,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.trial import unittest
 
-from sixnet.service import ListeningService
+from sixnet.core.runtime import ListeningService
 
 from .conftest import LabPKI
 from .test_config import BASE

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from sixnet.storage import Database, DatabaseURLError, parse_url
+from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 
 from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 

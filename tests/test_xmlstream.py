@@ -1,4 +1,4 @@
-"""Tests for the shared hardened XML stream parser (sixnet.xmlstream)."""
+"""Tests for the shared hardened XML stream parser (sixnet.core.stream.parser)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from lxml import etree
 
-from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 STREAMS = "http://etherx.jabber.org/streams"
 XML_NS = "http://www.w3.org/XML/1998/namespace"

@@ -13,8 +13,8 @@ from twisted.internet import defer, endpoints, task
 from twisted.protocols import amp
 
 from sixnet.chat.control import Follow, ListMessages, Peers, Refused, Send, Show
-from sixnet.cli import Output, add_common, config_of
-from sixnet.errors import EXIT_USAGE, CommandError
+from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.errors import EXIT_USAGE, CommandError
 
 
 def register(commands: Any) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from sixnet.settings import (
+from sixnet.core.config import Settings
+from sixnet.core.settings import (
     ServiceConfig,
     database_url,
     endpoints_check,
@@ -105,3 +107,10 @@ class ChatConfig(ServiceConfig):
     key_agreement: list[str] = setting(list(KEY_AGREEMENTS),
                                        check=preference_list(KEY_AGREEMENTS))
     ciphers: list[str] = setting(list(CIPHERS), check=preference_list(CIPHERS))
+
+
+class ChatSettings(Settings, Protocol):
+    """What the chat agent reads of the whole file (the composition root's aggregate has it)."""
+
+    @property
+    def chat(self) -> ChatConfig: ...

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from sixnet.chat.alerts import Alert
 from sixnet.chat.messages import ROOT, STREAM_END, VERSION
 from sixnet.chat.session import Session, SessionTransport
-from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 log = Logger(namespace="sixnet.chat")
 

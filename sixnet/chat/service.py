@@ -21,17 +21,16 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.logger import Logger
 
 from sixnet.chat.agent import Agent, AgentSettings
-from sixnet.chat.config import ChatConfig
+from sixnet.chat.config import ChatConfig, ChatSettings
 from sixnet.chat.control import ControlFactory
 from sixnet.chat.directory import IPeerDirectory, PeerAddress
 from sixnet.chat.handshake import HandshakePolicy
 from sixnet.chat.session import own_user_id
 from sixnet.chat.store import MessageStore
-from sixnet.config import Config
-from sixnet.errors import ConfigError
+from sixnet.core.errors import ConfigError
+from sixnet.core.runtime import report_failure
+from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.pki.store import CertificateStore, NodeIdentity
-from sixnet.service import stop_failed
-from sixnet.storage import Database, DatabaseURLError
 
 log = Logger(namespace="sixnet.chat")
 
@@ -187,7 +186,7 @@ class ChatService(MultiService):
 
     def _failed(self, failure: Any) -> None:
         self.ready.errback(failure)
-        stop_failed(self.reactor, f"chat: cannot start: {failure.getErrorMessage()}")
+        report_failure(self, f"chat: cannot start: {failure.getErrorMessage()}")
 
     async def _stop(self) -> None:
         self.registration.stop()
@@ -206,12 +205,12 @@ class ChatService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def control_socket_path(config: Config) -> Path:
+def control_socket_path(config: ChatSettings) -> Path:
     path = Path(config.chat.control_socket)
     return path if path.is_absolute() else config.sixnet.state_dir / path
 
 
-def make_directory(config: Config, identity: NodeIdentity,
+def make_directory(config: ChatSettings, identity: NodeIdentity,
                    store: CertificateStore) -> IPeerDirectory:
     """The IRP registry named by ``[chat] irp_server``."""
     try:
@@ -238,7 +237,7 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def make_service(config: Config, store: CertificateStore, *,
+def make_service(config: ChatSettings, store: CertificateStore, *,
                  directory: IPeerDirectory | None = None, reactor: Any = None) -> ChatService:
     chat = config.chat
     try:

@@ -33,9 +33,9 @@ from sixnet.chat import messages as m
 from sixnet.chat.alerts import Alert, certificate_alert
 from sixnet.chat.keyschedule import KeySchedule, TrafficKeys, finished_mac
 from sixnet.chat.records import ALERT, APPLICATION, KEY_UPDATE, RecordLayer
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id, user_ids_in
 from sixnet.pki.store import CertificateStore, NodeIdentity, VerificationError, VerifiedPeer
-from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 log = Logger(namespace="sixnet.chat")
 

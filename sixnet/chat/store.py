@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from sixnet.storage import Cursor, Database
+from sixnet.core.storage.database import Cursor, Database
 
 MIGRATIONS = {
     1: [

@@ -20,9 +20,9 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from sixnet.core.storage.database import Cursor, Database
 from sixnet.grid.jid import JIDError, normalize_localpart
 from sixnet.grid.scram import HASHES, ScramCredentials
-from sixnet.storage import Cursor, Database
 
 log = Logger(namespace="sixnet.grid")
 
@@ -82,7 +82,7 @@ def _now() -> str:
 
 
 class AccountStore:
-    """Accounts in the grid database (`sixnet.storage.Database`)."""
+    """Accounts in the grid database (`Database`)."""
 
     def __init__(self, db: Database, iterations: int) -> None:
         self.db = db

@@ -17,13 +17,13 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from sixnet.cli import Output, add_common, config_of
-from sixnet.config import Config
-from sixnet.errors import EXIT_USAGE, CommandError
+from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.errors import EXIT_USAGE, CommandError
+from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 from sixnet.grid.accounts import AccountError, AccountStore, normalize_username
+from sixnet.grid.config import GridSettings
 from sixnet.grid.revocations import RevocationError, RevocationStore, platform_jid
 from sixnet.grid.service import open_database
-from sixnet.storage import Database, DatabaseURLError, parse_url
 
 
 def register(commands: Any) -> None:
@@ -81,7 +81,7 @@ def read_password(name: str) -> str:
     return first
 
 
-def with_accounts(config: Config, work: Callable[[AccountStore], Awaitable[Any]]) -> Any:
+def with_accounts(config: GridSettings, work: Callable[[AccountStore], Awaitable[Any]]) -> Any:
     """Run `work` against the account store with a reactor, and return its result."""
     async def accounts(db: Database) -> Any:
         store = AccountStore(db, config.grid.scram_iterations)
@@ -91,7 +91,7 @@ def with_accounts(config: Config, work: Callable[[AccountStore], Awaitable[Any]]
     return with_database(config, accounts)
 
 
-def with_revocations(config: Config,
+def with_revocations(config: GridSettings,
                      work: Callable[[RevocationStore], Awaitable[Any]]) -> Any:
     async def revocations(db: Database) -> Any:
         store = RevocationStore(db)
@@ -101,7 +101,7 @@ def with_revocations(config: Config,
     return with_database(config, revocations)
 
 
-def with_database(config: Config, work: Callable[[Database], Awaitable[Any]]) -> Any:
+def with_database(config: GridSettings, work: Callable[[Database], Awaitable[Any]]) -> Any:
     """Run `work` against the grid database with a reactor, and return its result."""
     outcome: dict[str, Any] = {}
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from sixnet.core.config import Settings
+from sixnet.core.settings import ServiceConfig, database_url, endpoints_check, positive, setting
 from sixnet.grid.pubsub.config import BrokerConfig
-from sixnet.settings import ServiceConfig, database_url, endpoints_check, positive, setting
 
 
 def at_least(low: float) -> Callable[[float], str | None]:
@@ -53,3 +55,10 @@ class GridConfig(ServiceConfig):
     resume_timeout: float = setting(300.0, check=positive,
                                     doc="seconds a cut stream-management session waits")
     broker: BrokerConfig = setting(BrokerConfig(), doc="the [grid.broker] table")
+
+
+class GridSettings(Settings, Protocol):
+    """What the grid reads of the whole file (the composition root's aggregate has it)."""
+
+    @property
+    def grid(self) -> GridConfig: ...

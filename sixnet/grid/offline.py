@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from twisted.internet import defer
 
-from sixnet.storage import Cursor, Database
+from sixnet.core.storage.database import Cursor, Database
 
 T = TypeVar("T")
 

@@ -20,8 +20,8 @@ from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from sixnet.core.storage.database import Cursor, Database
 from sixnet.grid.jid import JIDError, parse_jid
-from sixnet.storage import Cursor, Database
 
 log = Logger(namespace="sixnet.grid")
 

@@ -19,9 +19,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from sixnet.config import Config
-from sixnet.errors import ConfigError
+from sixnet.core.errors import ConfigError
+from sixnet.core.runtime import ListeningService, report_failure
+from sixnet.core.storage.database import Database
 from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
+from sixnet.grid.config import GridSettings
 from sixnet.grid.offline import OfflineStore
 from sixnet.grid.revocations import RevocationStore, RevocationWatch
 from sixnet.grid.router import Router
@@ -29,8 +31,6 @@ from sixnet.grid.sasl import SaslPolicy
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
 from sixnet.pki.store import CertificateStore, VerificationError
 from sixnet.pki.tls import ServerTLS
-from sixnet.service import ListeningService, stop_failed
-from sixnet.storage import Database
 
 log = Logger(namespace="sixnet.grid")
 
@@ -59,14 +59,14 @@ def load_secret(state_dir: Path) -> bytes:
     return data
 
 
-def open_database(config: Config) -> Database:
+def open_database(config: GridSettings) -> Database:
     return Database(config.grid.database, base=config.sixnet.state_dir)
 
 
 class GridService(MultiService):
     """Owns the grid's listening ports, its database, its router and its components."""
 
-    def __init__(self, config: Config, store: CertificateStore,
+    def __init__(self, config: GridSettings, store: CertificateStore,
                  clock: IReactorTime | None = None) -> None:
         super().__init__()
         if clock is None:
@@ -103,10 +103,11 @@ class GridService(MultiService):
         self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
                                 clock)
         self.starttls_port = ListeningService(
-            "grid", grid.listen, ClientStreamFactory(self.server, direct_tls=False))
+            "grid", grid.listen, ClientStreamFactory(self.server, direct_tls=False), owner=self)
         self.direct_tls_port = ListeningService(
             "grid-tls", grid.listen_tls,
-            TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)))
+            TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)),
+            owner=self)
         self.broker = self._make_broker()
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.store = store
@@ -189,10 +190,8 @@ class GridService(MultiService):
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
-        from twisted.internet import reactor
-
         self.ready.errback(failure)
-        stop_failed(reactor, f"grid: cannot start: {failure.getErrorMessage()}")
+        report_failure(self, f"grid: cannot start: {failure.getErrorMessage()}")
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802
         return defer.Deferred.fromCoroutine(self._stop())
@@ -226,5 +225,5 @@ class GridService(MultiService):
         self.audit.close()
 
 
-def make_service(config: Config, store: CertificateStore) -> IService:
+def make_service(config: GridSettings, store: CertificateStore) -> IService:
     return GridService(config, store)

@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 from sixnet.grid.jid import JIDError, parse_jid
 from sixnet.grid.router import Router, Session
 from sixnet.grid.sasl import (
@@ -75,7 +76,6 @@ from sixnet.grid.xmpp import (
 )
 from sixnet.pki.store import NodeIdentity
 from sixnet.pki.tls import ServerTLS, peer_chain
-from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 log = Logger(namespace="sixnet.grid")
 

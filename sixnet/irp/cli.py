@@ -19,10 +19,11 @@ from typing import Any
 
 from twisted.internet.error import ConnectError
 
-from sixnet.cli import Output, add_common, config_of
-from sixnet.config import Config
-from sixnet.errors import EXIT_USAGE, CommandError, ConfigError
+from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.errors import EXIT_USAGE, CommandError, ConfigError
+from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.irp.client import DEFAULT_PORT, IRPClient, IRPConnectionError, connect, find_registry
+from sixnet.irp.config import IRPSettings
 from sixnet.irp.engine import AuditLog, hash_password, invite_hash, new_invite_code
 from sixnet.irp.storage import MIGRATIONS, SQLRegistryStore
 from sixnet.irp.wire import IRPError, PersonRecord, timestamp
@@ -35,9 +36,7 @@ from sixnet.pki.keys import (
     write_private_key,
     write_public_file,
 )
-from sixnet.pki.store import CertificateStore, NodeIdentity
-from sixnet.service import build_store
-from sixnet.storage import Database, DatabaseURLError
+from sixnet.pki.store import CertificateStore, NodeIdentity, store_from_config
 
 
 def register(commands: Any) -> None:
@@ -152,7 +151,7 @@ def _read_password(prompt: str, confirm: bool = False) -> str:
 # -- client commands -------------------------------------------------------------------------
 
 
-def _identity(config: Config, store: CertificateStore, name: str,
+def _identity(config: IRPSettings, store: CertificateStore, name: str,
               required: bool) -> NodeIdentity | None:
     if name in store.identities:
         return store.identities[name]
@@ -175,7 +174,7 @@ def _parse_server(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _connect(args: argparse.Namespace, config: Config, store: CertificateStore,
+async def _connect(args: argparse.Namespace, config: IRPSettings, store: CertificateStore,
                    identity: NodeIdentity | None) -> IRPClient:
     if args.server:
         candidates = [_parse_server(args.server)]
@@ -197,7 +196,7 @@ async def _connect(args: argparse.Namespace, config: Config, store: CertificateS
 def _client_session(args: argparse.Namespace, body: Callable[[IRPClient], Any], *,
                     authenticated: bool = True) -> Any:
     config = config_of(args)
-    store = build_store(config)
+    store = store_from_config(config)
     identity = _identity(config, store, args.identity, authenticated)
 
     async def main() -> Any:
@@ -350,7 +349,7 @@ def run_revoke(args: argparse.Namespace, out: Output) -> int:
 # -- administration on the registry's host ---------------------------------------------------------
 
 
-def _admin(args: argparse.Namespace, body: Callable[[SQLRegistryStore, Config, AuditLog], Any]
+def _admin(args: argparse.Namespace, body: Callable[[SQLRegistryStore, IRPSettings, AuditLog], Any]
            ) -> Any:
     config = config_of(args, check_files=False)
     try:
@@ -382,7 +381,8 @@ def run_invite(args: argparse.Namespace, out: Output) -> int:
     user = _user(args.user)
     code = new_invite_code()
 
-    async def body(store: SQLRegistryStore, config: Config, audit: AuditLog) -> datetime.datetime:
+    async def body(store: SQLRegistryStore, config: IRPSettings,
+                   audit: AuditLog) -> datetime.datetime:
         days = args.days or config.irp.invite_days
         if days <= 0:
             raise CommandError("--days must be positive", EXIT_USAGE)
@@ -404,7 +404,7 @@ def run_user_add(args: argparse.Namespace, out: Output) -> int:
     password = _read_password(f"new password for {user}: ", confirm=True)
     hashed = hash_password(password)
 
-    async def body(store: SQLRegistryStore, config: Config, audit: AuditLog) -> None:
+    async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> None:
         await store.set_password(user, hashed, _now_ms())
         audit.write("user-add", "ok", "operator (command line)", target=user)
 
@@ -416,7 +416,7 @@ def run_user_add(args: argparse.Namespace, out: Output) -> int:
 def run_user_remove(args: argparse.Namespace, out: Output) -> int:
     user = _user(args.user)
 
-    async def body(store: SQLRegistryStore, config: Config, audit: AuditLog) -> list[str]:
+    async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> list[str]:
         view = await store.person_view(user, _now_ms())
         if not view.exists:
             raise CommandError(f"{user} is not registered")
@@ -444,7 +444,7 @@ def run_user_remove(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_user_list(args: argparse.Namespace, out: Output) -> int:
-    async def body(store: SQLRegistryStore, config: Config, audit: AuditLog) -> list[Any]:
+    async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> list[Any]:
         return await store.list_persons(args.after, args.limit)
 
     rows = _admin(args, body)

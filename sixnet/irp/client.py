@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 from sixnet.irp.wire import (
     CONDITIONS,
     ROOT,
@@ -71,7 +72,6 @@ from sixnet.irp.wire import (
 from sixnet.pki.keys import PrivateKey
 from sixnet.pki.store import CertificateStore, NodeIdentity, VerificationError
 from sixnet.pki.tls import ClientTLS, peer_chain
-from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 __all__ = ["IRPClient", "IRPConnectionError", "IRPError", "PersonRecord", "connect",
            "find_registry", "make_csr"]

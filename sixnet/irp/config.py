@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from sixnet.settings import ServiceConfig, database_url, endpoints_check, one_of, positive, setting
+from sixnet.core.config import Settings
+from sixnet.core.settings import (
+    ServiceConfig,
+    database_url,
+    endpoints_check,
+    one_of,
+    positive,
+    setting,
+)
 
 #: Who may look up or watch a person (docs/irp.rst, "Access policy").
 ACCESS_POLICIES = ("enrolled", "same-domain", "operators")
@@ -49,3 +58,10 @@ class IRPConfig(ServiceConfig):
     answer_cache_shared: bool = setting(
         False, doc="keep answers also on a shared (PostgreSQL) database: faster lookups, but "
                    "a change made through another registry shows after its notification")
+
+
+class IRPSettings(Settings, Protocol):
+    """What the IRP registry reads of the whole file (the composition root's aggregate has it)."""
+
+    @property
+    def irp(self) -> IRPConfig: ...

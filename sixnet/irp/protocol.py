@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 from sixnet.irp.engine import Caller, Registry
 from sixnet.irp.wire import (
     NS,
@@ -46,7 +47,6 @@ from sixnet.irp.wire import (
 )
 from sixnet.pki.store import VerificationError
 from sixnet.pki.tls import ServerTLS, peer_chain
-from sixnet.xmlstream import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 log = Logger(namespace="sixnet.irp")
 

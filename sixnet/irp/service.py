@@ -17,9 +17,10 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from sixnet.config import Config
-from sixnet.errors import ConfigError
-from sixnet.irp.config import IRPConfig
+from sixnet.core.errors import ConfigError
+from sixnet.core.runtime import ListeningService, report_failure
+from sixnet.core.storage.database import Database, DatabaseURLError
+from sixnet.irp.config import IRPConfig, IRPSettings
 from sixnet.irp.engine import AuditLog, Registry
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
@@ -28,8 +29,6 @@ from sixnet.pki.ca import CAError, LabCA
 from sixnet.pki.keys import KeyFileError
 from sixnet.pki.store import CertificateStore, NodeIdentity
 from sixnet.pki.tls import ServerTLS
-from sixnet.service import ListeningService, stop_failed
-from sixnet.storage import Database, DatabaseURLError
 
 log = Logger(namespace="sixnet.irp")
 
@@ -59,7 +58,7 @@ class IRPService(MultiService):
         self.setName("irp")
         self.registry = registry
         self.factory = factory
-        self.listening = ListeningService("irp", listen, factory)
+        self.listening = ListeningService("irp", listen, factory, owner=self)
         self._purge = task.LoopingCall(self._purge_expired)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
@@ -77,9 +76,7 @@ class IRPService(MultiService):
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
-        from twisted.internet import reactor
-
-        stop_failed(reactor, f"irp: cannot open the database: {failure.getErrorMessage()}")
+        report_failure(self, f"irp: cannot open the database: {failure.getErrorMessage()}")
 
     def _purge_expired(self) -> defer.Deferred[int]:
         d = self.registry.store.purge_expired(self.registry.now_ms())
@@ -100,7 +97,7 @@ class IRPService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def make_service(config: Config, store: CertificateStore) -> IRPService:
+def make_service(config: IRPSettings, store: CertificateStore) -> IRPService:
     """Build the registry from the configuration (errors are ConfigErrors naming the key)."""
     section = config.irp
     try:

@@ -1,6 +1,6 @@
 """Where the registry keeps persons, accounts, certificates, addresses and backups.
 
-`IRegistryStore` is the seam; `SQLRegistryStore` implements it on `sixnet.storage.Database`,
+`IRegistryStore` is the seam; `SQLRegistryStore` implements it on `Database`,
 so the same code serves SQLite (the embedded default) and PostgreSQL (several registry
 processes on one database). Every method returns a Deferred that fires after the
 transaction committed: the registry answers a client only then, so an acknowledged
@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-from sixnet.storage import Cursor, Database
+from sixnet.core.storage.database import Cursor, Database
 
 CHANGE_CHANNEL = "irp_change"
 
@@ -203,7 +203,7 @@ def _changed(cursor: Cursor, person: str, kind: str = "record") -> None:
 
 @implementer(IRegistryStore)
 class SQLRegistryStore:
-    """The registry on SQLite or PostgreSQL, through `sixnet.storage.Database`."""
+    """The registry on SQLite or PostgreSQL, through `Database`."""
 
     def __init__(self, db: Database) -> None:
         self.db = db

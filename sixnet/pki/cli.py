@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sixnet.cli import Output, add_common, config_of
-from sixnet.errors import EXIT_USAGE, CommandError
+from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.errors import EXIT_USAGE, CommandError
 from sixnet.pki.ca import CAError, LabCA, parse_serial, serial_hex
 from sixnet.pki.identity import IdentitySyntaxError
 from sixnet.pki.keys import DEFAULT_KEY_TYPE, KEY_TYPES, KeyFileError

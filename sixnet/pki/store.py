@@ -23,9 +23,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from service_identity import VerificationError as HostMismatch
 from service_identity.cryptography import verify_certificate_hostname
 
+from sixnet.core.config import Settings
+from sixnet.core.errors import ConfigError
 from sixnet.pki.ca import serial_hex
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id, user_ids_in
-from sixnet.pki.keys import PrivateKey, read_certificates, read_private_key
+from sixnet.pki.keys import KeyFileError, PrivateKey, read_certificates, read_private_key
 
 Purpose = Literal["client", "server"]
 
@@ -446,3 +448,18 @@ def _is_ca(cert: x509.Certificate) -> bool:
     except x509.ExtensionNotFound:
         return True
     return ku.key_cert_sign
+
+
+def store_from_config(config: Settings) -> CertificateStore:
+    """The certificate store described by the ``[pki]`` section."""
+    identities = []
+    for name, ident in config.pki.identities.items():
+        try:
+            identities.append(NodeIdentity.load(name, ident.certificate, ident.key))
+        except KeyFileError as e:
+            raise ConfigError(str(config.path), f"pki.identities.{name}", str(e)) from None
+    try:
+        return CertificateStore.from_files(config.pki.trust_anchors, config.pki.crls,
+                                           identities)
+    except (KeyFileError, ValueError) as e:
+        raise ConfigError(str(config.path), "pki", str(e)) from None

@@ -27,7 +27,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sixnet.errors import ConfigError
+from sixnet.core.errors import ConfigError
+from sixnet.core.storage.database import Database
 from sixnet.grid.component import IComponent, IRouter
 from sixnet.grid.pubsub.audit import AuditLog
 from sixnet.grid.pubsub.config import BrokerConfig
@@ -43,7 +44,6 @@ from sixnet.grid.pubsub.store import (
     SQLPubSubStore,
     revoked_platforms,
 )
-from sixnet.storage import Database
 
 log = Logger(namespace="sixnet.grid.pubsub")
 _C = "{jabber:client}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sixnet.settings import database_url, one_of, positive, setting
+from sixnet.core.settings import database_url, one_of, positive, setting
 
 #: Operations a platform role may grant (RFC 8600 section 8.3: per-platform authorization).
 OPERATIONS = ("create", "publish", "subscribe")

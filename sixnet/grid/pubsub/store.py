@@ -15,9 +15,9 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from sixnet.core.storage.database import Cursor, Database
 from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.policy import bare
-from sixnet.storage import Cursor, Database
 
 MIGRATIONS = {
     1: [
@@ -129,7 +129,7 @@ def _read(cursor: Cursor) -> ch.Snapshot:
 
 @implementer(IPubSubStore)
 class SQLPubSubStore:
-    """The store on a `sixnet.storage.Database` (SQLite by default, or PostgreSQL)."""
+    """The store on a `Database` (SQLite by default, or PostgreSQL)."""
 
     def __init__(self, database: Database) -> None:
         self.database = database

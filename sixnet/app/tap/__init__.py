@@ -13,10 +13,10 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
-from sixnet.config import DEFAULT_CONFIG, Config, load_config
-from sixnet.errors import EXIT_USAGE, ConfigError
-from sixnet.logs import LOG_FORMATS
-from sixnet.service import make_root
+from sixnet.app.config import DEFAULT_CONFIG, Config, load_config
+from sixnet.app.root import make_root
+from sixnet.core.errors import EXIT_USAGE, ConfigError
+from sixnet.core.logs import LOG_FORMATS
 
 log = Logger(namespace="sixnet")
 
@@ -40,18 +40,14 @@ class Options(usage.Options):
             fail(f"--log-format: {self['log-format']!r} is not one of text, json")
         try:
             self.loaded: Config = load_config(Path(self["config"]))
-            self.root, self.notes = make_root(self.loaded, self.service)
+            self.root = make_root(self.loaded, self.service)
         except ConfigError as e:
             fail(str(e))
         log_format = self["log-format"] or self.loaded.sixnet.log_format
         if log_format == "json" and self.parent is not None:
             # twistd resolves this name once this subcommand has been parsed
-            self.parent["logger"] = "sixnet.logs.json_observer"
+            self.parent["logger"] = "sixnet.core.logs.json_observer"
 
 
 def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
-    if options.service and options.notes:
-        fail(options.notes[0])
-    for note in options.notes:
-        log.warn("{note}", note=note)
     return options.root

@@ -1,7 +1,7 @@
 """twistd plugin ``sixnet-chat``: only the chat service, from the same configuration file."""
 
-from sixnet.tap import Options as _AllOptions
-from sixnet.tap import makeService
+from sixnet.app.tap import Options as _AllOptions
+from sixnet.app.tap import makeService
 
 __all__ = ["Options", "makeService"]
 

@@ -29,7 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-log = Logger(namespace="sixnet.storage")
+log = Logger(namespace="sixnet.core.storage.database")
 
 T = TypeVar("T")
 #: A transaction slower than this (seconds) is logged with its name.

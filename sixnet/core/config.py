@@ -5,6 +5,10 @@ value must be, its default makes it optional, and ``metadata`` may add a ``check
 returning a problem or None), ``must_exist`` for files, and ``doc``. Paths are relative to the
 directory of the configuration file. Every problem is reported as one `ConfigError` line naming
 the file, the key and what is wrong.
+
+This module knows the process-wide sections (``[sixnet]`` and ``[pki]``) and how to read any
+section; the aggregate of every service's section lives in the composition root
+(`sixnet.app.config`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,10 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from sixnet.chat.config import ChatConfig
-from sixnet.errors import ConfigError
-from sixnet.grid.config import GridConfig
-from sixnet.irp.config import IRPConfig
-from sixnet.settings import ServiceConfig, one_of, positive, setting
+from sixnet.core.errors import ConfigError
+from sixnet.core.settings import one_of, positive, setting
 
 DEFAULT_CONFIG = Path("etc/sixnet.toml")
 
@@ -61,29 +62,22 @@ class PKIConfig:
     identities: dict[str, IdentityConfig] = setting({})
 
 
-@dataclass(frozen=True)
-class Config:
-    """The whole file."""
+class Settings(Protocol):
+    """What every service reads of the whole file besides its own section.
 
-    path: Path
-    sixnet: CoreConfig
-    pki: PKIConfig
-    irp: IRPConfig
-    chat: ChatConfig
-    grid: GridConfig
+    A service declares its own protocol on top of this one (adding its section), so that it
+    can be handed the aggregate without importing the composition root that defines it.
+    """
 
-    def service(self, name: str) -> ServiceConfig:
-        return typing.cast(ServiceConfig, getattr(self, name))
+    @property
+    def path(self) -> Path: ...
 
+    @property
+    def sixnet(self) -> CoreConfig: ...
 
-SECTIONS: dict[str, type] = {
-    "sixnet": CoreConfig,
-    "pki": PKIConfig,
-    "irp": IRPConfig,
-    "chat": ChatConfig,
-    "grid": GridConfig,
-}
-SERVICES = ("irp", "chat", "grid")
+    @property
+    def pki(self) -> PKIConfig: ...
+
 
 # -- loading ---------------------------------------------------------------------------------
 
@@ -188,8 +182,12 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def load_config(path: Path = DEFAULT_CONFIG, *, check_files: bool = True) -> Config:
-    """Read and validate a configuration file; raise ConfigError with one clear line."""
+def read_sections(path: Path, sections: dict[str, type], *,
+                  check_files: bool = True) -> dict[str, Any]:
+    """Read and validate a configuration file into one instance per section class.
+
+    Raises ConfigError with one clear line. ``[pki]`` is required.
+    """
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -202,16 +200,9 @@ def load_config(path: Path = DEFAULT_CONFIG, *, check_files: bool = True) -> Con
         raise ConfigError(str(path), None, f"is not valid TOML ({e})") from None
     loader = _Loader(path, check_files)
     for name in data:
-        if name not in SECTIONS:
-            raise loader.fail(name, f"unknown section (known: {', '.join(SECTIONS)})")
+        if name not in sections:
+            raise loader.fail(name, f"unknown section (known: {', '.join(sections)})")
     if "pki" not in data:
         raise loader.fail("pki", "section is required but missing")
-    sections = {name: loader.section(cls, data.get(name, {}), name)
-                for name, cls in SECTIONS.items()}
-    config = Config(path=path, **sections)
-    for name in SERVICES:
-        service = config.service(name)
-        if service.enabled and service.identity not in config.pki.identities:
-            raise loader.fail(f"{name}.identity",
-                              f"no [pki.identities.{service.identity}] table defines it")
-    return config
+    return {name: loader.section(cls, data.get(name, {}), name)
+            for name, cls in sections.items()}

@@ -1,6 +1,6 @@
 """Declaring configuration sections: typed keys with defaults, checks and documentation.
 
-A section is a frozen dataclass whose fields are made with `setting`; `sixnet.config` reads
+A section is a frozen dataclass whose fields are made with `setting`; `sixnet.app.config` reads
 the TOML file into them and reports every problem as one line.
 """
 
@@ -39,8 +39,8 @@ def endpoints_check(values: list[str]) -> str | None:
 
 
 def database_url(value: str) -> str | None:
-    """A database setting: ``sqlite:PATH`` or a ``postgresql://`` URL (see sixnet.storage)."""
-    from sixnet.storage import DatabaseURLError, parse_url
+    """A database setting: ``sqlite:PATH`` or a ``postgresql://`` URL (see `parse_url`)."""
+    from sixnet.core.storage.database import DatabaseURLError, parse_url
 
     try:
         parse_url(value, Path("."))
