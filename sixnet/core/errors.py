@@ -25,3 +25,20 @@ class CommandError(Exception):
     def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.status = status
+
+
+class ConditionError(Exception):
+    """A protocol error with a defined condition name and a text for people.
+
+    Each protocol's error class sets `conditions`, the names its specification defines; a
+    condition outside them is a programming error, caught where it is raised.
+    """
+
+    conditions: frozenset[str] = frozenset()
+
+    def __init__(self, condition: str, text: str = "") -> None:
+        if condition not in self.conditions:
+            raise ValueError(f"{type(self).__name__}: {condition!r} is not a defined condition")
+        super().__init__(f"{condition}: {text}" if text else condition)
+        self.condition = condition
+        self.text = text

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
+from sixnet.core.storage.batch import GroupCommit
 from sixnet.core.storage.database import Cursor, Database
 
 CHANGE_CHANNEL = "irp_change"
@@ -150,53 +151,6 @@ class IRegistryStore(Interface):
     def purge_expired(now: int) -> defer.Deferred[int]: ...
 
 
-class _Batch:
-    """Runs the items submitted while the previous batch was busy in one transaction.
-
-    Under load, many registrations share one commit (group commit: one fsync, one thread
-    hop) and many lookups share one read transaction (and its queries); an idle registry
-    runs each at once. `body(cursor, items)` returns one result per item; expected
-    outcomes are reported in a result; a body that raises rolls back the whole batch, and
-    every caller in it gets that error (nothing was changed).
-    """
-
-    MAX = 64
-
-    def __init__(self, db: Database, name: str,
-                 body: Callable[[Cursor, list[tuple[Any, ...]]], list[Any]]) -> None:
-        self.db = db
-        self.name = name
-        self.body = body
-        self.queue: list[tuple[tuple[Any, ...], defer.Deferred[Any]]] = []
-        self.busy = False
-
-    def submit(self, *item: Any) -> defer.Deferred[Any]:
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.queue.append((item, d))
-        if not self.busy:
-            self._next()
-        return d
-
-    def _next(self) -> None:
-        batch, self.queue = self.queue[:self.MAX], self.queue[self.MAX:]
-        if not batch:
-            self.busy = False
-            return
-        self.busy = True
-
-        def done(results: list[Any]) -> None:
-            for (_, d), result in zip(batch, results, strict=True):
-                d.callback(result)
-
-        def failed(failure: Any) -> None:
-            for _, d in batch:
-                d.errback(failure)
-
-        run = self.db.run(self.name, self.body, [item for item, _ in batch])
-        run.addCallbacks(done, failed)
-        run.addBoth(lambda _: self._next())
-
-
 def _changed(cursor: Cursor, person: str, kind: str = "record") -> None:
     cursor.notify(CHANGE_CHANNEL, json.dumps({"person": person, "kind": kind}))
 
@@ -208,8 +162,8 @@ class SQLRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._callbacks: list[Callable[[str | None, str], object]] = []
-        self._reads = _Batch(db, "irp read batch", _person_views)
-        self._writes = _Batch(db, "irp write batch", _each)
+        self._reads = GroupCommit(db, "irp read batch", _person_views)
+        self._writes = GroupCommit(db, "irp write batch", _each)
 
     # -- lifetime -----------------------------------------------------------------------------
 
