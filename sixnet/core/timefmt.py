@@ -1,4 +1,4 @@
-"""RFC 3339 timestamps in UTC, the one way every protocol, log and database of sixnet writes them."""
+"""RFC 3339 timestamps in UTC: the one way sixnet writes them (protocols, logs, databases)."""
 
 from __future__ import annotations
 
