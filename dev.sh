@@ -16,7 +16,7 @@ fi
 # Reinstall when pyproject.toml changes (editable: the source tree is what runs).
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check \
-        -e '.[test]' --config-settings editable_mode=compat
+        -e '.[test]'
     touch .venv/.installed
 fi
 
