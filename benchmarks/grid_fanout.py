@@ -229,7 +229,7 @@ subscription_burst = 1000000
             "from pathlib import Path\n"
             "from twisted.internet import defer, task\n"
             "from sixnet.app.config import load_config\n"
-            "from sixnet.grid.accounts import AccountStore\n"
+            "from sixnet.grid.storage.accounts import AccountStore\n"
             "from sixnet.core.storage.database import Database\n"
             "async def main():\n"
             "    c = load_config(Path(sys.argv[1]))\n"

@@ -31,7 +31,7 @@ def write_config(directory: Path, pki: Any, **grid: Any) -> Config:
     host_dir = pki.directory / "issued" / pki.root.directory.name / "host" / DOMAIN / "ecdsa-p256"
     settings = {
         "domain": DOMAIN, "listen": ["tcp:0:interface=127.0.0.1"],
-        "listen_tls": ["tcp:0:interface=127.0.0.1"], "failed_login_delay": 0.05,
+        "listen_tls": ["tcp:0:interface=127.0.0.1"], "failure_delay": 0.05,
         "scram_iterations": 4096, **grid,
     }
     lines = [

@@ -151,10 +151,10 @@ class NegotiationTests(GridTestCase):
         assert b"revoked" in data
         assert "platform7@localhost" not in self.grid.router.sessions
         audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
-        assert '"event": "session-revoked"' in audit
+        assert '"event":"session-revoked"' in audit
 
     async def test_password_guesses_do_not_lock_out_a_certificate_login(self) -> None:
-        await self._grid(max_failed_logins=1)
+        await self._grid(lockout_after=1)
         first = await self._external("platform6@localhost")
         assert b"<success" in first.received
         c = await self._connect()
@@ -355,7 +355,7 @@ class NegotiationTests(GridTestCase):
         await self._still_served(second)
 
     async def test_failed_logins_lock_the_account(self) -> None:
-        await self._grid(max_failed_logins=2, lockout_seconds=60)
+        await self._grid(lockout_after=2, lockout_seconds=60)
         c = await self._connect()
         await c.starttls(self.grid.tls.store)
         await c.open_stream()
@@ -365,7 +365,7 @@ class NegotiationTests(GridTestCase):
         assert b"<account-disabled/>" in result
         await self._refused(c, "policy-violation")  # the third failure on one stream
         audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
-        assert '"event": "account-locked"' in audit
+        assert '"event":"account-locked"' in audit
 
     async def test_plain_only_when_configured(self) -> None:
         await self._grid()

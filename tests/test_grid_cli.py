@@ -46,3 +46,21 @@ def test_password_is_not_an_argument(pki: Any, tmp_path: Path) -> None:
     config = write_config(tmp_path, pki).path
     result = run(config, "grid", "user", "add", "alice", "--password", "x")
     assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_user_add_opens_only_the_storage(pki: Any, tmp_path: Path) -> None:
+    """The command loads the grid's storage, not its server (streams, router, broker)."""
+    config = write_config(tmp_path, pki).path
+    code = ("import runpy, sys\n"
+            "sys.argv = ['sixnet', 'grid', 'user', 'add', 'alice', '--config', sys.argv[1]]\n"
+            "try:\n    runpy.run_module('sixnet', run_name='__main__')\n"
+            "finally:\n"
+            "    print(sorted(m for m in sys.modules if m.startswith('sixnet.grid')))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(config)], input="pw\n",
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.splitlines()[-1].replace("'", '"')))
+    assert "sixnet.grid.storage.accounts" in loaded
+    assert not loaded & {"sixnet.grid.service", "sixnet.grid.stream", "sixnet.grid.router",
+                         "sixnet.grid.sasl", "sixnet.grid.pubsub.component"}

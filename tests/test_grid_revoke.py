@@ -156,7 +156,7 @@ class RevokeTests(unittest.TestCase):
         assert all("revoked" in e["reason"] for e in refused)
         broker_audit = (self.config.sixnet.state_dir /
                         self.config.grid.broker.audit_log).read_text()
-        assert '"action":"revoke"' in broker_audit
+        assert '"event":"revoke"' in broker_audit
 
         # A mistake is undone: the platform logs in again (its subscriptions stay removed).
         undone = await self._cli("--undo", PLATFORM)

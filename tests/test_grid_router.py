@@ -12,11 +12,11 @@ from twisted.trial import unittest
 from zope.interface import implementer
 
 from sixnet.core.storage.database import Database
-from sixnet.grid.accounts import AccountStore
 from sixnet.grid.component import IComponent, IRouter
 from sixnet.grid.jid import JID, JIDError, parse_jid
-from sixnet.grid.offline import OfflineStore
 from sixnet.grid.router import Router
+from sixnet.grid.storage.accounts import AccountStore
+from sixnet.grid.storage.offline import OfflineStore
 from sixnet.grid.xmpp import StanzaError, splice_to
 
 

@@ -81,7 +81,7 @@ class SlixmppTests(unittest.TestCase):
         assert failure["condition"] == "not-authorized"
         await mallory.expect("failed_all_auth")
         audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
-        assert '"event": "auth-failure"' in audit and '"user": "alice"' in audit
+        assert '"event":"auth-failure"' in audit and '"user":"alice"' in audit
 
     async def test_revoked_certificate_is_refused(self) -> None:
         cert, key = user_files(self.pki, "revoked1@localhost")

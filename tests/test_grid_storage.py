@@ -1,16 +1,22 @@
-"""Accounts and offline storage on both databases (SQLite here, PostgreSQL when it answers)."""
+"""The grid's tables on both databases (SQLite here, PostgreSQL when it answers): accounts,
+failed logins, offline messages, revoked platforms; and the lockout policy and its keys."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from twisted.internet import reactor, task
 from twisted.trial import unittest
 
+from sixnet.app.config import load_config
+from sixnet.core.errors import ConfigError
+from sixnet.core.lockout import Failures, LockoutPolicy
 from sixnet.core.storage.database import Database
-from sixnet.grid.accounts import AccountError, AccountStore, LoginGuard
-from sixnet.grid.offline import OfflineStore
 from sixnet.grid.scram import ScramCredentials
+from sixnet.grid.storage.accounts import AccountError, AccountStore, LockoutStore
+from sixnet.grid.storage.offline import OfflineStore
+from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
 from tests.databases import (
     drop_postgres_schema,
     fresh_postgres_schema,
@@ -63,6 +69,61 @@ class SQLiteStorageTests(unittest.TestCase):
         assert await offline.take("bob") == []
 
 
+    async def test_lockout_records(self) -> None:
+        db = self.database()
+        now = [1_000.0]
+        lockout = LockoutStore(db, LockoutPolicy(2, 60), clock=lambda: now[0], size=3)
+        await AccountStore(db, 4096).prepare()
+        assert await lockout.failures("alice") == Failures()
+        assert not lockout.locked(await lockout.failed("alice"))
+        record = await lockout.failed("alice")
+        assert record == Failures(2, 1_060_000) and lockout.locked(record)
+        assert await lockout.failures("alice") == record  # in the database, not in memory
+        now[0] = 1_061.0
+        assert not lockout.locked(await lockout.failures("alice"))
+        await lockout.succeeded("alice")
+        assert await lockout.failures("alice") == Failures()
+        for name in ["a", "b", "c", "d"]:  # any name; the table is bounded
+            now[0] += 1
+            await lockout.failed(name)
+        assert await lockout.failures("a") == Failures()
+        assert (await lockout.failures("d")).count == 1
+
+    async def test_revocations_seen_from_another_connection(self) -> None:
+        """The CLI's connection writes, the server's watch sees it: NOTIFY on PostgreSQL, the
+        poll (driven by a fake clock here) on SQLite."""
+        server_db = self.database()
+        command = RevocationStore(self.other_connection(server_db))
+        await command.prepare()
+        clock = task.Clock()
+        seen: list[tuple[str, str]] = []
+        watch = RevocationWatch(RevocationStore(server_db), clock,
+                                lambda jid: seen.append(("revoked", jid)),
+                                lambda jid: seen.append(("restored", jid)))
+        await command.revoke("early@x", "t0", "")
+        await watch.start()
+        self.addCleanup(watch.stop)
+        assert watch.revoked == {"early@x"} and seen == []  # read quietly at start
+        assert await command.revoke("bad@x", "t1", "key leaked")
+        assert not await command.revoke("bad@x", "t2", "again")
+        await command.unrevoke("early@x")
+        with pytest.raises(Exception, match="not revoked"):
+            await command.unrevoke("early@x")
+        for _ in range(200):
+            clock.advance(1.0)
+            if len(seen) == 2:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert sorted(seen) == [("restored", "early@x"), ("revoked", "bad@x")]
+        assert watch.revoked == {"bad@x"}
+        assert [(r.jid, r.reason) for r in await command.list()] == [("bad@x", "key leaked")]
+
+    def other_connection(self, db: Database) -> Database:
+        other = Database(f"sqlite:{db.target}")
+        self.addCleanup(other.close)
+        return other
+
+
 class PostgresStorageTests(SQLiteStorageTests):
     skip = postgres_unavailable()
 
@@ -73,17 +134,42 @@ class PostgresStorageTests(SQLiteStorageTests):
         self.addCleanup(db.close)
         return db
 
+    def other_connection(self, db: Database) -> Database:
+        other = Database(db.target)
+        self.addCleanup(other.close)
+        return other
 
-def test_login_guard_locks_and_expires() -> None:
-    now = [0.0]
-    guard = LoginGuard(3, 60, clock=lambda: now[0], size=2)
-    assert not guard.failed("a") and not guard.failed("a")
-    assert guard.failed("a") and guard.locked("a")
-    now[0] = 61
-    assert not guard.locked("a")
-    guard.failed("b")
-    guard.failed("c")
-    guard.failed("d")  # the table is bounded
-    assert len(guard._failures) == 2
-    guard.succeeded("d")
-    assert "d" not in guard._failures
+
+def test_lockout_policy() -> None:
+    """IRP's rule: `after` failures lock for `seconds`; once the lock has run out the count
+    stands, so the next failure locks again; a success (the store's record deleted) resets."""
+    policy = LockoutPolicy(after=3, seconds=60)
+    record = Failures()
+    for _ in range(2):
+        record = policy.failed(record, 0)
+        assert not policy.locked(record, 0)
+    record = policy.failed(record, 1_000)
+    assert record == Failures(3, 61_000)
+    assert policy.locked(record, 60_999) and not policy.locked(record, 61_000)
+    assert policy.locked(policy.failed(record, 61_000), 61_000)
+
+
+@pytest.mark.parametrize(("old", "new"), [("max_failed_logins = 5", "lockout_after"),
+                                          ("failed_login_delay = 1.0", "failure_delay")])
+def test_old_lockout_keys_name_the_new_ones(tmp_path: Path, old: str, new: str) -> None:
+    path = tmp_path / "sixnet.toml"
+    path.write_text(f'[pki]\ntrust_anchors = ["ca.pem"]\n[grid]\n{old}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_files=False)
+    key = old.split(" ")[0]
+    assert str(info.value) == f"{path}: grid.{key}: renamed: the key is now {new}"
+
+
+def test_lockout_keys_are_typed_as_irps(tmp_path: Path) -> None:
+    path = tmp_path / "sixnet.toml"
+    path.write_text('[pki]\ntrust_anchors = ["ca.pem"]\n[grid]\nlockout_after = 3\n'
+                    'lockout_seconds = 60\n[irp]\nlockout_after = 3\nlockout_seconds = 60\n')
+    config = load_config(path, check_files=False)
+    assert (config.grid.lockout_after, config.grid.lockout_seconds) == (3, 60)
+    assert (config.irp.lockout_after, config.irp.lockout_seconds) == (3, 60)
+    assert type(config.grid.lockout_seconds) is type(config.irp.lockout_seconds) is int

@@ -11,11 +11,13 @@ from twisted.internet import reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from sixnet.core.audit import AuditLog
+from sixnet.core.lockout import LockoutPolicy
 from sixnet.core.storage.database import Database
-from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
-from sixnet.grid.offline import OfflineStore
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy, TLSFacts
+from sixnet.grid.storage.accounts import AccountStore, LockoutStore
+from sixnet.grid.storage.offline import OfflineStore
 from sixnet.grid.stream import REFUSALS, TRANSITIONS, C2SServer, ClientStream, Limits, State
 
 HEADER = (b"<stream:stream to='localhost' version='1.0' xmlns='jabber:client' "
@@ -56,8 +58,8 @@ class StreamMachineTests(unittest.TestCase):
         audit = AuditLog(self.tmp / "audit.jsonl")
         self.addCleanup(audit.close)
         store = self.pki.store()
-        guard = LoginGuard(5, 60, clock=self.clock.seconds)
-        policy = SaslPolicy("localhost", accounts, store, guard, audit, self.clock, b"k" * 32,
+        lockout = LockoutStore(db, LockoutPolicy(5, 60), clock=self.clock.seconds)
+        policy = SaslPolicy("localhost", accounts, store, lockout, audit, self.clock, b"k" * 32,
                             4096, 0.0, False)
         router = Router("localhost", OfflineStore(db, 10), self.clock)
         identity = self.pki.identity("host", "localhost")

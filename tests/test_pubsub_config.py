@@ -14,6 +14,7 @@ from sixnet.core.errors import ConfigError
 from sixnet.core.storage.database import Database
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig
+from sixnet.grid.storage.revocations import RevocationStore
 from tests.grid_harness import write_config
 
 BASE = '[pki]\ntrust_anchors = ["ca.pem"]\n'
@@ -69,7 +70,8 @@ def test_open_default_needs_open_access(tmp_path: Path) -> None:
     database = Database("sqlite:b.sqlite3", base=tmp_path)
     try:
         with pytest.raises(ConfigError) as info:
-            PubSubBroker(config, "example.test", database, tmp_path / "audit.jsonl")
+            PubSubBroker(config, "example.test", database, tmp_path / "audit.jsonl",
+                         RevocationStore(database))
         assert "'open' needs open_access = true" in str(info.value)
     finally:
         database.close()

@@ -15,8 +15,8 @@ from lxml import etree
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
-from sixnet.grid.pubsub.conversation import run_conversation
 from tests.grid_harness import RawClient, ports, start_grid, write_config
+from tests.support.conversation import run_conversation
 
 from .test_pubsub_conversations import (
     IODEF,

@@ -14,7 +14,9 @@ from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import PubSubEngine
 from sixnet.grid.pubsub.request import PubSubRequest
-from sixnet.grid.pubsub.store import SQLPubSubStore, revoke_in_store
+from sixnet.grid.pubsub.store import SQLPubSubStore
+from sixnet.grid.storage.revocations import RevocationStore
+from sixnet.grid.storage.schema import BROKER_MIGRATIONS, GRID_MIGRATIONS
 
 from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 
@@ -24,7 +26,7 @@ class StoreTests:
 
     def open_store(self) -> SQLPubSubStore:
         database = Database(self.url, base=self.base)
-        store = SQLPubSubStore(database)
+        store = SQLPubSubStore(database, RevocationStore(database))
         self.addCleanup(store.close)
         return store
 
@@ -42,7 +44,6 @@ class StoreTests:
             ch.PutItem("n", "i1", 3, "o@x", b"<a xmlns='urn:x'>\x00</a>", "t1"),
             ch.PutItem("n", "i2", 4, "o@x", b"<b/>", "t2"),
             ch.PutItem("gone", "i9", 5, "o@x", b"<c/>", "t3"),
-            ch.PutRevoked("bad@x", "t4"),
         ])
         await store.apply([
             ch.PutSubscription("n", "s1", "m@x", "subscribed", True, 1),  # approved
@@ -58,7 +59,6 @@ class StoreTests:
             ("s1", "m@x", "subscribed", True), ("s2", "k@x/r", "subscribed", False)]
         assert [(i.item_id, i.payload) for i in snapshot.items] == [
             ("i2", b"<b/>"), ("i1", b"<a2/>")]
-        assert [r.jid for r in snapshot.revoked] == ["bad@x"]
         await store.apply([ch.DeleteItem("n", "i2"), ch.DeleteSubscription("n", "s2")])
         await store.apply([ch.PurgeItems("n")])
         snapshot = await store.load()
@@ -96,20 +96,38 @@ class StoreTests:
             [(s.subid, s.state) for s in before.subscriptions.values()] != []
         assert engine2.position == engine.position
 
-    async def test_revocation_written_while_the_broker_is_down(self) -> None:
-        store = self.open_store()
-        await store.open()
-        await store.apply([
-            ch.PutNode("n", "{}", "t", "o@x"),
-            ch.PutSubscription("n", "a", "bad@x", "subscribed", True, 1),
-            ch.PutSubscription("n", "b", "bad@x/res", "pending", True, 2),
-            ch.PutSubscription("n", "c", "bad@xy", "subscribed", True, 3),
-            ch.PutSubscription("n", "d", "good@x", "subscribed", True, 4),
-        ])
-        await revoke_in_store(store.database, "Bad@X/whatever", "2026-01-01T00:00:00Z")
-        snapshot = await store.load()
-        assert [s.subid for s in snapshot.subscriptions] == ["c", "d"]
-        assert [r.jid for r in snapshot.revoked] == ["bad@x"]
+    async def test_an_old_broker_database_moves_its_revocations_to_the_one_table(self) -> None:
+        """Before the one revocation table, the broker kept its own (``pubsub_revoked``) and
+        ``grid_revoked`` was a component of its own: both tables' rows end up in the one."""
+        database = Database(self.url, base=self.base)
+        self.addCleanup(database.close)
+        await database.migrate("grid", {1: GRID_MIGRATIONS[1]})
+        await database.migrate("grid_revocations", {1: [
+            "CREATE TABLE grid_revoked (jid TEXT PRIMARY KEY, revoked TEXT NOT NULL,"
+            " reason TEXT NOT NULL)"]})
+        await database.migrate("grid.pubsub", {1: BROKER_MIGRATIONS[1]})
+
+        def old_rows(cursor) -> None:
+            cursor.execute("INSERT INTO grid_revoked VALUES ('cli@x', 't1', 'key leaked')")
+            cursor.execute("INSERT INTO pubsub_revoked VALUES ('cli@x', 't0')")
+            cursor.execute("INSERT INTO pubsub_revoked VALUES ('broker@x', 't2')")
+
+        await database.run("old revocations", old_rows)
+        revocations = RevocationStore(database)
+        store = SQLPubSubStore(database, revocations)
+        assert await store.open() == 2
+        assert await store.open() == 2  # idempotent
+        assert [(r.jid, r.revoked, r.reason) for r in await revocations.list()] == [
+            ("broker@x", "t2", ""), ("cli@x", "t1", "key leaked")]
+
+        def tables(cursor) -> list:
+            return cursor.execute("SELECT component, version FROM schema_version"
+                                  " ORDER BY component").fetchall()
+
+        assert [tuple(r) for r in await database.run("versions", tables)] == [
+            ("grid", 2), ("grid.pubsub", 2)]
+        with self.assertRaises(Exception):  # noqa: B017 - each driver has its own class
+            await database.run("gone", lambda c: c.execute("SELECT * FROM pubsub_revoked"))
 
 
 class SQLiteStoreTests(StoreTests, unittest.TestCase):
@@ -126,34 +144,3 @@ class PostgreSQLStoreTests(StoreTests, unittest.TestCase):
         self.base = Path(".")
         self.url, schema = fresh_postgres_schema()
         self.addCleanup(drop_postgres_schema, schema)
-
-
-class PostgreSQLRevocationTests(unittest.TestCase):
-    """`sixnet grid revoke` in another process reaches a running broker through NOTIFY."""
-
-    skip = postgres_unavailable()
-
-    async def test_revocation_from_another_connection(self) -> None:
-        from twisted.internet import reactor, task
-
-        from sixnet.grid.pubsub.component import PubSubBroker
-        from sixnet.grid.pubsub.conversation import RecordingRouter
-
-        url, schema = fresh_postgres_schema()
-        self.addCleanup(drop_postgres_schema, schema)
-        directory = Path(tempfile.mkdtemp(prefix="sixnet-pubsub-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        broker_db, command_db = Database(url), Database(url)
-        self.addCleanup(broker_db.close)
-        self.addCleanup(command_db.close)
-        broker = PubSubBroker(BrokerConfig(), "example.test", broker_db,
-                              directory / "audit.jsonl")
-        broker.attach(RecordingRouter("example.test"))
-        self.addCleanup(lambda: broker.stop())
-        await broker.idle()
-        await revoke_in_store(command_db, "bad@example.test", "2026-01-01T00:00:00Z")
-        for _ in range(250):
-            if "bad@example.test" in broker.engine.revoked:
-                break
-            await task.deferLater(reactor, 0.02, lambda: None)
-        assert "bad@example.test" in broker.engine.revoked

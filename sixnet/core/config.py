@@ -99,7 +99,10 @@ class _Loader:
             raise self.fail(where, "must be a table")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        renamed = getattr(cls, "RENAMED", {})
         for name in data:
+            if name in renamed:
+                raise self.fail(f"{where}.{name}", f"renamed: the key is now {renamed[name]}")
             if name not in fields:
                 known = ", ".join(sorted(fields))
                 raise self.fail(f"{where}.{name}", f"unknown key (known keys: {known})")

@@ -3,13 +3,13 @@
 
 Passwords are read from a prompt (twice) on a terminal, or as the first line of standard input
 otherwise; never from the command line, where other users could read them. The server reads
-the same database, so a change applies to the next login without a restart.
+the same database, so a change applies to the next login without a restart. The commands open
+only the grid's storage (`sixnet.grid.storage`), never the server's modules.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import getpass
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,10 +20,10 @@ from twisted.internet import defer, task
 from sixnet.core.cli import Output, add_common, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError
 from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
-from sixnet.grid.accounts import AccountError, AccountStore, normalize_username
+from sixnet.core.timefmt import rfc3339
 from sixnet.grid.config import GridSettings
-from sixnet.grid.revocations import RevocationError, RevocationStore, platform_jid
-from sixnet.grid.service import open_database
+from sixnet.grid.storage.accounts import AccountError, AccountStore, normalize_username
+from sixnet.grid.storage.revocations import RevocationError, RevocationStore, platform_jid
 
 
 def register(commands: Any) -> None:
@@ -106,7 +106,7 @@ def with_database(config: GridSettings, work: Callable[[Database], Awaitable[Any
     outcome: dict[str, Any] = {}
 
     async def main() -> None:
-        db = open_database(config)
+        db = Database(config.grid.database, base=config.sixnet.state_dir)
         try:
             outcome["value"] = await work(db)
         except (AccountError, RevocationError) as e:
@@ -192,7 +192,7 @@ def run_revoke(args: argparse.Namespace, out: Output) -> int:
         with_revocations(config, lambda store: store.unrevoke(jid))
         out.result({"unrevoked": jid}, f"{jid} is no longer revoked")
         return 0
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = rfc3339(precision="seconds")
     new = with_revocations(config, lambda store: store.revoke(jid, when, args.reason))
     out.result({"revoked": jid, "new": new},
                f"{jid} revoked" if new else f"{jid} was revoked already")

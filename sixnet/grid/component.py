@@ -5,7 +5,7 @@ component's `receive`; a component sends stanzas back through the `IRouter` it w
 (`sixnet.grid.router.Router` implements it). A stanza to a subdomain with no component gets
 the remote-server-not-found error (the server has no server-to-server links).
 The pubsub broker at ``broker.<domain>`` is one such component; the grid service builds it
-from ``sixnet.grid.pubsub.component.PubSubBroker`` when that module exists.
+from ``sixnet.grid.pubsub.component.PubSubBroker``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from sixnet.core.config import Settings
 from sixnet.core.settings import ServiceConfig, database_url, endpoints_check, positive, setting
@@ -28,8 +28,9 @@ class GridConfig(ServiceConfig):
     listen_tls: list[str] = setting(["tcp6:5223:interface=\\:\\:"], check=endpoints_check,
                                 doc="direct TLS client streams (XEP-0368)")
     database: str = setting("sqlite:grid.sqlite3", check=database_url,
-                            doc="accounts and offline messages: sqlite:PATH (under state_dir) "
-                                "or a postgresql:// URL")
+                            doc="accounts, failed logins, offline messages and revoked "
+                                "platforms: sqlite:PATH (under state_dir) or a "
+                                "postgresql:// URL")
     scram_iterations: int = setting(10000, check=at_least(4096),
                                     doc="PBKDF2 iterations for new SCRAM credentials")
     allow_plain: bool = setting(False, doc="offer SASL PLAIN (always only over TLS)")
@@ -42,11 +43,12 @@ class GridConfig(ServiceConfig):
     max_sessions: int = setting(20000, check=positive, doc="client connections in total")
     negotiation_timeout: float = setting(30.0, check=positive,
                                          doc="seconds to reach a bound session")
-    failed_login_delay: float = setting(1.0, check=at_least(0.0),
-                                        doc="seconds before a SASL failure is answered")
-    max_failed_logins: int = setting(5, check=positive,
-                                     doc="failures in a row that lock an account")
-    lockout_seconds: float = setting(300.0, check=positive)
+    failure_delay: float = setting(1.0, check=at_least(0.0),
+                                   doc="seconds before a SASL failure is answered")
+    lockout_after: int = setting(5, check=positive,
+                                 doc="failed logins in a row that lock an account")
+    lockout_seconds: int = setting(300, check=positive,
+                                   doc="seconds an account stays locked")
     offline_max_messages: int = setting(10000, check=positive,
                                         doc="offline messages stored per account")
     idle_timeout: float = setting(300.0, check=positive,
@@ -55,6 +57,10 @@ class GridConfig(ServiceConfig):
     resume_timeout: float = setting(300.0, check=positive,
                                     doc="seconds a cut stream-management session waits")
     broker: BrokerConfig = setting(BrokerConfig(), doc="the [grid.broker] table")
+
+    #: Keys of earlier releases, and the key that replaced each (named in the error).
+    RENAMED: ClassVar[dict[str, str]] = {"failed_login_delay": "failure_delay",
+                                         "max_failed_logins": "lockout_after"}
 
 
 class GridSettings(Settings, Protocol):

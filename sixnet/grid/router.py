@@ -7,7 +7,6 @@ to (or, while a stream-management session waits to be resumed, only into its una
 
 from __future__ import annotations
 
-import datetime
 import secrets
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from copy import deepcopy
@@ -19,10 +18,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sixnet.core.timefmt import rfc3339
 from sixnet.grid.component import IComponent, IRouter
 from sixnet.grid.jid import JID, JIDError, parse_jid
-from sixnet.grid.offline import OfflineStore
 from sixnet.grid.sm import StreamManagement
+from sixnet.grid.storage.offline import OfflineStore
 from sixnet.grid.xmpp import (
     NS_CLIENT,
     NS_DELAY,
@@ -60,11 +60,6 @@ class Connection(Protocol):
     def close_with_error(self, condition: str, text: str = "") -> None: ...
 
     def drop(self) -> None: ...
-
-
-def utc_stamp() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
 
 
 class Session:
@@ -376,7 +371,8 @@ class Router:
             return  # headline and error messages are not stored
         assert bare.local is not None
         data = serialize(stanza)
-        outcome = await self.offline.store(bare.local, utc_stamp(), data)
+        # The stamp is the XEP-0203 <delay/> it is delivered with (milliseconds, Z).
+        outcome = await self.offline.store(bare.local, rfc3339(), data)
         if outcome == "stored":
             # An initial presence sent meanwhile reads offline storage after this write.
             return

@@ -21,16 +21,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import task, threads
 from twisted.internet.interfaces import IReactorTime
 
-from sixnet.grid.accounts import (
+from sixnet.core.audit import AuditLog
+from sixnet.core.lockout import Failures
+from sixnet.grid.jid import JID, JIDError, parse_jid
+from sixnet.grid.scram import SaslFailure, ScramExchange
+from sixnet.grid.storage.accounts import (
     AccountError,
     AccountStore,
-    AuditLog,
-    LoginGuard,
+    LockoutStore,
     normalize_username,
     prepare_password,
 )
-from sixnet.grid.jid import JID, JIDError, parse_jid
-from sixnet.grid.scram import SaslFailure, ScramExchange
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 from sixnet.pki.store import CertificateStore, VerificationError
 
@@ -78,10 +79,10 @@ class Success:
 
 
 class SaslPolicy:
-    """Shared by every stream: the stores, the lockout guard, the audit log, the settings."""
+    """Shared by every stream: the stores, the lockout records, the audit log, the settings."""
 
     def __init__(self, domain: str, accounts: AccountStore, store: CertificateStore,
-                 guard: LoginGuard, audit: AuditLog, clock: IReactorTime, secret: bytes,
+                 lockout: LockoutStore, audit: AuditLog, clock: IReactorTime, secret: bytes,
                  iterations: int, failure_delay: float, allow_plain: bool,
                  revoked: Collection[str] = frozenset()) -> None:
         self.domain = domain
@@ -89,7 +90,7 @@ class SaslPolicy:
         self.revoked = revoked
         self.accounts = accounts
         self.store = store
-        self.guard = guard
+        self.lockout = lockout
         self.audit = audit
         self.clock = clock
         self.secret = secret
@@ -123,6 +124,9 @@ class SaslExchange:
         #: Whether a password proof was checked: only wrong proofs count towards a lockout,
         #: not, say, a channel binding type we do not offer.
         self._proof_checked = False
+        #: The account's failed logins as read before its password was checked (None: not
+        #: read, as for EXTERNAL).
+        self._failures: Failures | None = None
 
     # -- entry points --------------------------------------------------------------------
 
@@ -131,6 +135,7 @@ class SaslExchange:
         self._mechanism = mechanism
         self._user = None
         self._proof_checked = False
+        self._failures = None
         try:
             if mechanism not in self.policy.mechanisms(self.tls):
                 raise SaslFailure("invalid-mechanism", f"{mechanism!r} is not offered")
@@ -167,7 +172,7 @@ class SaslExchange:
             server_final = scram.client_final(payload)
             jid = self._jid_for(scram.username, scram.authzid)
             self._scram = None
-            return self._succeeded(jid, server_final, scram.channel_binding)
+            return await self._succeeded(jid, server_final, scram.channel_binding)
         except SaslFailure as failure:
             self._scram = None
             await self._failed(failure)
@@ -185,8 +190,7 @@ class SaslExchange:
         name = self._scram.client_first(payload)
         username = self._username(name)
         self._user = username
-        if self.policy.guard.locked(username):
-            raise SaslFailure("account-disabled", "too many failed logins; try again later")
+        await self._refuse_if_locked(username)
         credentials = await self.policy.accounts.credentials(username, self._scram.hash_name)
         return Challenge(self._scram.server_first(credentials))
 
@@ -215,7 +219,7 @@ class SaslExchange:
         # No lockout check: a certificate cannot be guessed, and password guesses against a
         # platform's name must not lock the platform out.
         await self.policy.accounts.record_certificate_login(username)
-        success = self._succeeded(jid, b"", None)
+        success = await self._succeeded(jid, b"", None)
         return Success(success.jid, success.data, tuple(self.tls.peer_chain))
 
     async def _plain(self, payload: bytes) -> Success:
@@ -228,8 +232,7 @@ class SaslExchange:
             raise SaslFailure("malformed-request", "not UTF-8") from None
         username = self._username(authcid)
         self._user = username
-        if self.policy.guard.locked(username):
-            raise SaslFailure("account-disabled", "too many failed logins; try again later")
+        await self._refuse_if_locked(username)
         credentials = await self.policy.accounts.credentials(username, "SHA-256")
         try:
             prepared = prepare_password(password)
@@ -240,9 +243,14 @@ class SaslExchange:
             credentials.check_password, "SHA-256", prepared)
         if not ok:
             raise SaslFailure("not-authorized")
-        return self._succeeded(self._jid_for(username, authzid or None), b"", None)
+        return await self._succeeded(self._jid_for(username, authzid or None), b"", None)
 
     # -- outcomes ------------------------------------------------------------------------
+
+    async def _refuse_if_locked(self, username: str) -> None:
+        self._failures = await self.policy.lockout.failures(username)
+        if self.policy.lockout.locked(self._failures):
+            raise SaslFailure("account-disabled", "too many failed logins; try again later")
 
     def _username(self, name: str) -> str:
         """A SASL user name is the localpart, or the bare JID at our domain."""
@@ -273,8 +281,9 @@ class SaslExchange:
                 raise SaslFailure("invalid-authzid", "may only act as the authenticated account")
         return jid
 
-    def _succeeded(self, jid: JID, data: bytes, binding: str | None) -> Success:
-        self.policy.guard.succeeded(jid.local or "")
+    async def _succeeded(self, jid: JID, data: bytes, binding: str | None) -> Success:
+        if self._failures is None or self._failures.count:
+            await self.policy.lockout.succeeded(jid.local or "")
         self.policy.audit.record("auth-success", user=str(jid), mechanism=self._mechanism,
                                  channel_binding=binding, tls=self.tls.version,
                                  address=self.address)
@@ -286,13 +295,14 @@ class SaslExchange:
         locked = False
         if self._proof_checked and self._user is not None and \
                 failure.condition == "not-authorized":
-            locked = self.policy.guard.failed(self._user)
+            lockout = self.policy.lockout
+            locked = lockout.locked(await lockout.failed(self._user))
         self.policy.audit.record("auth-failure", user=self._user, mechanism=self._mechanism,
                                  condition=failure.condition, reason=failure.text,
                                  address=self.address)
         if locked:
             self.policy.audit.record("account-locked", user=self._user,
-                                     seconds=self.policy.guard.lockout_seconds)
+                                     seconds=self.policy.lockout.policy.seconds)
         if self.policy.failure_delay > 0:
             await task.deferLater(self.policy.clock, self.policy.failure_delay, lambda: None)
 

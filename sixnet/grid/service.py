@@ -8,7 +8,6 @@ storage), components finish their work, then storage closes.
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
+from sixnet.core.lockout import LockoutPolicy
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database
-from sixnet.grid.accounts import AccountStore, AuditLog, LoginGuard
 from sixnet.grid.config import GridSettings
-from sixnet.grid.offline import OfflineStore
-from sixnet.grid.revocations import RevocationStore, RevocationWatch
+from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
+from sixnet.grid.storage.accounts import AccountStore, LockoutStore
+from sixnet.grid.storage.offline import OfflineStore
+from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
+from sixnet.grid.storage.schema import prepare_broker, prepare_grid
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
 from sixnet.pki.store import CertificateStore, VerificationError
 from sixnet.pki.tls import ServerTLS
@@ -59,10 +62,6 @@ def load_secret(state_dir: Path) -> bytes:
     return data
 
 
-def open_database(config: GridSettings) -> Database:
-    return Database(config.grid.database, base=config.sixnet.state_dir)
-
-
 class GridService(MultiService):
     """Owns the grid's listening ports, its database, its router and its components."""
 
@@ -81,19 +80,19 @@ class GridService(MultiService):
         self.clock = clock
         identity = store.identity(grid.identity)
         self.tls = ServerTLS(store, identity, "requested")
-        self.db = open_database(config)
+        self.db = Database(grid.database, base=state_dir)
         self.accounts = AccountStore(self.db, grid.scram_iterations)
         self.offline = OfflineStore(self.db, grid.offline_max_messages)
         self.router = Router(grid.domain, self.offline, clock)
         self.audit = AuditLog(state_dir / AUDIT_FILE)
-        self.guard = LoginGuard(grid.max_failed_logins, grid.lockout_seconds,
-                                clock=clock.seconds)
+        self.lockout = LockoutStore(self.db, LockoutPolicy(grid.lockout_after,
+                                                           grid.lockout_seconds),
+                                    clock=clock.seconds)
         self.revocations = RevocationWatch(RevocationStore(self.db), clock,
                                            self.platform_revoked, self.platform_restored)
-        sasl = SaslPolicy(grid.domain, self.accounts, store, self.guard, self.audit, clock,
+        sasl = SaslPolicy(grid.domain, self.accounts, store, self.lockout, self.audit, clock,
                           load_secret(state_dir), grid.scram_iterations,
-                          grid.failed_login_delay, grid.allow_plain,
-                          self.revocations.revoked)
+                          grid.failure_delay, grid.allow_plain, self.revocations.revoked)
         limits = Limits(
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
@@ -140,29 +139,20 @@ class GridService(MultiService):
             self.audit.record("session-revoked", user=session.full, reason="platform revoked")
             self.router.revoke_session(session, "this platform's access has been revoked",
                                        "policy-violation")
-        if self.broker is not None:
-            self.broker.revoke(jid)
+        self.broker.revoke(jid)
 
     def platform_restored(self, jid: str) -> None:
         """`sixnet grid revoke --undo`: the platform may log in again."""
         self.audit.record("platform-unrevoked", user=jid)
-        if self.broker is not None:
-            self.broker.restore(jid)
+        self.broker.restore(jid)
 
-    def _make_broker(self) -> Any:
-        """The pubsub broker component, once its module exists."""
-        try:
-            module = importlib.import_module("sixnet.grid.pubsub.component")
-        except ModuleNotFoundError as e:
-            if e.name != "sixnet.grid.pubsub.component":
-                raise
-            return None
+    def _make_broker(self) -> PubSubBroker:
         grid = self.config.grid
         state_dir = self.config.sixnet.state_dir
         self.broker_db = Database(grid.broker.database, base=state_dir)
         try:
-            return module.PubSubBroker(grid.broker, grid.domain, self.broker_db,
-                                       state_dir / grid.broker.audit_log)
+            return PubSubBroker(grid.broker, grid.domain, self.broker_db,
+                                state_dir / grid.broker.audit_log, self.revocations.store)
         except ConfigError as e:
             # The broker checks keys together but knows only its section: name the file.
             self.broker_db.close()
@@ -175,14 +165,13 @@ class GridService(MultiService):
         defer.Deferred.fromCoroutine(self._start()).addErrback(self._failed)
 
     async def _start(self) -> None:
-        await self.accounts.prepare()
-        await self.revocations.store.prepare()
-        if self.broker is not None:
-            self.router.attach_component(self.broker)
+        await prepare_grid(self.db)
+        # Before the revoked set is read: an old broker database's revocations move in.
+        await prepare_broker(self.broker_db, self.revocations.store)
+        self.router.attach_component(self.broker)  # it reads the revoked platforms too
         await self.revocations.start()
-        if self.broker is not None:
-            for jid in self.revocations.revoked:  # revoked while the server was down
-                self.broker.revoke(jid)
+        for jid in self.revocations.revoked:  # revoked while the broker was reading
+            self.broker.revoke(jid)
         for port in (self.starttls_port, self.direct_tls_port):
             port.setServiceParent(self)
         self._revocation_check.start(REVOCATION_CHECK_INTERVAL, now=False)
@@ -218,9 +207,8 @@ class GridService(MultiService):
         for session in list(self.router.resumable.values()):
             self.router.end_session(session)
         await self.router.drain()
-        if self.broker is not None:
-            await self.broker.stop()
-            self.broker_db.close()
+        await self.broker.stop()
+        self.broker_db.close()
         self.db.close()
         self.audit.close()
 

@@ -8,6 +8,8 @@ from xml.sax.saxutils import quoteattr
 
 from lxml import etree
 
+from sixnet.core.errors import ConditionError
+
 _TAG_NAME = re.compile(rb"<[^\s/>]+")
 
 NS_CLIENT = "jabber:client"
@@ -42,22 +44,30 @@ STANZA_ERROR_TYPES = {
 }
 
 
-class StanzaError(Exception):
+#: RFC 6120 4.9.3: the stream error conditions.
+STREAM_ERROR_CONDITIONS = frozenset({
+    "bad-format", "bad-namespace-prefix", "conflict", "connection-timeout", "host-gone",
+    "host-unknown", "improper-addressing", "internal-server-error", "invalid-from",
+    "invalid-namespace", "invalid-xml", "not-authorized", "not-well-formed", "policy-violation",
+    "remote-connection-failed", "reset", "resource-constraint", "restricted-xml",
+    "see-other-host", "system-shutdown", "undefined-condition", "unsupported-encoding",
+    "unsupported-feature", "unsupported-stanza-type", "unsupported-version",
+})
+
+
+class StanzaError(ConditionError):
     """A stanza is answered with an error of this condition (RFC 6120 8.3)."""
 
-    def __init__(self, condition: str, text: str = "") -> None:
-        super().__init__(f"{condition}: {text}" if text else condition)
-        self.condition = condition
-        self.text = text
+    conditions = frozenset(STANZA_ERROR_TYPES)
 
 
-class StreamError(Exception):
+class StreamError(ConditionError):
     """The stream must be closed with this condition (RFC 6120 4.9.3)."""
 
+    conditions = STREAM_ERROR_CONDITIONS
+
     def __init__(self, condition: str, text: str = "", extra: bytes = b"") -> None:
-        super().__init__(f"{condition}: {text}" if text else condition)
-        self.condition = condition
-        self.text = text
+        super().__init__(condition, text)
         self.extra = extra
 
 

@@ -66,19 +66,8 @@ class PurgeItems:
     node: str
 
 
-@dataclass(frozen=True)
-class PutRevoked:
-    jid: str
-    revoked: str
-
-
-@dataclass(frozen=True)
-class DeleteRevoked:
-    jid: str
-
-
 Change = (PutNode | DeleteNode | PutAffiliation | PutSubscription | DeleteSubscription
-          | PutItem | DeleteItem | PurgeItems | PutRevoked | DeleteRevoked)
+          | PutItem | DeleteItem | PurgeItems)
 
 
 @dataclass
@@ -89,4 +78,3 @@ class Snapshot:
     affiliations: list[PutAffiliation] = field(default_factory=list)
     subscriptions: list[PutSubscription] = field(default_factory=list)  # by position
     items: list[PutItem] = field(default_factory=list)  # by position
-    revoked: list[PutRevoked] = field(default_factory=list)

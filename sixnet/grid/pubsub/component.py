@@ -4,12 +4,15 @@ Usage by the grid service::
 
     broker = PubSubBroker(config.grid.broker, config.grid.domain,
                           Database(config.grid.broker.database, base=state_dir),
-                          state_dir / config.grid.broker.audit_log)
+                          state_dir / config.grid.broker.audit_log,
+                          RevocationStore(grid_database))
     server.attach_component(broker)      # calls broker.attach(router)
+    broker.revoke(jid) / broker.restore(jid)   # as the grid's RevocationWatch sees changes
     ...
     await broker.stop()                  # on service stop; the caller closes the Database
 
-`attach` starts loading the stored state; stanzas that arrive meanwhile wait for it. A request
+`attach` starts loading the stored state, and the revoked platforms from the grid's one
+revocation table; stanzas that arrive meanwhile wait for it. A request
 is answered only after its changes are committed, so an acknowledged publish, subscription or
 configuration survives a crash. Item notifications go out as soon as the engine has accepted
 the publish, while the commit runs (a disk flush must not add to delivery latency); every
@@ -27,10 +30,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
 from sixnet.core.storage.database import Database
 from sixnet.grid.component import IComponent, IRouter
-from sixnet.grid.pubsub.audit import AuditLog
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import Outcome, PubSubEngine
 from sixnet.grid.pubsub.errors import PubSubError
@@ -38,12 +41,8 @@ from sixnet.grid.pubsub.fanout import Delivery
 from sixnet.grid.pubsub.forms import DATA_NS
 from sixnet.grid.pubsub.policy import bare
 from sixnet.grid.pubsub.request import PubSubRequest, parse_iq
-from sixnet.grid.pubsub.store import (
-    REVOKE_CHANNEL,
-    IPubSubStore,
-    SQLPubSubStore,
-    revoked_platforms,
-)
+from sixnet.grid.pubsub.store import IPubSubStore, SQLPubSubStore
+from sixnet.grid.storage.revocations import RevocationStore
 
 log = Logger(namespace="sixnet.grid.pubsub")
 _C = "{jabber:client}"
@@ -57,18 +56,21 @@ class PubSubBroker:
     """The publish-subscribe service at ``<subdomain>.<domain>``.
 
     `config` is the ``[grid.broker]`` table, `domain` the server's XMPP domain, `database` the
-    broker's database (its schema is created on first use), `audit_log` the JSON-lines file.
+    broker's database (its schema is created on first use), `audit_log` the JSON-lines file,
+    `revocations` the grid's table of revoked platforms (read at start).
     """
 
     def __init__(self, config: BrokerConfig, domain: str, database: Database,
-                 audit_log: Path, *, clock: Callable[[], float] = time.time) -> None:
+                 audit_log: Path, revocations: RevocationStore, *,
+                 clock: Callable[[], float] = time.time) -> None:
         if config.default_access_model == "open" and not config.open_access:
             raise ConfigError("[grid.broker]", "default_access_model",
                               "'open' needs open_access = true")
         self.domain = f"{config.subdomain}.{domain}"
         self.engine = PubSubEngine(self.domain, config, clock=clock)
         self.database = database
-        self.store: IPubSubStore = SQLPubSubStore(database)
+        self.revocations = revocations
+        self.store: IPubSubStore = SQLPubSubStore(database, revocations)
         self.audit = AuditLog(audit_log, clock)
         self.delivery = Delivery(self.domain)
         self.router: IRouter | None = None
@@ -87,23 +89,12 @@ class PubSubBroker:
     async def _load(self) -> None:
         await self.store.open()
         self.engine.load(await self.store.load())
-        await self.database.listen(REVOKE_CHANNEL, self._revoked_elsewhere,
-                                   on_gap=self._catch_up_revocations)
+        for jid in sorted(await self.revocations.jids()):
+            outcome = self.engine.revoke(jid)
+            if outcome.changes:  # revoked while the broker was down: carried out now
+                await self._commit(outcome)
         log.info("broker {domain}: {nodes} topics loaded", domain=self.domain,
                  nodes=len(self.engine.nodes))
-
-    def _revoked_elsewhere(self, jid: str) -> None:
-        """`revoke_in_store` ran (e.g. `sixnet grid revoke` in another process)."""
-        if jid not in self.engine.revoked:
-            self.revoke(jid)
-
-    def _catch_up_revocations(self) -> None:
-        """Notifications were missed (the listening connection broke): read the table."""
-        async def catch_up() -> None:
-            for jid in await revoked_platforms(self.database):
-                self._revoked_elsewhere(jid)
-
-        self._track(defer.Deferred.fromCoroutine(catch_up()))
 
     def receive(self, stanza: etree._Element) -> None:
         self._track(defer.Deferred.fromCoroutine(self._receive(stanza)))
@@ -115,11 +106,12 @@ class PubSubBroker:
     def session_unavailable(self, full_jid: str) -> None:
         """Nothing to do: notifications to an offline subscriber are stored by the core."""
 
-    # -- operations for the grid service and `sixnet grid revoke` ----------------------------
+    # -- operations for the grid service (`sixnet grid revoke`, seen by its RevocationWatch) --
 
     def revoke(self, jid: str) -> defer.Deferred[None]:
-        """Revoke a platform: subscriptions and affiliations removed, every later request
-        refused. Nothing happens if it is revoked already."""
+        """Carry out a revocation recorded in the revocation table: subscriptions and
+        affiliations removed, every later request refused. Nothing happens if it is revoked
+        already."""
         return self._track(defer.Deferred.fromCoroutine(self._revoke(jid)))
 
     def restore(self, jid: str) -> defer.Deferred[None]:
@@ -132,7 +124,6 @@ class PubSubBroker:
 
     async def stop(self) -> None:
         """Finish in-flight work and close the audit log (the caller closes the Database)."""
-        self.database.unlisten(REVOKE_CHANNEL, self._revoked_elsewhere)
         await self._idle()
         if self._sweeper.running:
             self._sweeper.stop()
@@ -170,8 +161,8 @@ class PubSubBroker:
             outcome = self.engine.handle(request)
         except PubSubError as error:
             if request is not None and request.verb in _AUDITED_REFUSALS:
-                self.audit.record({"action": request.verb, "node": request.node,
-                                   "actor": bare(request.sender), "refused": str(error)})
+                self.audit.record(request.verb, node=request.node,
+                                  actor=bare(request.sender), refused=str(error))
             self._send(self._iq_error(iq, error))
             return
         except Exception:  # noqa: BLE001 - a bug must cost one request, not the service
@@ -236,7 +227,7 @@ class PubSubBroker:
             log.failure("storing broker changes failed")
             return False
         for entry in outcome.audit:
-            self.audit.record(entry)
+            self.audit.record(**entry)
         return True
 
     def _deliver(self, outcome: Outcome, *, after_commit: bool) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 from twisted.logger import Logger
 
+from sixnet.core.timefmt import rfc3339
 from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.errors import (
@@ -87,8 +88,8 @@ FEATURES = (
 
 
 def timestamp(seconds: float) -> str:
-    """XEP-0082 DateTime in UTC."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    """XEP-0082 DateTime in UTC, to the second (``pubsub#creation_date``, item stamps)."""
+    return rfc3339(seconds, precision="seconds")
 
 
 @dataclass
@@ -247,7 +248,6 @@ class PubSubEngine:
                 self.nodes[i.node].items[i.item_id] = Item(
                     i.item_id, i.position, i.publisher, i.payload, i.published)
             self.position = max(self.position, i.position)
-        self.revoked = {r.jid for r in snapshot.revoked}
 
     def _add_node(self, node: Node) -> None:
         self.nodes[node.name] = node
@@ -383,7 +383,7 @@ class PubSubEngine:
         outcome = Outcome(changes=[
             ch.PutNode(name, config.to_json(), node.created, owner),
             ch.PutAffiliation(name, owner, "owner")],
-            audit=[{"action": "create", "node": name, "actor": owner,
+            audit=[{"event": "create", "node": name, "actor": owner,
                     "config": dataclasses.asdict(config)}])
         if instant:
             outcome.payload = _pubsub()
@@ -418,7 +418,7 @@ class PubSubEngine:
             self._purge(node, outcome)
         self._trim(node, outcome)
         self._prune(node, outcome)
-        outcome.audit.append({"action": "configure", "node": node.name,
+        outcome.audit.append({"event": "configure", "node": node.name,
                               "actor": bare(request.sender),
                               "config": dataclasses.asdict(config)})
         if config.notify_config:
@@ -431,7 +431,7 @@ class PubSubEngine:
         node = self._node(request)
         self._require(node, request.sender, "delete")
         outcome = Outcome(changes=[ch.DeleteNode(node.name)],
-                          audit=[{"action": "delete", "node": node.name,
+                          audit=[{"event": "delete", "node": node.name,
                                   "actor": bare(request.sender)}])
         if node.config.notify_delete:
             event = _event()
@@ -444,7 +444,7 @@ class PubSubEngine:
     def _do_purge(self, request: PubSubRequest) -> Outcome:
         node = self._node(request)
         self._require(node, request.sender, "purge")
-        outcome = Outcome(audit=[{"action": "purge", "node": node.name,
+        outcome = Outcome(audit=[{"event": "purge", "node": node.name,
                                   "actor": bare(request.sender)}])
         self._purge(node, outcome)
         if node.config.notify_retract:
@@ -501,7 +501,7 @@ class PubSubEngine:
             if new != old:
                 changed.add(jid)
                 outcome.changes.append(ch.PutAffiliation(node.name, jid, new))
-                outcome.audit.append({"action": "affiliation", "node": node.name,
+                outcome.audit.append({"event": "affiliation", "node": node.name,
                                       "actor": bare(request.sender), "jid": jid,
                                       "affiliation": new})
                 if new == "none":
@@ -542,7 +542,7 @@ class PubSubEngine:
                      reason: str, notify: bool = True) -> None:
         node.remove(sub)
         outcome.changes.append(ch.DeleteSubscription(node.name, sub.subid))
-        outcome.audit.append({"action": "unsubscribe", "node": node.name, "jid": sub.jid,
+        outcome.audit.append({"event": "unsubscribe", "node": node.name, "jid": sub.jid,
                               "subid": sub.subid, "reason": reason})
         if notify:
             outcome.messages.append(self._subscription_event(node, sub.jid, "none"))
@@ -592,12 +592,12 @@ class PubSubEngine:
                 sub = Subscription(uuid.uuid4().hex, jid, "pending", True, self._next())
                 node.add(sub)
                 self._approve(node, sub, outcome)
-                outcome.audit.append({"action": "subscribe", "node": node.name, "jid": jid,
+                outcome.audit.append({"event": "subscribe", "node": node.name, "jid": jid,
                                       "subid": sub.subid, "decision": "subscribed",
                                       "actor": actor})
             elif state == "subscribed" and sub.state == "pending":
                 self._approve(node, sub, outcome)
-                outcome.audit.append({"action": "approve", "node": node.name, "jid": jid,
+                outcome.audit.append({"event": "approve", "node": node.name, "jid": jid,
                                       "subid": sub.subid, "actor": actor})
         return outcome
 
@@ -627,7 +627,7 @@ class PubSubEngine:
             sub = Subscription(uuid.uuid4().hex, jid, state, deliver, self._next())
             node.add(sub)
             outcome.changes.append(self._put(node, sub))
-            outcome.audit.append({"action": "subscribe", "node": node.name, "jid": jid,
+            outcome.audit.append({"event": "subscribe", "node": node.name, "jid": jid,
                                   "subid": sub.subid, "decision": state})
             if state == "pending":
                 owners = [j for j, a in node.affiliations.items() if a == "owner"]
@@ -734,7 +734,7 @@ class PubSubEngine:
         publisher = bare(request.sender)
         data = etree.tostring(payload)
         outcome = Outcome(audit=[{
-            "action": "publish", "node": node.name, "actor": publisher, "item": item_id,
+            "event": "publish", "node": node.name, "actor": publisher, "item": item_id,
             "namespace": etree.QName(payload).namespace, "bytes": len(data),
             "recipients": len(self.recipients(node))}])
         if node.config.persist_items:
@@ -804,7 +804,7 @@ class PubSubEngine:
             if node.items.pop(item_id, None) is not None:
                 outcome.changes.append(ch.DeleteItem(node.name, item_id))
                 etree.SubElement(retracts, _E + "retract", id=item_id)
-        outcome.audit.append({"action": "retract", "node": node.name,
+        outcome.audit.append({"event": "retract", "node": node.name,
                               "actor": bare(request.sender), "items": request.item_ids})
         if request.notify or node.config.notify_retract:
             outcome.messages.append(self._to_subscribers(node, event))
@@ -852,7 +852,7 @@ class PubSubEngine:
         if sub is None or sub.state != "pending" or sub.jid != decision.subscriber:
             raise PubSubError("item-not-found", text="no such pending subscription")
         outcome = Outcome(audit=[{
-            "action": "approve" if decision.allow else "deny", "node": node.name,
+            "event": "approve" if decision.allow else "deny", "node": node.name,
             "jid": sub.jid, "subid": sub.subid, "actor": bare(sender)}])
         if decision.allow:
             self._approve(node, sub, outcome)
@@ -875,11 +875,10 @@ class PubSubEngine:
 
     def revoke(self, jid: str) -> Outcome:
         """Cut a platform off: its subscriptions and affiliations go, and every later
-        request is refused."""
+        request is refused. (The revocation itself is in the grid's revocation table.)"""
         platform = bare(jid)
         self.revoked.add(platform)
-        outcome = Outcome(changes=[ch.PutRevoked(platform, timestamp(self.clock()))],
-                          audit=[{"action": "revoke", "jid": platform}])
+        outcome = Outcome(audit=[{"event": "revoke", "jid": platform}])
         for node in self.nodes.values():
             for sub in node.of_platform(platform):
                 self._unsubscribe(node, sub, outcome, reason="revoked", notify=False)
@@ -892,8 +891,7 @@ class PubSubEngine:
         subscriptions removed stay removed."""
         platform = bare(jid)
         self.revoked.discard(platform)
-        return Outcome(changes=[ch.DeleteRevoked(platform)],
-                       audit=[{"action": "unrevoke", "jid": platform}])
+        return Outcome(audit=[{"event": "unrevoke", "jid": platform}])
 
 
 #: Parser for payloads the broker serialised itself.

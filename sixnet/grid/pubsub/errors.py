@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from lxml import etree
 
+from sixnet.core.errors import ConditionError
+
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 PUBSUB_ERRORS_NS = "http://jabber.org/protocol/pubsub#errors"
 
@@ -29,17 +31,22 @@ ERROR_TYPES = {
 }
 
 
-class PubSubError(Exception):
+class PubSubError(ConditionError):
     """A request failed; the requester gets this stanza error and nothing changes."""
+
+    conditions = frozenset(ERROR_TYPES)
 
     def __init__(self, condition: str, pubsub_condition: str | None = None, *,
                  feature: str | None = None, text: str | None = None) -> None:
-        super().__init__(condition if pubsub_condition is None
-                         else f"{condition}/{pubsub_condition}")
-        self.condition = condition
+        super().__init__(condition, text or "")
         self.pubsub_condition = pubsub_condition
         self.feature = feature
-        self.text = text
+
+    def __str__(self) -> str:
+        """``condition`` or ``condition/pubsub-condition`` (the audit log's ``refused``)."""
+        if self.pubsub_condition is None:
+            return self.condition
+        return f"{self.condition}/{self.pubsub_condition}"
 
     @property
     def type(self) -> str:

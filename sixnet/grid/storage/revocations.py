@@ -1,7 +1,8 @@
 """Revoked platforms (RFC 8600 section 8.3): ``sixnet grid revoke`` writes, the server acts.
 
-A revocation is a row in the grid database (``grid_revoked``), written by any process. The
-running server keeps the set in memory (SASL consults it on every login) and refreshes it:
+A revocation is a row in the grid database (``grid_revoked``, the one table of revoked
+platforms), written by any process. The running server keeps the set in memory (SASL consults
+it on every login, the broker on every request) and refreshes it:
 
 - on PostgreSQL when the writer's ``NOTIFY`` arrives (at once, from any process), and from
   the table again if the listening connection had to be made again (notifications lost);
@@ -13,7 +14,7 @@ A refresh compares the table with the set and reports each platform that appeare
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -22,13 +23,10 @@ from twisted.logger import Logger
 
 from sixnet.core.storage.database import Cursor, Database
 from sixnet.grid.jid import JIDError, parse_jid
+from sixnet.grid.storage.schema import prepare_grid
 
 log = Logger(namespace="sixnet.grid")
 
-MIGRATIONS = {
-    1: ["CREATE TABLE grid_revoked ("
-        " jid TEXT PRIMARY KEY, revoked TEXT NOT NULL, reason TEXT NOT NULL)"],
-}
 #: `Database.listen` channel; the payload is the bare JID (the table is read either way).
 CHANNEL = "grid_revoked"
 #: Seconds between reads of the table on SQLite (the latency of a revocation there).
@@ -68,7 +66,7 @@ class RevocationStore:
         self.db = db
 
     def prepare(self) -> defer.Deferred[int]:
-        return self.db.migrate("grid_revocations", MIGRATIONS)
+        return prepare_grid(self.db)
 
     def revoke(self, jid: str, when: str, reason: str) -> defer.Deferred[bool]:
         """Record a revocation; False if the platform was revoked already."""
@@ -80,6 +78,17 @@ class RevocationStore:
             return True
 
         return self.db.run("grid revoke", txn)
+
+    def adopt(self, rows: Iterable[tuple[str, str]]) -> defer.Deferred[None]:
+        """Record revocations (bare JID, time) kept elsewhere before, unless already here."""
+        def txn(cursor: Cursor) -> None:
+            for jid, when in rows:
+                if cursor.execute("SELECT 1 FROM grid_revoked WHERE jid = ?",
+                                  (jid,)).fetchone() is None:
+                    cursor.execute("INSERT INTO grid_revoked VALUES (?, ?, '')", (jid, when))
+                    cursor.notify(CHANNEL, jid)
+
+        return self.db.run("grid adopt revocations", txn)
 
     def unrevoke(self, jid: str) -> defer.Deferred[None]:
         def txn(cursor: Cursor) -> None:

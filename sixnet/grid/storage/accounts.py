@@ -1,4 +1,4 @@
-"""Accounts of the XMPP server, failed-login lockout, and the authentication audit log.
+"""Accounts of the XMPP server and their failed logins (the lockout records).
 
 An account is a localpart of the server's domain. A password account stores SCRAM keys for
 SHA-1 and SHA-256 (`sixnet.grid.scram.ScramCredentials`), never the password. A certificate
@@ -8,44 +8,22 @@ but it exists, so messages to it are stored while it is offline.
 
 from __future__ import annotations
 
-import datetime
-import json
 import time
 import unicodedata
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
+from sixnet.core.lockout import Failures, LockoutPolicy
 from sixnet.core.storage.database import Cursor, Database
+from sixnet.core.timefmt import rfc3339
 from sixnet.grid.jid import JIDError, normalize_localpart
 from sixnet.grid.scram import HASHES, ScramCredentials
-
-log = Logger(namespace="sixnet.grid")
+from sixnet.grid.storage.schema import prepare_grid
 
 _HASH_COLUMNS = {"SHA-1": "sha1", "SHA-256": "sha256"}
-
-MIGRATIONS = {
-    1: [
-        "CREATE TABLE grid_accounts ("
-        " username TEXT PRIMARY KEY,"
-        " kind TEXT NOT NULL,"
-        " created TEXT NOT NULL,"
-        " sha1_salt {blob}, sha1_iterations INTEGER, sha1_stored {blob}, sha1_server {blob},"
-        " sha256_salt {blob}, sha256_iterations INTEGER, sha256_stored {blob},"
-        " sha256_server {blob})",
-        "CREATE TABLE grid_offline ("
-        " id {serial},"
-        " username TEXT NOT NULL,"
-        " stamp TEXT NOT NULL,"
-        " stanza {blob} NOT NULL)",
-        "CREATE INDEX grid_offline_user ON grid_offline (username, id)",
-    ],
-}
-
 
 class AccountError(Exception):
     """An account operation was refused (exists already, does not exist, bad name)."""
@@ -77,8 +55,7 @@ class Account:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    return rfc3339(precision="seconds")
 
 
 class AccountStore:
@@ -89,7 +66,7 @@ class AccountStore:
         self.iterations = iterations
 
     def prepare(self) -> defer.Deferred[int]:
-        return self.db.migrate("grid", MIGRATIONS)
+        return prepare_grid(self.db)
 
     def add(self, username: str, password: str, *, replace: bool = False) -> defer.Deferred[None]:
         """Create a password account (or set a new password when `replace`)."""
@@ -170,57 +147,60 @@ class AccountStore:
         return self.db.run("grid certificate account", txn)
 
 
-class LoginGuard:
-    """Counts failed logins per account and locks an account for a while after too many.
+class LockoutStore:
+    """Failed logins per account name (``grid_lockout``), judged by a `LockoutPolicy`.
 
-    Kept in memory: a restart clears the counters (the audit log keeps the history). The table
-    is bounded, so guessing random names cannot grow it without limit.
+    Kept for any name asked for, account or not, so that a lockout does not tell which
+    accounts exist; the oldest records beyond `size` are dropped, so guessing random names
+    cannot grow the table without limit. A record survives a restart and is shared by every
+    server on the same database.
     """
 
-    def __init__(self, max_failures: int, lockout_seconds: float,
-                 clock: Any = time.monotonic, size: int = 100_000) -> None:
-        self.max_failures = max_failures
-        self.lockout_seconds = lockout_seconds
+    def __init__(self, db: Database, policy: LockoutPolicy,
+                 clock: Callable[[], float] = time.time, size: int = 100_000) -> None:
+        self.db = db
+        self.policy = policy
         self.clock = clock
         self.size = size
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
 
-    def locked(self, username: str) -> bool:
-        count, until = self._failures.get(username, (0, 0.0))
-        if until and self.clock() >= until:
-            del self._failures[username]
-            return False
-        return bool(until)
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
-    def failed(self, username: str) -> bool:
-        """Count a failure; return True when this failure locks the account."""
-        count, until = self._failures.pop(username, (0, 0.0))
-        count += 1
-        locks = count >= self.max_failures and not until
-        if locks:
-            until = self.clock() + self.lockout_seconds
-        self._failures[username] = (count, until)
-        while len(self._failures) > self.size:
-            self._failures.popitem(last=False)
-        return locks
+    def failures(self, username: str) -> defer.Deferred[Failures]:
+        return self.db.run("grid lockout read", _failures, username)
 
-    def succeeded(self, username: str) -> None:
-        self._failures.pop(username, None)
+    def locked(self, failures: Failures) -> bool:
+        return self.policy.locked(failures, self.now_ms())
+
+    def failed(self, username: str) -> defer.Deferred[Failures]:
+        """Count one failure; the record it leaves (locked if this failure locked it)."""
+        now = self.now_ms()
+
+        def txn(cursor: Cursor) -> Failures:
+            before = _failures(cursor, username)
+            after = self.policy.failed(before, now)
+            if before.count:
+                cursor.execute("UPDATE grid_lockout SET failures = ?, locked_until = ?,"
+                               " updated = ? WHERE username = ?",
+                               (after.count, after.locked_until, now, username))
+                return after
+            cursor.execute("INSERT INTO grid_lockout VALUES (?, ?, ?, ?)",
+                           (username, after.count, after.locked_until, now))
+            row = cursor.execute("SELECT COUNT(*) FROM grid_lockout").fetchone()
+            excess = int(row[0]) - self.size if row else 0
+            if excess > 0:
+                cursor.execute("DELETE FROM grid_lockout WHERE username IN (SELECT username"
+                               " FROM grid_lockout ORDER BY updated LIMIT ?)", (excess,))
+            return after
+
+        return self.db.run("grid lockout failure", txn)
+
+    def succeeded(self, username: str) -> defer.Deferred[None]:
+        return self.db.run("grid lockout clear", lambda cursor: cursor.execute(
+            "DELETE FROM grid_lockout WHERE username = ?", (username,)) and None)
 
 
-class AuditLog:
-    """Authentication events as JSON lines (``grid-audit.jsonl`` under the state directory)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file = path.open("a", encoding="utf-8")
-
-    def record(self, event: str, **fields: Any) -> None:
-        entry = {"time": _now(), "event": event, **fields}
-        self._file.write(json.dumps(entry, sort_keys=True) + "\n")
-        self._file.flush()
-        log.info("audit {event} {fields}", event=event, fields=fields)
-
-    def close(self) -> None:
-        self._file.close()
+def _failures(cursor: Cursor, username: str) -> Failures:
+    row = cursor.execute("SELECT failures, locked_until FROM grid_lockout WHERE username = ?",
+                         (username,)).fetchone()
+    return Failures(int(row[0]), int(row[1])) if row else Failures()

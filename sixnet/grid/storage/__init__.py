@@ -1,0 +1,1 @@
+"""The grid's tables: accounts, failed logins, offline messages, revoked platforms (`schema`)."""

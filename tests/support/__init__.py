@@ -1,0 +1,1 @@
+"""Helpers the tests share: harnesses, runners, waits."""
