@@ -18,7 +18,7 @@ from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy, TLSFacts
 from sixnet.grid.storage.accounts import AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
-from sixnet.grid.stream import REFUSALS, TRANSITIONS, C2SServer, ClientStream, Limits, State
+from sixnet.grid.stream import C2SServer, ClientStream, Limits, State
 
 HEADER = (b"<stream:stream to='localhost' version='1.0' xmlns='jabber:client' "
           b"xmlns:stream='http://etherx.jabber.org/streams'>")
@@ -40,6 +40,9 @@ INPUTS = {
     "sm-a": b"<a xmlns='urn:xmpp:sm:3' h='0'/>",
     "unknown": b"<foo xmlns='urn:example'/>",
 }
+#: What each state reachable by a header alone accepts, and its error for anything else.
+ACCEPTED = {State.STARTTLS: {"starttls", "auth"}, State.AUTH: {"auth", "response", "abort"}}
+REFUSED_WITH = {State.STARTTLS: "policy-violation", State.AUTH: "not-authorized"}
 
 
 class StreamMachineTests(unittest.TestCase):
@@ -73,6 +76,8 @@ class StreamMachineTests(unittest.TestCase):
         stream.makeConnection(transport)
         if tls:  # as if the TLS handshake had completed
             stream.tls = TLSFacts("TLSv1.3", {"tls-exporter": b"E" * 32}, [])
+            stream.tls_pending = False
+            stream.tls_up()
         return stream, transport
 
     async def test_every_refused_input_gets_the_states_stream_error(self) -> None:
@@ -80,14 +85,14 @@ class StreamMachineTests(unittest.TestCase):
         checked = 0
         for state in (State.STARTTLS, State.AUTH):
             for name, data in INPUTS.items():
-                if name in TRANSITIONS[state]:
+                if name in ACCEPTED[state]:
                     continue
                 stream, transport = self._stream(server, tls=state is not State.STARTTLS)
                 stream.dataReceived(HEADER)
                 assert stream.state is state
                 stream.dataReceived(data)
                 out = transport.value()
-                condition = REFUSALS[state][0]
+                condition = REFUSED_WITH[state]
                 assert f"<{condition} ".encode() in out, (state, name, out)
                 assert transport.disconnecting and stream.state is State.CLOSED
                 checked += 1
@@ -149,3 +154,23 @@ class StreamMachineTests(unittest.TestCase):
         transport.clear()
         stream.dataReceived(b"</stream:stream>")
         assert transport.value() == b"</stream:stream>" and transport.disconnecting
+
+    async def test_bytes_after_starttls_are_a_policy_violation(self) -> None:
+        """The same rule as IRP's: cleartext after <starttls/> is refused in the clear."""
+        server = await self._server()
+        stream, transport = self._stream(server, tls=False)
+        transport.startTLS = lambda context: None  # type: ignore[attr-defined]
+        stream.dataReceived(HEADER + INPUTS["starttls"] + INPUTS["stanza"])
+        out = transport.value()
+        assert out.index(b"<proceed") < out.index(b"<policy-violation ")
+        assert out.endswith(b"</stream:stream>") and stream.state is State.CLOSED
+
+    async def test_the_negotiation_deadline_covers_the_tls_handshake(self) -> None:
+        server = await self._server()
+        stream, transport = self._stream(server, tls=False)
+        started: list[object] = []
+        transport.startTLS = started.append  # type: ignore[attr-defined]
+        stream.dataReceived(HEADER + INPUTS["starttls"])
+        assert started and stream.state is State.TLS_HANDSHAKE
+        self.clock.advance(5.1)
+        assert transport.disconnected and stream.state is State.CLOSED

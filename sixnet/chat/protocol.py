@@ -6,7 +6,6 @@ stream and record-phase bytes to its `Session`, and owns the connection's timers
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from twisted.python.failure import Failure
 from sixnet.chat.alerts import Alert
 from sixnet.chat.messages import ROOT, STREAM_END, VERSION
 from sixnet.chat.session import Session, SessionTransport
+from sixnet.core.stream.limits import AddressLimiter
 from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 
 log = Logger(namespace="sixnet.chat")
@@ -170,21 +170,17 @@ class SessionFactory(Factory):
     def __init__(self, make_protocol: Callable[[str | None], SessionProtocol],
                  max_handshakes_per_address: int = 8) -> None:
         self.make_protocol = make_protocol
-        self.max_handshakes_per_address = max_handshakes_per_address
-        self.handshaking: Counter[str] = Counter()
+        self.handshaking = AddressLimiter(max_handshakes_per_address)
 
     def buildProtocol(self, addr: Any) -> SessionProtocol | None:  # noqa: N802
         host = str(getattr(addr, "host", ""))
-        if self.handshaking[host] >= self.max_handshakes_per_address:
+        if not self.handshaking.acquire(host):
             log.warn("refused a connection from {host}: {count} handshakes already under way",
-                     host=host, count=self.handshaking[host])
+                     host=host, count=self.handshaking.held(host))
             return None
-        self.handshaking[host] += 1
         proto = self.make_protocol(None)
         proto.handshake_over.addBoth(self._handshake_over, host)
         return proto
 
     def _handshake_over(self, result: object, host: str) -> None:
-        self.handshaking[host] -= 1
-        if self.handshaking[host] <= 0:
-            del self.handshaking[host]
+        self.handshaking.release(host)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from sixnet.grid.xmpp import NS_SM, StreamError
+from sixnet.core.stream.protocol import StreamError
+from sixnet.grid.xmpp import NS_SM
 
 _MOD = 2**32
 

@@ -1,17 +1,19 @@
-"""Client-to-server streams (RFC 6120): framing, TLS, and the negotiation state machine.
+"""Client-to-server streams (RFC 6120): the grid's negotiation on the shared XML stream.
 
-`ClientStream` is the Twisted protocol: it turns bytes into stream events with the shared
-hardened parser, writes what the negotiation decides, runs the timers and counts the limits.
-Negotiation is an explicit state table (`TRANSITIONS`): each state names the inputs it
-accepts and the handler for each; any other input gets the state's stream error. Policy lives
+`ClientStream` builds on `sixnet.core.stream.protocol.XMLStreamProtocol`, which frames bytes
+into events, writes stream errors, runs the STARTTLS restart rule and the timers. What this
+module adds is the negotiation: an Automat machine (the table is at the bottom of
+`ClientStream`) whose inputs are the stream's events, classified by `_input_name` before they
+reach it. Any input a state does not accept gets that state's stream error. Policy lives
 elsewhere: SASL in `sixnet.grid.sasl`, routing and sessions in `sixnet.grid.router`.
 
-States (a stream restart returns to ``HEADER``)::
+States (each stream restart has its own header state)::
 
-    HEADER --header--> STARTTLS  (plain TCP)  --starttls--> TLS_HANDSHAKE --handshake--> HEADER
-    HEADER --header--> AUTH  (TLS, not authenticated)  --auth/response...success--> HEADER
-    HEADER --header--> BIND      (authenticated)  --bind iq / resume--> SESSION
-    SESSION: stanzas, <r/>, <a/>, <enable/>, legacy session iq; </stream:stream> -> CLOSED
+    HEADER --header--> STARTTLS --starttls--> TLS_HANDSHAKE --handshake--> TLS_HEADER
+    HEADER --handshake (direct TLS)--> TLS_HEADER
+    TLS_HEADER --header--> AUTH --auth/response...success--> AUTHENTICATED_HEADER
+    AUTHENTICATED_HEADER --header--> BIND --bind iq / resume--> SESSION
+    SESSION: stanzas, <r/>, <a/>, <enable/>, legacy session iq; any end -> CLOSED
 """
 
 from __future__ import annotations
@@ -19,26 +21,23 @@ from __future__ import annotations
 import base64
 import enum
 import secrets
-from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from automat import MethodicalMachine
 from lxml import etree
 from twisted.internet import defer
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IHandshakeListener,
-    IPushProducer,
-    IReactorTime,
-)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.limits import AddressLimiter, TokenBucket
+from sixnet.core.stream.parser import StreamOpened, StreamParser
+from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol, escape_text
 from sixnet.grid.jid import JIDError, parse_jid
 from sixnet.grid.router import Router, Session
 from sixnet.grid.sasl import (
@@ -65,14 +64,12 @@ from sixnet.grid.xmpp import (
     NS_STREAMS,
     NS_TLS,
     STANZA_TAGS,
+    STREAM,
     XML_LANG,
     StanzaError,
-    StreamError,
     error_reply,
     result_reply,
     serialize,
-    stream_error,
-    stream_header,
 )
 from sixnet.pki.store import NodeIdentity
 from sixnet.pki.tls import ServerTLS, peer_chain
@@ -83,19 +80,20 @@ log = Logger(namespace="sixnet.grid")
 ACK_REQUEST_DELAY = 0.25
 #: Ask at once when this many stanzas are unacknowledged.
 ACK_REQUEST_BATCH = 32
-#: Seconds a closing connection gets to flush (e.g. a TLS peer that never finishes the
-#: handshake) before it is aborted.
-CLOSE_GRACE = 10.0
 #: Bytes written to a client whose connection stopped draining (its transport paused us)
 #: before the stream is closed: a peer that does not read must not fill the server's memory.
 SLOW_CONSUMER_BYTES = 8 * 1024 * 1024
 
 
 class State(enum.Enum):
+    """The machine's states, as `ClientStream.state` reports them."""
+
     HEADER = "waiting for a stream header"
     STARTTLS = "waiting for STARTTLS"
     TLS_HANDSHAKE = "TLS handshake"
+    TLS_HEADER = "waiting for the stream header inside TLS"
     AUTH = "SASL"
+    AUTHENTICATED_HEADER = "waiting for the stream header after SASL"
     BIND = "waiting for resource binding"
     SESSION = "session"
     CLOSED = "closed"
@@ -129,7 +127,7 @@ class C2SServer:
         self.limits = limits
         self.clock = clock
         self.connections: set[ClientStream] = set()
-        self.per_address: Counter[str] = Counter()
+        self.per_address = AddressLimiter(limits.max_connections_per_address)
         self.stopping = False
 
     def check_idle(self) -> None:
@@ -172,16 +170,29 @@ def _input_name(element: etree._Element) -> str:
     return "unknown"
 
 
-@implementer(IHandshakeListener, IPushProducer)
-class ClientStream(Protocol):
+#: Input name (from `_input_name`) -> the machine input it is given to.
+ELEMENT_INPUTS = {
+    "starttls": "got_starttls", "auth": "got_auth", "response": "got_response",
+    "abort": "got_abort", "bind": "got_bind", "session": "got_session_iq",
+    "stanza": "got_stanza", "sm-enable": "got_enable", "sm-resume": "got_resume",
+    "sm-r": "got_r", "sm-a": "got_a", "unknown": "got_unknown",
+}
+
+
+@implementer(IPushProducer)
+class ClientStream(XMLStreamProtocol):
     """One client connection (the `Connection` a router session writes to)."""
 
+    format = STREAM
+    _machine = MethodicalMachine()
+
     def __init__(self, server: C2SServer, direct_tls: bool) -> None:
+        super().__init__(StreamParser(max_element_bytes=server.limits.max_stanza_bytes,
+                                      max_depth=server.limits.max_depth),
+                         server.clock, negotiation_timeout=server.limits.negotiation_timeout,
+                         direct_tls=direct_tls)
         self.server = server
         self.direct_tls = direct_tls
-        self.parser = StreamParser(max_element_bytes=server.limits.max_stanza_bytes,
-                                   max_depth=server.limits.max_depth)
-        self.state = State.HEADER
         self.tls: TLSFacts | None = None
         self.jid: Any = None  # the authenticated bare JID
         self.certificate_chain: tuple[Any, ...] = ()  # when authenticated by EXTERNAL
@@ -189,25 +200,28 @@ class ClientStream(Protocol):
         self.sasl: SaslExchange | None = None
         self.lang = "en"
         self.client_lang: str | None = None
-        self.header_sent = False
+        self.stream_id: str | None = None
         self.address = "?"
         self.clean_close = False
-        self._dropped = False
-        self._events: deque[Any] = deque()
-        self._busy = False
-        self._negotiation_timer: IDelayedCall | None = None
+        self._admitted = False  # counted against the per-address limit
         self._ack_timer: IDelayedCall | None = None
-        self._abort_timer: IDelayedCall | None = None
         self._refusal: tuple[str, str] | None = None
         #: Bytes written since the transport said its buffer is full (None: it is not).
         self._unsent: int | None = None
         self._registered = False  # as the transport's producer
-        self.last_received = server.clock.seconds()
         self._pinged = False  # since the last data received
-        self._tokens = float(server.limits.stanza_burst)
-        self._refilled = server.clock.seconds()
+        self._stanzas = TokenBucket(server.limits.stanzas_per_second,
+                                    server.limits.stanza_burst, server.clock.seconds())
         #: Fires when the connection is gone (the service waits for it when stopping).
         self.lost: defer.Deferred[None] = defer.Deferred()
+
+    @property
+    def state(self) -> State:
+        return self._current_state()
+
+    def header_attributes(self) -> Iterable[tuple[str, str | None]]:
+        return (("from", self.server.domain), ("id", self.stream_id), ("version", "1.0"),
+                ("xml:lang", self.lang))
 
     # -- connection lifetime -----------------------------------------------------------------
 
@@ -215,71 +229,62 @@ class ClientStream(Protocol):
         server = self.server
         self.address = getattr(self.transport.getPeer(), "host", "?")
         server.connections.add(self)
-        server.per_address[self.address] += 1
         # Stanzas are small and a publish fans out to many streams at once: no Nagle delay
         # (p99 at 10 subscribers fell from 35 ms to 2 ms). In-memory test transports have none.
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        self._negotiation_timer = server.clock.callLater(
-            server.limits.negotiation_timeout, self._negotiation_timed_out)
+        super().connectionMade()
         if server.stopping:
             self._refuse("system-shutdown", "the server is stopping")
         elif len(server.connections) > server.limits.max_sessions:
             log.warn("connection from {address} refused: {limit} connections in total",
                      address=self.address, limit=server.limits.max_sessions)
             self._refuse("resource-constraint", "too many connections")
-        elif server.per_address[self.address] > server.limits.max_connections_per_address:
+        elif not server.per_address.acquire(self.address):
             log.warn("connection from {address} refused: more than {limit} from one address",
-                     address=self.address, limit=server.limits.max_connections_per_address)
+                     address=self.address, limit=server.per_address.limit)
             self._refuse("policy-violation", "too many connections from your address")
+        else:
+            self._admitted = True
 
     def _refuse(self, condition: str, text: str) -> None:
         """Refuse a new connection with a stream error (after the handshake on direct TLS)."""
-        if self.direct_tls and self.tls is None:
+        if self.tls_pending:
             self._refusal = (condition, text)
         else:
-            self.close_with_error(condition, text)
+            self.send_stream_error(condition, text)
 
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         server = self.server
         server.connections.discard(self)
-        server.per_address[self.address] -= 1
-        if server.per_address[self.address] <= 0:
-            del server.per_address[self.address]
-        self._cancel_timers()
-        if self._abort_timer is not None and self._abort_timer.active():
-            self._abort_timer.cancel()
-        self.state = State.CLOSED
+        if self._admitted:
+            server.per_address.release(self.address)
+        super().connectionLost(reason)
         session, self.session = self.session, None
         if session is not None and session.connection is self:
             server.router.connection_lost(session, clean=self.clean_close)
         self.lost.callback(None)
 
-    def _cancel_timers(self) -> None:
-        for timer in (self._negotiation_timer, self._ack_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._negotiation_timer = self._ack_timer = None
+    def stream_ended(self) -> None:
+        if self._ack_timer is not None and self._ack_timer.active():
+            self._ack_timer.cancel()
+        self._ack_timer = None
+        self.end()
 
-    def _close(self) -> None:
-        """Close after what was written is sent; abort if the peer does not let that happen."""
+    def close_connection(self) -> None:
         if self._registered:  # a transport with a producer would wait for it to go away
             self._registered = False
             self.transport.unregisterProducer()
-        self.transport.loseConnection()
-        if self._abort_timer is None:
-            self._abort_timer = self.server.clock.callLater(CLOSE_GRACE,
-                                                            self.transport.abortConnection)
+        super().close_connection()
 
-    def _negotiation_timed_out(self) -> None:
-        if self.state not in (State.SESSION, State.CLOSED):
-            log.info("{address}: no session after {seconds}s ({state}); closing",
-                     address=self.address, seconds=self.server.limits.negotiation_timeout,
-                     state=self.state.value)
-            self.close_with_error("connection-timeout", "stream negotiation took too long")
+    def timed_out(self, why: str) -> None:
+        log.info("{address}: no session after {seconds}s ({state}); closing",
+                 address=self.address, seconds=self.negotiation_timeout,
+                 state=self.state.value)
+        super().timed_out(why)
 
-    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener
+    def tls_established(self) -> None:
         conn = self.transport.getHandle()
         version = conn.get_protocol_version_name()
         bindings = {"tls-server-end-point": server_end_point(self.server.identity.certificate)}
@@ -290,25 +295,21 @@ class ClientStream(Protocol):
         self.transport.registerProducer(self, True)
         self._registered = True
         if self._refusal is not None:
-            self.close_with_error(*self._refusal)
+            self.send_stream_error(*self._refusal)
             return
-        if self.state is State.TLS_HANDSHAKE:
-            self.state = State.HEADER
-            self._pump()
+        self.tls_up()
 
     # -- output (Connection) -----------------------------------------------------------------
 
     def send_stanza(self, data: bytes) -> None:
-        if self.state is State.CLOSED or self._dropped:
+        if self.closed:
             return
         if self._unsent is not None:
             self._unsent += len(data)
             if self._unsent > SLOW_CONSUMER_BYTES:
                 log.warn("{jid}: the client reads nothing; {bytes} bytes wait to be sent",
                          jid=self.jid, bytes=self._unsent)
-                self.state = State.CLOSED
-                self._cancel_timers()
-                self.transport.abortConnection()  # unacked stanzas stay with the session
+                self.abort_connection()  # unacked stanzas stay with the session
                 return
         self.transport.write(data)
         session = self.session
@@ -318,40 +319,17 @@ class ClientStream(Protocol):
 
     def _request_ack(self) -> None:
         self._ack_timer = None
-        if self.state is State.SESSION and not self._dropped:
-            self.transport.write(f"<r xmlns='{NS_SM}'/>".encode())
+        if self.state is State.SESSION:
+            self.send(f"<r xmlns='{NS_SM}'/>".encode())
 
     def close_with_error(self, condition: str, text: str = "", extra: bytes = b"") -> None:
-        """Send a stream error (with our header if not yet sent) and close the connection."""
-        if self.state is State.CLOSED or self._dropped:
-            return
-        if self.state is State.TLS_HANDSHAKE or (self.direct_tls and self.tls is None):
-            # No TLS yet, so no stream to put an error on: just cut the connection.
-            log.info("{address}: {condition} during the TLS handshake ({text})",
-                     address=self.address, condition=condition, text=text)
-            self.state = State.CLOSED
-            self._cancel_timers()
-            self.transport.abortConnection()
-            return
-        head = b"" if self.header_sent else stream_header(self.server.domain, None, self.lang)
-        self.header_sent = True
-        self.transport.write(head + stream_error(condition, text, extra))
-        log.info("{address}: stream error {condition} ({text})", address=self.address,
-                 condition=condition, text=text)
-        self.state = State.CLOSED
-        self._events.clear()
-        self._cancel_timers()
-        self._close()
+        """The router's name for ending the stream with a stream error."""
+        self.send_stream_error(condition, text, extra)
 
     def drop(self) -> None:
         """The session moved to another stream (resumed there): close without ending it."""
-        self._dropped = True
         self.session = None
-        self.state = State.CLOSED
-        self.transport.abortConnection()
-
-    def _write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self.abort_connection()
 
     def check_idle(self, now: float, timeout: float) -> None:
         if self.state is not State.SESSION or self.session is None:
@@ -360,7 +338,7 @@ class ClientStream(Protocol):
         if silent >= 2 * timeout:
             log.info("{jid}: silent for {seconds:.0f}s after a ping; closing",
                      jid=self.session.full, seconds=silent)
-            self.close_with_error("connection-timeout", "no answer to a ping")
+            self.send_stream_error("connection-timeout", "no answer to a ping")
         elif silent >= timeout and not self._pinged:
             self._pinged = True
             # Through the session, so stream management counts it like any other stanza.
@@ -381,80 +359,17 @@ class ClientStream(Protocol):
     def stopProducing(self) -> None:  # noqa: N802
         self._unsent = None
 
-    # -- input -------------------------------------------------------------------------------
+    # -- input: events, validated and classified before they reach the machine ---------------
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self.state is State.CLOSED:
-            return
-        self.last_received = self.server.clock.seconds()
         self._pinged = False
-        try:
-            self._events.extend(self.parser.feed(data))
-        except XMLStreamError as e:
-            self.close_with_error(e.condition, e.text)
-            return
-        self._pump()
+        super().dataReceived(data)
 
-    def _pump(self) -> None:
-        """Handle queued events in order; an asynchronous step holds the rest back."""
-        while self._events and not self._busy and \
-                self.state not in (State.CLOSED, State.TLS_HANDSHAKE):
-            event = self._events.popleft()
-            try:
-                self._handle(event)
-            except StreamError as e:
-                self.close_with_error(e.condition, e.text, e.extra)
-            except Exception:  # noqa: BLE001 - one bad stream must not hurt the others
-                log.failure("{address}: internal error", address=self.address)
-                self.close_with_error("internal-server-error")
-
-    def _handle(self, event: Any) -> None:
-        if isinstance(event, StreamOpened):
-            if self.state is not State.HEADER:
-                raise StreamError("not-well-formed", "unexpected stream header")
-            self._on_header(event)
-        elif isinstance(event, StreamClosed):
-            self._on_close()
-        else:
-            name = _input_name(event)
-            handler = TRANSITIONS.get(self.state, {}).get(name)
-            if handler is None:
-                condition, text = REFUSALS.get(self.state, ("not-authorized", ""))
-                if name == "unknown" and self.state is State.SESSION:
-                    condition, text = "unsupported-stanza-type", f"{event.tag} is not a stanza"
-                raise StreamError(condition, text or f"{name} is not expected now")
-            handler(self, event)
-
-    def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """Run an asynchronous step; later input waits until it has finished (and the socket
-        is not read meanwhile, so what waits is at most one read's worth)."""
-        self._busy = True
-        self.transport.pauseProducing()
-
-        def done(result: object) -> None:
-            self._busy = False
-            if self.state is not State.CLOSED:
-                self.transport.resumeProducing()
-            if isinstance(result, Failure):
-                if result.check(StreamError):
-                    e = result.value
-                    self.close_with_error(e.condition, e.text, e.extra)
-                else:
-                    log.failure("{address}: internal error", result, address=self.address)
-                    self.close_with_error("internal-server-error")
-            self._pump()
-
-        defer.Deferred.fromCoroutine(coroutine).addBoth(done)
-
-    # -- stream header and features ----------------------------------------------------------
-
-    def _on_header(self, header: StreamOpened) -> None:
+    def stream_opened(self, header: StreamOpened) -> None:
         lang = header.attrib.get(XML_LANG)
         if lang:
             self.client_lang = lang
             self.lang = lang if len(lang) <= 35 and lang.replace("-", "").isalnum() else "en"
-        self._write(stream_header(self.server.domain, secrets.token_urlsafe(12), self.lang))
-        self.header_sent = True
         if header.tag != f"{{{NS_STREAMS}}}stream":
             raise StreamError("invalid-namespace", "the root must be <stream:stream>")
         if header.nsmap.get(None) != NS_CLIENT:
@@ -475,61 +390,237 @@ class ClientStream(Protocol):
             raise StreamError("unsupported-version", "version must be 1.0") from None
         if major != 1:
             raise StreamError("unsupported-version", "version must be 1.0")
-        self._write(self._features())
+        self.got_header()
 
-    def _features(self) -> bytes:
-        if self.tls is None:
-            self.state = State.STARTTLS
-            return (f"<stream:features><starttls xmlns='{NS_TLS}'><required/></starttls>"
-                    "</stream:features>").encode()
-        limits = (f"<limits xmlns='{NS_LIMITS}'><max-bytes>"
-                  f"{self.server.limits.max_stanza_bytes}</max-bytes></limits>")
-        if self.jid is None:
-            self.state = State.AUTH
-            if self.sasl is None:
-                self.sasl = SaslExchange(self.server.sasl, self.tls, self.address)
-            mechanisms = "".join(f"<mechanism>{m}</mechanism>"
-                                 for m in self.server.sasl.mechanisms(self.tls))
-            bindings = "".join(f"<channel-binding type='{t}'/>"
-                               for t in sorted(self.tls.channel_bindings))
-            return (f"<stream:features><mechanisms xmlns='{NS_SASL}'>{mechanisms}</mechanisms>"
-                    f"<sasl-channel-binding xmlns='{NS_SASL_CB}'>{bindings}"
-                    f"</sasl-channel-binding>{limits}</stream:features>").encode()
-        self.state = State.BIND
-        return (f"<stream:features><bind xmlns='{NS_BIND}'/>"
-                f"<session xmlns='{NS_SESSION}'><optional/></session>"
-                f"<sm xmlns='{NS_SM}'/>{limits}</stream:features>").encode()
+    def element_received(self, element: etree._Element) -> None:
+        getattr(self, ELEMENT_INPUTS[_input_name(element)])(element)
 
-    def _on_close(self) -> None:
+    def stream_closed(self) -> None:
         """The client closed its stream: close ours (RFC 6120 4.4); the session ends."""
         self.clean_close = True
-        if self.state is not State.CLOSED:
-            self._write(b"</stream:stream>")
-            self.state = State.CLOSED
-            self._close()
+        self.close_stream()
 
-    # -- STARTTLS ----------------------------------------------------------------------------
+    def _run(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run an asynchronous step; later input waits until it has finished (and the socket
+        is not read meanwhile, so what waits is at most one read's worth)."""
+        self.hold()
+        self.transport.pauseProducing()
 
-    def _on_starttls(self, element: etree._Element) -> None:
-        self._write(f"<proceed xmlns='{NS_TLS}'/>".encode())
-        self.state = State.TLS_HANDSHAKE
-        self._events.clear()  # nothing the client sent before the handshake counts
-        self.parser.reset()
-        self.header_sent = False
-        self.transport.startTLS(self.server.tls)
+        def done(result: object) -> None:
+            if not self.closed:
+                self.transport.resumeProducing()
+            if isinstance(result, Failure):
+                if result.check(StreamError):
+                    e = result.value
+                    self.send_stream_error(e.condition, e.text, e.extra)
+                else:
+                    log.failure("{address}: internal error", result, address=self.address)
+                    self.send_stream_error("internal-server-error")
+            self.release()
+
+        defer.Deferred.fromCoroutine(coroutine).addBoth(done)
+
+    # -- the machine: states -------------------------------------------------------------------
+
+    @_machine.state(initial=True, serialized=State.HEADER)
+    def wait_header(self) -> None:
+        "Connected; the first stream header is due (or, on direct TLS, the handshake)."
+
+    @_machine.state(serialized=State.STARTTLS)
+    def wait_starttls(self) -> None:
+        "Plain TCP: only <starttls/> is accepted."
+
+    @_machine.state(serialized=State.TLS_HANDSHAKE)
+    def tls_handshake(self) -> None:
+        "<proceed/> sent; TLS is being negotiated."
+
+    @_machine.state(serialized=State.TLS_HEADER)
+    def wait_tls_header(self) -> None:
+        "TLS is up; the client's new stream header is due."
+
+    @_machine.state(serialized=State.AUTH)
+    def authenticating(self) -> None:
+        "SASL mechanisms offered; auth, response and abort are accepted."
+
+    @_machine.state(serialized=State.AUTHENTICATED_HEADER)
+    def wait_bound_header(self) -> None:
+        "SASL succeeded; the client's new stream header is due."
+
+    @_machine.state(serialized=State.BIND)
+    def binding(self) -> None:
+        "Authenticated: a resource must be bound (or a session resumed)."
+
+    @_machine.state(serialized=State.SESSION)
+    def in_session(self) -> None:
+        "Bound: stanzas are routed."
+
+    @_machine.state(serialized=State.CLOSED)
+    def ended(self) -> None:
+        "The stream is over."
+
+    @_machine.serializer()
+    def _current_state(self, state: State) -> State:
+        return state
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    @_machine.input()
+    def got_header(self) -> None:
+        "A valid stream header (checked by stream_opened)."
+
+    @_machine.input()
+    def got_starttls(self, element: etree._Element) -> None:
+        "<starttls/>."
+
+    @_machine.input()
+    def got_auth(self, element: etree._Element) -> None:
+        "SASL <auth/>."
+
+    @_machine.input()
+    def got_response(self, element: etree._Element) -> None:
+        "SASL <response/>."
+
+    @_machine.input()
+    def got_abort(self, element: etree._Element) -> None:
+        "SASL <abort/>."
+
+    @_machine.input()
+    def got_bind(self, element: etree._Element) -> None:
+        "A resource binding iq."
+
+    @_machine.input()
+    def got_session_iq(self, element: etree._Element) -> None:
+        "The legacy RFC 3921 session iq."
+
+    @_machine.input()
+    def got_stanza(self, element: etree._Element) -> None:
+        "Any other message, presence or iq."
+
+    @_machine.input()
+    def got_enable(self, element: etree._Element) -> None:
+        "XEP-0198 <enable/>."
+
+    @_machine.input()
+    def got_resume(self, element: etree._Element) -> None:
+        "XEP-0198 <resume/>."
+
+    @_machine.input()
+    def got_r(self, element: etree._Element) -> None:
+        "XEP-0198 ack request."
+
+    @_machine.input()
+    def got_a(self, element: etree._Element) -> None:
+        "XEP-0198 ack."
+
+    @_machine.input()
+    def got_unknown(self, element: etree._Element) -> None:
+        "A top-level element that is none of the above."
+
+    @_machine.input()
+    def tls_up(self) -> None:
+        "The TLS handshake completed."
+
+    @_machine.input()
+    def sasl_succeeded(self) -> None:
+        "SASL success was sent and the stream restarted."
+
+    @_machine.input()
+    def session_started(self) -> None:
+        "A resource was bound or a session resumed on this stream."
+
+    @_machine.input()
+    def end(self) -> None:
+        "The stream is over (error, close, lost connection)."
+
+    # -- outputs: stream headers and features ----------------------------------------------------
+
+    def _answer_header(self, features: str) -> None:
+        self.stream_id = secrets.token_urlsafe(12)
+        self.send_header()
+        self.send(f"<stream:features>{features}</stream:features>".encode())
+
+    @_machine.output()
+    def _offer_starttls(self) -> None:
+        self._answer_header(f"<starttls xmlns='{NS_TLS}'><required/></starttls>")
+
+    def _limits(self) -> str:
+        return (f"<limits xmlns='{NS_LIMITS}'><max-bytes>"
+                f"{self.server.limits.max_stanza_bytes}</max-bytes></limits>")
+
+    @_machine.output()
+    def _offer_sasl(self) -> None:
+        assert self.tls is not None
+        if self.sasl is None:
+            self.sasl = SaslExchange(self.server.sasl, self.tls, self.address)
+        mechanisms = "".join(f"<mechanism>{m}</mechanism>"
+                             for m in self.server.sasl.mechanisms(self.tls))
+        bindings = "".join(f"<channel-binding type='{t}'/>"
+                           for t in sorted(self.tls.channel_bindings))
+        self._answer_header(f"<mechanisms xmlns='{NS_SASL}'>{mechanisms}</mechanisms>"
+                            f"<sasl-channel-binding xmlns='{NS_SASL_CB}'>{bindings}"
+                            f"</sasl-channel-binding>{self._limits()}")
+
+    @_machine.output()
+    def _offer_bind(self) -> None:
+        self._answer_header(f"<bind xmlns='{NS_BIND}'/>"
+                            f"<session xmlns='{NS_SESSION}'><optional/></session>"
+                            f"<sm xmlns='{NS_SM}'/>{self._limits()}")
+
+    @_machine.output()
+    def _unexpected_header(self) -> None:
+        raise StreamError("not-well-formed", "unexpected stream header")
+
+    # -- outputs: refusals (RFC 6120 5.3.1, 6.4, 7.1, 4.9.3.12) ---------------------------------
+
+    @_machine.output()
+    def _header_first(self, element: etree._Element) -> None:
+        raise StreamError("not-authorized", f"{_input_name(element)} is not expected now")
+
+    @_machine.output()
+    def _starttls_first(self, element: etree._Element) -> None:
+        raise StreamError("policy-violation", "STARTTLS is required first")
+
+    @_machine.output()
+    def _authenticate_first(self, element: etree._Element) -> None:
+        raise StreamError("not-authorized", "authenticate first")
+
+    @_machine.output()
+    def _bind_first(self, element: etree._Element) -> None:
+        raise StreamError("not-authorized", "bind a resource first")
+
+    @_machine.output()
+    def _not_a_stanza(self, element: etree._Element) -> None:
+        name = _input_name(element)
+        if name == "unknown":
+            raise StreamError("unsupported-stanza-type", f"{element.tag} is not a stanza")
+        raise StreamError("unsupported-stanza-type", f"{name} is not expected now")
+
+    # -- outputs: STARTTLS -----------------------------------------------------------------------
+
+    @_machine.output()
+    def _proceed(self, element: etree._Element) -> None:
+        self.start_tls(self.server.tls, f"<proceed xmlns='{NS_TLS}'/>".encode())
+
+    @_machine.output()
+    def _encryption_required(self, element: etree._Element) -> None:
+        self.send(f"<failure xmlns='{NS_SASL}'><encryption-required/></failure>".encode())
+        raise StreamError("policy-violation", "STARTTLS is required first")
 
     # -- SASL --------------------------------------------------------------------------------
 
+    @_machine.output()
     def _on_auth(self, element: etree._Element) -> None:
         mechanism = element.get("mechanism", "")
         self._sasl_step(lambda payload: self._exchange().auth(mechanism, payload), element)
 
+    @_machine.output()
     def _on_response(self, element: etree._Element) -> None:
         self._sasl_step(lambda payload: self._exchange().response(payload or b""), element)
 
+    @_machine.output()
     def _on_abort(self, element: etree._Element) -> None:
         self._exchange().abort()
-        self._write(f"<failure xmlns='{NS_SASL}'><aborted/></failure>".encode())
+        self.send(f"<failure xmlns='{NS_SASL}'><aborted/></failure>".encode())
 
     def _exchange(self) -> SaslExchange:
         assert self.sasl is not None
@@ -542,9 +633,9 @@ class ClientStream(Protocol):
                 payload = decode_payload(element.text)
                 outcome = await step(payload)
             except SaslFailure as failure:
-                text = (f"<text xml:lang='en'>{_escape(failure.text)}</text>"
+                text = (f"<text xml:lang='en'>{escape_text(failure.text)}</text>"
                         if failure.text else "")
-                self._write(f"<failure xmlns='{NS_SASL}'><{failure.condition}/>{text}"
+                self.send(f"<failure xmlns='{NS_SASL}'><{failure.condition}/>{text}"
                             "</failure>".encode())
                 if self._exchange().failures >= MAX_FAILURES_PER_STREAM:
                     raise StreamError("policy-violation",
@@ -552,83 +643,82 @@ class ClientStream(Protocol):
                 return
             if isinstance(outcome, Challenge):
                 data = base64.b64encode(outcome.data).decode() if outcome.data else ""
-                self._write(f"<challenge xmlns='{NS_SASL}'>{data}</challenge>".encode())
+                self.send(f"<challenge xmlns='{NS_SASL}'>{data}</challenge>".encode())
                 return
             data = base64.b64encode(outcome.data).decode() if outcome.data else ""
-            self._write(f"<success xmlns='{NS_SASL}'>{data}</success>".encode())
+            self.send(f"<success xmlns='{NS_SASL}'>{data}</success>".encode())
             self.jid = outcome.jid
             self.certificate_chain = outcome.certificate_chain
             self.sasl = None
-            self.parser.reset()
-            self._events.clear()
-            self.header_sent = False
-            self.state = State.HEADER
+            self.restart_stream()
+            self.sasl_succeeded()
 
         self._run(run())
 
     # -- binding and stream management resumption ---------------------------------------------
 
-    def _on_bind(self, iq: etree._Element) -> None:
+    @_machine.output()
+    def _on_bind(self, element: etree._Element) -> None:
+        iq = element
         if not iq.get("id"):
             raise StreamError("invalid-xml", "iq without an id")
         resource_el = iq[0].find(f"{{{NS_BIND}}}resource")
         resource = (resource_el.text or "").strip() if resource_el is not None else ""
         if str(self.jid) in self.server.sasl.revoked:  # revoked since it authenticated
-            self.close_with_error("policy-violation", "this platform's access has been revoked")
+            self.send_stream_error("policy-violation", "this platform's access has been revoked")
             return
         try:
             session = self.server.router.bind(self, self.jid, resource or None)
         except StanzaError as e:
-            self._write(serialize(error_reply(iq, e.condition, e.text)))
+            self.send(serialize(error_reply(iq, e.condition, e.text)))
             return
         self._session_started(session)
         reply = result_reply(iq)
         reply.attrib.pop("from", None)
         bind = etree.SubElement(reply, f"{{{NS_BIND}}}bind", nsmap={None: NS_BIND})
         etree.SubElement(bind, f"{{{NS_BIND}}}jid").text = session.full
-        self._write(serialize(reply))
+        self.send(serialize(reply))
 
     def _session_started(self, session: Session) -> None:
         self.session = session
         session.certificate_chain = self.certificate_chain
-        self.state = State.SESSION
-        if self._negotiation_timer is not None and self._negotiation_timer.active():
-            self._negotiation_timer.cancel()
-        self._negotiation_timer = None
+        self.session_started()
 
+    @_machine.output()
     def _on_resume(self, element: etree._Element) -> None:
         previd = element.get("previd", "")
         try:
             handled = int(element.get("h", ""))
             session = self.server.router.resume(previd, handled, self, self.jid)
         except (ValueError, StanzaError, StreamError):
-            self._write(f"<failed xmlns='{NS_SM}'><item-not-found xmlns='{NS_STANZAS}'/>"
+            self.send(f"<failed xmlns='{NS_SM}'><item-not-found xmlns='{NS_STANZAS}'/>"
                         "</failed>".encode())
             return
         assert session.sm is not None
         self._session_started(session)
-        self._write(f"<resumed xmlns='{NS_SM}' previd={quoteattr(previd)} "
+        self.send(f"<resumed xmlns='{NS_SM}' previd={quoteattr(previd)} "
                     f"h='{session.sm.handled_in}'/>".encode())
         for data in list(session.sm.unacked):
             self.transport.write(data)
         if session.sm.unacked:
             self._request_ack()
 
-    def _auth_before_tls(self, element: etree._Element) -> None:
-        self._write(f"<failure xmlns='{NS_SASL}'><encryption-required/></failure>".encode())
-        raise StreamError("policy-violation", "STARTTLS is required first")
-
+    @_machine.output()
     def _sm_too_early(self, element: etree._Element) -> None:
-        self._write(f"<failed xmlns='{NS_SM}'><unexpected-request xmlns='{NS_STANZAS}'/>"
-                    "</failed>".encode())
+        self._refuse_sm_request()
+
+    def _refuse_sm_request(self) -> None:
+        self.send(f"<failed xmlns='{NS_SM}'><unexpected-request xmlns='{NS_STANZAS}'/>"
+                  "</failed>".encode())
 
     # -- the session --------------------------------------------------------------------------
 
+    @_machine.output()
     def _on_enable(self, element: etree._Element) -> None:
         session = self.session
         assert session is not None
         if session.sm is not None:
-            self._sm_too_early(element)
+            self._refuse_sm_request()
             return
         resume = element.get("resume") in ("true", "1")
         limit = self.server.limits.resume_timeout
@@ -639,14 +729,16 @@ class ClientStream(Protocol):
         max_resume = int(min(wanted, limit) if wanted > 0 else limit)
         sm = self.server.router.enable_sm(session, resume, max_resume)
         extra = f" id='{sm.resume_id}' resume='true' max='{max_resume}'" if resume else ""
-        self._write(f"<enabled xmlns='{NS_SM}'{extra}/>".encode())
+        self.send(f"<enabled xmlns='{NS_SM}'{extra}/>".encode())
 
+    @_machine.output()
     def _on_ack_request(self, element: etree._Element) -> None:
         session = self.session
         if session is None or session.sm is None:
             raise StreamError("unsupported-stanza-type", "stream management is not enabled")
-        self._write(f"<a xmlns='{NS_SM}' h='{session.sm.handled_in}'/>".encode())
+        self.send(f"<a xmlns='{NS_SM}' h='{session.sm.handled_in}'/>".encode())
 
+    @_machine.output()
     def _on_ack(self, element: etree._Element) -> None:
         session = self.session
         if session is None or session.sm is None:
@@ -657,22 +749,28 @@ class ClientStream(Protocol):
             raise StreamError("invalid-xml", "<a/> needs a numeric h") from None
         session.sm.ack(h)
 
-    def _on_legacy_session(self, iq: etree._Element) -> None:
+    @_machine.output()
+    def _on_legacy_session(self, element: etree._Element) -> None:
+        iq = element
         self._count_inbound()
         reply = result_reply(iq)
         reply.attrib.pop("from", None)
-        self._write(serialize(reply))
+        self.send(serialize(reply))
 
-    def _on_bind_again(self, iq: etree._Element) -> None:
+    @_machine.output()
+    def _on_bind_again(self, element: etree._Element) -> None:
+        iq = element
         self._count_inbound()
-        self._write(serialize(error_reply(iq, "not-allowed", "already bound")))
+        self.send(serialize(error_reply(iq, "not-allowed", "already bound")))
 
     def _count_inbound(self) -> None:
         session = self.session
         if session is not None and session.sm is not None:
             session.sm.received()
 
-    def _on_stanza(self, stanza: etree._Element) -> None:
+    @_machine.output()
+    def _on_stanza(self, element: etree._Element) -> None:
+        stanza = element
         session = self.session
         assert session is not None
         self._throttle()
@@ -701,16 +799,74 @@ class ClientStream(Protocol):
     def _throttle(self) -> None:
         """Token bucket: `stanza_burst` stanzas at once, `stanzas_per_second` sustained."""
         limits = self.server.limits
-        now = self.server.clock.seconds()
-        self._tokens = min(float(limits.stanza_burst),
-                           self._tokens + (now - self._refilled) * limits.stanzas_per_second)
-        self._refilled = now
-        if self._tokens < 1:
+        if not self._stanzas.take(self.server.clock.seconds()):
             log.warn("{jid}: more than {rate} stanzas per second; closing", jid=self.jid,
                      rate=limits.stanzas_per_second)
             raise StreamError("policy-violation",
                               f"more than {limits.stanzas_per_second:g} stanzas per second")
-        self._tokens -= 1
+
+
+
+    @_machine.output()
+    def _negotiated(self) -> None:
+        self.negotiated()
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    _header_states = (wait_header, wait_tls_header, wait_bound_header)
+    _element_inputs = (got_starttls, got_auth, got_response, got_abort, got_bind,
+                       got_session_iq, got_stanza, got_enable, got_resume, got_r, got_a,
+                       got_unknown)
+
+    wait_header.upon(got_header, enter=wait_starttls, outputs=[_offer_starttls])
+    wait_header.upon(tls_up, enter=wait_tls_header, outputs=[])  # direct TLS
+    wait_tls_header.upon(got_header, enter=authenticating, outputs=[_offer_sasl])
+    wait_bound_header.upon(got_header, enter=binding, outputs=[_offer_bind])
+    for _state in _header_states:
+        for _input in _element_inputs:
+            _state.upon(_input, enter=ended, outputs=[_header_first])
+
+    wait_starttls.upon(got_starttls, enter=tls_handshake, outputs=[_proceed])
+    wait_starttls.upon(got_auth, enter=ended, outputs=[_encryption_required])
+    tls_handshake.upon(tls_up, enter=wait_tls_header, outputs=[])
+
+    authenticating.upon(got_auth, enter=authenticating, outputs=[_on_auth])
+    authenticating.upon(got_response, enter=authenticating, outputs=[_on_response])
+    authenticating.upon(got_abort, enter=authenticating, outputs=[_on_abort])
+    authenticating.upon(sasl_succeeded, enter=wait_bound_header, outputs=[])
+
+    binding.upon(got_bind, enter=binding, outputs=[_on_bind])
+    binding.upon(got_resume, enter=binding, outputs=[_on_resume])
+    binding.upon(got_enable, enter=binding, outputs=[_sm_too_early])
+    binding.upon(session_started, enter=in_session, outputs=[_negotiated])
+
+    in_session.upon(got_stanza, enter=in_session, outputs=[_on_stanza])
+    in_session.upon(got_bind, enter=in_session, outputs=[_on_bind_again])
+    in_session.upon(got_session_iq, enter=in_session, outputs=[_on_legacy_session])
+    in_session.upon(got_enable, enter=in_session, outputs=[_on_enable])
+    in_session.upon(got_r, enter=in_session, outputs=[_on_ack_request])
+    in_session.upon(got_a, enter=in_session, outputs=[_on_ack])
+    in_session.upon(got_resume, enter=in_session, outputs=[_sm_too_early])
+
+    #: Whatever else a state is given ends the stream with that state's error.
+    for _state, _accepted, _refusal in (
+            (wait_starttls, (got_starttls, got_auth), _starttls_first),
+            (authenticating, (got_auth, got_response, got_abort), _authenticate_first),
+            (binding, (got_bind, got_resume, got_enable), _bind_first),
+            (in_session, (got_stanza, got_bind, got_session_iq, got_enable, got_r, got_a,
+                          got_resume), _not_a_stanza)):
+        for _input in _element_inputs:
+            if _input not in _accepted:
+                _state.upon(_input, enter=ended, outputs=[_refusal])
+    for _state in (wait_starttls, tls_handshake, authenticating, binding, in_session):
+        _state.upon(got_header, enter=ended, outputs=[_unexpected_header])
+    for _state in (*_header_states, wait_starttls, tls_handshake, authenticating, binding,
+                   in_session):
+        _state.upon(end, enter=ended, outputs=[])
+    #: Once over, whatever still arrives (an asynchronous step finishing late) is ignored.
+    for _input in (*_element_inputs, got_header, tls_up, sasl_succeeded, session_started, end):
+        ended.upon(_input, enter=ended, outputs=[])
+    del _state, _input, _accepted, _refusal, _header_states, _element_inputs
 
 
 def _check_stanza(stanza: etree._Element) -> None:
@@ -731,32 +887,3 @@ def _check_stanza(stanza: etree._Element) -> None:
     elif stanza_type not in (None, "unavailable", "subscribe", "subscribed", "unsubscribe",
                              "unsubscribed", "probe", "error"):
         raise StanzaError("bad-request", f"unknown presence type {stanza_type!r}")
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-Handler = Callable[[ClientStream, etree._Element], None]
-
-#: The state table: for each state, the inputs it accepts and what handles them.
-TRANSITIONS: dict[State, dict[str, Handler]] = {
-    State.STARTTLS: {"starttls": ClientStream._on_starttls,
-                     "auth": ClientStream._auth_before_tls},
-    State.AUTH: {"auth": ClientStream._on_auth, "response": ClientStream._on_response,
-                 "abort": ClientStream._on_abort},
-    State.BIND: {"bind": ClientStream._on_bind, "sm-resume": ClientStream._on_resume,
-                 "sm-enable": ClientStream._sm_too_early},
-    State.SESSION: {"stanza": ClientStream._on_stanza, "bind": ClientStream._on_bind_again,
-                    "session": ClientStream._on_legacy_session,
-                    "sm-enable": ClientStream._on_enable, "sm-r": ClientStream._on_ack_request,
-                    "sm-a": ClientStream._on_ack, "sm-resume": ClientStream._sm_too_early},
-}
-
-#: The stream error for any other input, per state (RFC 6120 5.3.1, 6.4, 7.1, 4.9.3.12).
-REFUSALS: dict[State, tuple[str, str]] = {
-    State.STARTTLS: ("policy-violation", "STARTTLS is required first"),
-    State.AUTH: ("not-authorized", "authenticate first"),
-    State.BIND: ("not-authorized", "bind a resource first"),
-    State.SESSION: ("unsupported-stanza-type", ""),
-}

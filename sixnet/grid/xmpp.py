@@ -1,5 +1,6 @@
-"""XMPP vocabulary shared by the stream, the router and components: namespaces, stream and
-stanza errors (RFC 6120 4.9 and 8.3), and serialisation of stanzas onto a client stream."""
+"""XMPP vocabulary shared by the stream, the router and components: namespaces, how a client
+stream is written, stanza errors (RFC 6120 8.3) and serialisation of stanzas onto a client
+stream. Stream errors are the shared stream layer's `sixnet.core.stream.protocol.StreamError`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from xml.sax.saxutils import quoteattr
 from lxml import etree
 
 from sixnet.core.errors import ConditionError
+from sixnet.core.stream.protocol import StreamFormat, child_error
 
 _TAG_NAME = re.compile(rb"<[^\s/>]+")
 
@@ -44,52 +46,16 @@ STANZA_ERROR_TYPES = {
 }
 
 
-#: RFC 6120 4.9.3: the stream error conditions.
-STREAM_ERROR_CONDITIONS = frozenset({
-    "bad-format", "bad-namespace-prefix", "conflict", "connection-timeout", "host-gone",
-    "host-unknown", "improper-addressing", "internal-server-error", "invalid-from",
-    "invalid-namespace", "invalid-xml", "not-authorized", "not-well-formed", "policy-violation",
-    "remote-connection-failed", "reset", "resource-constraint", "restricted-xml",
-    "see-other-host", "system-shutdown", "undefined-condition", "unsupported-encoding",
-    "unsupported-feature", "unsupported-stanza-type", "unsupported-version",
-})
-
-
 class StanzaError(ConditionError):
     """A stanza is answered with an error of this condition (RFC 6120 8.3)."""
 
     conditions = frozenset(STANZA_ERROR_TYPES)
 
 
-class StreamError(ConditionError):
-    """The stream must be closed with this condition (RFC 6120 4.9.3)."""
-
-    conditions = STREAM_ERROR_CONDITIONS
-
-    def __init__(self, condition: str, text: str = "", extra: bytes = b"") -> None:
-        super().__init__(condition, text)
-        self.extra = extra
-
-
-def stream_header(domain: str, stream_id: str | None, lang: str) -> bytes:
-    """The server's response stream header (RFC 6120 4.7)."""
-    sid = f" id={quoteattr(stream_id)}" if stream_id else ""
-    return (f"<?xml version='1.0'?><stream:stream xmlns='{NS_CLIENT}' "
-            f"xmlns:stream='{NS_STREAMS}' from={quoteattr(domain)}{sid} version='1.0' "
-            f"xml:lang={quoteattr(lang)}>").encode()
-
-
-def stream_error(condition: str, text: str = "", extra: bytes = b"") -> bytes:
-    """A stream error followed by the closing stream tag."""
-    body = f"<{condition} xmlns='{NS_STREAM_ERRORS}'/>"
-    if text:
-        body += (f"<text xmlns='{NS_STREAM_ERRORS}' xml:lang='en'>"
-                 f"{_escape(text)}</text>")
-    return f"<stream:error>{body}".encode() + extra + b"</stream:error></stream:stream>"
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+#: How a client stream is written (RFC 6120 4.7 header, 4.9.2 stream error).
+STREAM = StreamFormat("<?xml version='1.0'?>", "stream:stream",
+                      (("xmlns", NS_CLIENT), ("xmlns:stream", NS_STREAMS)),
+                      child_error("stream:error", NS_STREAM_ERRORS))
 
 
 def element(tag: str, attrib: dict[str, str] | None = None, ns: str = NS_CLIENT,

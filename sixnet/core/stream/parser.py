@@ -46,6 +46,7 @@ __all__ = ["StreamClosed", "StreamOpened", "StreamParser", "XMLStreamError"]
 _WS = b" \t\r\n"
 _BOM = b"\xef\xbb\xbf"
 _MAX_DECL = 1024  # held back whole and re-searched on every feed, so keep it small
+_MAX_TAG_TAIL = 4096  # a final tag split across feeds longer than this: idle is not believed
 _CDATA_OPEN = b"<![CDATA["
 _MARKUP = re.compile(rb"<[!?]")
 # A whole tag with balanced quotes, then only whitespace: the candidate for "the last thing
@@ -117,8 +118,18 @@ class StreamParser:
         self._prologue: bytes | None = b""  # bytes held back until the XML declaration is seen
         self._pending = b""  # tail of the last feed that may start a `<!`/`<?`/`]]>` token
         self._in_cdata = False
+        self._tag_tail: bytes | None = b""  # bytes since the last `<` (None: too many)
         self._closed = False
         self._failed: XMLStreamError | None = None
+
+    @property
+    def idle(self) -> bool:
+        """True when the last feed ended between top-level elements, nothing half-parsed.
+
+        False also when that cannot be told for sure, so a caller asking "is anything left
+        over?" (the STARTTLS restart, the stall timer) errs towards "yes".
+        """
+        return self._idle
 
     def feed(self, data: bytes) -> list[Event]:
         """Feed raw bytes; return the events completed by them, in order.
@@ -244,7 +255,9 @@ class StreamParser:
         Idle means "between stanzas, nothing half-parsed"; it is only believed when feeding
         the chunk's final tag on its own produced an event that left us at depth 0. A fake
         tag inside a half-sent attribute value (`<a x='</b> `) produces no event, so it can
-        not be used to make an unbounded attribute look like free keepalive whitespace.
+        not be used to make an unbounded attribute look like free keepalive whitespace. A
+        final tag begun in an earlier feed (`<starttls` then `/>`) is judged the same way on
+        the bytes kept since its `<`.
         """
         if self._closed:
             if chunk.strip(_WS):
@@ -254,13 +267,25 @@ class StreamParser:
         if not (blank and self._idle):
             self._used += len(chunk)
         split = -1
+        whole = False  # the final tag began in an earlier feed and ends this chunk
+        opened = chunk.rfind(b"<")
         if last and not blank:
             tail = chunk.rstrip(_WS) if chunk[-1] in _WS else chunk
             if tail.endswith(b">"):
-                split = tail.rfind(b"<")
+                split = opened
                 if split >= 0 and _LAST_TAG.fullmatch(chunk, split) is None:
                     split = -1
-        if split < 0:
+                whole = opened < 0 and self._tag_tail is not None and \
+                    _LAST_TAG.fullmatch(self._tag_tail + chunk) is not None
+        self._tag_tail = (chunk[opened:] if opened >= 0 else
+                          None if self._tag_tail is None else self._tag_tail + chunk)
+        if self._tag_tail is not None and len(self._tag_tail) > _MAX_TAG_TAIL:
+            self._tag_tail = None
+        if whole:
+            before = len(out)
+            self._push(chunk, out)
+            self._idle = len(out) > before and self._depth == 0 and not self._closed
+        elif split < 0:
             self._push(chunk, out)
             if not blank:
                 self._idle = False

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from sixnet.core.stream.limits import TokenBucket
 from sixnet.grid.pubsub.config import OPERATIONS, RateLimitConfig, RoleConfig
 
 AFFILIATIONS = ("owner", "publisher", "publish-only", "member", "none", "outcast")
@@ -96,17 +97,6 @@ class PlatformRoles:
         return operation in self.operations(jid)
 
 
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up."""
-
-    __slots__ = ("tokens", "stamp", "refused")
-
-    def __init__(self, burst: float, now: float) -> None:
-        self.tokens = burst
-        self.stamp = now
-        self.refused = False
-
-
 class RateLimits:
     """Per-platform limits on publishes and subscription requests (RFC 8600 section 8.3)."""
 
@@ -118,6 +108,8 @@ class RateLimits:
         }
         self._clock = clock
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        #: Buckets refused since they last allowed one (one alert per burst of refusals).
+        self._refused: set[tuple[str, str]] = set()
 
     def take(self, jid: str, kind: str) -> tuple[bool, bool]:
         """Spend one token; return (allowed, first refusal since the platform was last allowed).
@@ -130,21 +122,18 @@ class RateLimits:
         key = (bare(jid), kind)
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = TokenBucket(burst, now)
-        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
-        bucket.stamp = now
-        if bucket.tokens >= 1:
-            bucket.tokens -= 1
-            bucket.refused = False
+            bucket = self._buckets[key] = TokenBucket(rate, burst, now)
+        if bucket.take(now):
+            self._refused.discard(key)
             return True, False
-        first = not bucket.refused
-        bucket.refused = True
+        first = key not in self._refused
+        self._refused.add(key)
         return False, first
 
     def forget_idle(self) -> None:
         """Drop full buckets (platforms idle long enough to have their whole burst back)."""
         now = self._clock()
         for key, bucket in list(self._buckets.items()):
-            rate, burst = self._limits[key[1]]
-            if bucket.tokens + (now - bucket.stamp) * rate >= burst:
+            if bucket.full(now):
                 del self._buckets[key]
+                self._refused.discard(key)

@@ -1,0 +1,383 @@
+"""The XML stream protocol that the IRP server, the IRP client and the grid's c2s stream share.
+
+As in Twisted's ``twisted.words.protocols.jabber.xmlstream``, the stream is apart from the
+negotiation: `XMLStreamProtocol` feeds bytes to the hardened parser and hands whole events to
+the subclass that decides (`stream_opened`, `element_received`, `stream_closed`, `malformed`),
+keeps the header bookkeeping (ours sent, the peer's seen), writes the one kind of stream error
+and runs the timers. What a stream says lives in a `StreamFormat`, one per protocol.
+
+Rules every stream keeps:
+
+* A stream error is written inside a stream the peer can parse: our header first when none
+  was sent, then the error, then our closing tag, then the connection closes (aborted if the
+  peer does not let it drain within `CLOSE_GRACE`). While a TLS handshake is under way
+  nothing can be said, so the connection is cut instead.
+* STARTTLS restart: the answer to ``<starttls/>`` must be the last thing in the clear. Bytes
+  the peer sent after ``<starttls/>`` and that are already here (parsed or half-parsed) are a
+  ``policy-violation``, answered in the clear, and TLS is not started; data delivered before
+  the TLS handshake completes can only have come in the clear (Twisted's TLS layer hands on
+  nothing before `handshakeCompleted`) and gets the same error. After the handshake the
+  parser starts a new stream.
+* Stall timer (`stall_timeout`): armed while something is due from the peer: the stream
+  header after connecting, a half-received element, and the TLS handshake plus the new header
+  after the STARTTLS answer; complete elements stop it.
+* Negotiation deadline (`negotiation_timeout`): from connecting until the subclass calls
+  `negotiated()`, however the time is spent.
+* Idle timer (`idle_timeout`): any received byte (whitespace keepalives too) restarts it.
+
+Every timer is on the injected `IReactorTime`; a timeout is `connection-timeout`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sixnet.core.errors import ConditionError
+from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+
+__all__ = ["CLOSE_GRACE", "STREAM_ERROR_CONDITIONS", "StreamError", "StreamFormat",
+           "XMLStreamProtocol", "attribute_error", "child_error", "escape_attribute",
+           "escape_text"]
+
+log = Logger(namespace="sixnet.stream")
+
+#: Seconds a closing connection gets to flush what was written before it is aborted.
+CLOSE_GRACE = 10.0
+
+#: RFC 6120 4.9.3: the stream error conditions (IRP uses the same names).
+STREAM_ERROR_CONDITIONS = frozenset({
+    "bad-format", "bad-namespace-prefix", "conflict", "connection-timeout", "host-gone",
+    "host-unknown", "improper-addressing", "internal-server-error", "invalid-from",
+    "invalid-namespace", "invalid-xml", "not-authorized", "not-well-formed", "policy-violation",
+    "remote-connection-failed", "reset", "resource-constraint", "restricted-xml",
+    "see-other-host", "system-shutdown", "undefined-condition", "unsupported-encoding",
+    "unsupported-feature", "unsupported-stanza-type", "unsupported-version",
+})
+
+TIMEOUT_TEXTS = {
+    "stall": "a message (or the TLS handshake) was not completed in time",
+    "negotiation": "stream negotiation took too long",
+    "idle": "no data for too long",
+}
+
+
+class StreamError(ConditionError):
+    """Raised while handling an event: the stream ends with this condition.
+
+    `extra` is protocol-defined XML placed inside the error (XEP-0198's handled-count-too-high).
+    """
+
+    conditions = STREAM_ERROR_CONDITIONS
+
+    def __init__(self, condition: str, text: str = "", extra: bytes = b"") -> None:
+        super().__init__(condition, text)
+        self.extra = extra
+
+
+def escape_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def escape_attribute(value: str) -> str:
+    """For a double-quoted attribute; whitespace escaped so it survives normalisation."""
+    return (value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+            .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;"))
+
+
+def attribute_error(namespace: str, tag: str) -> Callable[[str, str, bytes], bytes]:
+    """A stream error naming its condition in an attribute (IRP: ``<stream-error
+    condition='...'>text</stream-error>``)."""
+
+    def build(condition: str, text: str, extra: bytes) -> bytes:
+        node = etree.Element(f"{{{namespace}}}{tag}", nsmap={None: namespace})
+        node.set("condition", condition)
+        node.text = text
+        return etree.tostring(node, encoding="utf-8", xml_declaration=False)
+
+    return build
+
+
+def child_error(tag: str, namespace: str) -> Callable[[str, str, bytes], bytes]:
+    """A stream error naming its condition as a child element (RFC 6120 4.9.2)."""
+
+    def build(condition: str, text: str, extra: bytes) -> bytes:
+        body = f"<{condition} xmlns='{namespace}'/>"
+        if text:
+            body += f"<text xmlns='{namespace}' xml:lang='en'>{escape_text(text)}</text>"
+        return f"<{tag}>{body}".encode() + extra + f"</{tag}>".encode()
+
+    return build
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """How one protocol writes its stream: declaration, root, header, error and close tag."""
+
+    declaration: str
+    #: The root element as written (``irp``, ``stream:stream``).
+    root: str
+    #: Attributes every header of ours starts with (namespace declarations, version).
+    fixed: tuple[tuple[str, str], ...]
+    #: Builds the stream error element: (condition, text, extra XML) -> bytes.
+    error: Callable[[str, str, bytes], bytes]
+
+    def header(self, attributes: Iterable[tuple[str, str | None]] = ()) -> bytes:
+        """Our stream header; attributes whose value is None are left out."""
+        attrs = "".join(f' {name}="{escape_attribute(value)}"'
+                        for name, value in (*self.fixed, *attributes) if value is not None)
+        return f"{self.declaration}<{self.root}{attrs}>".encode()
+
+    @property
+    def close(self) -> bytes:
+        return f"</{self.root}>".encode()
+
+
+@implementer(IHandshakeListener)
+class XMLStreamProtocol(Protocol):
+    """One XML stream over one connection: events in, header, errors and timers out.
+
+    Subclasses set `format`, give the header attributes in `header_attributes()` and decide
+    in the event methods. An exception from an event method ends the stream: a `StreamError`
+    with its condition, anything else (a bug) with ``internal-server-error``.
+    """
+
+    format: StreamFormat
+
+    def __init__(self, parser: StreamParser, clock: IReactorTime, *,
+                 stall_timeout: float | None = None, negotiation_timeout: float | None = None,
+                 idle_timeout: float | None = None, direct_tls: bool = False) -> None:
+        self.parser = parser
+        self.clock = clock
+        self.stall_timeout = stall_timeout
+        self.negotiation_timeout = negotiation_timeout
+        self.idle_timeout = idle_timeout
+        #: Our header was written on the current stream.
+        self.header_sent = False
+        #: The peer's header of the current stream (None until it arrived).
+        self.peer_header: StreamOpened | None = None
+        #: The stream is over: nothing more is read or written.
+        self.closed = False
+        #: A TLS handshake is under way (direct TLS from the start, or after STARTTLS).
+        self.tls_pending = direct_tls
+        self.last_received = clock.seconds()
+        self._events: deque[Any] = deque()
+        self._held = False
+        self._stall: IDelayedCall | None = None
+        self._deadline: IDelayedCall | None = None
+        self._idle: IDelayedCall | None = None
+        self._abort: IDelayedCall | None = None
+
+    # -- what the subclass decides -----------------------------------------------------------
+
+    def header_attributes(self) -> Iterable[tuple[str, str | None]]:
+        """The attributes of our header after the fixed ones (from, id, xml:lang...)."""
+        return ()
+
+    def stream_opened(self, header: StreamOpened) -> None:
+        """The peer's header arrived (`peer_header` is set)."""
+
+    def element_received(self, element: etree._Element) -> None:
+        """A whole top-level element arrived."""
+
+    def stream_closed(self) -> None:
+        """The peer closed its stream; by default we close ours."""
+        self.close_stream()
+
+    def malformed(self, error: XMLStreamError) -> None:
+        """The parser refused the input."""
+        self.send_stream_error(error.condition, error.text)
+
+    def timed_out(self, why: str) -> None:
+        """A timer fired: `why` is ``stall``, ``negotiation`` or ``idle``."""
+        self.send_stream_error("connection-timeout", TIMEOUT_TEXTS[why])
+
+    def tls_established(self) -> None:
+        """The TLS handshake completed; the peer's new stream follows."""
+
+    def stream_ended(self) -> None:
+        """Called once when the stream is over, whatever ended it."""
+
+    # -- connection lifetime -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        self._arm_stall()  # the header is due like any other element
+        if self.negotiation_timeout is not None:
+            self._deadline = self.clock.callLater(self.negotiation_timeout,
+                                                  self._fire, "negotiation")
+        self._restart_idle()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        self._end()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+
+    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener
+        self.tls_pending = False
+        if not self.closed:
+            self.tls_established()
+
+    def negotiated(self) -> None:
+        """Negotiation is over: the deadline no longer applies."""
+        _cancel(self._deadline)
+        self._deadline = None
+
+    # -- bytes in ----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.closed:
+            return
+        self.last_received = self.clock.seconds()
+        self._restart_idle()
+        if self.tls_pending:
+            self.send_stream_error("policy-violation", "data in the clear after <starttls/>")
+            return
+        try:
+            events = self.parser.feed(data)
+        except XMLStreamError as error:
+            self.malformed(error)
+            return
+        if data.strip(b" \t\r\n"):
+            if self.parser.idle:
+                _cancel(self._stall)
+            else:
+                self._arm_stall()
+        self._events.extend(events)
+        self._pump()
+
+    def hold(self) -> None:
+        """Keep further events queued until `release` (an asynchronous step is running)."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._events and not self._held and not self.closed:
+            event = self._events.popleft()
+            try:
+                if isinstance(event, StreamOpened):
+                    self.peer_header = event
+                    self.stream_opened(event)
+                elif isinstance(event, StreamClosed):
+                    self.stream_closed()
+                else:
+                    self.element_received(event)
+            except StreamError as error:
+                self.send_stream_error(error.condition, error.text, error.extra)
+            except Exception:  # noqa: BLE001 - one bad stream must not hurt the others
+                log.failure("{peer}: internal error", peer=self.transport.getPeer())
+                self.send_stream_error("internal-server-error")
+
+    # -- bytes out ---------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def send_header(self) -> None:
+        self.send(self.format.header(self.header_attributes()))
+        self.header_sent = True
+
+    def send_stream_error(self, condition: str, text: str = "", extra: bytes = b"") -> None:
+        """End the stream with an error: header first if none was sent, the error, the close."""
+        if self.closed:
+            return
+        if self.tls_pending:  # no stream to put an error on until TLS is up
+            log.info("{peer}: {condition} during the TLS handshake ({text})",
+                     peer=self.transport.getPeer(), condition=condition, text=text)
+            self.abort_connection()
+            return
+        log.info("{peer}: stream error {condition} ({text})", peer=self.transport.getPeer(),
+                 condition=condition, text=text)
+        head = b"" if self.header_sent else self.format.header(self.header_attributes())
+        self.header_sent = True
+        self.transport.write(head + self.format.error(condition, text, extra) + self.format.close)
+        self.hang_up()
+
+    def close_stream(self) -> None:
+        """Close our stream politely (after the peer closed its own, or when we are done)."""
+        if self.closed:
+            return
+        self.transport.write(self.format.close)
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        """The stream is over: read nothing more, close once what was written is sent."""
+        self._end()
+        self.close_connection()
+
+    def close_connection(self) -> None:
+        """Close once what was written is sent; abort if the peer does not let that happen."""
+        self.transport.loseConnection()
+        if self._abort is None:
+            self._abort = self.clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+
+    def abort_connection(self) -> None:
+        """Cut the connection at once, saying nothing."""
+        self._end()
+        self.transport.abortConnection()
+
+    # -- STARTTLS and stream restarts ----------------------------------------------------------
+
+    def start_tls(self, context: Any, answer: bytes = b"") -> bool:
+        """Write `answer` (``<proceed/>``), then start TLS unless the peer sent more in the
+        clear; False when it did (the stream then ended with ``policy-violation``)."""
+        self.send(answer)
+        if self._events or not self.parser.idle:
+            self.send_stream_error("policy-violation", "data in the clear after <starttls/>")
+            return False
+        self.restart_stream()
+        self.tls_pending = True
+        self.transport.startTLS(context)
+        self._arm_stall()  # the handshake and the new header are due in time
+        return True
+
+    def restart_stream(self) -> None:
+        """A new stream starts (after STARTTLS or SASL success); queued events are void."""
+        self.parser.reset()
+        self._events.clear()
+        self.header_sent = False
+        self.peer_header = None
+
+    # -- timers ----------------------------------------------------------------------------------
+
+    def _arm_stall(self) -> None:
+        if self.stall_timeout is not None and (self._stall is None or not self._stall.active()):
+            self._stall = self.clock.callLater(self.stall_timeout, self._fire, "stall")
+
+    def _restart_idle(self) -> None:
+        if self.idle_timeout is None:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.clock.callLater(self.idle_timeout, self._fire, "idle")
+
+    def _fire(self, why: str) -> None:
+        if not self.closed:
+            self.timed_out(why)
+
+    def _end(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._events.clear()
+        for timer in (self._stall, self._deadline, self._idle):
+            _cancel(timer)
+        self.stream_ended()
+
+
+def _cancel(timer: IDelayedCall | None) -> None:
+    if timer is not None and timer.active():
+        timer.cancel()
