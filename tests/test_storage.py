@@ -180,7 +180,7 @@ class PostgreSQLListenerRecoveryTests(unittest.TestCase):
         got: list[str] = []
         gaps: list[bool] = []
         await self.db.listen("note_changes", got.append, lambda: gaps.append(True))
-        pid = self.db._pg_listener.connection.info.backend_pid
+        pid = self.db._listener.connection.info.backend_pid
         with psycopg.connect(postgres_base(), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         await wait_for(lambda: gaps, timeout=5.0)

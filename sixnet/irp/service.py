@@ -123,7 +123,7 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
                   state_dir: Path, ca: LabCA | None, reactor: Any = None) -> IRPService:
     """The registry from its parts (what `make_service` reads from the configuration)."""
     db = Database(section.database, base=state_dir)
-    if db.dialect != "sqlite" and not section.answer_cache_shared:
+    if db.engine.shared and not section.answer_cache_shared:
         # Another registry may change a record at any moment: read it, so a registration
         # acknowledged there is visible here at once.
         section = dataclasses.replace(section, answer_cache=0)

@@ -2,8 +2,9 @@
 
 Every service's store builds on `Database`: blocking DB-API calls run in a thread pool
 (`twisted.enterprise.adbapi`), each transaction has a name (it appears in slow-query logs),
-SQL is written once with ``?`` placeholders and ``{blob}``/``{serial}`` type names that are
-translated per dialect, and a schema is a numbered list of migrations applied in order.
+SQL is written once with ``?`` placeholders and ``{blob}``/``{serial}`` type names, and a
+schema is a numbered list of migrations applied in order. Every difference between the two
+databases lives in its `Engine` object; call sites never test which one they have.
 
 SQLite runs in WAL mode with ``synchronous=FULL``: a transaction whose Deferred has fired is on
 disk and survives a crash of the process or the machine.
@@ -35,11 +36,79 @@ T = TypeVar("T")
 #: A transaction slower than this (seconds) is logged with its name.
 SLOW_TRANSACTION = 0.5
 
-_TYPES = {
-    "sqlite": {"blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
-               "bigint": "INTEGER"},
-    "postgresql": {"blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT"},
-}
+class Engine:
+    """What differs between the two databases, so that call sites never test a dialect."""
+
+    #: The database's name in a setting (``sqlite:``, ``postgresql://``).
+    name: str
+    #: Several server processes may use this database at once, and a transaction's
+    #: notifications reach all of them (PostgreSQL). False: one server process (SQLite),
+    #: notifications stay in it.
+    shared: bool
+    #: The column types named ``{blob}``, ``{serial}`` and ``{bigint}`` in schema SQL.
+    types: Mapping[str, str]
+
+    def connection_pool(self, target: str, pool_size: int) -> adbapi.ConnectionPool:
+        raise NotImplementedError
+
+    def translate(self, sql: str) -> str:
+        """SQL written with ``?`` placeholders, in this driver's parameter style."""
+        return sql
+
+    def notify(self, cursor: Any, channel: str, payload: str) -> bool:
+        """Send a notification inside the transaction; False: deliver it here after commit."""
+        return False
+
+    def lock_migrations(self, cursor: Any) -> None:
+        """Keep a second process from migrating the same schema at the same time."""
+
+    def listener(self, target: str, deliver: Callable[[str, str], None],
+                 gap: Callable[[], None]) -> _PostgresListener:
+        """The connection that hears other processes' notifications (`shared` engines)."""
+        raise NotImplementedError
+
+
+class SQLiteEngine(Engine):
+    name = "sqlite"
+    shared = False
+    types = {"blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER"}
+
+    def connection_pool(self, target: str, pool_size: int) -> adbapi.ConnectionPool:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        # One connection: SQLite has one writer, and one connection keeps WAL simple.
+        # (A migration needs no lock: IMMEDIATE transactions already take the write lock.)
+        return adbapi.ConnectionPool(
+            "sqlite3", target, check_same_thread=False, cp_min=1, cp_max=1,
+            cp_openfun=_sqlite_connected, isolation_level="IMMEDIATE",
+        )
+
+
+class PostgreSQLEngine(Engine):
+    name = "postgresql"
+    shared = True
+    types = {"blob": "BYTEA", "serial": "BIGSERIAL PRIMARY KEY", "bigint": "BIGINT"}
+
+    def connection_pool(self, target: str, pool_size: int) -> adbapi.ConnectionPool:
+        return adbapi.ConnectionPool(
+            "psycopg", target, cp_min=1, cp_max=pool_size, cp_reconnect=True,
+        )
+
+    def translate(self, sql: str) -> str:
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    def notify(self, cursor: Any, channel: str, payload: str) -> bool:
+        cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        return True
+
+    def lock_migrations(self, cursor: Any) -> None:
+        cursor.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
+
+    def listener(self, target: str, deliver: Callable[[str, str], None],
+                 gap: Callable[[], None]) -> _PostgresListener:
+        return _PostgresListener(target, deliver, gap)
+
+
+ENGINES: dict[str, Engine] = {e.name: e for e in (SQLiteEngine(), PostgreSQLEngine())}
 
 
 class DatabaseURLError(ValueError):
@@ -62,9 +131,9 @@ def parse_url(url: str, base: Path) -> tuple[str, str]:
 class Cursor:
     """A DB-API cursor that takes ``?`` placeholders in either dialect."""
 
-    def __init__(self, cursor: Any, dialect: str) -> None:
+    def __init__(self, cursor: Any, engine: Engine) -> None:
         self._cursor = cursor
-        self.dialect = dialect
+        self.engine = engine
         #: (channel, payload) to deliver to this process's listeners after commit (SQLite).
         self.notifications: list[tuple[str, str]] = []
 
@@ -72,17 +141,15 @@ class Cursor:
         """Send `payload` to the listeners of `channel` when this transaction commits."""
         if not _CHANNEL.fullmatch(channel):
             raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 63)")
-        if self.dialect == "postgresql":
-            self._cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-        else:
+        if not self.engine.notify(self._cursor, channel, payload):
             self.notifications.append((channel, payload))
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        self._cursor.execute(self._translate(sql), tuple(params))
+        self._cursor.execute(self.engine.translate(sql), tuple(params))
         return self
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Cursor:
-        self._cursor.executemany(self._translate(sql), [tuple(r) for r in rows])
+        self._cursor.executemany(self.engine.translate(sql), [tuple(r) for r in rows])
         return self
 
     def fetchone(self) -> tuple[Any, ...] | None:
@@ -94,11 +161,6 @@ class Cursor:
     @property
     def rowcount(self) -> int:
         return int(self._cursor.rowcount)
-
-    def _translate(self, sql: str) -> str:
-        if self.dialect == "postgresql":
-            sql = sql.replace("%", "%%").replace("?", "%s")
-        return sql
 
 
 _CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -115,35 +177,24 @@ class Database:
     """One database, reached through a small thread pool."""
 
     def __init__(self, url: str, *, base: Path = Path("."), pool_size: int = 4) -> None:
-        self.dialect, self.target = parse_url(url, base)
+        name, self.target = parse_url(url, base)
+        self.engine = ENGINES[name]
         self.closed = False
-        if self.dialect == "sqlite":
-            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
-            # One connection: SQLite has one writer, and one connection keeps WAL simple.
-            self.pool = adbapi.ConnectionPool(
-                "sqlite3", self.target, check_same_thread=False, cp_min=1, cp_max=1,
-                cp_openfun=_sqlite_connected, isolation_level="IMMEDIATE",
-            )
-        else:
-            self.pool = adbapi.ConnectionPool(
-                "psycopg", self.target, cp_min=1, cp_max=pool_size, cp_reconnect=True,
-            )
+        self.pool = self.engine.connection_pool(self.target, pool_size)
         self._listeners: dict[str, list[Callable[[str], object]]] = {}
         self._gap_callbacks: list[Callable[[], object]] = []
-        self._pg_listener: _PostgresListener | None = None
+        self._listener: _PostgresListener | None = None
 
     def sql(self, text: str) -> str:
         """Fill the ``{blob}``, ``{serial}`` and ``{bigint}`` type names for this dialect."""
-        return text.format(**_TYPES[self.dialect])
+        return text.format(**self.engine.types)
 
     def run(self, name: str, interaction: Callable[..., T], *args: Any,
             **kwargs: Any) -> defer.Deferred[T]:
         """Run ``interaction(cursor, *args)`` in one transaction, committed when it returns."""
-        dialect = self.dialect
-
         def body(txn: Any) -> tuple[T, list[tuple[str, str]]]:
             started = time.monotonic()
-            cursor = Cursor(txn, dialect)
+            cursor = Cursor(txn, self.engine)
             try:
                 return interaction(cursor, *args, **kwargs), cursor.notifications
             finally:
@@ -177,11 +228,11 @@ class Database:
         self._listeners.setdefault(channel, []).append(callback)
         if on_gap is not None:
             self._gap_callbacks.append(on_gap)
-        if self.dialect != "postgresql" or not first:
+        if not self.engine.shared or not first:
             return defer.succeed(None)
-        if self._pg_listener is None:
-            self._pg_listener = _PostgresListener(self.target, self._deliver, self._gap)
-        return self._pg_listener.listen(channel)
+        if self._listener is None:
+            self._listener = self.engine.listener(self.target, self._deliver, self._gap)
+        return self._listener.listen(channel)
 
     def _gap(self) -> None:
         for callback in list(self._gap_callbacks):
@@ -210,9 +261,7 @@ class Database:
         def apply(cursor: Cursor) -> int:
             cursor.execute("CREATE TABLE IF NOT EXISTS schema_version "
                            "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-            if self.dialect == "postgresql":
-                # Two processes starting at once on one PostgreSQL must not both migrate.
-                cursor.execute("LOCK TABLE schema_version IN EXCLUSIVE MODE")
+            self.engine.lock_migrations(cursor)
             row = cursor.execute("SELECT version FROM schema_version WHERE component = ?",
                                  (component,)).fetchone()
             current = row[0] if row else 0
@@ -231,9 +280,9 @@ class Database:
 
     def close(self) -> None:
         """Close the pool's connections; committed data is already on disk."""
-        if self._pg_listener is not None:
-            self._pg_listener.close()
-            self._pg_listener = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         self._listeners.clear()
         self._gap_callbacks.clear()
         if not self.closed:

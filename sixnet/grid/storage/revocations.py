@@ -126,7 +126,7 @@ class RevocationWatch:
 
     async def start(self) -> None:
         """Read the table (quietly: these are not news), then follow it."""
-        if self.store.db.dialect == "postgresql":
+        if self.store.db.engine.shared:
             await self.store.db.listen(CHANNEL, self._notified, on_gap=self.refresh)
         else:
             self._poll.start(POLL_INTERVAL, now=False)
