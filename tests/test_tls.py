@@ -137,3 +137,20 @@ class TLSTests(unittest.TestCase):
             # SECLEVEL=0 makes the client really offer the old version
             text = await self.openssl(port, flag, "-cipher", "DEFAULT:@SECLEVEL=0")
             assert "alert protocol version" in text, text
+
+    async def test_offers_x25519_p256_p384_and_no_other_group(self) -> None:
+        """Mozilla's intermediate profile: a client offering only X448 or P-521 is refused.
+
+        TLS 1.3 keeps the key share apart from the certificate's curve, so each group is
+        tried alone (in TLS 1.2 the client's list must also hold the certificate's curve).
+        """
+        if OPENSSL is None:
+            raise unittest.SkipTest("the openssl command is not installed")
+        port = self.listen("none")
+        for group, shown in (("X25519", "X25519"), ("P-256", "ECDH, prime256v1"),
+                             ("P-384", "ECDH, secp384r1")):
+            text = await self.openssl(port, "-tls1_3", "-groups", group)
+            assert "New, TLSv1.3" in text and f"Server Temp Key: {shown}" in text, text
+        for refused in ("X448", "P-521", "ffdhe2048"):
+            text = await self.openssl(port, "-tls1_3", "-groups", refused)
+            assert "New, (NONE)" in text and "handshake failure" in text, text

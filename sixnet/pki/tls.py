@@ -23,6 +23,7 @@ from typing import Literal
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -40,10 +41,18 @@ TLS12_CIPHERS = (
 )
 
 
+#: Key exchange groups, Mozilla's "intermediate" profile: no X448, no secp521r1.
+KEY_EXCHANGE_GROUPS = b"X25519:P-256:P-384"
+
+
 def _base_context(method: int) -> SSL.Context:
     ctx = SSL.Context(method)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_cipher_list(TLS12_CIPHERS)
+    # pyOpenSSL has no call for the group list (only set_tmp_ecdh, one curve, TLS 1.2 only):
+    # OpenSSL's own, through the binding pyOpenSSL is built on.
+    if not _lib.SSL_CTX_set1_curves_list(ctx._context, KEY_EXCHANGE_GROUPS):
+        raise ValueError(f"OpenSSL refused the key exchange groups {KEY_EXCHANGE_GROUPS!r}")
     options = SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
     options |= getattr(SSL, "OP_NO_RENEGOTIATION", 0)
     ctx.set_options(options)
