@@ -260,9 +260,9 @@ async def agents_flow(directory: Path, alice: NodeIdentity, bob: NodeIdentity,
     import dataclasses
 
     from sixnet.chat.config import ChatConfig
-    from sixnet.chat.directory import SharedDirectory
     from sixnet.chat.service import ChatService
     from sixnet.core.storage.database import Database
+    from tests.support.chat import SharedDirectory
 
     shared = SharedDirectory(reactor.seconds)
     services = []

@@ -18,10 +18,12 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial import unittest
 
 from sixnet.chat.config import ChatConfig
-from sixnet.chat.directory import PeerAddress, SharedDirectory
+from sixnet.chat.directory import PeerAddress
 from sixnet.chat.service import ChatService
 from sixnet.chat.store import StoredMessage
 from sixnet.core.storage.database import Database
+
+from .support.chat import SharedDirectory
 
 ALICE, BOB, CAROL, MALLORY = ("alice@example.test", "bob@example.test", "carol@example.test",
                               "mallory@example.test")
@@ -428,6 +430,33 @@ class RegistrationTests(unittest.TestCase):
         assert len(announced) == 2  # 180 s since the last: not yet two thirds of 300
         clock.advance(60)
         assert len(announced) == 3  # 240 s >= 200 s: renewed before it expires
+        registration.stop()
+        assert not clock.getDelayedCalls()
+
+    def test_a_failed_registration_is_retried_with_backoff_up_to_the_interval(self) -> None:
+        from twisted.internet import defer
+        from twisted.internet.task import Clock
+
+        from sixnet.chat.service import Registration
+
+        clock = Clock()
+        attempts: list[float] = []
+
+        class Unreachable:
+            def announce(self, addresses: Any, lifetime: float) -> Any:
+                attempts.append(clock.seconds())
+                return defer.fail(ConnectionRefusedError("the registry is down"))
+
+        registration = Registration(Unreachable(), lambda: [PeerAddress("192.0.2.1", 4605)],
+                                    lifetime=300, check_interval=10, clock=clock)
+        registration.start()
+        for _ in range(200):
+            clock.advance(0.25)
+        gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:], strict=False)]
+        assert len(gaps) >= 5, gaps
+        # 2 s, 4 s, 8 s, then the check interval (each plus under a second of jitter)
+        for gap, base in zip(gaps, [2, 4, 8, 10, 10], strict=False):
+            assert base <= gap <= base + 1.25, gaps
         registration.stop()
         assert not clock.getDelayedCalls()
 

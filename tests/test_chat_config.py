@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from sixnet.app.config import load_config
-from sixnet.chat.directory import SharedDirectory
 from sixnet.chat.service import make_service
 from sixnet.core.errors import ConfigError
 from sixnet.pki.store import store_from_config
 
 from .conftest import LabPKI
+from .support.chat import SharedDirectory
 from .test_config import problem, write
 
 BASE = """\

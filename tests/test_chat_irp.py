@@ -40,13 +40,13 @@ class IRPAgentTests(unittest.TestCase):
         self.delivered: list[str] = []
         self.received: list[str] = []
 
-    async def registry(self) -> IRPService:
+    async def registry(self, port: int = 0) -> IRPService:
         config = dataclasses.replace(IRPConfig(), enabled=True,
-                                     listen=["tcp:0:interface=127.0.0.1"],
+                                     listen=[f"tcp:{port}:interface=127.0.0.1"],
                                      database=f"sqlite:{self.dir / 'irp.sqlite3'}")
         service = build_service(config, self.store, self.host, self.dir / "irp", None)
         service.startService()
-        self.addCleanup(service.stopService)
+        self.addCleanup(lambda: service.stopService() if service.running else None)
         await service.ready
         await until(lambda: bool(service.listening.ports))
         self.irp_port = service.listening.ports[0].getHost().port
@@ -98,3 +98,20 @@ class IRPAgentTests(unittest.TestCase):
         await self.registry()
         alice = await self.agent(ALICE)
         assert await alice.directory.lookup("nobody@example.test") is None
+
+    async def test_the_directory_reconnects_by_itself_and_watches_again(self) -> None:
+        first = await self.registry()
+        port = self.irp_port
+        alice = await self.agent(ALICE)
+        heard: list[Any] = []
+        alice.directory.watch(BOB, heard.append)
+        await until(lambda: bool(alice.registration.registered))
+        await first.stopService()
+        await task.deferLater(reactor, 0.2, lambda: None)
+        await self.registry(port)
+        # nobody asks the directory for anything: ClientService reconnects (2 s backoff, plus
+        # jitter) and the watch is made again, so bob's registration reaches alice
+        bob = await self.agent(BOB)
+        await until(lambda: bool(bob.registration.registered))
+        await until(lambda: any(r.addresses for r in heard), timeout=15)
+        assert heard[-1].addresses[0] == PeerAddress("127.0.0.1", bob.ports[0].getHost().port)

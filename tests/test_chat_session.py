@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from lxml import etree
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -109,6 +110,15 @@ def test_handshake_and_messages(pki, store, key_type: str, cipher: str) -> None:
     assert p.owner_b.stanzas == [("message", "secret words")]
     assert p.owner_a.stanzas == [("receipt", None)]
     assert not any(b"secret words" in chunk for chunk in p.wire)
+
+
+def test_p521_certificates_sign_with_sha512(pki, store) -> None:
+    key = ec.generate_private_key(ec.SECP521R1())
+    alice = NodeIdentity(ALICE, pki.root.sign_user(ALICE, key.public_key()), key)
+    p = Pair(alice, pki.identity("user", BOB), store)
+    p.pump()
+    assert p.owner_a.established == [BOB] and p.owner_b.established == [ALICE]
+    assert b'algorithm="ecdsa-sha512"' in b"".join(p.wire)
 
 
 def test_intermediate_issued_certificates(pki, store) -> None:
@@ -354,4 +364,4 @@ def test_record_layer_round_trip_and_limits() -> None:
     assert alert is None and b"".join(p for _, p in got) == big
     assert all(t == APPLICATION for t, _ in got)
     got, alert = receiver.feed(b"\x17\xff\xff\xff")
-    assert alert is not None and alert.reason == "record-overflow"
+    assert alert is not None and alert.condition == "record-overflow"

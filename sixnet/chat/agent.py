@@ -8,12 +8,14 @@ with queued messages when the directory says they moved, or with exponential bac
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
+from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -88,7 +90,11 @@ class Agent:
         self._dialing: dict[str, defer.Deferred[bool]] = {}
         self._waiters: dict[Session, defer.Deferred[bool]] = {}
         self._retry_calls: dict[str, IDelayedCall] = {}
-        self._backoff: dict[str, float] = {}
+        #: Retries of each person since their last session or move (`_schedule_retry`).
+        self._retries: dict[str, int] = {}
+        initial = self.settings.retry_initial
+        self._retry_delay = backoffPolicy(initialDelay=initial, maxDelay=self.settings.retry_max,
+                                          factor=2.0, jitter=lambda: random.random() * initial / 8)
         self._watches: dict[str, Callable[[], None]] = {}
         self._listeners: list[Callable[[str, StoredMessage], None]] = []
         self._stopping = False
@@ -264,8 +270,8 @@ class Agent:
         call = self._retry_calls.get(peer)
         if call is not None and call.active():
             return
-        delay = self._backoff.get(peer, self.settings.retry_initial)
-        self._backoff[peer] = min(delay * 2, self.settings.retry_max)
+        retries = self._retries.get(peer, 0)
+        delay, self._retries[peer] = self._retry_delay(retries), retries + 1
         log.info("retrying {peer} in {delay:.0f}s", peer=peer, delay=delay)
         self._retry_calls[peer] = self.reactor.callLater(delay, self.deliver, peer)
 
@@ -284,7 +290,7 @@ class Agent:
         call = self._retry_calls.pop(peer, None)
         if call is not None and call.active():
             call.cancel()
-        self._backoff.pop(peer, None)
+        self._retries.pop(peer, None)
         if self.sessions.get(peer) is None:
             self.deliver(peer)
 
@@ -333,7 +339,7 @@ class Agent:
         call = self._retry_calls.pop(peer, None)
         if call is not None and call.active():
             call.cancel()
-        self._backoff.pop(peer, None)
+        self._retries.pop(peer, None)
         if waiter is not None:
             waiter.callback(True)
         if winner is session:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sixnet.core.errors import ConditionError
 from sixnet.pki.store import VerificationError
 
 ALERTS = frozenset({
@@ -24,15 +25,11 @@ _CERTIFICATE_ALERTS = {
 }
 
 
-class Alert(Exception):
-    """Ends a session; `reason` goes on the wire, `detail` only to the local log."""
+class Alert(ConditionError):
+    """Ends a session; the condition (an alert name) goes on the wire, the text only to the
+    local log."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        if reason not in ALERTS:
-            raise ValueError(f"unknown alert {reason!r}")
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
+    conditions = ALERTS
 
 
 def certificate_alert(error: VerificationError) -> Alert:

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, x25519
 from lxml import etree
 
 from sixnet.chat.alerts import Alert
 from sixnet.chat.keyschedule import finished_mac
 from sixnet.chat.messages import KEY_AGREEMENTS, canonical
 from sixnet.chat.records import CIPHERS
+from sixnet.pki import signing
 from sixnet.pki.keys import PrivateKey
 
 SIGNATURE_CONTEXT = {
@@ -28,7 +29,6 @@ SIGNATURE_CONTEXT = {
     "responder": b"SixChat 1, responder CertificateVerify",
 }
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
 
 @dataclass(frozen=True)
@@ -72,17 +72,12 @@ class Transcript:
 
 
 def signature_algorithm(key: object) -> str:
-    """The ``certificate-verify`` algorithm of a private or public key."""
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
-        if key.curve.name == "secp256r1":
-            return "ecdsa-sha256"
-        if key.curve.name == "secp384r1":
-            return "ecdsa-sha384"
-    elif isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
-        return "ed25519"
-    elif isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return "rsa-pss-sha256"
-    raise Alert("bad-certificate", f"unsupported certificate key {type(key).__name__}")
+    """The ``certificate-verify`` algorithm of a private or public key (`sixnet.pki.signing`)."""
+    try:
+        return signing.algorithm_name(key)
+    except signing.UnsupportedKey:
+        raise Alert("bad-certificate", f"unsupported certificate key {type(key).__name__}"
+                    ) from None
 
 
 def _signed_content(role: str, transcript_hash: bytes) -> bytes:
@@ -91,16 +86,7 @@ def _signed_content(role: str, transcript_hash: bytes) -> bytes:
 
 def sign(key: PrivateKey, role: str, transcript_hash: bytes) -> tuple[str, bytes]:
     algorithm = signature_algorithm(key)
-    content = _signed_content(role, transcript_hash)
-    if algorithm == "ed25519":
-        assert isinstance(key, ed25519.Ed25519PrivateKey)
-        return algorithm, key.sign(content)
-    if algorithm == "rsa-pss-sha256":
-        assert isinstance(key, rsa.RSAPrivateKey)
-        return algorithm, key.sign(content, _PSS, hashes.SHA256())
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    digest = hashes.SHA384() if algorithm == "ecdsa-sha384" else hashes.SHA256()
-    return algorithm, key.sign(content, ec.ECDSA(digest))
+    return algorithm, signing.sign(key, _signed_content(role, transcript_hash))
 
 
 def verify_signature(certificate: x509.Certificate, role: str, transcript_hash: bytes,
@@ -109,17 +95,8 @@ def verify_signature(certificate: x509.Certificate, role: str, transcript_hash: 
     public = certificate.public_key()
     if algorithm != signature_algorithm(public):
         raise Alert("decrypt-error", f"{algorithm} does not match the certificate key")
-    content = _signed_content(role, transcript_hash)
     try:
-        if isinstance(public, ed25519.Ed25519PublicKey):
-            public.verify(signature, content)
-        elif isinstance(public, rsa.RSAPublicKey):
-            public.verify(signature, content, _PSS, hashes.SHA256())
-        elif isinstance(public, ec.EllipticCurvePublicKey):
-            digest = hashes.SHA384() if algorithm == "ecdsa-sha384" else hashes.SHA256()
-            public.verify(signature, content, ec.ECDSA(digest))
-        else:  # signature_algorithm refused it already
-            raise Alert("bad-certificate", "unsupported certificate key")
+        signing.verify(public, signature, _signed_content(role, transcript_hash))
     except InvalidSignature:
         raise Alert("decrypt-error", f"the {role}'s signature over the transcript does not "
                                      "verify") from None

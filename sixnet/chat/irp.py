@@ -1,9 +1,10 @@
 """`IPeerDirectory` over the IRP registry (``sixnet.irp.client``).
 
-One authenticated connection, made when first needed and made again when it drops (with
-backoff), because watches live only as long as their connection: after a reconnect every
-person still watched is watched again and their current record is passed on, so a move
-that happened while the connection was down is not missed.
+One authenticated connection, made when first needed and kept from then on by Twisted's
+`ClientService`, which makes it again with `backoffPolicy` when it drops or cannot be made.
+Watches live only as long as their connection: on every new connection each person still
+watched is watched again and their current record is passed on, so a move that happened
+while the connection was down is not missed.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sixnet.chat.directory import IPeerDirectory, PeerAddress, PeerRecord, Watcher
@@ -30,6 +34,78 @@ def peer_record(record: PersonRecord) -> PeerRecord:
                                            for ip, port, _ in record.addresses), chain)
 
 
+class _SessionTransport:
+    """The registry connection's transport as `ClientService` uses it: to close it."""
+
+    def __init__(self, client: IRPClient) -> None:
+        self.client = client
+
+    def loseConnection(self) -> None:  # noqa: N802 - Twisted's name
+        self.client.close()
+
+
+class RegistrySession(Protocol):
+    """One connection to the registry, as `ClientService` holds it; `client` speaks IRP."""
+
+    transport: _SessionTransport
+
+    @property
+    def client(self) -> IRPClient:
+        return self.transport.client
+
+
+def _ended(error: IRPConnectionError, protocol: Protocol) -> IRPConnectionError:
+    protocol.connectionLost(Failure(error))
+    return error
+
+
+@implementer(IStreamClientEndpoint)
+class RegistryEndpoint:
+    """Connecting is `sixnet.irp.client.connect` (TCP, STARTTLS, the session): the connection
+    counts as made when the registry has said who we are, and as lost when the session ends."""
+
+    def __init__(self, host: str, port: int, store: CertificateStore, identity: NodeIdentity,
+                 server_name: str, reactor: Any, timeout: float) -> None:
+        self.host, self.port = host, port
+        self.store = store
+        self.identity = identity
+        self.server_name = server_name
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<IRP registry {self.host}:{self.port}>"
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[Protocol]:
+        cancelled = False
+
+        def cancel(_: defer.Deferred[Protocol]) -> None:
+            nonlocal cancelled  # connect() cannot stop halfway: close what it makes
+            cancelled = True
+
+        made: defer.Deferred[Protocol] = defer.Deferred(cancel)
+
+        def connected(client: IRPClient) -> None:
+            if cancelled:
+                client.close()
+                return
+            protocol = factory.buildProtocol(None)  # type: ignore[arg-type]
+            assert protocol is not None
+            protocol.makeConnection(_SessionTransport(client))  # type: ignore[arg-type]
+            client.lost.addCallback(_ended, protocol)
+            made.callback(protocol)  # type: ignore[arg-type]
+
+        def failed(failure: Failure) -> None:
+            if not cancelled:
+                made.errback(failure)
+
+        attempt = connect(self.host, self.port, self.store, identity=self.identity,
+                          server_name=self.server_name, reactor=self.reactor,
+                          timeout=self.timeout)
+        attempt.addCallbacks(connected, failed)
+        return made
+
+
 @implementer(IPeerDirectory)
 class IRPDirectory:
     """This agent's connection to its IRP registry."""
@@ -42,83 +118,51 @@ class IRPDirectory:
 
             reactor = default_reactor
         self.host, self.port = host, port
-        self.store = store
-        self.identity = identity
         self.server_name = server_name
         self.device = device
-        self.reactor = reactor
-        self.timeout = timeout
-        self.retry_max = retry_max
+        self.connection = ClientService(
+            RegistryEndpoint(host, port, store, identity, server_name, reactor, timeout),
+            Factory.forProtocol(RegistrySession),
+            retryPolicy=backoffPolicy(maxDelay=retry_max, factor=2.0), clock=reactor,
+            prepareConnection=self._connected)
         self._client: IRPClient | None = None
-        self._waiting: list[defer.Deferred[IRPClient]] | None = None
         self._watchers: dict[str, list[Watcher]] = {}
-        self._reconnect: IDelayedCall | None = None
-        self._backoff = 1.0
         self._closed = False
 
     # -- the connection ------------------------------------------------------------------------
 
     def client(self) -> defer.Deferred[IRPClient]:
-        """The live connection, connecting (once, for every caller waiting) if needed."""
+        """The live connection; else the next one, failing if that attempt fails."""
         if self._closed:
             return defer.fail(IRPConnectionError("the directory is closed"))
         if self._client is not None:
             return defer.succeed(self._client)
-        waiter: defer.Deferred[IRPClient] = defer.Deferred()
-        if self._waiting is None:
-            self._waiting = [waiter]
-            defer.Deferred.fromCoroutine(self._connect())
-        else:
-            self._waiting.append(waiter)
-        return waiter
+        if not self.connection.running:
+            self.connection.startService()
+        d = self.connection.whenConnected(failAfterFailures=1)
+        d.addErrback(self._not_connected)
+        return d.addCallback(lambda session: session.client)
 
-    async def _connect(self) -> None:
-        try:
-            client = await connect(self.host, self.port, self.store, identity=self.identity,
-                                   server_name=self.server_name, reactor=self.reactor,
-                                   timeout=self.timeout)
-        except Exception as e:
-            waiters, self._waiting = self._waiting or [], None
-            for waiter in waiters:
-                waiter.errback(e)
-            self._schedule_reconnect()
-            return
-        waiters, self._waiting = self._waiting or [], None
-        if self._closed:
-            client.close()
-            for waiter in waiters:
-                waiter.errback(IRPConnectionError("the directory is closed"))
-            return
-        self._client = client
-        self._backoff = 1.0
+    @staticmethod
+    def _not_connected(failure: Failure) -> None:
+        failure.trap(defer.CancelledError)
+        raise IRPConnectionError("the directory is closed")
+
+    def _connected(self, session: RegistrySession) -> None:
+        """Each new connection: remember it, watch again everyone still watched."""
+        client = self._client = session.client
         client.lost.addCallback(self._lost, client)
         log.info("connected to the IRP registry {host}:{port} as {user}", host=self.host,
                  port=self.port, user=client.user)
         for user in list(self._watchers):
             self._start_watch(client, user)
-        for waiter in waiters:
-            waiter.callback(client)
 
-    def _lost(self, error: IRPConnectionError, client: IRPClient) -> None:
+    def _lost(self, error: IRPConnectionError, client: IRPClient) -> IRPConnectionError:
         if self._client is client:
             self._client = None
             if not self._closed:
                 log.warn("lost the IRP registry: {error}", error=error)
-                self._schedule_reconnect()
-
-    def _schedule_reconnect(self) -> None:
-        """Only watches need a standing connection; requests connect on demand."""
-        if self._closed or not self._watchers:
-            return
-        if self._reconnect is not None and self._reconnect.active():
-            return
-        delay, self._backoff = self._backoff, min(self._backoff * 2, self.retry_max)
-        self._reconnect = self.reactor.callLater(delay, self._reconnect_now)
-
-    def _reconnect_now(self) -> None:
-        self._reconnect = None
-        self.client().addErrback(lambda f: log.info("IRP reconnect failed: {error}",
-                                                    error=f.getErrorMessage()))
+        return error
 
     @classmethod
     def from_config(cls, config: Any, identity: NodeIdentity,
@@ -129,13 +173,13 @@ class IRPDirectory:
                    server_name=chat.irp_server_name or server.host, device=chat.device,
                    timeout=chat.connect_timeout)
 
-    def close(self) -> None:
+    def close(self) -> defer.Deferred[None]:
+        """Stop reconnecting and close the connection; fires when it is closed."""
         self._closed = True
-        if self._reconnect is not None and self._reconnect.active():
-            self._reconnect.cancel()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._client = None
+        if not self.connection.running:
+            return defer.succeed(None)
+        return self.connection.stopService()
 
     # -- IPeerDirectory -----------------------------------------------------------------------
 
@@ -164,10 +208,11 @@ class IRPDirectory:
         watchers = self._watchers.setdefault(user_id, [])
         watchers.append(watcher)
         if len(watchers) == 1:
-            d = self.client()
-            d.addCallback(self._start_watch, user_id)
-            d.addErrback(lambda f: log.info("cannot watch {user} yet: {error}", user=user_id,
-                                            error=f.getErrorMessage()))
+            if self._client is not None:
+                self._start_watch(self._client, user_id)
+            else:  # the next connection watches everyone (`_connected`)
+                self.client().addErrback(lambda f: log.info(
+                    "cannot watch {user} yet: {error}", user=user_id, error=f.getErrorMessage()))
 
         def cancel() -> None:
             if watcher in watchers:

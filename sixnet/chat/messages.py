@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from lxml import etree
 
 from sixnet.chat.alerts import ALERTS, Alert
+from sixnet.pki.signing import ALGORITHM_NAMES
 
 NS = "urn:sixnet:sixchat:1"
 VERSION = "1"
@@ -25,7 +26,6 @@ STREAM_END = b"</sixchat>"
 MAX_CHAIN = 8
 RANDOM_LEN = 32
 KEY_AGREEMENTS = ("x25519", "rsa-oaep")
-SIGNATURE_ALGORITHMS = ("ecdsa-sha256", "ecdsa-sha384", "ed25519", "rsa-pss-sha256")
 
 
 def q(name: str) -> str:
@@ -202,7 +202,7 @@ def parse(element: etree._Element) -> HandshakeMessage:
         raise Alert("decode-error", "hello has no valid role")
     if tag == q("certificate-verify"):
         algorithm = _attr(element, "algorithm", "certificate-verify")
-        if algorithm not in SIGNATURE_ALGORITHMS:
+        if algorithm not in ALGORITHM_NAMES:
             raise Alert("decode-error", f"unknown signature algorithm {algorithm[:40]!r}")
         if len(element):
             raise Alert("decode-error", "certificate-verify has children")

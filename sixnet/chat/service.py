@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
@@ -90,7 +91,9 @@ class Registration:
         self.registered_at = 0.0
         self._call: IDelayedCall | None = None
         self._running = False
-        self._retry = 2.0
+        self._retry_delay = backoffPolicy(initialDelay=2.0, maxDelay=self.check_interval,
+                                          factor=2.0)
+        self._failures = 0
 
     def start(self) -> None:
         self._running = True
@@ -116,15 +119,16 @@ class Registration:
         log.info("registered at {addresses}", addresses=", ".join(map(str, addresses)))
         self.registered = list(addresses)
         self.registered_at = self.clock.seconds()
-        self._retry = 2.0
+        self._failures = 0
         return self.check_interval
 
     def _failed(self, failure: Any) -> float:
         """Try again soon (the registry may be starting too), backing off to the interval."""
-        delay, self._retry = self._retry, min(self._retry * 2, self.check_interval)
+        delay = self._retry_delay(self._failures)
+        self._failures += 1
         log.warn("IRP registration failed ({error}); again in {delay:.0f}s",
                  error=failure.getErrorMessage(), delay=delay)
-        return min(delay, self.check_interval)
+        return delay
 
     def _schedule(self, delay: float) -> None:
         if self._running:
@@ -197,7 +201,7 @@ class ChatService(MultiService):
             self.control_port = None
         for port in ports:
             await port.stopListening()
-        self.directory.close()
+        await self.directory.close()
         self.db.close()
 
     def stopService(self) -> defer.Deferred[None]:  # noqa: N802

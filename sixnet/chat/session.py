@@ -469,11 +469,11 @@ class Session:
     @_machine.output()
     def _send_alert(self, alert: Alert) -> None:
         log.info("{session}: ending with alert {reason}: {detail}", session=self,
-                 reason=alert.reason, detail=alert.detail)
+                 reason=alert.condition, detail=alert.text)
         if self.records is not None:
-            self.transport.write(self.records.seal(ALERT, alert.reason.encode()))
+            self.transport.write(self.records.seal(ALERT, alert.condition.encode()))
         else:
-            self._write_xml([m.build(m.AlertMessage(alert.reason))], end=True)
+            self._write_xml([m.build(m.AlertMessage(alert.condition))], end=True)
 
     @_machine.output()
     def _hang_up(self) -> None:
@@ -481,7 +481,7 @@ class Session:
 
     @_machine.output()
     def _report_alert(self, alert: Alert) -> None:
-        self._report(alert.reason)
+        self._report(alert.condition)
 
     @_machine.output()
     def _report_peer_alert(self, reason: str) -> None:

@@ -7,7 +7,6 @@ is sent. Both are on disk (SQLite WAL, synchronous=FULL) once their Deferred fir
 
 from __future__ import annotations
 
-import datetime
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from typing import Any
 from twisted.internet import defer
 
 from sixnet.core.storage.database import Cursor, Database
+from sixnet.core.timefmt import rfc3339
 
 MIGRATIONS = {
     1: [
@@ -57,11 +57,6 @@ def _row(row: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(*row)
 
 
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
-
-
 class MessageStore:
     """The agent's messages in a `Database`."""
 
@@ -73,7 +68,7 @@ class MessageStore:
 
     def queue(self, peer: str, body: str) -> defer.Deferred[StoredMessage]:
         """Commit a new outgoing message; it is ``queued`` until the peer's receipt."""
-        message_id, sent, stored = str(uuid.uuid4()), now_rfc3339(), time.time()
+        message_id, sent, stored = str(uuid.uuid4()), rfc3339(), time.time()
 
         def txn(c: Cursor) -> StoredMessage:
             c.execute("INSERT INTO chat_messages (id, peer, direction, body, sent, stored, "

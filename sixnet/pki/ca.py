@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from sixnet.core.timefmt import parse_rfc3339, rfc3339
 from sixnet.pki.identity import normalize_user_id, user_san
 from sixnet.pki.keys import (
     DEFAULT_KEY_TYPE,
@@ -33,10 +34,10 @@ from sixnet.pki.keys import (
     generate_key,
     read_certificates,
     read_private_key,
-    signature_hash,
     write_private_key,
     write_public_file,
 )
+from sixnet.pki.signing import certificate_hash
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
@@ -80,10 +81,6 @@ def parse_serial(text: str) -> int:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
-
-
-def _iso(when: datetime.datetime) -> str:
-    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _key_usage(
@@ -146,7 +143,7 @@ class LabCA:
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
-            .sign(key, signature_hash(key))
+            .sign(key, certificate_hash(key))
         )
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
@@ -181,7 +178,7 @@ class LabCA:
         builder = builder.add_extension(
             x509.BasicConstraints(ca=True, path_length=0), critical=True
         ).add_extension(_key_usage(ca=True), critical=True)
-        cert = builder.sign(self.key, signature_hash(self.key))
+        cert = builder.sign(self.key, certificate_hash(self.key))
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         write_private_key(directory / "ca.key", key, force=force)
@@ -258,7 +255,7 @@ class LabCA:
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(user_san(canonical), critical=False)
-            .sign(self.key, signature_hash(self.key))
+            .sign(self.key, certificate_hash(self.key))
         )
         with self._index() as index:
             index.append(self._record(cert, "user", canonical))
@@ -286,7 +283,7 @@ class LabCA:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                            critical=False)
             .add_extension(san, critical=False)
-            .sign(self.key, signature_hash(self.key))
+            .sign(self.key, certificate_hash(self.key))
         )
         with self._index() as index:
             index.append(self._record(cert, "host", hostname.lower()))
@@ -330,7 +327,7 @@ class LabCA:
                     ):
                         raise CAError("a CA cannot revoke its own certificate")
                     if record.revoked_at is None:
-                        record.revoked_at = _iso(_now())
+                        record.revoked_at = rfc3339(_now(), precision="seconds")
                         record.reason = reason
                     found = record
                     break
@@ -361,14 +358,13 @@ class LabCA:
         for record in self.records():
             if record.revoked_at is None:
                 continue
-            revoked_at = datetime.datetime.strptime(record.revoked_at, "%Y-%m-%dT%H:%M:%SZ")
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder()
                 .serial_number(int(record.serial, 16))
-                .revocation_date(revoked_at.replace(tzinfo=datetime.UTC))
+                .revocation_date(parse_rfc3339(record.revoked_at))
                 .build()
             )
-        return builder.sign(self.key, signature_hash(self.key))
+        return builder.sign(self.key, certificate_hash(self.key))
 
     def write_crl(self) -> Path:
         path = self.directory / "crl.pem"
@@ -402,6 +398,6 @@ class LabCA:
             serial=serial_hex(cert.serial_number),
             kind=kind,
             name=name,
-            not_before=_iso(cert.not_valid_before_utc),
-            not_after=_iso(cert.not_valid_after_utc),
+            not_before=rfc3339(cert.not_valid_before_utc, precision="seconds"),
+            not_after=rfc3339(cert.not_valid_after_utc, precision="seconds"),
         )

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
@@ -35,15 +35,6 @@ def generate_key(key_type: str = DEFAULT_KEY_TYPE) -> PrivateKey:
     if key_type.startswith("rsa") and key_type in KEY_TYPES:
         return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
     raise ValueError(f"unknown key type {key_type!r} (choose one of {', '.join(KEY_TYPES)})")
-
-
-def signature_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
-    """The digest to sign certificates with this key (None for Ed25519, which has its own)."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
-        return hashes.SHA384()
-    return hashes.SHA256()
 
 
 def write_private_key(path: Path, key: PrivateKey, *, force: bool = False) -> None:

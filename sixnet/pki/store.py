@@ -24,7 +24,7 @@ from service_identity import VerificationError as HostMismatch
 from service_identity.cryptography import verify_certificate_hostname
 
 from sixnet.core.config import Settings
-from sixnet.core.errors import ConfigError
+from sixnet.core.errors import ConditionError, ConfigError
 from sixnet.pki.ca import serial_hex
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id, user_ids_in
 from sixnet.pki.keys import KeyFileError, PrivateKey, read_certificates, read_private_key
@@ -52,13 +52,18 @@ CHECKS = (
 VERIFIED_CACHE_SIZE = 4096
 
 
-class VerificationError(Exception):
-    """A peer's certificate was refused; `check` names the check that failed."""
+class VerificationError(ConditionError):
+    """A peer's certificate was refused; `check` (the condition) names the check that failed."""
 
-    def __init__(self, check: str, detail: str) -> None:
-        super().__init__(f"{check}: {detail}")
-        self.check = check
-        self.detail = detail
+    conditions = frozenset(CHECKS)
+
+    @property
+    def check(self) -> str:
+        return self.condition
+
+    @property
+    def detail(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True)
