@@ -16,7 +16,7 @@ from twisted.trial import unittest
 
 from sixnet.irp.client import IRPConnectionError, IRPError, connect
 from sixnet.irp.config import IRPConfig
-from sixnet.irp.engine import hash_password, invite_hash, new_invite_code
+from sixnet.irp.engine.credentials import hash_password, invite_hash, new_invite_code
 from sixnet.irp.service import IRPService, build_service
 from sixnet.irp.storage import CertificateRow
 from sixnet.pki.ca import LabCA
@@ -231,7 +231,7 @@ class RegistryTests(RegistryHarness):
         await bob.watch("alice@example.test", about_alice.append)
         await bob.watch("carol@example.test", about_carol.append)
         registry = service.registry
-        timers = [c for c in clock.getDelayedCalls() if c.func == registry._expire]
+        timers = [c for c in clock.getDelayedCalls() if c.func == registry.watches.expire]
         assert len(timers) == 1 and timers[0].getTime() == pytest.approx(clock.seconds() + 5,
                                                                          abs=0.01)
         clock.advance(4)
@@ -274,7 +274,7 @@ class RegistryTests(RegistryHarness):
         seen = []
         first = await bob.watch("dora@example.test", seen.append)
         assert first.certificate is not None and first.certificate.status == "valid"
-        timers = [c for c in clock.getDelayedCalls() if c.func == registry._expire]
+        timers = [c for c in clock.getDelayedCalls() if c.func == registry.watches.expire]
         assert len(timers) == 1 and timers[0].getTime() == pytest.approx(not_after, abs=0.01)
         clock.advance(timers[0].getTime() - clock.seconds() + 0.001)
         await wait_for(lambda: seen)

@@ -100,7 +100,7 @@ class TwoRegistriesTests(OnPostgreSQL, unittest.TestCase):
         await alice.register([("2001:db8::1", 4605)], device="phone")
         seen = []
         await bob.watch("alice@example.test", seen.append)
-        listener = second.registry.store.db._pg_listener
+        listener = second.registry.store.db._listener
         with psycopg.connect(postgres_base(), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)",
                           (listener.connection.info.backend_pid,))

@@ -11,9 +11,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from sixnet.core.audit import AuditLog
 from sixnet.core.storage.database import Database
+from sixnet.core.timefmt import rfc3339
 from sixnet.irp.config import IRPConfig
-from sixnet.irp.engine import AuditLog, Registry
+from sixnet.irp.engine.registry import Registry
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
 from sixnet.irp.wire import (
@@ -30,7 +32,6 @@ from sixnet.irp.wire import (
     q,
     read_person,
     signed_data,
-    timestamp,
 )
 from sixnet.pki.tls import ServerTLS
 
@@ -189,8 +190,8 @@ def test_person_payload_is_the_canonical_person_element(pki) -> None:
         record = PersonRecord("alice@example.test", devices, info)
         expected = element("person", {"id": record.person}, children=[
             element("address", {"ip": a.ip, "port": str(a.port), "device": d.device,
-                                "registered": timestamp(d.registered),
-                                "expires": timestamp(d.expires)})
+                                "registered": rfc3339(d.registered),
+                                "expires": rfc3339(d.expires)})
             for d in devices for a in d.addresses] + ([chain_element(info)] if info else []))
         made = person_payload(record)
         assert made == canonical_payload([expected])

@@ -8,25 +8,29 @@ from the command line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import getpass
 import ipaddress
 import json
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.error import ConnectError
 
+from sixnet.core.audit import AuditLog
 from sixnet.core.cli import Output, add_common, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError, ConfigError
 from sixnet.core.storage.database import Database, DatabaseURLError
+from sixnet.core.timefmt import rfc3339
 from sixnet.irp.client import DEFAULT_PORT, IRPClient, IRPConnectionError, connect, find_registry
 from sixnet.irp.config import IRPSettings
-from sixnet.irp.engine import AuditLog, hash_password, invite_hash, new_invite_code
+from sixnet.irp.engine.access import Caller
+from sixnet.irp.engine.credentials import hash_password, invite_hash, new_invite_code
+from sixnet.irp.engine.registry import Registry
 from sixnet.irp.storage import MIGRATIONS, SQLRegistryStore
-from sixnet.irp.wire import IRPError, PersonRecord, timestamp
+from sixnet.irp.wire import IRPError, PersonRecord
 from sixnet.pki.ca import CAError, LabCA
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 from sixnet.pki.keys import (
@@ -222,7 +226,7 @@ def record_json(record: PersonRecord) -> dict[str, Any]:
     return {
         "user": record.person,
         "addresses": [{"ip": a.ip, "port": a.port, "device": d.device,
-                       "registered": timestamp(d.registered), "expires": timestamp(d.expires)}
+                       "registered": rfc3339(d.registered), "expires": rfc3339(d.expires)}
                       for d in record.devices for a in d.addresses],
         "certificate": None if cert is None else {
             "serial": cert.serial, "status": cert.status,
@@ -348,6 +352,10 @@ def run_revoke(args: argparse.Namespace, out: Output) -> int:
 
 # -- administration on the registry's host ---------------------------------------------------------
 
+#: Who runs the administration commands: an operator on the registry's host (no address).
+COMMAND_LINE = Caller(None, "operator (command line)", operator=True)
+
+
 
 def _admin(args: argparse.Namespace, body: Callable[[SQLRegistryStore, IRPSettings, AuditLog], Any]
            ) -> Any:
@@ -374,28 +382,26 @@ def _admin(args: argparse.Namespace, body: Callable[[SQLRegistryStore, IRPSettin
 
 
 def _now_ms() -> int:
-    return int(datetime.datetime.now(datetime.UTC).timestamp() * 1000)
+    return int(time.time() * 1000)
 
 
 def run_invite(args: argparse.Namespace, out: Output) -> int:
     user = _user(args.user)
     code = new_invite_code()
 
-    async def body(store: SQLRegistryStore, config: IRPSettings,
-                   audit: AuditLog) -> datetime.datetime:
+    async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> str:
         days = args.days or config.irp.invite_days
         if days <= 0:
             raise CommandError("--days must be positive", EXIT_USAGE)
         now = _now_ms()
         expires = now + days * 86_400_000
         await store.add_invite(invite_hash(code), user, now, expires)
-        audit.write("invite", "ok", "operator (command line)", target=user)
-        return datetime.datetime.fromtimestamp(expires / 1000, datetime.UTC)
+        audit.record("invite", outcome="ok", actor=COMMAND_LINE.actor, target=user)
+        return rfc3339(expires / 1000)
 
     expires = _admin(args, body)
-    out.result({"user": user, "code": code, "expires": timestamp(expires)},
-               f"enrollment code for {user}: {code} (valid until {timestamp(expires)}; "
-               "it works once)")
+    out.result({"user": user, "code": code, "expires": expires},
+               f"enrollment code for {user}: {code} (valid until {expires}; it works once)")
     return 0
 
 
@@ -406,7 +412,7 @@ def run_user_add(args: argparse.Namespace, out: Output) -> int:
 
     async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> None:
         await store.set_password(user, hashed, _now_ms())
-        audit.write("user-add", "ok", "operator (command line)", target=user)
+        audit.record("user-add", outcome="ok", actor=COMMAND_LINE.actor, target=user)
 
     _admin(args, body)
     out.result({"user": user, "password": "set"}, f"{user}: password set")
@@ -417,25 +423,13 @@ def run_user_remove(args: argparse.Namespace, out: Output) -> int:
     user = _user(args.user)
 
     async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> list[str]:
-        view = await store.person_view(user, _now_ms())
-        if not view.exists:
-            raise CommandError(f"{user} is not registered")
         ca = LabCA.open(config.pki.lab_ca) if config.pki.lab_ca is not None else None
-        revoked = []
-        for row in view.certificates:
-            if row.revoked is not None:
-                continue
-            if ca is not None:
-                try:
-                    ca.revoke(int(row.serial, 16), "IRP user removed")
-                except CAError:
-                    pass  # not issued by this CA: the registry's own record still refuses it
-            await store.mark_revoked(row.serial, _now_ms())
-            revoked.append(row.serial)
-        await store.remove_person(user)
-        audit.write("user-remove", "ok", "operator (command line)", target=user,
-                    revoked=revoked)
-        return revoked
+        certificates = CertificateStore.from_files(config.pki.trust_anchors, config.pki.crls)
+        registry = Registry(store, certificates, config.irp, audit, ca)
+        try:
+            return await registry.remove(COMMAND_LINE, user)
+        except IRPError as e:
+            raise CommandError(e.text) from None
 
     revoked = _admin(args, body)
     out.result({"user": user, "removed": True, "revoked": revoked},
@@ -449,8 +443,7 @@ def run_user_list(args: argparse.Namespace, out: Output) -> int:
 
     rows = _admin(args, body)
     data = [{"user": r.person, "certificates": r.certificates, "password": r.has_password,
-             "created": timestamp(datetime.datetime.fromtimestamp(r.created / 1000,
-                                                                  datetime.UTC))}
+             "created": rfc3339(r.created / 1000)}
             for r in rows]
     out.result(data, lambda: "\n".join(
         f"{d['user']:<40} certificates {d['certificates']:<3} "

@@ -13,7 +13,6 @@ inside an open stream only gets an ``<error>`` for that request.
 
 from __future__ import annotations
 
-import datetime
 from collections import Counter
 from typing import Any
 
@@ -25,7 +24,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
-from sixnet.irp.engine import Caller, Registry
+from sixnet.core.timefmt import rfc3339
+from sixnet.irp.engine.access import ANONYMOUS, Caller
+from sixnet.irp.engine.registry import Registry
 from sixnet.irp.wire import (
     NS,
     ROOT,
@@ -34,6 +35,9 @@ from sixnet.irp.wire import (
     Limits,
     Request,
     ResponseSigner,
+    RevokeRequest,
+    UnwatchRequest,
+    WatchRequest,
     element,
     error_element,
     parse_request,
@@ -43,7 +47,6 @@ from sixnet.irp.wire import (
     signed_data,
     stream_error,
     stream_header,
-    timestamp,
 )
 from sixnet.pki.store import VerificationError
 from sixnet.pki.tls import ServerTLS, peer_chain
@@ -87,8 +90,8 @@ class IRPServerFactory(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 - Twisted's name
         host = getattr(addr, "host", str(addr))
         if self.per_address[host] >= self.config.max_connections_per_address:
-            self.registry.audit.write("connect", "refused", None, peer=host,
-                                      detail="too many connections from this address")
+            self.registry.audit.record("connect", outcome="refused", actor=ANONYMOUS,
+                                       peer=host, detail="too many connections from this address")
             return _RefuseConnection()
         protocol = IRPServerProtocol(self, host)
         return protocol
@@ -159,8 +162,8 @@ class IRPServerProtocol(Protocol):
             return
         text = ("no data for too long" if why == "idle"
                 else "a message (or the TLS handshake) was not completed in time")
-        self.registry.audit.write("timeout", "refused", self.caller.identity, peer=self.peer,
-                                  detail=text)
+        self.registry.audit.record("timeout", outcome="refused", actor=self.caller.actor,
+                                   peer=self.peer, detail=text)
         self.fail("connection-timeout", text)
 
     # -- bytes in ----------------------------------------------------------------------------
@@ -173,8 +176,9 @@ class IRPServerProtocol(Protocol):
         try:
             events = self.parser.feed(data)
         except XMLStreamError as e:
-            self.registry.audit.write("stream", "refused", self.caller.identity, peer=self.peer,
-                                      condition=e.condition, detail=e.text[:200])
+            self.registry.audit.record("stream", outcome="refused", actor=self.caller.actor,
+                                       peer=self.peer, condition=e.condition,
+                                       detail=e.text[:200])
             self.fail(e.condition, e.text)
             return
         self._track_stall(data, events)
@@ -246,8 +250,8 @@ class IRPServerProtocol(Protocol):
 
     def _clear_element(self, event: etree._Element) -> None:
         if event.tag != q("starttls"):
-            self.registry.audit.write("stream", "refused", None, peer=self.peer,
-                                      detail="request before STARTTLS")
+            self.registry.audit.record("stream", outcome="refused", actor=ANONYMOUS,
+                                       peer=self.peer, detail="request before STARTTLS")
             self.fail("policy-violation", "send <starttls/> first: IRP runs only over TLS")
             return
         self.send(serialize(element("proceed")))
@@ -297,8 +301,9 @@ class IRPServerProtocol(Protocol):
 
         def checked(row: Any) -> None:
             if row is not None and row.revoked is not None and self.caller.serial == serial:
-                self.registry.audit.write("session", "refused", self.caller.identity,
-                                          peer=self.peer, serial=serial,
+                self.registry.audit.record("session", outcome="refused",
+                                           actor=self.caller.actor, peer=self.peer,
+                                           serial=serial,
                                           detail="certificate revoked during the session")
                 self.fail("not-authorized", "the certificate of this connection was revoked")
 
@@ -323,17 +328,17 @@ class IRPServerProtocol(Protocol):
             request = parse_request(node, self.factory.limits)
         except IRPError as error:
             if error.condition in ("policy-violation", "feature-not-implemented"):
-                self.registry.audit.write("request", "refused", self.caller.identity,
-                                          peer=self.peer, condition=error.condition,
-                                          detail=error.text)
+                self.registry.audit.record("request", outcome="refused",
+                                           actor=self.caller.actor, peer=self.peer,
+                                           condition=error.condition, detail=error.text)
             self.send(serialize(error_element(rid, error)))
             return
         if self.in_flight >= self.config.max_requests_in_flight:
             self.send(serialize(error_element(rid, IRPError(
                 "resource-constraint", "too many requests in flight on this connection"))))
             return
-        if request.op == "watch" and len(self.watches) >= MAX_WATCHES and \
-                request.args["user"] not in self.watches:
+        if isinstance(request, WatchRequest) and len(self.watches) >= MAX_WATCHES and \
+                request.user not in self.watches:
             self.send(serialize(error_element(rid, IRPError(
                 "policy-violation", f"at most {MAX_WATCHES} watches per connection"))))
             return
@@ -352,12 +357,12 @@ class IRPServerProtocol(Protocol):
         self.in_flight -= 1
         if self.state == CLOSED:
             return
-        if request.op == "watch":
+        if isinstance(request, WatchRequest):
             self._start_watch(request)
-        elif request.op == "unwatch":
-            self._stop_watch(request.args["user"])
-        elif request.op == "revoke" and (request.args["serial"] or caller.serial) == \
-                caller.serial:
+        elif isinstance(request, UnwatchRequest):
+            self._stop_watch(request.user)
+        elif isinstance(request, RevokeRequest) and \
+                (request.serial or caller.serial) == caller.serial:
             self.caller = Caller(self.peer)  # this connection's certificate is no longer good
         self.send(self._signed(f'<result xmlns="{NS}" id="{request.id}">', b"</result>",
                                request, payload))
@@ -365,12 +370,11 @@ class IRPServerProtocol(Protocol):
     def _signed(self, head: str, tail: bytes, request: Request, payload: bytes) -> bytes:
         """A result or notification: the canonical ``<data>`` around `payload` (canonical
         bytes, possibly the registry's cached answer), signed now for this request."""
-        now = timestamp(datetime.datetime.now(datetime.UTC))
-        data = signed_data(request.op, request.id, self.factory.hostname, now, payload)
+        data = signed_data(request.op, request.id, self.factory.hostname, rfc3339(), payload)
         return head.encode() + data + self.factory.signer.signature(data) + tail
 
-    def _start_watch(self, request: Request) -> None:
-        user = request.args["user"]
+    def _start_watch(self, request: WatchRequest) -> None:
+        user = request.user
         self._stop_watch(user)
 
         def changed(payload: bytes) -> None:

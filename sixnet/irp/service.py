@@ -17,11 +17,12 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.irp.config import IRPConfig, IRPSettings
-from sixnet.irp.engine import AuditLog, Registry
+from sixnet.irp.engine.registry import Registry
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
 from sixnet.irp.wire import ResponseSigner

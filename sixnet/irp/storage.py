@@ -5,25 +5,31 @@ so the same code serves SQLite (the embedded default) and PostgreSQL (several re
 processes on one database). Every method returns a Deferred that fires after the
 transaction committed: the registry answers a client only then, so an acknowledged
 registration survives a crash. Every change to a person's record notifies the channel
-``irp_change`` with ``{"person": ..., "kind": ...}`` (kind ``record``, ``certificate``,
-``revoked`` or ``removed``), which reaches the other processes on PostgreSQL.
+``irp_change`` with ``{"person": ..., "kind": ..., "origin": ..., "change": ...}`` (kind
+``record``, ``certificate``, ``revoked`` or ``removed``; origin and change number say which
+store made it), which reaches the other processes on PostgreSQL.
 Times are integer milliseconds since the epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
+from sixnet.core.lockout import Failures, LockoutPolicy
 from sixnet.core.storage.batch import GroupCommit
 from sixnet.core.storage.database import Cursor, Database
 
 CHANGE_CHANNEL = "irp_change"
+
+T = TypeVar("T")
 
 MIGRATIONS = {
     1: [
@@ -55,8 +61,8 @@ class TooManyDevices(Exception):
 class Account:
     person: str
     password_hash: str
-    failures: int
-    locked_until: int
+    #: Failed logins since the last success (columns ``failures`` and ``locked_until``).
+    failures: Failures
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,13 @@ class IRegistryStore(Interface):
     def close() -> None:
         """Release connections; committed data is already durable."""
 
-    def on_change(callback: Callable[[str | None, str], object]) -> None:
-        """Call ``callback(person, kind)`` whenever a person's record changed (any process);
-        ``callback(None, "gap")`` when changes may have been missed."""
+    def on_change(callback: Callable[[str | None, str, bool], object]) -> None:
+        """Call ``callback(person, kind, seen)`` whenever a person's record changed (any
+        process); ``callback(None, "gap", False)`` when changes may have been missed.
+
+        `seen` is true for a change made through this store whose write had returned (so
+        its caller acted on it) before the notification came: on a shared database a
+        process hears its own changes again, some time after they committed."""
 
     def ensure_person(person: str, now: int) -> defer.Deferred[None]: ...
 
@@ -116,8 +126,10 @@ class IRegistryStore(Interface):
 
     def set_password(person: str, password_hash: str, now: int) -> defer.Deferred[None]: ...
 
-    def record_failure(person: str, now: int, lock_after: int,
-                       lock_ms: int) -> defer.Deferred[Account | None]: ...
+    def record_failure(person: str, policy: LockoutPolicy,
+                       now: int) -> defer.Deferred[Failures | None]:
+        """Count a wrong password of `person`'s account as `policy` says; the record after
+        it (None: there is no such account)."""
 
     def clear_failures(person: str) -> defer.Deferred[None]: ...
 
@@ -151,8 +163,56 @@ class IRegistryStore(Interface):
     def purge_expired(now: int) -> defer.Deferred[int]: ...
 
 
-def _changed(cursor: Cursor, person: str, kind: str = "record") -> None:
-    cursor.notify(CHANGE_CHANNEL, json.dumps({"person": person, "kind": kind}))
+class _OwnChanges:
+    """Tells which of a store's own change notifications come after its write returned.
+
+    Each notification carries the store's origin and a number. A number is noted when its
+    write returns, and when its notification arrives first (on SQLite always: it is
+    delivered as the transaction commits); whichever comes second finds the other's note.
+    Both notes are bounded: a note lost to the bound only makes a change count as unseen.
+    """
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self.origin = secrets.token_hex(8)
+        self._numbers = itertools.count(1)
+        self._returned: set[int] = set()
+        self._heard: set[int] = set()
+
+    def notify(self, cursor: Cursor, numbers: list[int], person: str,
+               kind: str = "record") -> None:
+        """Notify a change inside the write's transaction; its number goes to `numbers`."""
+        number = next(self._numbers)
+        numbers.append(number)
+        cursor.notify(CHANGE_CHANNEL, json.dumps({"person": person, "kind": kind,
+                                                  "origin": self.origin, "change": number}))
+
+    def returned(self, result: T, numbers: list[int]) -> T:
+        """The write that made the changes `numbers` returned (a Deferred callback)."""
+        for number in numbers:
+            if number in self._heard:
+                self._heard.discard(number)
+            else:
+                _bounded(self._returned).add(number)
+        return result
+
+    def seen(self, change: dict[str, Any]) -> bool:
+        """Whether a notification is of this store's change, heard after its write returned."""
+        number = change.get("change")
+        if change.get("origin") != self.origin or not isinstance(number, int):
+            return False
+        if number in self._returned:
+            self._returned.discard(number)
+            return True
+        _bounded(self._heard).add(number)
+        return False
+
+
+def _bounded(notes: set[int]) -> set[int]:
+    if len(notes) >= _OwnChanges.LIMIT:
+        notes.clear()
+    return notes
 
 
 @implementer(IRegistryStore)
@@ -161,7 +221,8 @@ class SQLRegistryStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._callbacks: list[Callable[[str | None, str], object]] = []
+        self._own = _OwnChanges()
+        self._callbacks: list[Callable[[str | None, str, bool], object]] = []
         self._reads = GroupCommit(db, "irp read batch", _person_views)
         self._writes = GroupCommit(db, "irp write batch", _each)
 
@@ -177,14 +238,14 @@ class SQLRegistryStore:
     def close(self) -> None:
         self.db.close()
 
-    def on_change(self, callback: Callable[[str | None, str], object]) -> None:
+    def on_change(self, callback: Callable[[str | None, str, bool], object]) -> None:
         self._callbacks.append(callback)
 
     def _gap(self) -> None:
         """Notifications may have been lost (the database connection broke): anything may
         have changed."""
         for callback in list(self._callbacks):
-            callback(None, "gap")
+            callback(None, "gap", False)
 
     def _heard(self, payload: str) -> None:
         try:
@@ -192,8 +253,9 @@ class SQLRegistryStore:
             person, kind = str(change["person"]), str(change["kind"])
         except (ValueError, KeyError, TypeError):
             return  # not ours: someone else notified on the channel
+        seen = self._own.seen(change)
         for callback in list(self._callbacks):
-            callback(person, kind)
+            callback(person, kind, seen)
 
     # -- persons and lookups --------------------------------------------------------------------
 
@@ -216,6 +278,8 @@ class SQLRegistryStore:
         return self.db.run("irp list persons", read)
 
     def remove_person(self, person: str) -> defer.Deferred[bool]:
+        changes: list[int] = []
+
         def remove(cursor: Cursor) -> bool:
             found = cursor.execute("DELETE FROM irp_person WHERE id = ?",
                                    (person,)).rowcount > 0
@@ -223,10 +287,10 @@ class SQLRegistryStore:
                                   ("irp_backup", "person"), ("irp_invite", "person")):
                 cursor.execute(f"DELETE FROM {table} WHERE {column} = ?", (person,))  # noqa: S608
             if found:
-                _changed(cursor, person, "removed")
+                self._own.notify(cursor, changes, person, "removed")
             return found
 
-        return self.db.run("irp remove person", remove)
+        return self.db.run("irp remove person", remove).addCallback(self._own.returned, changes)
 
     # -- accounts and invitations ----------------------------------------------------------------
 
@@ -244,17 +308,16 @@ class SQLRegistryStore:
 
         return self.db.run("irp set password", write)
 
-    def record_failure(self, person: str, now: int, lock_after: int,
-                       lock_ms: int) -> defer.Deferred[Account | None]:
-        def write(cursor: Cursor) -> Account | None:
+    def record_failure(self, person: str, policy: LockoutPolicy,
+                       now: int) -> defer.Deferred[Failures | None]:
+        def write(cursor: Cursor) -> Failures | None:
             account = _get_account(cursor, person)
             if account is None:
                 return None
-            failures = account.failures + 1
-            locked = now + lock_ms if failures >= lock_after else account.locked_until
+            failures = policy.failed(account.failures, now)
             cursor.execute("UPDATE irp_account SET failures = ?, locked_until = ?"
-                           " WHERE person = ?", (failures, locked, person))
-            return Account(person, account.password_hash, failures, locked)
+                           " WHERE person = ?", (failures.count, failures.locked_until, person))
+            return failures
 
         return self.db.run("irp record failure", write)
 
@@ -280,15 +343,17 @@ class SQLRegistryStore:
     # -- certificates ---------------------------------------------------------------------------
 
     def add_certificate(self, row: CertificateRow) -> defer.Deferred[None]:
+        changes: list[int] = []
+
         def write(cursor: Cursor) -> None:
             _ensure_person(cursor, row.person, row.issued)
             cursor.execute(
                 "INSERT INTO irp_certificate (serial, person, issued, not_after, chain, revoked)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (serial) DO NOTHING",
                 (row.serial, row.person, row.issued, row.not_after, row.chain_pem, row.revoked))
-            _changed(cursor, row.person, "certificate")
+            self._own.notify(cursor, changes, row.person, "certificate")
 
-        return self.db.run("irp add certificate", write)
+        return self.db.run("irp add certificate", write).addCallback(self._own.returned, changes)
 
     def certificate(self, serial: str) -> defer.Deferred[CertificateRow | None]:
         def read(cursor: Cursor) -> CertificateRow | None:
@@ -300,6 +365,8 @@ class SQLRegistryStore:
         return self.db.run("irp certificate", read)
 
     def mark_revoked(self, serial: str, now: int) -> defer.Deferred[bool]:
+        changes: list[int] = []
+
         def write(cursor: Cursor) -> bool:
             row = cursor.execute("SELECT person FROM irp_certificate WHERE serial = ?"
                                  " AND revoked IS NULL", (serial,)).fetchone()
@@ -307,16 +374,17 @@ class SQLRegistryStore:
                 return False
             cursor.execute("UPDATE irp_certificate SET revoked = ? WHERE serial = ?",
                            (now, serial))
-            _changed(cursor, row[0], "revoked")
+            self._own.notify(cursor, changes, row[0], "revoked")
             return True
 
-        return self.db.run("irp mark revoked", write)
+        return self.db.run("irp mark revoked", write).addCallback(self._own.returned, changes)
 
     # -- addresses --------------------------------------------------------------------------------
 
     def register(self, person: str, device: str, addresses: tuple[tuple[str, int], ...],
                  now: int, expires: int, max_devices: int) -> defer.Deferred[PersonView]:
         packed = json.dumps([[ip, port] for ip, port in addresses], separators=(",", ":"))
+        changes: list[int] = []
 
         def write(cursor: Cursor) -> PersonView | TooManyDevices:
             count = cursor.execute("SELECT count(*) FROM irp_device WHERE person = ?"
@@ -332,7 +400,7 @@ class SQLRegistryStore:
                            " DO UPDATE SET registered = excluded.registered,"
                            " expires = excluded.expires, addresses = excluded.addresses",
                            (person, device, now, expires, packed))
-            _changed(cursor, person)
+            self._own.notify(cursor, changes, person)
             return _person_view(cursor, person, now)
 
         def outcome(result: PersonView | TooManyDevices) -> PersonView:
@@ -340,9 +408,12 @@ class SQLRegistryStore:
                 raise result
             return result
 
-        return self._writes.submit(write).addCallback(outcome)
+        return self._writes.submit(write).addCallback(self._own.returned, changes) \
+            .addCallback(outcome)
 
     def unregister(self, person: str, device: str | None) -> defer.Deferred[int]:
+        changes: list[int] = []
+
         def write(cursor: Cursor) -> int:
             if device is None:
                 count = cursor.execute("DELETE FROM irp_device WHERE person = ?",
@@ -351,10 +422,10 @@ class SQLRegistryStore:
                 count = cursor.execute("DELETE FROM irp_device WHERE person = ? AND device = ?",
                                        (person, device)).rowcount
             if count:
-                _changed(cursor, person)
+                self._own.notify(cursor, changes, person)
             return count
 
-        return self.db.run("irp unregister", write)
+        return self.db.run("irp unregister", write).addCallback(self._own.returned, changes)
 
     def purge_expired(self, now: int) -> defer.Deferred[int]:
         return self.db.run("irp purge expired", lambda c: c.execute(
@@ -432,7 +503,7 @@ def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:
 def _get_account(cursor: Cursor, person: str) -> Account | None:
     row = cursor.execute("SELECT person, password_hash, failures, locked_until FROM irp_account"
                          " WHERE person = ?", (person,)).fetchone()
-    return Account(*row) if row else None
+    return Account(row[0], row[1], Failures(int(row[2]), int(row[3]))) if row else None
 
 
 def _device(row: Any) -> DeviceRow:

@@ -3,8 +3,9 @@
 Both the registry and the client use this module, so the two agree on every element by
 construction. `docs/irp.rst` is the specification; this module follows it.
 
-A request element is parsed once into a `Request` (its operation name, id and checked
-arguments); a malformed one raises `IRPError` with the protocol's error condition.
+A request element is parsed once, by `parse_request`, into one frozen `Request` subclass
+per operation (its id and its checked, typed arguments); a malformed one raises `IRPError`
+with the protocol's error condition.
 Results are `<result id><data .../><signature/></result>`: the ``<data>`` element is signed
 by the registry's host key over its exclusive XML canonical form (`canonical_bytes`).
 """
@@ -18,9 +19,9 @@ import functools
 import hashlib
 import ipaddress
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -28,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from lxml import etree
 
+from sixnet.core.errors import ConditionError
+from sixnet.core.timefmt import parse_rfc3339, rfc3339
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 
 NS = "urn:sixnet:irp:1"
@@ -60,15 +63,10 @@ def q(name: str) -> str:
     return f"{{{NS}}}{name}"
 
 
-class IRPError(Exception):
+class IRPError(ConditionError):
     """A request failed with one of `CONDITIONS`; the text is for people."""
 
-    def __init__(self, condition: str, text: str) -> None:
-        if condition not in CONDITIONS:
-            raise ValueError(f"unknown IRP error condition {condition!r}")
-        super().__init__(f"{condition}: {text}")
-        self.condition = condition
-        self.text = text
+    conditions = frozenset(CONDITIONS)
 
 
 # -- values ------------------------------------------------------------------------------
@@ -195,22 +193,14 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def timestamp(when: datetime.datetime) -> str:
-    """RFC 3339 UTC with milliseconds, the one time format on the wire."""
-    return when.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
-
-
 def parse_timestamp(text: str | None) -> datetime.datetime:
+    """A time attribute (RFC 3339, as `rfc3339` writes them on the wire)."""
     if not text:
         raise IRPError("bad-request", "a time attribute is missing")
     try:
-        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_rfc3339(text)
     except ValueError:
-        raise IRPError("bad-request", f"{text!r} is not an RFC 3339 time") from None
-    if when.tzinfo is None:
-        raise IRPError("bad-request", f"{text!r} has no time zone")
-    return when
+        raise IRPError("bad-request", f"{text[:40]!r} is not an RFC 3339 time") from None
 
 
 # -- requests ------------------------------------------------------------------------------
@@ -218,11 +208,116 @@ def parse_timestamp(text: str | None) -> datetime.datetime:
 
 @dataclass(frozen=True)
 class Request:
-    """One parsed request: the operation (its element name), its id and its arguments."""
+    """A parsed request: the id its client chose. Each operation is a subclass that names
+    the operation (its element name) in `op` and holds its arguments, checked and typed."""
 
-    op: str
+    op: ClassVar[str]
     id: str
-    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str | None:
+        """The person or certificate the request names, if any (for the audit log)."""
+        return getattr(self, "user", None) or getattr(self, "serial", None)
+
+
+@dataclass(frozen=True)
+class EnrollRequest(Request):
+    """A certificate for `csr`'s key, by the person's password or a one-time code (one)."""
+
+    op = "enroll"
+    user: str
+    csr: x509.CertificateSigningRequest
+    password: str | None
+    code: str | None
+
+
+@dataclass(frozen=True)
+class CACertificatesRequest(Request):
+    op = "ca-certificates"
+
+
+@dataclass(frozen=True)
+class RenewRequest(Request):
+    op = "renew"
+    csr: x509.CertificateSigningRequest
+
+
+@dataclass(frozen=True)
+class RevokeRequest(Request):
+    op = "revoke"
+    serial: str | None  # None: the certificate this connection authenticated with
+
+
+@dataclass(frozen=True)
+class RegisterRequest(Request):
+    op = "register"
+    user: str | None  # None: the caller
+    device: str
+    lifetime: int  # seconds
+    addresses: tuple[Address, ...]  # without repeats, in the order given
+
+
+@dataclass(frozen=True)
+class UnregisterRequest(Request):
+    op = "unregister"
+    user: str | None
+    device: str | None  # None: every device
+
+
+@dataclass(frozen=True)
+class LookupRequest(Request):
+    op = "lookup"
+    user: str
+
+
+@dataclass(frozen=True)
+class CertificatesRequest(Request):
+    """A person's certificates, or one certificate by serial (exactly one is given)."""
+
+    op = "certificates"
+    user: str | None
+    serial: str | None
+
+
+@dataclass(frozen=True)
+class WatchRequest(Request):
+    op = "watch"
+    user: str
+
+
+@dataclass(frozen=True)
+class UnwatchRequest(Request):
+    op = "unwatch"
+    user: str
+
+
+@dataclass(frozen=True)
+class BackupPutRequest(Request):
+    op = "backup-put"
+    user: str | None
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BackupGetRequest(Request):
+    """The caller's backup, or (anonymously, with `password`) the backup of `user`."""
+
+    op = "backup-get"
+    user: str | None
+    password: str | None
+
+
+@dataclass(frozen=True)
+class ListUsersRequest(Request):
+    op = "list-users"
+    after: str | None
+    limit: int
+
+
+@dataclass(frozen=True)
+class RemoveRequest(Request):
+    op = "remove"
+    user: str
 
 
 def _text_child(element: etree._Element, name: str) -> str | None:
@@ -245,7 +340,8 @@ def _csr(element: etree._Element) -> x509.CertificateSigningRequest:
     return csr
 
 
-def _credentials(element: etree._Element) -> dict[str, Any]:
+def _credentials(element: etree._Element) -> tuple[str | None, str | None]:
+    """The ``<password>`` and the ``<code>`` (at most one of them)."""
     password = _text_child(element, "password")
     code = _text_child(element, "code")
     if password is not None and code is not None:
@@ -254,7 +350,7 @@ def _credentials(element: etree._Element) -> dict[str, Any]:
         raise IRPError("bad-request", "the password must be 1-1024 characters")
     if code is not None and not 1 <= len(code) <= 128:
         raise IRPError("bad-request", "the code must be 1-128 characters")
-    return {"password": password, "code": code}
+    return password, code
 
 
 def _optional_user(element: etree._Element) -> str | None:
@@ -262,14 +358,28 @@ def _optional_user(element: etree._Element) -> str | None:
     return parse_user(value) if value is not None else None
 
 
-def _parse_enroll(element: etree._Element, limits: Limits) -> dict[str, Any]:
-    creds = _credentials(element)
-    if creds["password"] is None and creds["code"] is None:
+def _enroll(element: etree._Element, rid: str, limits: Limits) -> EnrollRequest:
+    password, code = _credentials(element)
+    if password is None and code is None:
         raise IRPError("bad-request", "enroll needs <password> or <code>")
-    return {"user": parse_user(element.get("user")), "csr": _csr(element), **creds}
+    return EnrollRequest(rid, parse_user(element.get("user")), _csr(element), password, code)
 
 
-def _parse_register(element: etree._Element, limits: Limits) -> dict[str, Any]:
+def _ca_certificates(element: etree._Element, rid: str,
+                     limits: Limits) -> CACertificatesRequest:
+    return CACertificatesRequest(rid)
+
+
+def _renew(element: etree._Element, rid: str, limits: Limits) -> RenewRequest:
+    return RenewRequest(rid, _csr(element))
+
+
+def _revoke(element: etree._Element, rid: str, limits: Limits) -> RevokeRequest:
+    serial = element.get("serial")
+    return RevokeRequest(rid, parse_serial(serial) if serial is not None else None)
+
+
+def _register(element: etree._Element, rid: str, limits: Limits) -> RegisterRequest:
     device = element.get("device", "default")
     if not _DEVICE.fullmatch(device):
         raise IRPError("bad-request", f"device label {device[:80]!r} must be 1-64 of "
@@ -289,85 +399,84 @@ def _parse_register(element: etree._Element, limits: Limits) -> dict[str, Any]:
         address = Address.parse(child.get("ip"), child.get("port"))
         if address not in addresses:
             addresses.append(address)
-    return {"user": _optional_user(element), "device": device, "lifetime": lifetime,
-            "addresses": tuple(addresses)}
+    return RegisterRequest(rid, _optional_user(element), device, lifetime, tuple(addresses))
 
 
-def _parse_unregister(element: etree._Element, limits: Limits) -> dict[str, Any]:
+def _unregister(element: etree._Element, rid: str, limits: Limits) -> UnregisterRequest:
     device = element.get("device")
     if device is not None and not _DEVICE.fullmatch(device):
         raise IRPError("bad-request", f"device label {device[:80]!r} is invalid")
-    return {"user": _optional_user(element), "device": device}
+    return UnregisterRequest(rid, _optional_user(element), device)
 
 
-def _parse_user_arg(element: etree._Element, limits: Limits) -> dict[str, Any]:
-    return {"user": parse_user(element.get("user"))}
+def _lookup(element: etree._Element, rid: str, limits: Limits) -> LookupRequest:
+    return LookupRequest(rid, parse_user(element.get("user")))
 
 
-def _parse_certificates(element: etree._Element, limits: Limits) -> dict[str, Any]:
+def _certificates(element: etree._Element, rid: str, limits: Limits) -> CertificatesRequest:
     user, serial = element.get("user"), element.get("serial")
     if (user is None) == (serial is None):
         raise IRPError("bad-request", "certificates needs exactly one of user and serial")
-    return {"user": parse_user(user) if user is not None else None,
-            "serial": parse_serial(serial) if serial is not None else None}
+    return CertificatesRequest(rid, parse_user(user) if user is not None else None,
+                               parse_serial(serial) if serial is not None else None)
 
 
-def _parse_renew(element: etree._Element, limits: Limits) -> dict[str, Any]:
-    return {"csr": _csr(element)}
+def _watch(element: etree._Element, rid: str, limits: Limits) -> WatchRequest:
+    return WatchRequest(rid, parse_user(element.get("user")))
 
 
-def _parse_revoke(element: etree._Element, limits: Limits) -> dict[str, Any]:
-    serial = element.get("serial")
-    return {"serial": parse_serial(serial) if serial is not None else None}
+def _unwatch(element: etree._Element, rid: str, limits: Limits) -> UnwatchRequest:
+    return UnwatchRequest(rid, parse_user(element.get("user")))
 
 
-def _parse_backup_put(element: etree._Element, limits: Limits) -> dict[str, Any]:
+def _backup_put(element: etree._Element, rid: str, limits: Limits) -> BackupPutRequest:
     data = b64decode(element.text, "backup-put")
     if len(data) > limits.max_backup_bytes:
         raise IRPError("policy-violation", f"the backup is {len(data)} bytes; at most "
                                            f"{limits.max_backup_bytes}")
-    return {"user": _optional_user(element), "data": data}
+    return BackupPutRequest(rid, _optional_user(element), data)
 
 
-def _parse_backup_get(element: etree._Element, limits: Limits) -> dict[str, Any]:
-    creds = _credentials(element)
-    if creds["code"] is not None:
+def _backup_get(element: etree._Element, rid: str, limits: Limits) -> BackupGetRequest:
+    password, code = _credentials(element)
+    if code is not None:
         raise IRPError("bad-request", "backup-get takes a <password>, not a <code>")
     user = _optional_user(element)
-    if creds["password"] is not None and user is None:
+    if password is not None and user is None:
         raise IRPError("bad-request", "backup-get with a password needs the user attribute")
-    return {"user": user, "password": creds["password"]}
+    return BackupGetRequest(rid, user, password)
 
 
-def _parse_list_users(element: etree._Element, limits: Limits) -> dict[str, Any]:
+def _list_users(element: etree._Element, rid: str, limits: Limits) -> ListUsersRequest:
     after = element.get("after")
     limit = parse_int(element.get("limit", "100"), "limit")
     if not 1 <= limit <= 1000:
         raise IRPError("bad-request", f"limit {limit} is out of range 1-1000")
     if after is not None and not 1 <= len(after) <= 2048:
         raise IRPError("bad-request", "after must be 1-2048 characters")
-    return {"after": after, "limit": limit}
+    return ListUsersRequest(rid, after, limit)
 
 
-def _parse_nothing(element: etree._Element, limits: Limits) -> dict[str, Any]:
-    return {}
+def _remove(element: etree._Element, rid: str, limits: Limits) -> RemoveRequest:
+    return RemoveRequest(rid, parse_user(element.get("user")))
 
 
-_PARSERS = {
-    "enroll": _parse_enroll,
-    "ca-certificates": _parse_nothing,
-    "renew": _parse_renew,
-    "revoke": _parse_revoke,
-    "register": _parse_register,
-    "unregister": _parse_unregister,
-    "lookup": _parse_user_arg,
-    "certificates": _parse_certificates,
-    "watch": _parse_user_arg,
-    "unwatch": _parse_user_arg,
-    "backup-put": _parse_backup_put,
-    "backup-get": _parse_backup_get,
-    "list-users": _parse_list_users,
-    "remove": _parse_user_arg,
+#: The verb map: each operation's element name and the function that reads its arguments.
+_PARSERS: dict[str, Callable[[etree._Element, str, Limits], Request]] = {
+    EnrollRequest.op: _enroll,
+    CACertificatesRequest.op: _ca_certificates,
+    RenewRequest.op: _renew,
+    RevokeRequest.op: _revoke,
+    RegisterRequest.op: _register,
+    UnregisterRequest.op: _unregister,
+    LookupRequest.op: _lookup,
+    CertificatesRequest.op: _certificates,
+    WatchRequest.op: _watch,
+    UnwatchRequest.op: _unwatch,
+    BackupPutRequest.op: _backup_put,
+    BackupGetRequest.op: _backup_get,
+    ListUsersRequest.op: _list_users,
+    RemoveRequest.op: _remove,
 }
 OPERATIONS = tuple(_PARSERS)
 
@@ -389,7 +498,7 @@ def request_id(element: etree._Element) -> str | None:
 
 
 def parse_request(element: etree._Element, limits: Limits) -> Request:
-    """Parse a top-level element into a Request; raise IRPError for anything wrong."""
+    """The request a top-level element makes; IRPError for anything wrong with it."""
     tag = element.tag
     if not isinstance(tag, str) or not tag.startswith(f"{{{NS}}}"):
         raise IRPError("feature-not-implemented", f"unknown element {tag!s:.100}")
@@ -401,7 +510,7 @@ def parse_request(element: etree._Element, limits: Limits) -> Request:
     if rid is None:
         raise IRPError("bad-request", "the id attribute is missing or invalid "
                                       "(1-64 of A-Z a-z 0-9 . _ : -)")
-    return Request(op, rid, parser(element, limits))
+    return parser(element, rid, limits)
 
 
 # -- building elements --------------------------------------------------------------------------
@@ -454,9 +563,9 @@ def certificate_element(cert: x509.Certificate) -> etree._Element:
 
 def chain_element(info: CertificateInfo) -> etree._Element:
     attrib = {"serial": info.serial, "status": info.status,
-              "not-after": timestamp(info.certificate.not_valid_after_utc)}
+              "not-after": rfc3339(info.certificate.not_valid_after_utc)}
     if info.revoked_at is not None:
-        attrib["revoked"] = timestamp(info.revoked_at)
+        attrib["revoked"] = rfc3339(info.revoked_at)
     return element("chain", attrib, children=[certificate_element(c) for c in info.chain])
 
 
@@ -468,14 +577,14 @@ def person_payload(record: PersonRecord) -> bytes:
     out = [f'<person id="{_c14n_attr(record.person)}"{removed}>']
     for device in record.devices:
         common = (f'<address device="{_c14n_attr(device.device)}" '
-                  f'expires="{timestamp(device.expires)}"')
-        registered = timestamp(device.registered)
+                  f'expires="{rfc3339(device.expires)}"')
+        registered = rfc3339(device.registered)
         out.extend(f'{common} ip="{a.ip}" port="{a.port}" registered="{registered}"></address>'
                    for a in device.addresses)
     info = record.certificate
     if info is not None:
-        revoked = f' revoked="{timestamp(info.revoked_at)}"' if info.revoked_at else ""
-        out.append(f'<chain not-after="{timestamp(info.certificate.not_valid_after_utc)}"'
+        revoked = f' revoked="{rfc3339(info.revoked_at)}"' if info.revoked_at else ""
+        out.append(f'<chain not-after="{rfc3339(info.certificate.not_valid_after_utc)}"'
                    f'{revoked} serial="{info.serial}" status="{info.status}">')
         out.extend(f'<certificate serial="{c.serial_number:X}">'
                    f'{b64(c.public_bytes(serialization.Encoding.DER))}</certificate>'

@@ -1,0 +1,76 @@
+"""Passwords, one-time enrollment codes, and what a wrong password costs.
+
+Hashing runs off the reactor thread (the registry's job); nothing here does I/O or keeps
+time: `PasswordLockout` is arithmetic on a `Failures` record and the time it is given.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+
+from sixnet.core.lockout import Failures, LockoutPolicy
+
+# scrypt: 16 MiB and ~50 ms a hash on this kind of machine; run off the reactor thread.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(password: str) -> str:
+    """A salted scrypt hash, stored as ``scrypt$N$r$p$salt$hash`` (hex)."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R,
+                            p=_SCRYPT_P, dklen=32)
+    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        computed = hashlib.scrypt(password.encode("utf-8"), salt=bytes.fromhex(salt),
+                                  n=int(n), r=int(r), p=int(p), dklen=32, maxmem=64 << 20)
+    except ValueError:
+        return False
+    return hmac.compare_digest(computed, bytes.fromhex(digest))
+
+
+#: Checked when there is no account, so an unknown user id costs as much time as a known one.
+DUMMY_HASH = hash_password(secrets.token_hex(8))
+
+
+def new_invite_code() -> str:
+    """A one-time enrollment code: 80 random bits as four groups of base32 letters."""
+    raw = secrets.token_bytes(10)
+    letters = base64.b32encode(raw).decode("ascii")
+    return "-".join(letters[i:i + 4] for i in range(0, 16, 4))
+
+
+def invite_hash(code: str) -> str:
+    """Codes are stored hashed (they carry 80 random bits, so a fast hash is enough)."""
+    normalized = code.strip().upper().replace("-", "").replace(" ", "")
+    return hashlib.sha256(normalized.encode("ascii", "replace")).hexdigest()
+
+
+class PasswordLockout(LockoutPolicy):
+    """What wrong passwords cost (docs/irp.rst, "enroll"): the shared `LockoutPolicy`
+    (``lockout_after`` failures in a row lock the account for ``lockout_seconds``), and
+    `delay` seconds before any refused credential is answered.
+
+    The records are the account's own (``irp_account.failures`` and ``locked_until``), so
+    only password accounts are counted and locked; the registry reads a record, asks
+    `refuses` before checking the password and `failed` after a wrong one, and stores
+    what `failed` returns.
+    """
+
+    def __init__(self, after: int, seconds: int, delay: float) -> None:
+        super().__init__(after, seconds)
+        self.delay = delay
+
+    def refuses(self, failures: Failures | None, now_ms: int) -> bool:
+        """Whether a login is refused before its password is checked (`failures`: the
+        account's record, None without an account)."""
+        return failures is not None and self.locked(failures, now_ms)
