@@ -1,0 +1,57 @@
+"""Crash consistency: SIGKILL a real twistd during acknowledged writes, restart it on the same
+state directory, and find every acknowledged write (tests/support/crash.py says how).
+
+A few iterations here (about 20 s in all); benchmarks/crash.py runs as many as one asks for.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.trial import unittest
+
+from tests.support.crash import CrashLab
+
+ITERATIONS = 6
+KINDS = ("pubsub", "irp", "chat")
+
+
+class CrashConsistencyTests(unittest.TestCase):
+    timeout = 120
+
+    @pytest.fixture(autouse=True)
+    def _lab(self, pki: Any, tmp_path: Path) -> None:
+        self.pki = pki
+        self.tmp = tmp_path
+
+    async def test_acknowledged_writes_survive_sigkill(self) -> None:
+        seed = int(time.time())
+        figures = await CrashLab(self.tmp, self.pki.root).run(ITERATIONS, random.Random(seed))
+        report = f"seed {seed}: " + json.dumps(figures.as_json(), indent=1)
+        assert figures.iterations == ITERATIONS, report
+        assert figures.lost == dict.fromkeys(KINDS, 0), report
+        # every kind of write was under way at each kill
+        assert all(figures.acknowledged[kind] >= ITERATIONS for kind in KINDS), report
+
+    async def test_the_check_finds_lost_writes(self) -> None:
+        """Put back the state directory of the first kill after the second: the second run's
+        acknowledged writes are gone, and each kind of write says so."""
+        lab = CrashLab(self.tmp, self.pki.root)
+        saved = self.tmp / "saved-state"
+
+        def rewind(run: int) -> None:
+            if run == 0:
+                shutil.copytree(lab.state, saved)
+            else:
+                shutil.rmtree(lab.state)
+                shutil.copytree(saved, lab.state)
+
+        figures = await lab.run(2, random.Random(0), (0.3, 0.5), after_kill=rewind)
+        report = json.dumps(figures.as_json(), indent=1)
+        assert all(figures.lost[kind] > 0 for kind in KINDS), report
