@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,10 @@ def factory(tmp_path: Path, pki) -> IRPServerFactory:
     db.close()
 
 
+def audit_records(factory: IRPServerFactory) -> list[dict]:
+    return [json.loads(line) for line in factory.registry.audit.path.read_text().splitlines()]
+
+
 def connect(factory: IRPServerFactory, host: str = "192.0.2.1"):
     protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
     transport = TLSRecordingTransport()
@@ -87,11 +92,32 @@ def test_request_before_starttls_is_a_stream_error(factory) -> None:
 
 
 def test_plaintext_after_starttls_is_refused(factory) -> None:
+    """Bytes after <starttls/> in the same read (whole or half a message) get the
+    policy-violation in the clear, after <proceed/>, and TLS is not started."""
+    for n, extra in enumerate((b'<lookup id="1" user="a@example.test"/>', b"<look",
+                               b' <lookup id="1">')):
+        protocol, transport = connect(factory, f"192.0.2.{10 + n}")
+        protocol.dataReceived(HEADER + b"<starttls/>" + extra)
+        out = transport.value()
+        assert out.index(b"<proceed") < out.index(b'condition="policy-violation"'), extra
+        assert out.endswith(b"</irp>") and transport.disconnecting
+        assert not transport.tls_started
+
+
+def test_plaintext_after_proceed_is_refused(factory) -> None:
+    """Data handed on before the TLS handshake completed can only have come in the clear."""
     protocol, transport = connect(factory)
-    protocol.dataReceived(HEADER + b'<starttls/><lookup id="1" user="a@example.test"/>')
+    protocol.dataReceived(HEADER + b"<starttls/>")
     assert transport.tls_started
-    assert b'condition="policy-violation"' in transport.value()
-    assert transport.disconnecting
+    protocol.dataReceived(b'<lookup id="1" user="a@example.test"/>')
+    assert transport.disconnected  # nothing can be said while TLS is being set up
+
+
+def test_starttls_split_across_reads_still_starts_tls(factory) -> None:
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER + b"<startt")
+    protocol.dataReceived(b"ls/>  ")
+    assert transport.tls_started and not transport.disconnecting
 
 
 def test_stalled_message_times_out(factory) -> None:
@@ -111,8 +137,13 @@ def test_header_and_handshake_are_due_in_time(factory) -> None:
     protocol, transport = connect(factory, "192.0.2.9")
     protocol.dataReceived(HEADER + b"<starttls/>")
     assert transport.tls_started
-    factory.reactor.advance(5.1)  # no handshake, no new header
-    assert b'condition="connection-timeout"' in transport.value()
+    factory.reactor.advance(4.9)
+    assert not transport.disconnecting
+    factory.reactor.advance(0.2)  # no handshake, no new header
+    # Nothing can be written inside a TLS session that never started: the connection is cut
+    # (a stream error would wait for the handshake forever in the TLS layer's buffer).
+    assert transport.disconnected
+    assert any(e["event"] == "timeout" for e in audit_records(factory))
 
 
 def test_complete_messages_stop_the_stall_clock(factory) -> None:

@@ -36,24 +36,25 @@ Then `renew`, `revoke`, `ca_certificates`, `certificates`, `put_backup`/`get_bac
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from automat import MethodicalMachine
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 from lxml import etree
-from twisted.internet import defer, endpoints, interfaces, task
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.parser import StreamOpened, StreamParser
+from sixnet.core.stream.protocol import XMLStreamProtocol
 from sixnet.irp.wire import (
     CONDITIONS,
     ROOT,
+    STREAM,
     CertificateInfo,
     IRPError,
     PersonRecord,
@@ -66,7 +67,6 @@ from sixnet.irp.wire import (
     read_person,
     serialize,
     signed_parts,
-    stream_header,
     verify_signature,
 )
 from sixnet.pki.keys import PrivateKey
@@ -99,59 +99,77 @@ def make_csr(key: PrivateKey, user: str) -> x509.CertificateSigningRequest:
     return builder.sign(key, digest)  # type: ignore[arg-type]
 
 
-@implementer(interfaces.IHandshakeListener)
-class _ClientProtocol(Protocol):
-    """Frames the client side: header, STARTTLS, stream restart, then requests by id."""
+class _ClientProtocol(XMLStreamProtocol):
+    """The client side of the stream: header, STARTTLS, stream restart, then requests by id.
 
-    def __init__(self, client: IRPClient) -> None:
+    The negotiation is an Automat machine (its table is at the bottom of the class); what
+    the registry answers is handed to the `IRPClient`.
+    """
+
+    format = STREAM
+    _machine = MethodicalMachine()
+
+    def __init__(self, client: IRPClient, reactor: Any) -> None:
+        super().__init__(StreamParser(max_element_bytes=MAX_MESSAGE_BYTES, max_depth=16),
+                         reactor)
         self.client = client
-        self.parser = StreamParser(max_element_bytes=MAX_MESSAGE_BYTES, max_depth=16)
-        self.state = "clear"
+
+    @property
+    def state(self) -> str:
+        return self._current_state()
+
+    def header_attributes(self) -> Iterable[tuple[str, str | None]]:
+        return (("to", self.client.server_name),)
 
     def connectionMade(self) -> None:  # noqa: N802
-        self.transport.write(stream_header({"to": self.client.server_name}))
+        super().connectionMade()
+        self.send_header()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        try:
-            events = self.parser.feed(data)
-        except XMLStreamError as e:
-            self.client._broken(IRPConnectionError(e.text, e.condition))
-            self.transport.loseConnection()
-            return
-        for event in events:
-            if self.state == "closed":
-                return
-            self._event(event)
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
+        super().connectionLost(reason)
+        self.client._broken(IRPConnectionError(f"connection lost: {reason.getErrorMessage()}"))
 
-    def _event(self, event: Any) -> None:
-        if isinstance(event, StreamOpened):
-            if event.tag != ROOT:
-                self._fail("the server does not speak IRP")
+    def stream_ended(self) -> None:
+        self.end()
+
+    def send_stream_error(self, condition: str, text: str = "", extra: bytes = b"") -> None:
+        """A client does not answer the registry with stream errors: it reports why and
+        closes (a stream the registry broke, data in the clear, a refused certificate)."""
+        self._fail(text, condition)
+
+    def _fail(self, text: str, condition: str | None = None) -> None:
+        if self.closed:
             return
-        if isinstance(event, StreamClosed):
-            self._fail("the registry closed the stream")
-            return
-        tag = event.tag
+        self.client._broken(IRPConnectionError(text, condition))
+        self.hang_up()
+
+    # -- events, classified before they reach the machine --------------------------------------
+
+    def stream_opened(self, header: StreamOpened) -> None:
+        if header.tag != ROOT:
+            self._fail("the server does not speak IRP")
+
+    def stream_closed(self) -> None:
+        self._fail("the registry closed the stream")
+
+    def element_received(self, node: etree._Element) -> None:
+        tag = node.tag
         if tag == q("stream-error"):
-            self._fail(event.text or "", event.get("condition", "undefined-condition"))
-        elif self.state == "clear" and tag == q("features"):
-            self.transport.write(serialize(element("starttls")))
-            self.state = "starttls"
-        elif self.state == "starttls" and tag == q("proceed"):
-            self.state = "handshake"
-            self.parser.reset()
-            self.transport.startTLS(self.client.tls)
-            self.transport.write(stream_header({"to": self.client.server_name}))
-        elif self.state == "open" and tag == q("session"):
-            self.client._session(event)
-        elif self.state == "open" and tag in (q("result"), q("error")):
-            self.client._response(event)
-        elif self.state == "open" and tag == q("notify"):
-            self.client._notification(event)
+            self.got_stream_error(node)
+        elif tag == q("features"):
+            self.got_features(node)
+        elif tag == q("proceed"):
+            self.got_proceed(node)
+        elif tag == q("session"):
+            self.got_session(node)
+        elif tag in (q("result"), q("error")):
+            self.got_response(node)
+        elif tag == q("notify"):
+            self.got_notify(node)
         else:
-            self._fail(f"unexpected <{etree.QName(tag).localname}> in state {self.state}")
+            self.got_other(node)
 
-    def handshakeCompleted(self) -> None:  # noqa: N802
+    def tls_established(self) -> None:
         chain = peer_chain(self.transport.getHandle())
         try:
             verified = self.client.store.verify(chain, "server", self.client.server_name)
@@ -159,16 +177,124 @@ class _ClientProtocol(Protocol):
             self._fail(f"the registry's certificate is refused: {e}")
             return
         self.client.server_certificate = verified.certificate
-        self.state = "open"
+        self.server_verified()
 
-    def _fail(self, text: str, condition: str | None = None) -> None:
-        self.state = "closed"
-        self.client._broken(IRPConnectionError(text, condition))
-        self.transport.loseConnection()
+    # -- the machine: states -------------------------------------------------------------------
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
-        self.state = "closed"
-        self.client._broken(IRPConnectionError(f"connection lost: {reason.getErrorMessage()}"))
+    @_machine.state(initial=True, serialized="clear")
+    def wait_features(self) -> None:
+        "Our header is sent; the registry's features are due."
+
+    @_machine.state(serialized="starttls")
+    def wait_proceed(self) -> None:
+        "<starttls/> sent."
+
+    @_machine.state(serialized="handshake")
+    def tls_handshake(self) -> None:
+        "TLS is being negotiated; the registry's certificate is checked when it is done."
+
+    @_machine.state(serialized="open")
+    def open_stream(self) -> None:
+        "The registry is verified: the session, results and notifications arrive."
+
+    @_machine.state(serialized="closed")
+    def ended(self) -> None:
+        "The connection is over."
+
+    @_machine.serializer()
+    def _current_state(self, state: str) -> str:
+        return state
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    @_machine.input()
+    def got_features(self, node: etree._Element) -> None:
+        "<features/>."
+
+    @_machine.input()
+    def got_proceed(self, node: etree._Element) -> None:
+        "<proceed/>."
+
+    @_machine.input()
+    def got_session(self, node: etree._Element) -> None:
+        "<session/>: who the registry says we are."
+
+    @_machine.input()
+    def got_response(self, node: etree._Element) -> None:
+        "<result/> or <error/> for a request."
+
+    @_machine.input()
+    def got_notify(self, node: etree._Element) -> None:
+        "<notify/> for a watch."
+
+    @_machine.input()
+    def got_stream_error(self, node: etree._Element) -> None:
+        "<stream-error/>: the registry ends the stream."
+
+    @_machine.input()
+    def got_other(self, node: etree._Element) -> None:
+        "Any other element."
+
+    @_machine.input()
+    def server_verified(self) -> None:
+        "The TLS handshake completed and the registry's certificate is good."
+
+    @_machine.input()
+    def end(self) -> None:
+        "The connection is over."
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    @_machine.output()
+    def _ask_starttls(self, node: etree._Element) -> None:
+        self.send(serialize(element("starttls")))
+
+    @_machine.output()
+    def _start_tls(self, node: etree._Element) -> None:
+        if self.start_tls(self.client.tls):
+            self.send_header()
+
+    @_machine.output()
+    def _deliver_session(self, node: etree._Element) -> None:
+        self.client._session(node)
+
+    @_machine.output()
+    def _deliver_response(self, node: etree._Element) -> None:
+        self.client._response(node)
+
+    @_machine.output()
+    def _deliver_notification(self, node: etree._Element) -> None:
+        self.client._notification(node)
+
+    @_machine.output()
+    def _registry_refused(self, node: etree._Element) -> None:
+        self._fail(node.text or "", node.get("condition", "undefined-condition"))
+
+    @_machine.output()
+    def _unexpected(self, node: etree._Element) -> None:
+        self._fail(f"unexpected <{etree.QName(node.tag).localname}>")
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    wait_features.upon(got_features, enter=wait_proceed, outputs=[_ask_starttls])
+    wait_proceed.upon(got_proceed, enter=tls_handshake, outputs=[_start_tls])
+    tls_handshake.upon(server_verified, enter=open_stream, outputs=[])
+    open_stream.upon(got_session, enter=open_stream, outputs=[_deliver_session])
+    open_stream.upon(got_response, enter=open_stream, outputs=[_deliver_response])
+    open_stream.upon(got_notify, enter=open_stream, outputs=[_deliver_notification])
+    _elements = (got_features, got_proceed, got_session, got_response, got_notify, got_other)
+    for _state, _accepted in ((wait_features, got_features), (wait_proceed, got_proceed),
+                              (tls_handshake, None), (open_stream, None)):
+        _state.upon(got_stream_error, enter=ended, outputs=[_registry_refused])
+        _state.upon(end, enter=ended, outputs=[])
+        for _input in _elements:
+            if _input is not _accepted and not (
+                    _state is open_stream and _input in (got_session, got_response,
+                                                         got_notify)):
+                _state.upon(_input, enter=ended, outputs=[_unexpected])
+    for _input in (*_elements, got_stream_error, server_verified, end):
+        ended.upon(_input, enter=ended, outputs=[])
+    del _state, _accepted, _input, _elements
 
 
 class IRPClient:
@@ -208,7 +334,7 @@ class IRPClient:
     def _start_keepalive(self, reactor: Any, interval: float) -> None:
         def ping() -> None:
             if self._closed is None and self.protocol is not None:
-                self.protocol.transport.write(b" ")
+                self.protocol.send(b" ")
 
         self._keepalive = task.LoopingCall(ping)
         self._keepalive.clock = reactor
@@ -275,15 +401,14 @@ class IRPClient:
         rid = str(next(self._ids))
         d: defer.Deferred[etree._Element] = defer.Deferred()
         self._pending[rid] = (op, d)
-        self.protocol.transport.write(serialize(element(op, {"id": rid, **(attrib or {})},
-                                                        text, children)))
+        self.protocol.send(serialize(element(op, {"id": rid, **(attrib or {})}, text,
+                                             children)))
         return d
 
     def close(self) -> None:
         """End the stream politely and close the connection."""
         if self.protocol is not None and self._closed is None:
-            self.protocol.transport.write(b"</irp>")
-            self.protocol.transport.loseConnection()
+            self.protocol.close_stream()
 
     # -- operations ---------------------------------------------------------------------------
 
@@ -412,7 +537,7 @@ async def _connect(host: str, port: int, store: CertificateStore,
         reactor = default_reactor
     client = IRPClient(store, identity, server_name or host)
     endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
-    client.protocol = _ClientProtocol(client)
+    client.protocol = _ClientProtocol(client, reactor)
     await endpoints.connectProtocol(endpoint, client.protocol)
     timer = reactor.callLater(timeout, lambda: client._broken(IRPConnectionError(
         f"no IRP session with {host}:{port} within {timeout:g}s")))

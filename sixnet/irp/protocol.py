@@ -1,8 +1,10 @@
 """The registry's side of an IRP connection: framing, STARTTLS, limits and timeouts.
 
-`IRPServerProtocol` only turns bytes into stream events and results back into bytes; what
-a request does is decided by the `Registry` (`sixnet.irp.engine`). A connection moves
-through these states (one method per event, the table is `_HANDLERS`)::
+`IRPServerProtocol` builds on the shared XML stream (`sixnet.core.stream.protocol`), which
+turns bytes into events, writes stream errors, keeps the STARTTLS restart rule and runs the
+stall and idle timers. Here is the negotiation, an Automat machine whose table is at the
+bottom of the class; what a request does is decided by the `Registry`
+(`sixnet.irp.engine`)::
 
     CLEAR --header--> OFFERED --<starttls/>--> HANDSHAKE --TLS done, client checked-->
     AUTHENTICATED --header--> OPEN --</irp> or error--> CLOSED
@@ -13,23 +15,26 @@ inside an open stream only gets an ``<error>`` for that request.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
+from automat import MethodicalMachine
 from lxml import etree
-from twisted.internet import defer, interfaces
+from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.limits import AddressLimiter
+from sixnet.core.stream.parser import StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.engine.access import ANONYMOUS, Caller
 from sixnet.irp.engine.registry import Registry
 from sixnet.irp.wire import (
     NS,
     ROOT,
+    STREAM,
     VERSION,
     IRPError,
     Limits,
@@ -45,8 +50,6 @@ from sixnet.irp.wire import (
     request_id,
     serialize,
     signed_data,
-    stream_error,
-    stream_header,
 )
 from sixnet.pki.store import VerificationError
 from sixnet.pki.tls import ServerTLS, peer_chain
@@ -77,7 +80,7 @@ class IRPServerFactory(Factory):
         self.reactor = reactor
         self.limits = Limits(self.config.max_addresses, self.config.max_lifetime,
                              self.config.default_lifetime, self.config.max_backup_bytes)
-        self.per_address: Counter[str] = Counter()
+        self.per_address = AddressLimiter(self.config.max_connections_per_address)
         self.protocols: set[IRPServerProtocol] = set()
         registry.revocation_listeners.append(self._revoked)
 
@@ -89,208 +92,115 @@ class IRPServerFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 - Twisted's name
         host = getattr(addr, "host", str(addr))
-        if self.per_address[host] >= self.config.max_connections_per_address:
-            self.registry.audit.record("connect", outcome="refused", actor=ANONYMOUS,
-                                       peer=host, detail="too many connections from this address")
-            return _RefuseConnection()
-        protocol = IRPServerProtocol(self, host)
-        return protocol
+        return IRPServerProtocol(self, host, admitted=self.per_address.acquire(host))
 
 
-class _RefuseConnection(Protocol):
-    """Says why and hangs up: the address already has its share of connections."""
-
-    def connectionMade(self) -> None:  # noqa: N802
-        self.transport.write(stream_header({}) + stream_error(
-            "resource-constraint", "too many connections from your address"))
-        self.transport.loseConnection()
-
-
-@implementer(interfaces.IHandshakeListener)
-class IRPServerProtocol(Protocol):
+class IRPServerProtocol(XMLStreamProtocol):
     """One client connection to the registry."""
 
-    def __init__(self, factory: IRPServerFactory, peer: str) -> None:
+    format = STREAM
+    _machine = MethodicalMachine()
+
+    def __init__(self, factory: IRPServerFactory, peer: str, admitted: bool = True) -> None:
+        config = factory.config
+        super().__init__(StreamParser(max_element_bytes=config.max_message_bytes,
+                                      max_depth=MAX_DEPTH), factory.reactor,
+                         stall_timeout=config.stall_timeout, idle_timeout=config.idle_timeout)
         self.factory = factory
         self.peer = peer
-        self.config = factory.config
+        #: Within the per-address limit (a refused connection only hears why).
+        self.admitted = admitted
+        self.config = config
         self.registry = factory.registry
-        self.parser = StreamParser(max_element_bytes=self.config.max_message_bytes,
-                                   max_depth=MAX_DEPTH)
-        self.state = CLEAR
         self.caller = Caller(peer)
         self.refusal: VerificationError | None = None
         self.in_flight = 0
         self.watches: dict[str, tuple[str, Any]] = {}
-        self._pending: list[Any] = []
-        self._idle_timer: Any = None
-        self._stall_timer: Any = None
-        #: True until STARTTLS: events parsed from this feed came in the clear.
-        self.transport_is_clear = True
-        self._header_out = False
+
+    @property
+    def state(self) -> str:
+        return self._current_state()
+
+    def header_attributes(self) -> Iterable[tuple[str, str | None]]:
+        return (("from", self.factory.hostname),)
 
     # -- connection lifetime ----------------------------------------------------------------
 
     def connectionMade(self) -> None:  # noqa: N802
-        self.factory.per_address[self.peer] += 1
+        if not self.admitted:
+            self.registry.audit.record("connect", outcome="refused", actor=ANONYMOUS,
+                                       peer=self.peer,
+                                       detail="too many connections from this address")
+            self.send_stream_error("resource-constraint",
+                                   "too many connections from your address")
+            return
         self.factory.protocols.add(self)
-        self._reset_idle()
-        self._start_stall_clock()  # the stream header is due like any other message
+        super().connectionMade()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
-        self.state = CLOSED
+        super().connectionLost(reason)
+        if not self.admitted:
+            return
         self.factory.protocols.discard(self)
-        self.factory.per_address[self.peer] -= 1
-        if self.factory.per_address[self.peer] <= 0:
-            del self.factory.per_address[self.peer]
+        self.factory.per_address.release(self.peer)
         for user, (_, watcher) in self.watches.items():
             self.registry.unwatch(user, watcher)
         self.watches.clear()
-        for timer in (self._idle_timer, self._stall_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
 
-    def _reset_idle(self) -> None:
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.config.idle_timeout)
-        else:
-            self._idle_timer = self.factory.reactor.callLater(
-                self.config.idle_timeout, self._timed_out, "idle")
+    def stream_ended(self) -> None:
+        self.end()
 
-    def _timed_out(self, why: str) -> None:
-        if self.state == CLOSED:
-            return
+    def timed_out(self, why: str) -> None:
         text = ("no data for too long" if why == "idle"
                 else "a message (or the TLS handshake) was not completed in time")
         self.registry.audit.record("timeout", outcome="refused", actor=self.caller.actor,
                                    peer=self.peer, detail=text)
-        self.fail("connection-timeout", text)
+        self.send_stream_error("connection-timeout", text)
 
-    # -- bytes in ----------------------------------------------------------------------------
+    def malformed(self, error: XMLStreamError) -> None:
+        self.registry.audit.record("stream", outcome="refused", actor=self.caller.actor,
+                                   peer=self.peer, condition=error.condition,
+                                   detail=error.text[:200])
+        super().malformed(error)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self.state == CLOSED:
-            return
-        self.transport_is_clear = self.state in (CLEAR, OFFERED)
-        self._reset_idle()
-        try:
-            events = self.parser.feed(data)
-        except XMLStreamError as e:
-            self.registry.audit.record("stream", outcome="refused", actor=self.caller.actor,
-                                       peer=self.peer, condition=e.condition,
-                                       detail=e.text[:200])
-            self.fail(e.condition, e.text)
-            return
-        self._track_stall(data, events)
-        for event in events:
-            if self.state == CLOSED:
-                return
-            if self.state == HANDSHAKE and not self._pending and self.transport_is_clear:
-                # Bytes sent in the clear after <starttls/> must not pass as protected ones.
-                self.fail("policy-violation", "data after <starttls/> before the handshake")
-                return
-            if self.state == HANDSHAKE:  # held until the client's certificate is judged
-                self._pending.append(event)
-                continue
-            self._event(event)
+    def fail(self, condition: str, text: str) -> None:
+        """A stream error: say why, close the stream and the connection."""
+        self.send_stream_error(condition, text)
 
-    def _track_stall(self, data: bytes, events: list[Any]) -> None:
-        """Start the stall clock when a message begins; stop it when messages are complete.
+    # -- events, checked before they reach the machine ---------------------------------------
 
-        A feed counts as "complete" when it produced a message (or the header) and its last
-        non-blank byte closes a tag; anything else with content means a message is open.
-        """
-        tail = data.rstrip(b" \t\r\n")
-        if not tail:
-            return
-        if events and tail.endswith(b">") and not isinstance(events[-1], StreamClosed):
-            if self._stall_timer is not None and self._stall_timer.active():
-                self._stall_timer.cancel()
-            return
-        self._start_stall_clock()
-
-    def _start_stall_clock(self) -> None:
-        if self._stall_timer is None or not self._stall_timer.active():
-            self._stall_timer = self.factory.reactor.callLater(
-                self.config.stall_timeout, self._timed_out, "stall")
-
-    def _event(self, event: Any) -> None:
-        if isinstance(event, StreamOpened):
-            self._stream_opened(event)
-        elif isinstance(event, StreamClosed):
-            self.send(b"</irp>")
-            self.state = CLOSED
-            self.transport.loseConnection()
-        elif self.state == OFFERED:
-            self._clear_element(event)
-        elif self.state == OPEN:
-            self._request(event)
-        else:
-            self.fail("not-well-formed", "a message before the stream header")
-
-    def _stream_opened(self, event: StreamOpened) -> None:
-        if event.tag != ROOT:
-            self.fail("invalid-namespace", f"the stream root must be <irp xmlns='{ROOT[1:-4]}'>")
-            return
-        version = event.attrib.get("version", "")
+    def stream_opened(self, header: StreamOpened) -> None:
+        if header.tag != ROOT:
+            raise StreamError("invalid-namespace",
+                              f"the stream root must be <irp xmlns='{ROOT[1:-4]}'>")
+        version = header.attrib.get("version", "")
         if version.split(".")[0] != VERSION.split(".")[0]:
-            self.fail("unsupported-version", f"this registry speaks IRP {VERSION}")
-            return
-        if self.state == CLEAR:
-            self._send_header()
-            self.send(serialize(element("features", children=[
-                element("starttls", {"required": "true"})])))
-            self.state = OFFERED
-        elif self.state == AUTHENTICATED:
-            self._send_header()
-            self.send(serialize(self._session_element()))
-            self.state = OPEN
-        else:
-            self.fail("not-well-formed", "an unexpected stream header")
+            raise StreamError("unsupported-version", f"this registry speaks IRP {VERSION}")
+        self.got_header()
 
-    def _clear_element(self, event: etree._Element) -> None:
-        if event.tag != q("starttls"):
-            self.registry.audit.record("stream", outcome="refused", actor=ANONYMOUS,
-                                       peer=self.peer, detail="request before STARTTLS")
-            self.fail("policy-violation", "send <starttls/> first: IRP runs only over TLS")
-            return
-        self.send(serialize(element("proceed")))
-        self.state = HANDSHAKE
-        self._header_out = False  # a new stream starts inside TLS
-        self.parser.reset()
-        self.transport.startTLS(self.factory.tls)
-        self._start_stall_clock()  # the handshake and the new header are due in time
+    def element_received(self, node: etree._Element) -> None:
+        if node.tag == q("starttls"):
+            self.got_starttls(node)
+        else:
+            self.got_element(node)
+
+    def stream_closed(self) -> None:
+        self.close_stream()
 
     # -- TLS --------------------------------------------------------------------------------
 
-    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener
-        chain = peer_chain(self.transport.getHandle())
-        if not chain:
-            self._authenticated(None)
-            return
-        d = defer.Deferred.fromCoroutine(self.registry.authenticate(chain, self.peer))
-        d.addCallbacks(self._authenticated, self._refused)
-        d.addErrback(self._internal_failure, None)
+    def tls_established(self) -> None:
+        self.tls_up()
 
     def _authenticated(self, caller: Caller | None) -> None:
         if caller is not None:
             self.caller = caller
-        self._ready()
+        self.caller_judged()
 
     def _refused(self, failure: Failure) -> None:
         failure.trap(VerificationError)
         self.refusal = failure.value
-        self._ready()
-
-    def _ready(self) -> None:
-        if self.state != HANDSHAKE:
-            return
-        self.state = AUTHENTICATED
-        pending, self._pending = self._pending, []
-        for event in pending:
-            if self.state == CLOSED:
-                return
-            self._event(event)
+        self.caller_judged()
 
     def check_revocation(self) -> None:
         """A certificate of this person was revoked (here or in another process): if it is
@@ -398,22 +308,130 @@ class IRPServerProtocol(Protocol):
         else:
             self.fail("internal-server-error", "the registry failed")
 
-    # -- bytes out ------------------------------------------------------------------------------
+    # -- the machine: states -------------------------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        if self.state != CLOSED or data == b"</irp>":
-            self.transport.write(data)
+    @_machine.state(initial=True, serialized=CLEAR)
+    def wait_header(self) -> None:
+        "Connected in the clear; the stream header is due."
 
-    def _send_header(self) -> None:
-        self.send(stream_header({"from": self.factory.hostname}))
-        self._header_out = True
+    @_machine.state(serialized=OFFERED)
+    def wait_starttls(self) -> None:
+        "STARTTLS offered; nothing else is accepted in the clear."
 
-    def fail(self, condition: str, text: str) -> None:
-        """A stream error: say why, close the stream and the connection."""
-        if self.state == CLOSED:
+    @_machine.state(serialized=HANDSHAKE)
+    def tls_handshake(self) -> None:
+        "<proceed/> sent: the TLS handshake, then the client's certificate is judged."
+
+    @_machine.state(serialized=AUTHENTICATED)
+    def wait_tls_header(self) -> None:
+        "TLS is up and the caller known; the new stream header is due."
+
+    @_machine.state(serialized=OPEN)
+    def open_stream(self) -> None:
+        "The session is announced; requests are answered."
+
+    @_machine.state(serialized=CLOSED)
+    def ended(self) -> None:
+        "The stream is over."
+
+    @_machine.serializer()
+    def _current_state(self, state: str) -> str:
+        return state
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    @_machine.input()
+    def got_header(self) -> None:
+        "A valid stream header (checked by stream_opened)."
+
+    @_machine.input()
+    def got_starttls(self, node: etree._Element) -> None:
+        "<starttls/>."
+
+    @_machine.input()
+    def got_element(self, node: etree._Element) -> None:
+        "Any other top-level element."
+
+    @_machine.input()
+    def tls_up(self) -> None:
+        "The TLS handshake completed."
+
+    @_machine.input()
+    def caller_judged(self) -> None:
+        "The client's certificate (if any) was accepted or refused."
+
+    @_machine.input()
+    def end(self) -> None:
+        "The stream is over (error, close, lost connection)."
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    @_machine.output()
+    def _offer_starttls(self) -> None:
+        self.send_header()
+        self.send(serialize(element("features", children=[
+            element("starttls", {"required": "true"})])))
+
+    @_machine.output()
+    def _proceed(self, node: etree._Element) -> None:
+        self.start_tls(self.factory.tls, serialize(element("proceed")))
+
+    @_machine.output()
+    def _judge_certificate(self) -> None:
+        self.hold()  # the client's next stream waits until we know who it is
+        chain = peer_chain(self.transport.getHandle())
+        if not chain:
+            self._authenticated(None)
             return
-        if not self._header_out:  # the error must be inside a stream the client can parse
-            self._send_header()
-        self.transport.write(stream_error(condition, text))
-        self.state = CLOSED
-        self.transport.loseConnection()
+        d = defer.Deferred.fromCoroutine(self.registry.authenticate(chain, self.peer))
+        d.addCallbacks(self._authenticated, self._refused)
+        d.addErrback(self._internal_failure, None)
+
+    @_machine.output()
+    def _release(self) -> None:
+        self.release()
+
+    @_machine.output()
+    def _open_session(self) -> None:
+        self.send_header()
+        self.send(serialize(self._session_element()))
+
+    @_machine.output()
+    def _dispatch(self, node: etree._Element) -> None:
+        self._request(node)
+
+    @_machine.output()
+    def _header_first(self, node: etree._Element) -> None:
+        raise StreamError("not-well-formed", "a message before the stream header")
+
+    @_machine.output()
+    def _starttls_first(self, node: etree._Element) -> None:
+        self.registry.audit.record("stream", outcome="refused", actor=ANONYMOUS,
+                                   peer=self.peer, detail="request before STARTTLS")
+        raise StreamError("policy-violation", "send <starttls/> first: IRP runs only over TLS")
+
+    @_machine.output()
+    def _unexpected_header(self) -> None:
+        raise StreamError("not-well-formed", "an unexpected stream header")
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    wait_header.upon(got_header, enter=wait_starttls, outputs=[_offer_starttls])
+    wait_starttls.upon(got_starttls, enter=tls_handshake, outputs=[_proceed])
+    wait_starttls.upon(got_element, enter=ended, outputs=[_starttls_first])
+    tls_handshake.upon(tls_up, enter=tls_handshake, outputs=[_judge_certificate])
+    tls_handshake.upon(caller_judged, enter=wait_tls_header, outputs=[_release])
+    wait_tls_header.upon(got_header, enter=open_stream, outputs=[_open_session])
+    open_stream.upon(got_element, enter=open_stream, outputs=[_dispatch])
+    open_stream.upon(got_starttls, enter=open_stream, outputs=[_dispatch])  # not an operation
+    for _state in (wait_header, wait_tls_header):
+        _state.upon(got_starttls, enter=ended, outputs=[_header_first])
+        _state.upon(got_element, enter=ended, outputs=[_header_first])
+    for _state in (wait_starttls, open_stream):
+        _state.upon(got_header, enter=ended, outputs=[_unexpected_header])
+    for _state in (wait_header, wait_starttls, tls_handshake, wait_tls_header, open_stream):
+        _state.upon(end, enter=ended, outputs=[])
+    #: Once over, whatever still arrives (a certificate judged late) is ignored.
+    for _input in (got_header, got_starttls, got_element, tls_up, caller_judged, end):
+        ended.upon(_input, enter=ended, outputs=[])
+    del _state, _input

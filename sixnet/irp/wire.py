@@ -25,12 +25,13 @@ from typing import Any, ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives import serialization
 from lxml import etree
 
 from sixnet.core.errors import ConditionError
+from sixnet.core.stream.protocol import StreamFormat, attribute_error
 from sixnet.core.timefmt import parse_rfc3339, rfc3339
+from sixnet.pki import signing
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 
 NS = "urn:sixnet:irp:1"
@@ -533,20 +534,10 @@ def serialize(node: etree._Element) -> bytes:
     return etree.tostring(node, encoding="utf-8", xml_declaration=False)
 
 
-def stream_header(attrib: dict[str, str]) -> bytes:
-    attrs = "".join(f' {k}="{_attr(v)}"' for k, v in attrib.items())
-    return f'<?xml version="1.0" encoding="UTF-8"?><irp xmlns="{NS}" version="{VERSION}"' \
-           f'{attrs}>'.encode()
-
-
-def _attr(value: str) -> str:
-    return (value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
-            .replace("\n", "&#10;").replace("\r", "&#13;").replace("\t", "&#9;"))
-
-
-def stream_error(condition: str, text: str) -> bytes:
-    node = element("stream-error", {"condition": condition}, text)
-    return serialize(node) + b"</irp>"
+#: How an IRP stream is written: header, ``<stream-error condition=...>``, ``</irp>``.
+STREAM = StreamFormat('<?xml version="1.0" encoding="UTF-8"?>', "irp",
+                      (("xmlns", NS), ("version", VERSION)),
+                      attribute_error(NS, "stream-error"))
 
 
 def error_element(rid: str | None, error: IRPError) -> etree._Element:
@@ -647,18 +638,10 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def signature_algorithm(key: Any) -> str:
-    """The ``alg`` name for a registry key (public or private)."""
-    public = key.public_key() if hasattr(key, "private_bytes") else key
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        return "ecdsa-sha384" if public.curve.key_size > 256 else "ecdsa-sha256"
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        return "ed25519"
-    if isinstance(public, rsa.RSAPublicKey):
-        return "rsa-pss-sha256"
-    raise ValueError(f"the registry cannot sign with a {type(public).__name__}")
+    """The ``alg`` name for a registry key (public or private): `sixnet.pki.signing`'s table.
 
-
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    Raises ValueError for a key that has none."""
+    return signing.algorithm_name(key)
 
 
 _DATA_OPEN = f'<data xmlns="{NS}">'.encode()
@@ -696,13 +679,7 @@ class ResponseSigner:
 
     def signature(self, message: bytes) -> bytes:
         """The ``<signature>`` element (serialized, in the default namespace) for `message`."""
-        if self.alg.startswith("ecdsa"):
-            digest = hashes.SHA384() if self.alg == "ecdsa-sha384" else hashes.SHA256()
-            raw = self.key.sign(message, ec.ECDSA(digest))
-        elif self.alg == "ed25519":
-            raw = self.key.sign(message)
-        else:
-            raw = self.key.sign(message, _PSS, hashes.SHA256())
+        raw = signing.sign(self.key, message)
         return f'<signature alg="{self.alg}" key="{self.key_id}">{b64(raw)}</signature>'.encode()
 
 
@@ -726,13 +703,7 @@ def verify_signature(data: etree._Element, signature: etree._Element,
     raw = b64decode(signature.text, "signature")
     message = canonical_bytes(data)
     try:
-        if alg.startswith("ecdsa"):
-            digest = hashes.SHA384() if alg == "ecdsa-sha384" else hashes.SHA256()
-            public.verify(raw, message, ec.ECDSA(digest))
-        elif alg == "ed25519":
-            public.verify(raw, message)
-        else:
-            public.verify(raw, message, _PSS, hashes.SHA256())
+        signing.verify(public, raw, message)
     except InvalidSignature:
         raise IRPError("bad-request", "the registry's signature does not verify") from None
 
