@@ -14,6 +14,11 @@ figure includes both ends' CPU. Measured:
 * for SixChat alone, messages/s between two whole agents (``agents_1k_durable``): each
   message committed to the sender's outbox, the receiver's history and back as a receipt,
   SQLite with synchronous=FULL, so it measures the disk more than the protocol.
+* for SixChat alone, what a flood costs the responder (``refused``): CPU microseconds per
+  connection that the handshake limit refuses (connect, closed before any byte is read; both
+  ends, as they share this process), against CPU microseconds per initiator hello answered
+  when the limit lets it in (the same public hello replayed: parse, chain check, X25519,
+  signature, the answer written).
 
 The ratios are SixChat / TLS (above 1: SixChat is faster).
 """
@@ -32,6 +37,7 @@ from typing import Any
 from lxml import etree
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -116,14 +122,14 @@ class ChatPair:
         self.alice, self.bob, self.store = alice, bob, store
         self.bob_owner = ChatOwner()
 
-    async def listen(self) -> None:
-        def accept(_: str | None) -> SessionProtocol:
-            self.bob_owner = owner = ChatOwner()
-            return SessionProtocol(lambda t: Session(self.bob, self.store, t, owner,
-                                                     me=self.bob.name), reactor)
+    def accept(self, _: str | None) -> SessionProtocol:
+        self.bob_owner = owner = ChatOwner()
+        return SessionProtocol(lambda t: Session(self.bob, self.store, t, owner,
+                                                 me=self.bob.name), reactor)
 
+    async def listen(self) -> None:
         self.port = await endpoints.TCP4ServerEndpoint(
-            reactor, 0, interface="127.0.0.1").listen(SessionFactory(accept))
+            reactor, 0, interface="127.0.0.1").listen(SessionFactory(self.accept))
 
     async def connect(self) -> tuple[SessionProtocol, Session, Session]:
         owner = ChatOwner()
@@ -299,6 +305,60 @@ async def agents_flow(directory: Path, alice: NodeIdentity, bob: NodeIdentity,
 # -- the run ----------------------------------------------------------------------------------
 
 
+class Closed(protocol.Protocol):
+    def __init__(self) -> None:
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.lost.callback(None)
+
+
+async def refused_handshakes(pair: ChatPair, count: int) -> float:
+    """CPU microseconds (this process: both ends) per connection the global limit refuses,
+    while one silent caller holds the only slot."""
+    factory = SessionFactory(pair.accept, max_handshakes=1)
+    port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    target = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+    holder = await endpoints.connectProtocol(target, Closed())
+    pair.bob_owner.established.addErrback(lambda _: None)  # it never handshakes
+    started = time.process_time()
+    for _ in range(count):
+        caller = Closed()
+        await endpoints.connectProtocol(target, caller)
+        await caller.lost
+    elapsed = time.process_time() - started
+    assert factory.refused == count
+    holder.transport.loseConnection()
+    await holder.lost
+    await port.stopListening()
+    return elapsed / count * 1e6
+
+
+def answered_hellos(pair: ChatPair, count: int) -> float:
+    """CPU microseconds for the responder to answer one replayed initiator hello (no
+    sockets: what the limit saves for each connection it refuses)."""
+    owner = ChatOwner()
+    owner.established.addErrback(lambda _: None)  # it never hears the answers
+    dialer = SessionProtocol(lambda t: Session(pair.alice, pair.store, t, owner,
+                                               me=pair.alice.name), reactor,
+                             dial_to=pair.bob.name)
+    sent = StringTransport()
+    dialer.makeConnection(sent)
+    hello = sent.value()
+    started = time.process_time()
+    for _ in range(count):
+        answer = StringTransport()
+        responder = pair.accept(None)
+        pair.bob_owner.established.addErrback(lambda _: None)
+        responder.makeConnection(answer)
+        responder.dataReceived(hello)
+        assert b"</sixchat>" in answer.value()
+        responder.connectionLost()
+    elapsed = time.process_time() - started
+    dialer.connectionLost()
+    return elapsed / count * 1e6
+
+
 def lab(directory: Path, key_type: str) -> tuple[NodeIdentity, NodeIdentity, NodeIdentity,
                                                  CertificateStore]:
     ca = LabCA.init(directory / "ca", name="benchmark CA")
@@ -350,6 +410,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             result["tls13"][label] = figures(best_tls, count, size)
         result["sixchat"]["agents_1k_durable_messages_per_s"] = round(
             await agents_flow(Path(tmp), alice, bob, store, args.durable), 1)
+        refused = [await refused_handshakes(chat, args.handshakes) for _ in range(args.rounds)]
+        answered = [answered_hellos(chat, args.handshakes) for _ in range(args.rounds)]
+        result["sixchat"]["refused"] = {
+            "refused_connection_us": round(min(refused), 1),
+            "answered_hello_us": round(min(answered), 1),
+            "answered_per_refused": round(min(answered) / min(refused), 2)}
         result["ratios"] = {
             "handshakes": round(result["sixchat"]["handshakes_per_s"]
                                 / result["tls13"]["handshakes_per_s"], 2),

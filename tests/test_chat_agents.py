@@ -72,6 +72,17 @@ class Relay(protocol.Protocol):
             self.peer.transport.loseConnection()
 
 
+class Silent(protocol.Protocol):
+    """A caller that never says anything; its name goes to `closed` when it is hung up on."""
+
+    def __init__(self, name: str, closed: list[str]) -> None:
+        self.name = name
+        self.closed = closed
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.closed.append(self.name)
+
+
 @dataclasses.dataclass
 class RelayRecord:
     chunks: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
@@ -81,7 +92,9 @@ class RelayRecord:
         return b"".join(d for _, d in self.chunks)
 
 
-class AgentTests(unittest.TestCase):
+class AgentHarness(unittest.TestCase):
+    """Agents on loopback sharing one in-memory directory; no tests of its own."""
+
     timeout = 60
 
     @pytest.fixture(autouse=True)
@@ -127,6 +140,21 @@ class AgentTests(unittest.TestCase):
     def received(self, name: str) -> list[str]:
         return [m.body for e, m in self.events.get(name, []) if e == "received"]
 
+    async def _relayed(self, tamper: Any = None) -> tuple[ChatService, ChatService,
+                                                          RelayRecord]:
+        alice, bob = await self.agent(ALICE), await self.agent(BOB)
+        record = RelayRecord()
+        if tamper is not None:
+            record.tamper = tamper
+        factory = protocol.Factory.forProtocol(lambda: Relay(self.port(bob), record))
+        relay_port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(relay_port.stopListening)
+        # the relay's address is what the directory now says is bob's newest
+        self.shared.register(BOB, [PeerAddress("127.0.0.1", relay_port.getHost().port)], 60)
+        return alice, bob, record
+
+
+class AgentTests(AgentHarness):
     async def test_send_and_receipt(self) -> None:
         alice, bob = await self.agent(ALICE), await self.agent(BOB)
         assert self.shared.record(BOB).addresses == (PeerAddress("127.0.0.1", self.port(bob)),)
@@ -187,19 +215,6 @@ class AgentTests(unittest.TestCase):
             await until(lambda: not alice.agent._protocols and not bob.agent._protocols)
         assert sorted(self.received(BOB)) == ["a0", "a1", "a2"]
         assert sorted(self.received(ALICE)) == ["b0", "b1", "b2"]
-
-    async def _relayed(self, tamper: Any = None) -> tuple[ChatService, ChatService,
-                                                          RelayRecord]:
-        alice, bob = await self.agent(ALICE), await self.agent(BOB)
-        record = RelayRecord()
-        if tamper is not None:
-            record.tamper = tamper
-        factory = protocol.Factory.forProtocol(lambda: Relay(self.port(bob), record))
-        relay_port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.addCleanup(relay_port.stopListening)
-        # the relay's address is what the directory now says is bob's newest
-        self.shared.register(BOB, [PeerAddress("127.0.0.1", relay_port.getHost().port)], 60)
-        return alice, bob, record
 
     async def test_ipv6_and_key_transport(self) -> None:
         """Bob listens on ::1 and requires RSA key transport; alice has an RSA certificate."""
@@ -307,15 +322,7 @@ class AgentTests(unittest.TestCase):
     async def test_handshakes_from_one_address_are_limited(self) -> None:
         bob = await self.agent(BOB, max_handshakes_per_address=2)
         closed: list[str] = []
-
-        class Silent(protocol.Protocol):
-            def __init__(self, name: str) -> None:
-                self.name = name
-
-            def connectionLost(self, reason: Any) -> None:  # noqa: N802
-                closed.append(self.name)
-
-        silent = [await protocol.ClientCreator(reactor, Silent, f"s{i}").connectTCP(
+        silent = [await protocol.ClientCreator(reactor, Silent, f"s{i}", closed).connectTCP(
             "127.0.0.1", self.port(bob)) for i in range(3)]
         await until(lambda: closed == ["s2"], timeout=5)  # the third, at once
         silent[0].transport.loseConnection()

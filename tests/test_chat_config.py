@@ -61,6 +61,10 @@ def base(pki: LabPKI, tmp_path: Path) -> str:
     ("handshake_timeout = 0", "chat.handshake_timeout: 0.0 must be greater than 0"),
     ("max_message_bytes = 0", "chat.max_message_bytes: 0 is out of range 1-1048576"),
     ("retry_max = \"soon\"", "chat.retry_max: expected a number, got string 'soon'"),
+    ("max_handshakes = 0", "chat.max_handshakes: 0 is out of range 1-100000"),
+    ('allow = ["bob@"]', "chat.allow: 'bob@' is neither a person (name@domain) nor a domain"),
+    ('deny = ["example.test", "nodot"]', "chat.deny: 'nodot' is neither a person "
+                                         "(name@domain) nor a domain"),
 ])
 def test_bad_values_are_one_line(base: str, tmp_path: Path, line: str, message: str) -> None:
     assert problem(tmp_path, base + line + "\n") == f"FILE: {message}"

@@ -17,6 +17,7 @@ from sixnet.chat.directory import PeerAddress
 from sixnet.chat.irp import IRPDirectory
 from sixnet.chat.service import ChatService
 from sixnet.core.storage.database import Database
+from sixnet.irp.client import connect
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.service import IRPService, build_service
 
@@ -115,3 +116,29 @@ class IRPAgentTests(unittest.TestCase):
         await until(lambda: bool(bob.registration.registered))
         await until(lambda: any(r.addresses for r in heard), timeout=15)
         assert heard[-1].addresses[0] == PeerAddress("127.0.0.1", bob.ports[0].getHost().port)
+
+    async def test_revoking_a_peer_in_the_registry_ends_the_session_at_once(self) -> None:
+        await self.registry()
+        alice, bob = await self.agent(ALICE), await self.agent(BOB)
+        await until(lambda: bool(bob.registration.registered))
+        ended: list[str] = []
+        original = alice.agent.session_ended
+        alice.agent.session_ended = lambda s, r: (ended.append(r), original(s, r))  # type: ignore
+        await alice.agent.send(BOB, "before the revocation")
+        await until(lambda: self.delivered == ["before the revocation"])
+        # bob revokes the certificate his agent uses; the registry has no CA here, so no CRL
+        # anywhere changes: alice hears of it only through her watch of bob
+        client = await connect("127.0.0.1", self.irp_port, self.store,
+                               identity=self.pki.identity("user", BOB), server_name=REGISTRY,
+                               reactor=reactor)
+        await client.revoke()
+        client.close()
+        await until(lambda: ended == ["certificate-revoked"], timeout=5)
+        assert BOB not in alice.agent.sessions
+        bob_certificate = self.pki.identity("user", BOB).certificate
+        assert self.store.revocation_status(bob_certificate) is None
+        assert self.store.verify(self.pki.identity("user", BOB).chain, "client").identity == BOB
+        # a new handshake with that certificate is refused by what alice heard
+        await alice.agent.send(BOB, "after the revocation")
+        await until(lambda: ended.count("certificate-revoked") == 2, timeout=10)
+        assert "after the revocation" not in self.received

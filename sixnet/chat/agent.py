@@ -4,16 +4,23 @@ It owns no port: the service gives it a listening factory and the reactor to dia
 keeps at most one session per person (docs/chat.rst, "Simultaneous dial"), sends every
 queued message on each new session until the peer's receipt arrives, and retries people
 with queued messages when the directory says they moved, or with exponential backoff.
+
+It decides who gets through a handshake (`admit`: the allow/deny policy and the
+certificates the registry said were revoked), and asks the directory about each new
+session's certificate before using the session; it watches every person it has a session
+with, so a revocation the registry announces ends the session (docs/chat.rst, "Revocation").
 """
 
 from __future__ import annotations
 
+import datetime
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
 from lxml import etree
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, endpoints
@@ -24,18 +31,21 @@ from sixnet.chat.alerts import Alert
 from sixnet.chat.directory import IPeerDirectory, PeerAddress, PeerRecord
 from sixnet.chat.handshake import DEFAULT_POLICY, HandshakePolicy
 from sixnet.chat.messages import NS
+from sixnet.chat.policy import OPEN_POLICY, PeerPolicy
 from sixnet.chat.protocol import SessionFactory, SessionProtocol
 from sixnet.chat.session import Session, SessionTransport, own_user_id
 from sixnet.chat.store import MessageStore, StoredMessage
+from sixnet.core.timefmt import parse_rfc3339
 from sixnet.pki.identity import normalize_user_id
-from sixnet.pki.store import CertificateStore, NodeIdentity
+from sixnet.pki.store import CertificateStore, NodeIdentity, VerifiedPeer
 
 log = Logger(namespace="sixnet.chat")
 
 _MESSAGE = f"{{{NS}}}message"
 _RECEIPT = f"{{{NS}}}receipt"
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_SENT = re.compile(r"[0-9T:.Z+-]{1,40}")
+#: How far ahead of this agent's clock a message's ``sent`` may be (clock skew, not more).
+MAX_SENT_AHEAD = datetime.timedelta(hours=1)
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
@@ -53,7 +63,9 @@ class AgentSettings:
     max_message_bytes: int = 65536
     key_update_bytes: int = 1 << 30
     max_handshakes_per_address: int = 8
+    max_handshakes: int = 64
     policy: HandshakePolicy = DEFAULT_POLICY
+    peers: PeerPolicy = OPEN_POLICY
 
 
 def _escape(text: str) -> str:
@@ -68,6 +80,24 @@ def encode_message(message: StoredMessage) -> bytes:
 
 def encode_receipt(message_id: str) -> bytes:
     return f'<receipt id="{message_id}"/>'.encode()
+
+
+def sent_problem(sent: str, now: float) -> str | None:
+    """Why a message's ``sent`` is refused: not RFC 3339 UTC, or too far in the future."""
+    try:
+        when = parse_rfc3339(sent)
+    except ValueError as e:
+        return str(e)
+    if not sent.endswith("Z"):
+        return f"{sent[:40]!r} is not UTC (Z)"
+    ahead = when - datetime.datetime.fromtimestamp(now, datetime.UTC)
+    if ahead > MAX_SENT_AHEAD:
+        return f"{sent!r} is {ahead} ahead of this agent's clock"
+    return None
+
+
+def fingerprint(peer: VerifiedPeer) -> bytes:
+    return peer.certificate.fingerprint(hashes.SHA256())
 
 
 class Agent:
@@ -97,12 +127,18 @@ class Agent:
                                           factor=2.0, jitter=lambda: random.random() * initial / 8)
         self._watches: dict[str, Callable[[], None]] = {}
         self._listeners: list[Callable[[str, StoredMessage], None]] = []
+        #: Sessions established but not yet confirmed by the directory (`_confirm`), with the
+        #: elements that arrived meanwhile.
+        self._unconfirmed: dict[Session, list[etree._Element]] = {}
+        #: SHA-256 fingerprints of peer certificates the directory said are revoked.
+        self.revoked: set[bytes] = set()
         self._stopping = False
 
     # -- wiring ------------------------------------------------------------------------------
 
     def factory(self) -> SessionFactory:
-        return SessionFactory(self.make_protocol, self.settings.max_handshakes_per_address)
+        return SessionFactory(self.make_protocol, self.settings.max_handshakes_per_address,
+                              self.settings.max_handshakes)
 
     def make_protocol(self, dial_to: str | None) -> SessionProtocol:
         s = self.settings
@@ -116,7 +152,7 @@ class Agent:
         session = Session(self.identity, self.store, transport, self, policy=s.policy,
                           max_message_bytes=s.max_message_bytes,
                           key_update_bytes=s.key_update_bytes, me=self.me,
-                          clock=self.reactor.seconds)
+                          clock=self.reactor.seconds, admit=self.admit)
         assert isinstance(transport, SessionProtocol)
         self._protocols[session] = transport
         return session
@@ -176,13 +212,23 @@ class Agent:
             raise MessageRefused(f"the message is {size} bytes; the limit is "
                                  f"{self.settings.max_message_bytes}")
 
+    def admit(self, peer: VerifiedPeer) -> None:
+        """The handshake's check of a verified peer, both roles: policy, then revocations."""
+        if not self.settings.peers.permits(peer.identity):
+            raise Alert("access-denied", f"{peer.identity} is not allowed by [chat] allow/deny")
+        if fingerprint(peer) in self.revoked:
+            raise Alert("certificate-revoked",
+                        f"the registry said this certificate of {peer.identity} is revoked")
+
     async def send(self, to: str, text: str) -> StoredMessage:
         """Queue a message (committed to disk when this returns) and try to deliver it."""
         peer = normalize_user_id(to)
         self.check_text(text)
+        if not self.settings.peers.permits(peer):
+            raise MessageRefused(f"{peer} is not allowed by [chat] allow/deny")
         message = await self.messages.queue(peer, text)
-        session = self.sessions.get(peer)
-        if session is not None and session.end_reason is None:
+        session = self._usable(peer)
+        if session is not None:
             self._transmit(session, [message])
         else:
             self.deliver(peer)
@@ -199,12 +245,21 @@ class Agent:
 
     # -- delivery ----------------------------------------------------------------------------
 
+    def _usable(self, peer: str) -> Session | None:
+        """The live session with `peer`, once the directory has confirmed its certificate."""
+        session = self.sessions.get(peer)
+        if session is None or session.end_reason is not None or session in self._unconfirmed:
+            return None
+        return session
+
     def deliver(self, peer: str) -> defer.Deferred[bool]:
         """Make sure queued messages for `peer` go out: on the live session, or dial."""
         if self._stopping:
             return defer.succeed(False)
         session = self.sessions.get(peer)
         if session is not None and session.end_reason is None:
+            if session in self._unconfirmed:  # `_confirm` delivers when it is done
+                return defer.succeed(True)
             return defer.Deferred.fromCoroutine(self._flush(peer, session))
         if peer in self._dialing:
             return self._dialing[peer]
@@ -277,22 +332,72 @@ class Agent:
 
     def _watch(self, peer: str) -> None:
         if peer not in self._watches and not self._stopping:
-            self._watches[peer] = self.directory.watch(peer, self._peer_moved)
+            self._watches[peer] = self.directory.watch(peer, self._record_changed)
 
     def _unwatch(self, peer: str) -> None:
+        if peer in self.sessions:  # a live session stays watched, for revocations
+            return
         cancel = self._watches.pop(peer, None)
         if cancel is not None:
             cancel()
 
-    def _peer_moved(self, record: PeerRecord) -> None:
-        """The directory says the person has new addresses: try now, forget the backoff."""
+    def _record_changed(self, record: PeerRecord) -> None:
+        """The person's record changed: try now if they moved, check a live session's
+        certificate (a revocation is a change of the record)."""
         peer = record.user_id
+        session = self.sessions.get(peer)
+        if session is not None:
+            if session not in self._unconfirmed:
+                defer.Deferred.fromCoroutine(self._confirm(session))
+            return
         call = self._retry_calls.pop(peer, None)
         if call is not None and call.active():
             call.cancel()
         self._retries.pop(peer, None)
-        if self.sessions.get(peer) is None:
-            self.deliver(peer)
+        self.deliver(peer)
+
+    async def _confirm(self, session: Session) -> bool:
+        """Ask the directory whether the session's certificate is revoked; end it if so.
+
+        When the directory cannot say (unreachable, slow, the certificate unknown to it),
+        the session goes on: the CRLs the handshake checked still apply.
+        """
+        peer = session.peer
+        assert peer is not None
+        try:
+            query = self.directory.certificate_status(peer.identity, peer.certificate)
+            query.addTimeout(self.settings.connect_timeout, self.reactor)
+            status = await query
+        except Exception as e:
+            log.warn("cannot ask the directory about {peer}'s certificate: {error}",
+                     peer=peer.identity, error=e)
+            status = None
+        if status != "revoked":
+            return True
+        self.revoked.add(fingerprint(peer))
+        log.warn("the directory says {peer}'s certificate is revoked: ending the session",
+                 peer=peer.identity)
+        session.handle(session.refuse, Alert("certificate-revoked", "revoked in the registry"))
+        return False
+
+    async def _first_confirm(self, session: Session) -> None:
+        """A new session, not read from meanwhile: once confirmed, it gets what arrived
+        with the handshake, and the outbox."""
+        transport = getattr(self._protocols.get(session), "transport", None)
+        if transport is not None:
+            transport.pauseProducing()
+        confirmed = await self._confirm(session)
+        held = self._unconfirmed.pop(session, [])
+        if not confirmed or session.end_reason is not None:
+            return
+        for element in held:
+            if session.end_reason is not None:
+                return
+            self.stanza_received(session, element)
+        if transport is not None:
+            transport.resumeProducing()
+        if self.sessions.get(session.peer_id or "") is session:
+            self.deliver(session.peer_id or "")
 
     async def _flush(self, peer: str, session: Session) -> bool:
         queued = await self.messages.outbox(peer)
@@ -343,11 +448,14 @@ class Agent:
         if waiter is not None:
             waiter.callback(True)
         if winner is session:
-            self.deliver(peer)
+            self._watch(peer)
+            self._unconfirmed[session] = []
+            defer.Deferred.fromCoroutine(self._first_confirm(session))
 
     def session_ended(self, session: Session, reason: str) -> None:
         self._protocols.pop(session, None)
         self._sent.pop(session, None)
+        self._unconfirmed.pop(session, None)
         waiter = self._waiters.pop(session, None)
         if waiter is not None:
             waiter.callback(False)
@@ -358,9 +466,23 @@ class Agent:
             del self.sessions[peer]
             log.info("session with {peer} ended: {reason}", peer=peer, reason=reason)
             if not self._stopping and peer in self._watches:
-                self._schedule_retry(peer)
+                defer.Deferred.fromCoroutine(self._after_session(peer))
+
+    async def _after_session(self, peer: str) -> None:
+        """Retry a person who still has queued messages; stop watching one who has none."""
+        queued = await self.messages.outbox(peer)
+        if peer in self.sessions or self._stopping:
+            return
+        if queued:
+            self._schedule_retry(peer)
+        else:
+            self._unwatch(peer)
 
     def stanza_received(self, session: Session, element: etree._Element) -> None:
+        held = self._unconfirmed.get(session)
+        if held is not None:
+            held.append(element)
+            return
         peer = session.peer_id
         assert peer is not None
         if element.tag == _MESSAGE:
@@ -384,9 +506,13 @@ class Agent:
     def _message_received(self, session: Session, peer: str, element: etree._Element) -> None:
         message_id, sent = element.get("id", ""), element.get("sent", "")
         text = element.text or ""
-        if (not _ID.fullmatch(message_id) or not _SENT.fullmatch(sent) or len(element)
+        if (not _ID.fullmatch(message_id) or len(element)
                 or len(text.encode("utf-8")) > self.settings.max_message_bytes):
             session.handle(session.refuse, Alert("decode-error", "bad message"))
+            return
+        problem = sent_problem(sent, self.reactor.seconds())
+        if problem is not None:
+            session.handle(session.refuse, Alert("decode-error", f"bad message: {problem}"))
             return
 
         def stored(result: tuple[StoredMessage, bool]) -> None:

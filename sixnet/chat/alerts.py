@@ -9,8 +9,8 @@ ALERTS = frozenset({
     "close-notify", "unexpected-message", "bad-record-mac", "record-overflow", "decode-error",
     "decrypt-error", "handshake-failure", "handshake-timeout", "insufficient-security",
     "protocol-version", "bad-certificate", "unknown-ca", "certificate-expired",
-    "certificate-revoked", "identity-mismatch", "unknown-identity", "duplicate-session",
-    "internal-error",
+    "certificate-revoked", "identity-mismatch", "unknown-identity", "access-denied",
+    "duplicate-session", "internal-error",
 })
 
 #: What a refused certificate is called on the wire (`VerificationError.check` -> alert).

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from sixnet.chat.policy import entries_check
 from sixnet.core.config import Settings
 from sixnet.core.settings import (
     ServiceConfig,
@@ -98,6 +99,13 @@ class ChatConfig(ServiceConfig):
     handshake_timeout: float = setting(10.0, check=positive)
     max_handshakes_per_address: int = setting(8, check=in_range(1, 10000),
                                               doc="handshakes under way from one address")
+    max_handshakes: int = setting(64, check=in_range(1, 100000),
+                                  doc="handshakes under way from all addresses together")
+    allow: list[str] = setting([], check=entries_check,
+                               doc="people and domains this agent talks with; empty: anyone "
+                                   "a trusted CA certified")
+    deny: list[str] = setting([], check=entries_check,
+                              doc="people and domains this agent refuses")
     connect_timeout: float = setting(10.0, check=positive)
     retry_initial: float = setting(5.0, check=positive)
     retry_max: float = setting(300.0, check=positive)

@@ -1,7 +1,8 @@
 """Where people are: the seam between the agent and the IRP registry.
 
-The agent needs three things from a directory: announce its own addresses, find a person's
-addresses (most recent first), and hear when a person moves. `IPeerDirectory` is that seam;
+The agent needs four things from a directory: announce its own addresses, find a person's
+addresses (most recent first), hear when a person's record changes (a move, a revocation),
+and say whether a certificate it knows is revoked. `IPeerDirectory` is that seam;
 `IRPDirectory` (``sixnet.chat.irp``) speaks to a real registry.
 """
 
@@ -63,6 +64,10 @@ class IPeerDirectory(Interface):
         A directory that may have missed changes (it was disconnected) also calls it with
         the current record when the watch (re)starts.
         """
+
+    def certificate_status(user_id: str, certificate: Any) -> defer.Deferred[str | None]:
+        """What the directory says of this certificate of the person now: ``valid``,
+        ``revoked`` or ``expired``; None when it does not know the certificate."""
 
     def close() -> defer.Deferred[None]:
         """Stop: no more watcher calls, no more connections; fires when they are closed."""

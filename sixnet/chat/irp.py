@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography import x509
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
@@ -203,6 +204,25 @@ class IRPDirectory:
 
     def lookup(self, user_id: str) -> defer.Deferred[PeerRecord | None]:
         return defer.Deferred.fromCoroutine(self._lookup(user_id))
+
+    async def _certificate_status(self, user_id: str,
+                                  certificate: x509.Certificate) -> str | None:
+        client = await self.client()
+        try:
+            known = await client.certificates(serial=format(certificate.serial_number, "X"))
+        except IRPError as e:
+            if e.condition == "item-not-found":
+                return None
+            raise
+        for info in known:  # the serial of the registry's CA: check it is this certificate
+            if info.certificate == certificate:
+                return info.status
+        return None
+
+    def certificate_status(self, user_id: str,
+                           certificate: x509.Certificate) -> defer.Deferred[str | None]:
+        """The registry's ``certificates serial=...`` answer for this exact certificate."""
+        return defer.Deferred.fromCoroutine(self._certificate_status(user_id, certificate))
 
     def watch(self, user_id: str, watcher: Watcher) -> Callable[[], None]:
         watchers = self._watchers.setdefault(user_id, [])

@@ -6,6 +6,7 @@ stream and record-phase bytes to its `Session`, and owns the connection's timers
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,10 @@ log = Logger(namespace="sixnet.chat")
 
 #: Handshake elements (a hello with an 8-certificate chain is well under this).
 MAX_HANDSHAKE_BYTES = 32768
+#: The start of a stream whose root is exactly the unprefixed ``sixchat`` (the parser reports
+#: names in Clark notation, which hide the prefix; a prefixed root would end in another end
+#: tag than the ``</sixchat>`` the record phase is found by).
+_UNPREFIXED_ROOT = re.compile(rb"(?:\xef\xbb\xbf)?\s*(?:<\?xml\s[^>]*\?>\s*)?<sixchat[\s/>]")
 
 
 def _held_suffix(data: bytes) -> int:
@@ -50,6 +55,7 @@ class SessionProtocol(Protocol):
         self._parser: StreamParser | None = StreamParser(max_element_bytes=MAX_HANDSHAKE_BYTES,
                                                          max_depth=4)
         self._held = b""
+        self._head: bytes | None = b""  # what was fed until the root opened
         self._timer: IDelayedCall | None = None
         self._close_timer: IDelayedCall | None = None
         #: Fires when the connection is gone.
@@ -112,6 +118,8 @@ class SessionProtocol(Protocol):
             chunk, rest = buf[:at + len(STREAM_END)], buf[at + len(STREAM_END):]
             self._held = b""
         assert self._parser is not None
+        if self._head is not None:
+            self._head += chunk
         try:
             events = self._parser.feed(chunk)
         except XMLStreamError as e:
@@ -121,10 +129,13 @@ class SessionProtocol(Protocol):
             if session.end_reason is not None:
                 return None
             if isinstance(event, StreamOpened):
-                if event.tag != ROOT or event.attrib.get("version") != VERSION:
+                head, self._head = self._head or b"", None
+                if event.tag != ROOT or event.attrib.get("version") != VERSION or \
+                        not _UNPREFIXED_ROOT.match(head):
                     session.handle(session.refuse, Alert(
                         "protocol-version", f"stream {event.tag[:80]} version "
-                                            f"{event.attrib.get('version', '')[:10]!r}"))
+                                            f"{event.attrib.get('version', '')[:10]!r}, "
+                                            "root must be the unprefixed sixchat"))
                     return None
             elif isinstance(event, StreamClosed):
                 session.stream_ended()
@@ -160,27 +171,45 @@ class SessionProtocol(Protocol):
 class SessionFactory(Factory):
     """Accepted connections: a responder session each.
 
-    A handshake costs the responder signatures and key agreement before it knows who calls,
-    so one address may have at most `max_handshakes_per_address` of them under way; a
-    connection beyond that is closed at once (and logged).
+    A handshake costs the responder a chain verification, key agreement and a signature
+    before the caller has proven its key, so one address may have at most
+    `max_handshakes_per_address` of them under way and all addresses together at most
+    `max_handshakes`; a connection beyond either is closed at once, before any byte is read
+    (logged for the first of a burst and every thousandth).
     """
 
     noisy = False
 
     def __init__(self, make_protocol: Callable[[str | None], SessionProtocol],
-                 max_handshakes_per_address: int = 8) -> None:
+                 max_handshakes_per_address: int = 8, max_handshakes: int = 64) -> None:
         self.make_protocol = make_protocol
         self.handshaking = AddressLimiter(max_handshakes_per_address)
+        self.max_handshakes = max_handshakes
+        #: Handshakes under way from all addresses.
+        self.under_way = 0
+        #: Connections refused since the last one admitted (`_refuse` logs a few of them).
+        self.refused = 0
 
     def buildProtocol(self, addr: Any) -> SessionProtocol | None:  # noqa: N802
         host = str(getattr(addr, "host", ""))
-        if not self.handshaking.acquire(host):
-            log.warn("refused a connection from {host}: {count} handshakes already under way",
-                     host=host, count=self.handshaking.held(host))
+        if self.under_way >= self.max_handshakes:
+            self._refuse(host, f"{self.under_way} handshakes under way in all")
             return None
+        if not self.handshaking.acquire(host):
+            self._refuse(host, f"{self.handshaking.held(host)} handshakes under way from it")
+            return None
+        self.under_way += 1
+        self.refused = 0
         proto = self.make_protocol(None)
         proto.handshake_over.addBoth(self._handshake_over, host)
         return proto
 
+    def _refuse(self, host: str, why: str) -> None:
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warn("refused a connection from {host}: {why} ({refused} refused since the "
+                     "last admitted)", host=host, why=why, refused=self.refused)
+
     def _handshake_over(self, result: object, host: str) -> None:
+        self.under_way -= 1
         self.handshaking.release(host)

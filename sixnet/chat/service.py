@@ -26,6 +26,7 @@ from sixnet.chat.config import ChatConfig, ChatSettings
 from sixnet.chat.control import ControlFactory
 from sixnet.chat.directory import IPeerDirectory, PeerAddress
 from sixnet.chat.handshake import HandshakePolicy
+from sixnet.chat.policy import PeerPolicy
 from sixnet.chat.session import own_user_id
 from sixnet.chat.store import MessageStore
 from sixnet.core.errors import ConfigError
@@ -155,7 +156,9 @@ class ChatService(MultiService):
             retry_initial=chat.retry_initial, retry_max=chat.retry_max,
             max_message_bytes=chat.max_message_bytes, key_update_bytes=chat.key_update_bytes,
             max_handshakes_per_address=chat.max_handshakes_per_address,
-            policy=HandshakePolicy(tuple(chat.key_agreement), tuple(chat.ciphers)))
+            max_handshakes=chat.max_handshakes,
+            policy=HandshakePolicy(tuple(chat.key_agreement), tuple(chat.ciphers)),
+            peers=PeerPolicy.from_lists(chat.allow, chat.deny))
         self.agent = Agent(identity, store, MessageStore(db), directory, reactor, settings)
         self.ports: list[IListeningPort] = []
         self.control_port: IListeningPort | None = None

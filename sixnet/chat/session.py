@@ -15,6 +15,12 @@ session ends. Diagram (docs/chat.rst, "State machine")::
 
 Outputs that check the peer raise `Alert`; `handle` turns that (and any input the current
 state does not accept) into ``refuse``, so one state has one set of allowed inputs.
+
+How a failure is reported depends on what this side has sent: before its own ``</sixchat>``
+an XML ``<alert/>``, after it an alert record (docs/chat.rst, "Reporting a failure"). The
+responder ends its XML stream with its ``finished``, so its failures while it waits for the
+initiator's proof are records under its first application keys, which the initiator already
+holds.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from twisted.logger import Logger
 from sixnet.chat import handshake as hs
 from sixnet.chat import messages as m
 from sixnet.chat.alerts import Alert, certificate_alert
-from sixnet.chat.keyschedule import KeySchedule, TrafficKeys, finished_mac
+from sixnet.chat.keyschedule import KeySchedule, finished_mac
 from sixnet.chat.records import ALERT, APPLICATION, KEY_UPDATE, RecordLayer
 from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id, user_ids_in
@@ -77,7 +83,8 @@ class Session:
                  transport: SessionTransport, owner: SessionOwner, *,
                  policy: hs.HandshakePolicy | None = None, max_message_bytes: int = 65536,
                  key_update_bytes: int = 1 << 30, me: str | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 admit: Callable[[VerifiedPeer], None] | None = None) -> None:
         self.identity = identity
         self.store = store
         self.transport = transport
@@ -92,6 +99,12 @@ class Session:
         self.method: str | None = None
         self.cipher: str | None = None
         self.records: RecordLayer | None = None
+        #: The agent's check of a verified peer (policy, revocations it heard of): raises
+        #: `Alert` to refuse the handshake.
+        self.admit = admit
+        #: The records this side seals once its XML stream has ended (set before `records`
+        #: on the responder, which ends its stream first).
+        self._sealer: RecordLayer | None = None
         self.end_reason: str | None = None
         self.created = (clock or time.time)()  # when the connection began (epoch seconds)
         self._transcript = hs.Transcript()
@@ -99,7 +112,6 @@ class Session:
         self._schedule: KeySchedule | None = None
         self._peer_hs: bytes = b""
         self._own_hs: bytes = b""
-        self._app_keys: tuple[TrafficKeys, TrafficKeys] | None = None
         self._header_sent = False
         self._app_header_sent = False
         self._app_parser = StreamParser(max_element_bytes=max_message_bytes + 1024, max_depth=4)
@@ -345,9 +357,12 @@ class Session:
 
     def _verify_peer(self, chain: tuple, expected: str | None) -> VerifiedPeer:
         try:
-            return self.store.verify(list(chain), "client", expected)
+            peer = self.store.verify(list(chain), "client", expected)
         except VerificationError as e:
             raise certificate_alert(e) from None
+        if self.admit is not None:
+            self.admit(peer)
+        return peer
 
     @_machine.output()
     def _answer_hello(self, message: m.InitiatorHello, element: etree._Element) -> None:
@@ -383,7 +398,9 @@ class Session:
         self._transcript.add(verify)
         done = m.build(m.Finished(finished_mac(self._own_hs, self._transcript.digest())))
         self._transcript.add(done)
-        self._app_keys = self._schedule.application_traffic(self._transcript.digest())
+        receive, send = self._schedule.application_traffic(self._transcript.digest())
+        self._sealer = RecordLayer(self.cipher, send, receive,
+                                   key_update_bytes=self.key_update_bytes)
         self._write_xml([hello, verify, done], end=True)
 
     @_machine.output()
@@ -434,15 +451,11 @@ class Session:
             self._transcript.add(verify)
             done = m.build(m.Finished(finished_mac(self._own_hs, self._transcript.digest())))
             self._write_xml([verify, done], end=True)
-            send, receive = initiator, responder
-        else:
-            assert self._app_keys is not None
-            receive, send = self._app_keys
-        assert self.cipher is not None
-        self.records = RecordLayer(self.cipher, send, receive,
-                                   key_update_bytes=self.key_update_bytes)
+            assert self.cipher is not None
+            self._sealer = RecordLayer(self.cipher, initiator, responder,
+                                       key_update_bytes=self.key_update_bytes)
+        self.records = self._sealer
         self._schedule = None
-        self._app_keys = None
         self._own_hs = self._peer_hs = b""
         self.owner.session_established(self)
 
@@ -458,22 +471,23 @@ class Session:
         if self.records is not None and self.end_reason is None:
             self.transport.write(self.records.seal_key_update(True))
 
+    def _write_alert(self, condition: str) -> None:
+        """An alert record once this side's XML stream has ended, else an XML ``<alert/>``."""
+        if self._sealer is not None:
+            self.transport.write(self._sealer.seal(ALERT, condition.encode()))
+        else:
+            self._write_xml([m.build(m.AlertMessage(condition))], end=True)
+
     @_machine.output()
     def _send_close_notify(self) -> None:
         self._closing = True
-        if self.records is not None:
-            self.transport.write(self.records.seal(ALERT, b"close-notify"))
-        else:
-            self._write_xml([m.build(m.AlertMessage("close-notify"))], end=True)
+        self._write_alert("close-notify")
 
     @_machine.output()
     def _send_alert(self, alert: Alert) -> None:
         log.info("{session}: ending with alert {reason}: {detail}", session=self,
                  reason=alert.condition, detail=alert.text)
-        if self.records is not None:
-            self.transport.write(self.records.seal(ALERT, alert.condition.encode()))
-        else:
-            self._write_xml([m.build(m.AlertMessage(alert.condition))], end=True)
+        self._write_alert(alert.condition)
 
     @_machine.output()
     def _hang_up(self) -> None:

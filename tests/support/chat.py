@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -24,6 +26,8 @@ class SharedDirectory:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
+        #: DER of the certificates revoked here (`revoke`).
+        self.revoked: set[bytes] = set()
 
     def for_person(self, user_id: str) -> InMemoryDirectory:
         return InMemoryDirectory(self, normalize_user_id(user_id))
@@ -40,6 +44,13 @@ class SharedDirectory:
             return None
         live.sort(key=lambda item: -item[0])
         return PeerRecord(normalize_user_id(user_id), tuple(a for _, a in live))
+
+    def revoke(self, user_id: str, certificate: x509.Certificate) -> None:
+        """Revoke a person's certificate; their watchers hear of it, as from IRP."""
+        self.revoked.add(certificate.public_bytes(Encoding.DER))
+        record = self.record(user_id) or PeerRecord(normalize_user_id(user_id), ())
+        for watcher in list(self.entry(user_id).watchers):
+            watcher(record)
 
     def register(self, user_id: str, addresses: Sequence[PeerAddress], lifetime: float) -> None:
         entry = self.entry(user_id)
@@ -78,6 +89,11 @@ class InMemoryDirectory:
                 watchers.remove(watcher)
 
         return cancel
+
+    def certificate_status(self, user_id: str,
+                           certificate: x509.Certificate) -> defer.Deferred[str | None]:
+        revoked = certificate.public_bytes(Encoding.DER) in self.shared.revoked
+        return defer.succeed("revoked" if revoked else None)
 
     def close(self) -> defer.Deferred[None]:
         """Nothing to release: the shared records stay for the other agents."""
