@@ -87,6 +87,16 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         assert error.condition == "not-well-formed"
         await self.still_serving(service)
 
+    async def test_text_between_messages_is_refused_at_once(self) -> None:
+        service = await self.start(stall_timeout=30)
+        client = await self.client(service, self.lab.person("mallory@example.test"))
+        client.protocol.transport.write(b'<frobnicate id="1"/>hello')
+        started = reactor.seconds()
+        error = await client.lost
+        assert error.condition == "bad-format"
+        assert reactor.seconds() - started < 5
+        await self.still_serving(service)
+
     async def test_oversized_message(self) -> None:
         service = await self.start(max_message_bytes=4096)
         error = await self.stream_error_after_tls(

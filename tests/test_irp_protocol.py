@@ -171,6 +171,7 @@ def test_connections_per_address_are_limited(factory) -> None:
     connect(factory)
     _, refused = connect(factory)
     assert b'condition="resource-constraint"' in refused.value() and refused.disconnecting
+    assert b'from="irp.example.test"' in refused.value()  # a header like any other
     _, other_host = connect(factory, "192.0.2.2")
     assert not other_host.disconnecting
     first.connectionLost()
@@ -231,3 +232,28 @@ def test_person_payload_is_the_canonical_person_element(pki) -> None:
     removed = PersonRecord('odd"&<name@example.test', removed=True)
     assert person_payload(removed) == canonical_payload([
         element("person", {"id": removed.person, "removed": "true"})])
+
+
+def test_text_between_messages_is_bad_format_when_it_arrives(factory) -> None:
+    """libxml2 keeps text back until the next ``<``: the registry must not wait for it."""
+    cases = ((HEADER + b"hello",), (HEADER, b"hello"), (HEADER, b" \r\n x"),
+             (HEADER + b"  ", b"x"), (HEADER, b"&amp;"))
+    for n, reads in enumerate(cases):
+        protocol, transport = connect(factory, f"192.0.2.{20 + n}")
+        for data in reads:
+            protocol.dataReceived(data)
+        out = transport.value()
+        assert b'condition="bad-format"' in out and transport.disconnecting, reads
+        assert not transport.tls_started
+    protocol, transport = connect(factory, "192.0.2.30")  # text after <starttls/>: in the clear
+    protocol.dataReceived(HEADER + b"<starttls/>hello")
+    assert b'condition="policy-violation"' in transport.value() and not transport.tls_started
+
+
+def test_text_inside_a_half_sent_message_is_not_a_gap(factory) -> None:
+    """A ``>`` in an attribute value, or text inside an element, is not between messages."""
+    protocol, transport = connect(factory)
+    protocol.dataReceived(HEADER + b'<starttls x="a>b')
+    protocol.dataReceived(b' c"/>')
+    assert b"bad-format" not in transport.value()
+    assert b"<proceed" in transport.value() and transport.tls_started

@@ -16,6 +16,7 @@ inside an open stream only gets an ``<error>`` for that request.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from automat import MethodicalMachine
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sixnet.core.stream.limits import AddressLimiter
-from sixnet.core.stream.parser import StreamOpened, StreamParser, XMLStreamError
+from sixnet.core.stream.parser import Event, StreamOpened, StreamParser, XMLStreamError
 from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.engine.access import ANONYMOUS, Caller
@@ -61,6 +62,41 @@ CLEAR, OFFERED, HANDSHAKE, AUTHENTICATED, OPEN, CLOSED = (
 #: Watches one connection may hold.
 MAX_WATCHES = 256
 MAX_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class TextBetweenMessages:
+    """An event: non-whitespace text arrived between messages (``bad-format``)."""
+
+    text: bytes
+
+
+class MessageGapParser(StreamParser):
+    """The stream parser, reporting text between messages when it arrives.
+
+    libxml2 holds character data back until the next ``<``, so ``<lookup .../>hello`` would
+    only be refused when another message began, or time out. Each feed is parsed up to its
+    last ``>`` first; if that leaves the parser between messages (`idle`, which a ``>``
+    inside a half-sent attribute value cannot fake) and the rest is text with no markup,
+    the events end with `TextBetweenMessages` and nothing more is parsed. It is an event,
+    not an error, so what came before it is handled first (after ``<starttls/>`` it is
+    data in the clear: ``policy-violation``).
+    """
+
+    def feed(self, data: bytes) -> list[Event | TextBetweenMessages]:
+        cut = data.rfind(b">") + 1
+        rest = data[cut:]
+        if self.gap is not None or b"<" in rest or not rest.strip(b" \t\r\n"):
+            return [] if self.gap is not None else list(super().feed(data))
+        events: list[Event | TextBetweenMessages] = list(super().feed(data[:cut])) if cut else []
+        if not self.idle:
+            return events + list(super().feed(rest))
+        self.gap = TextBetweenMessages(rest)
+        return [*events, self.gap]
+
+    def reset(self) -> None:
+        super().reset()
+        self.gap: TextBetweenMessages | None = None
 
 
 class IRPServerFactory(Factory):
@@ -103,8 +139,8 @@ class IRPServerProtocol(XMLStreamProtocol):
 
     def __init__(self, factory: IRPServerFactory, peer: str, admitted: bool = True) -> None:
         config = factory.config
-        super().__init__(StreamParser(max_element_bytes=config.max_message_bytes,
-                                      max_depth=MAX_DEPTH), factory.reactor,
+        super().__init__(MessageGapParser(max_element_bytes=config.max_message_bytes,
+                                          max_depth=MAX_DEPTH), factory.reactor,
                          stall_timeout=config.stall_timeout, idle_timeout=config.idle_timeout)
         self.factory = factory
         self.peer = peer
@@ -178,7 +214,9 @@ class IRPServerProtocol(XMLStreamProtocol):
             raise StreamError("unsupported-version", f"this registry speaks IRP {VERSION}")
         self.got_header()
 
-    def element_received(self, node: etree._Element) -> None:
+    def element_received(self, node: etree._Element | TextBetweenMessages) -> None:
+        if isinstance(node, TextBetweenMessages):
+            raise StreamError("bad-format", "text between messages")
         if node.tag == q("starttls"):
             self.got_starttls(node)
         else:
