@@ -461,6 +461,11 @@ class RegistryTests(RegistryHarness):
         outsider = await self.client(service, self.lab.person("eve@elsewhere.test"))
         error = await _fails(outsider.lookup("alice@example.test"), IRPError)
         assert error.condition == "forbidden"
+        # refused by serial: the error must not say whose certificate it is
+        serial = format(self.lab.person("alice@example.test").certificate.serial_number, "X")
+        error = await _fails(outsider.certificates(serial=serial), IRPError)
+        assert error.condition == "forbidden" and "alice" not in error.text
+        assert serial in error.text
         colleague = await self.client(service, self.lab.person("bob@example.test"))
         assert (await colleague.lookup("alice@example.test")).addresses
         error = await _fails(colleague.watch("alice@example.test", print), IRPError)

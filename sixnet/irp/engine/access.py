@@ -76,9 +76,12 @@ def own(caller: Caller, user: str | None) -> str:
     return caller.identity
 
 
-def may_see(caller: Caller, target: str, policy: str, doing: str) -> None:
+def may_see(caller: Caller, target: str, policy: str, doing: str,
+            named: str | None = None) -> None:
     """Raise `forbidden` unless `policy` (``enrolled``, ``same-domain`` or ``operators``)
-    lets the caller see `target`'s record; `doing` says what for (``look up``, ...)."""
+    lets the caller see `target`'s record; `doing` says what for (``look up``, ...). The
+    error names `named` instead of `target` when given (a certificate asked for by serial:
+    who owns it is what the caller may not learn)."""
     if caller.operator or caller.identity == target:
         return
     if policy == "enrolled" and caller.identity is not None:
@@ -87,4 +90,4 @@ def may_see(caller: Caller, target: str, policy: str, doing: str) -> None:
             caller.identity.rsplit("@", 1)[1] == target.rsplit("@", 1)[1]:
         return
     raise IRPError("forbidden", f"the registry's policy does not let {caller.identity} "
-                                f"{doing} {target}")
+                                f"{doing} {named or target}")

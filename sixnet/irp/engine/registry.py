@@ -280,12 +280,14 @@ class Registry:
             if row is None:
                 raise IRPError("item-not-found",
                                f"the registry issued no certificate {request.serial}")
-            may_see(caller, row.person, self.config.lookup_access, "certificates")
+            # The refusal names the certificate, not its owner: a serial must not tell who.
+            may_see(caller, row.person, self.config.lookup_access, "see",
+                    f"certificate {request.serial}")
             return [element("person", {"id": row.person},
                             children=[chain_element(self.statuses.status(row))])]
         user = request.user
         assert user is not None
-        may_see(caller, user, self.config.lookup_access, "certificates")
+        may_see(caller, user, self.config.lookup_access, "see the certificates of")
         view = await self.store.person_view(user, self.now_ms())
         if not view.exists:
             raise IRPError("item-not-found", f"{user} is not registered")
