@@ -142,6 +142,10 @@ def test_each_operation_parses_to_its_request_type() -> None:
     assert parsed[RegisterRequest] == RegisterRequest(
         "5", None, "phone", 60, (Address("2001:db8::1", 5),))  # the repeat is dropped
     assert parsed[UnregisterRequest] == UnregisterRequest("6", None, None)
+    # RFC 5952 text; an IPv4-mapped address in its section 5 mixed form
+    mapped = parse('<register id="5"><address ip="::FFFF:c000:0201" port="5"/>'
+                   '<address ip="2001:DB8:0:0::1" port="5"/></register>')
+    assert [a.ip for a in mapped.addresses] == ["::ffff:192.0.2.1", "2001:db8::1"]
     assert parsed[CertificatesRequest] == CertificatesRequest("8", None, "1F")
     assert parsed[BackupPutRequest] == BackupPutRequest("11", None, b"\x00\x01\x02")
     assert parsed[ListUsersRequest] == ListUsersRequest("13", None, 5)

@@ -167,6 +167,59 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         record = await client.register([("2001:db8::1", 4605)])
         assert record.addresses == [("2001:db8::1", 4605, "default")]
 
+    async def capture(self, client) -> list:
+        """The responses `client` receives from now on, as parsed."""
+        captured: list = []
+        original = client._response
+
+        def capture(node):
+            captured.append(copy.deepcopy(node))
+            original(node)
+
+        client._response = capture
+        return captured
+
+    async def test_duplicate_id_in_flight_is_refused_without_an_id(self) -> None:
+        """The request in flight gets its one answer; the repeat gets an id-less error."""
+        service = await self.start()
+        client = await self.client(service, self.lab.person("alice@example.test"))
+        await client.register([("2001:db8::1", 4605)])
+        captured = await self.capture(client)
+        d = defer.Deferred()
+        client._pending["dup"] = ("lookup", d)
+        client.protocol.transport.write(b'<lookup id="dup" user="alice@example.test"/>' * 2)
+        data = await d
+        assert data.get("request") == "dup"
+        await client.lookup("alice@example.test")  # answered after both
+        errors = [n for n in captured if n.tag == q("error")]
+        assert [(e.get("id"), e.get("condition")) for e in errors] == [(None, "bad-request")]
+        assert [n.get("id") for n in captured if n.tag == q("result")].count("dup") == 1
+        # once answered, the id may be used again
+        client._pending["dup"] = ("lookup", d := defer.Deferred())
+        client.protocol.transport.write(b'<lookup id="dup" user="alice@example.test"/>')
+        assert (await d).get("request") == "dup"
+
+    async def test_second_watch_of_a_person_is_a_conflict(self) -> None:
+        service = await self.start()
+        client = await self.client(service, self.lab.person("alice@example.test"))
+        await client.register([("2001:db8::1", 4605)])
+        heard = []
+        await client.watch("alice@example.test", heard.append)
+        error = await _fails(client.request("watch", {"user": "alice@example.test"}), IRPError)
+        assert error.condition == "conflict"
+        # two at once: the second is refused while the first is being answered
+        other = await self.client(service, self.lab.person("bob@example.test"))
+        first = other.request("watch", {"user": "alice@example.test"})
+        error = await _fails(other.request("watch", {"user": "alice@example.test"}), IRPError)
+        assert error.condition == "conflict"
+        await first
+        # the first watch still works, and after unwatch a new one is allowed
+        await client.register([("2001:db8::2", 4605)])
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert heard and heard[-1].addresses[0][0] == "2001:db8::2"
+        await client.unwatch("alice@example.test")
+        await client.watch("alice@example.test", heard.append)
+
     async def test_signature_verifies_and_fails_when_a_byte_changes(self) -> None:
         service = await self.start()
         client = await self.client(service, self.lab.person("alice@example.test"))

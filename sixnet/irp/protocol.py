@@ -150,8 +150,11 @@ class IRPServerProtocol(XMLStreamProtocol):
         self.registry = factory.registry
         self.caller = Caller(peer)
         self.refusal: VerificationError | None = None
-        self.in_flight = 0
+        #: The ids of the requests being answered (an id is unique among them).
+        self.in_flight: set[str] = set()
         self.watches: dict[str, tuple[str, Any]] = {}
+        #: Persons whose watch request is being answered.
+        self.watching: set[str] = set()
 
     @property
     def state(self) -> str:
@@ -281,28 +284,46 @@ class IRPServerProtocol(XMLStreamProtocol):
                                            condition=error.condition, detail=error.text)
             self.send(serialize(error_element(rid, error)))
             return
-        if self.in_flight >= self.config.max_requests_in_flight:
-            self.send(serialize(error_element(rid, IRPError(
-                "resource-constraint", "too many requests in flight on this connection"))))
+        refused = self._admission(request)
+        if refused is not None:
+            # A repeated id is no valid id: the error has none, so the request in flight
+            # under that id still gets the one answer that carries it.
+            duplicate = request.id in self.in_flight
+            self.send(serialize(error_element(None if duplicate else rid, refused)))
             return
-        if isinstance(request, WatchRequest) and len(self.watches) >= MAX_WATCHES and \
-                request.user not in self.watches:
-            self.send(serialize(error_element(rid, IRPError(
-                "policy-violation", f"at most {MAX_WATCHES} watches per connection"))))
-            return
-        self.in_flight += 1
+        self.in_flight.add(request.id)
+        if isinstance(request, WatchRequest):
+            self.watching.add(request.user)
         d = defer.Deferred.fromCoroutine(self._run(request))
         d.addErrback(self._internal_failure, request)
+
+    def _admission(self, request: Request) -> IRPError | None:
+        """Why a well-formed request is refused before it runs (docs/irp.rst, "Requests,
+        results, errors" and "watch"), or None."""
+        if request.id in self.in_flight:
+            return IRPError("bad-request", f"request {request.id} is still in flight; "
+                                           "ids must be unique among requests in flight")
+        if len(self.in_flight) >= self.config.max_requests_in_flight:
+            return IRPError("resource-constraint",
+                            "too many requests in flight on this connection")
+        if isinstance(request, WatchRequest):
+            if request.user in self.watches or request.user in self.watching:
+                return IRPError("conflict", f"{request.user} is watched already on this "
+                                            "connection; unwatch first")
+            if len(self.watches) + len(self.watching) >= MAX_WATCHES:
+                return IRPError("policy-violation",
+                                f"at most {MAX_WATCHES} watches per connection")
+        return None
 
     async def _run(self, request: Request) -> None:
         caller = self.caller
         try:
             payload = await self.registry.handle(caller, request)
         except IRPError as error:
-            self.in_flight -= 1
+            self._done(request)
             self.send(serialize(error_element(request.id, error)))
             return
-        self.in_flight -= 1
+        self._done(request)
         if self.state == CLOSED:
             return
         if isinstance(request, WatchRequest):
@@ -321,9 +342,14 @@ class IRPServerProtocol(XMLStreamProtocol):
         data = signed_data(request.op, request.id, self.factory.hostname, rfc3339(), payload)
         return head.encode() + data + self.factory.signer.signature(data) + tail
 
+    def _done(self, request: Request) -> None:
+        """`request` is answered (its id may be used again)."""
+        self.in_flight.discard(request.id)
+        if isinstance(request, WatchRequest):
+            self.watching.discard(request.user)
+
     def _start_watch(self, request: WatchRequest) -> None:
         user = request.user
-        self._stop_watch(user)
 
         def changed(payload: bytes) -> None:
             if self.state == OPEN:
@@ -340,7 +366,7 @@ class IRPServerProtocol(XMLStreamProtocol):
     def _internal_failure(self, failure: Failure, request: Request | None) -> None:
         log.failure("IRP request failed", failure)
         if request is not None:
-            self.in_flight -= 1
+            self._done(request)
             self.send(serialize(error_element(request.id, IRPError(
                 "internal-server-error", "the registry failed; nothing was changed"))))
         else:

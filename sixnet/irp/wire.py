@@ -96,11 +96,18 @@ class Address:
         number = parse_int(port, "port")
         if not 1 <= number <= 65535:
             raise IRPError("bad-request", f"port {number} is out of range 1-65535")
-        return cls(parsed.compressed, number)
+        return cls(_address_text(parsed), number)
 
     @property
     def family(self) -> int:
         return ipaddress.ip_address(self.ip).version
+
+
+def _address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """RFC 5952 text: compressed, and an IPv4-mapped address in the mixed form of its
+    section 5 (``::ffff:192.0.2.1``, which Python writes ``::ffff:c000:201``)."""
+    mapped = getattr(address, "ipv4_mapped", None)
+    return f"::ffff:{mapped}" if mapped is not None else address.compressed
 
 
 @dataclass(frozen=True)
