@@ -163,9 +163,12 @@ class RawClient(protocol.Protocol):
         self._waiters: list[tuple[re.Pattern[bytes], defer.Deferred[bytes]]] = []
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
+    async def connect(cls, port: int, source: str | None = None) -> RawClient:
+        """Connect to 127.0.0.1, from another loopback address when `source` says so."""
         client = cls()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+        bind = (source, 0) if source else None
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=bind),
+                              client)
         return client
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802

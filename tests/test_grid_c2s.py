@@ -464,7 +464,9 @@ class PostgresServerTests(GridTestCase):
 
 class LimitTests(GridTestCase):
     async def test_connections_per_address(self) -> None:
-        await self._grid(max_connections_per_address=2)
+        """Not yet authenticated: `max_unauthenticated_per_address`; after SASL success:
+        `max_connections_per_address`."""
+        await self._grid(max_unauthenticated_per_address=2, max_connections_per_address=2)
         await self._connect()
         await self._connect()
         third = await self._connect()
@@ -472,7 +474,7 @@ class LimitTests(GridTestCase):
 
     async def test_connection_limit_on_the_direct_tls_port(self) -> None:
         """On direct TLS the refusal is a stream error after the handshake."""
-        await self._grid(max_connections_per_address=1)
+        await self._grid(max_unauthenticated_per_address=1)
         from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
 
         from sixnet.pki.tls import ClientTLS

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import time
 
-from twisted.internet import reactor
+import pytest
+from twisted.internet import defer, reactor
 
-from tests.grid_harness import DOMAIN, SlixClient
+from tests.grid_harness import DOMAIN, RawClient, SlixClient
 from tests.test_grid_c2s import HEADER, GridTestCase
 
 
@@ -63,3 +64,61 @@ class StreamHeaderTests(GridTestCase):
         await c.open_stream()
         c.send(HEADER[21:])
         await self._refused(c, "invalid-xml")
+
+
+class ConnectionsPerAddressTests(GridTestCase):
+    async def test_the_101st_login_from_one_address(self) -> None:
+        """Defaults: a hundred sessions from one address leave room for more logins."""
+        await self._grid()
+        sessions = []
+        for _ in range(10):
+            sessions += await defer.gatherResults(
+                [defer.Deferred.fromCoroutine(self._login("bob")) for _ in range(10)])
+        assert len(self.grid.server.connections) == 100
+        await self._still_served(await self._login("alice"))
+
+    async def test_unauthenticated_connections_have_their_own_limit_and_deadline(self) -> None:
+        await self._grid(max_unauthenticated_per_address=2, max_connections_per_address=3,
+                         unauthenticated_timeout=1.0)
+        bob = await self._login("bob")
+        idle = [await self._connect(), await self._connect()]
+        await self._refused(await self._connect(), "policy-violation")
+        started = time.monotonic()
+        for c in idle:
+            await self._refused(c, "connection-timeout")
+        assert time.monotonic() - started < 3
+        await self._still_served(bob)  # authenticated: the short deadline is not its
+        second = await self._login("bob")
+        await self._login("alice")
+        c = await self._connect()
+        await c.starttls(self.grid.tls.store)
+        await c.open_stream()
+        with pytest.raises(AssertionError, match="connection closed"):
+            await c.scram_login("alice", "alice secret")  # the fourth authenticated one
+        assert b"<success" not in c.received
+        assert b"<policy-violation " in c.received and b"too many connections" in c.received
+        await self._still_served(second)
+
+
+class LockoutTests(GridTestCase):
+    async def test_a_stranger_cannot_lock_the_owner_out(self) -> None:
+        """Failures lock the account for the stranger's address only; the stranger's own
+        stream is closed after three failures, and even the right password is refused there."""
+        await self._grid(lockout_after=2, lockout_seconds=60)
+        stranger = await RawClient.connect(self.port, source="127.0.0.2")
+        self.addCleanup(lambda: stranger.transport.abortConnection())
+        await stranger.starttls(self.grid.tls.store)
+        await stranger.open_stream()
+        for _ in range(2):
+            assert b"<not-authorized/>" in await stranger.scram_login("alice", "guess")
+        assert b"<account-disabled/>" in await stranger.scram_login("alice", "alice secret")
+        await self._refused(stranger, "policy-violation")
+        owner = await self._login("alice")  # from 127.0.0.1
+        await self._still_served(owner)
+        again = await RawClient.connect(self.port, source="127.0.0.2")
+        self.addCleanup(lambda: again.transport.abortConnection())
+        await again.starttls(self.grid.tls.store)
+        await again.open_stream()
+        assert b"<account-disabled/>" in await again.scram_login("alice", "alice secret")
+        audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
+        assert '"address":"127.0.0.2","event":"account-locked"' in audit

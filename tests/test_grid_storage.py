@@ -74,20 +74,27 @@ class SQLiteStorageTests(unittest.TestCase):
         now = [1_000.0]
         lockout = LockoutStore(db, LockoutPolicy(2, 60), clock=lambda: now[0], size=3)
         await AccountStore(db, 4096).prepare()
-        assert await lockout.failures("alice") == Failures()
-        assert not lockout.locked(await lockout.failed("alice"))
-        record = await lockout.failed("alice")
+        here, there = "192.0.2.1", "2001:db8::1"
+        assert await lockout.failures("alice", here) == Failures()
+        assert not lockout.locked(await lockout.failed("alice", here))
+        record = await lockout.failed("alice", here)
         assert record == Failures(2, 1_060_000) and lockout.locked(record)
-        assert await lockout.failures("alice") == record  # in the database, not in memory
+        assert await lockout.failures("alice", here) == record  # in the database, not memory
+        assert await lockout.failures("alice", "::ffff:192.0.2.1") == record  # the same source
+        assert await lockout.failures("alice", there) == Failures()  # the owner, elsewhere
+        await lockout.failed("alice", there)
+        assert (await lockout.failures("alice", "2001:db8::ffff")).count == 1  # the same /64
+        assert await lockout.failures("alice", "2001:db8:0:1::1") == Failures()
         now[0] = 1_061.0
-        assert not lockout.locked(await lockout.failures("alice"))
-        await lockout.succeeded("alice")
-        assert await lockout.failures("alice") == Failures()
+        assert not lockout.locked(await lockout.failures("alice", here))
+        await lockout.succeeded("alice", here)
+        assert await lockout.failures("alice", here) == Failures()
+        assert (await lockout.failures("alice", there)).count == 1  # its own source only
         for name in ["a", "b", "c", "d"]:  # any name; the table is bounded
             now[0] += 1
-            await lockout.failed(name)
-        assert await lockout.failures("a") == Failures()
-        assert (await lockout.failures("d")).count == 1
+            await lockout.failed(name, here)
+        assert await lockout.failures("a", here) == Failures()
+        assert (await lockout.failures("d", here)).count == 1
 
     async def test_revocations_seen_from_another_connection(self) -> None:
         """The CLI's connection writes, the server's watch sees it: NOTIFY on PostgreSQL, the

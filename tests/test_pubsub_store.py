@@ -125,7 +125,7 @@ class StoreTests:
                                   " ORDER BY component").fetchall()
 
         assert [tuple(r) for r in await database.run("versions", tables)] == [
-            ("grid", 2), ("grid.pubsub", 2)]
+            ("grid", 3), ("grid.pubsub", 2)]
         with self.assertRaises(Exception):  # noqa: B017 - each driver has its own class
             await database.run("gone", lambda c: c.execute("SELECT * FROM pubsub_revoked"))
 

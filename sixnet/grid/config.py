@@ -39,10 +39,16 @@ class GridConfig(ServiceConfig):
     stanzas_per_second: float = setting(500.0, check=positive,
                                         doc="sustained stanza rate allowed per stream")
     stanza_burst: int = setting(2000, check=positive, doc="stanzas allowed in a burst")
-    max_connections_per_address: int = setting(100, check=positive)
+    max_connections_per_address: int = setting(1000, check=positive,
+                                               doc="authenticated connections per address")
+    max_unauthenticated_per_address: int = setting(20, check=positive,
+                                                   doc="connections per address not yet "
+                                                       "past SASL")
     max_sessions: int = setting(20000, check=positive, doc="client connections in total")
     negotiation_timeout: float = setting(30.0, check=positive,
                                          doc="seconds to reach a bound session")
+    unauthenticated_timeout: float = setting(10.0, check=positive,
+                                             doc="seconds from TCP connect to SASL success")
     failure_delay: float = setting(1.0, check=at_least(0.0),
                                    doc="seconds before a SASL failure is answered")
     lockout_after: int = setting(5, check=positive,

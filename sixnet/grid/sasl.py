@@ -248,7 +248,7 @@ class SaslExchange:
     # -- outcomes ------------------------------------------------------------------------
 
     async def _refuse_if_locked(self, username: str) -> None:
-        self._failures = await self.policy.lockout.failures(username)
+        self._failures = await self.policy.lockout.failures(username, self.address)
         if self.policy.lockout.locked(self._failures):
             raise SaslFailure("account-disabled", "too many failed logins; try again later")
 
@@ -283,7 +283,7 @@ class SaslExchange:
 
     async def _succeeded(self, jid: JID, data: bytes, binding: str | None) -> Success:
         if self._failures is None or self._failures.count:
-            await self.policy.lockout.succeeded(jid.local or "")
+            await self.policy.lockout.succeeded(jid.local or "", self.address)
         self.policy.audit.record("auth-success", user=str(jid), mechanism=self._mechanism,
                                  channel_binding=binding, tls=self.tls.version,
                                  address=self.address)
@@ -296,12 +296,12 @@ class SaslExchange:
         if self._proof_checked and self._user is not None and \
                 failure.condition == "not-authorized":
             lockout = self.policy.lockout
-            locked = lockout.locked(await lockout.failed(self._user))
+            locked = lockout.locked(await lockout.failed(self._user, self.address))
         self.policy.audit.record("auth-failure", user=self._user, mechanism=self._mechanism,
                                  condition=failure.condition, reason=failure.text,
                                  address=self.address)
         if locked:
-            self.policy.audit.record("account-locked", user=self._user,
+            self.policy.audit.record("account-locked", user=self._user, address=self.address,
                                      seconds=self.policy.lockout.policy.seconds)
         if self.policy.failure_delay > 0:
             await task.deferLater(self.policy.clock, self.policy.failure_delay, lambda: None)

@@ -97,7 +97,9 @@ class GridService(MultiService):
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
             max_connections_per_address=grid.max_connections_per_address,
+            max_unauthenticated_per_address=grid.max_unauthenticated_per_address,
             max_sessions=grid.max_sessions, negotiation_timeout=grid.negotiation_timeout,
+            unauthenticated_timeout=grid.unauthenticated_timeout,
             idle_timeout=grid.idle_timeout, resume_timeout=grid.resume_timeout)
         self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
                                 clock)

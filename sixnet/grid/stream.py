@@ -107,9 +107,11 @@ class Limits:
     max_depth: int = 32
     stanzas_per_second: float = 500.0
     stanza_burst: int = 2000
-    max_connections_per_address: int = 100
+    max_connections_per_address: int = 1000
+    max_unauthenticated_per_address: int = 20
     max_sessions: int = 20000
     negotiation_timeout: float = 30.0
+    unauthenticated_timeout: float = 10.0
     idle_timeout: float = 300.0
     resume_timeout: float = 300.0
 
@@ -127,7 +129,11 @@ class C2SServer:
         self.limits = limits
         self.clock = clock
         self.connections: set[ClientStream] = set()
+        #: Authenticated connections per address, and those not yet past SASL: a separate,
+        #: smaller allowance with a shorter deadline, so idle strangers cannot use up the
+        #: slots of the platforms behind the same address.
         self.per_address = AddressLimiter(limits.max_connections_per_address)
+        self.unauthenticated = AddressLimiter(limits.max_unauthenticated_per_address)
         self.stopping = False
 
     def check_idle(self) -> None:
@@ -203,7 +209,8 @@ class ClientStream(XMLStreamProtocol):
         self.stream_id: str | None = None
         self.address = "?"
         self.clean_close = False
-        self._admitted = False  # counted against the per-address limit
+        self._slot: AddressLimiter | None = None  # the per-address limit it is counted in
+        self._login_deadline: IDelayedCall | None = None
         self._ack_timer: IDelayedCall | None = None
         self._refusal: tuple[str, str] | None = None
         #: Bytes written since the transport said its buffer is full (None: it is not).
@@ -241,12 +248,37 @@ class ClientStream(XMLStreamProtocol):
             log.warn("connection from {address} refused: {limit} connections in total",
                      address=self.address, limit=server.limits.max_sessions)
             self._refuse("resource-constraint", "too many connections")
-        elif not server.per_address.acquire(self.address):
-            log.warn("connection from {address} refused: more than {limit} from one address",
-                     address=self.address, limit=server.per_address.limit)
-            self._refuse("policy-violation", "too many connections from your address")
+        elif not server.unauthenticated.acquire(self.address):
+            log.warn("connection from {address} refused: {limit} from one address are not "
+                     "authenticated yet", address=self.address, limit=server.unauthenticated.limit)
+            self._refuse("policy-violation", "too many unauthenticated connections from your "
+                                             "address")
         else:
-            self._admitted = True
+            self._slot = server.unauthenticated
+            self._login_deadline = server.clock.callLater(
+                server.limits.unauthenticated_timeout, self._login_overdue)
+
+    def _login_overdue(self) -> None:
+        self._login_deadline = None
+        if not self.closed:
+            log.info("{address}: not authenticated after {seconds}s; closing",
+                     address=self.address, seconds=self.server.limits.unauthenticated_timeout)
+            self.send_stream_error("connection-timeout", "authentication took too long")
+
+    def _authenticated(self) -> None:
+        """Move from the unauthenticated allowance to the authenticated one (before SASL
+        success is sent, so a refusal is a plain stream error)."""
+        server = self.server
+        if not server.per_address.acquire(self.address):
+            log.warn("{address}: login refused: {limit} authenticated connections from one "
+                     "address", address=self.address, limit=server.per_address.limit)
+            raise StreamError("policy-violation", "too many connections from your address")
+        if self._slot is not None:
+            self._slot.release(self.address)
+        self._slot = server.per_address
+        if self._login_deadline is not None and self._login_deadline.active():
+            self._login_deadline.cancel()
+        self._login_deadline = None
 
     def _refuse(self, condition: str, text: str) -> None:
         """Refuse a new connection with a stream error (after the handshake on direct TLS)."""
@@ -258,8 +290,9 @@ class ClientStream(XMLStreamProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
         server = self.server
         server.connections.discard(self)
-        if self._admitted:
-            server.per_address.release(self.address)
+        if self._slot is not None:
+            self._slot.release(self.address)
+            self._slot = None
         super().connectionLost(reason)
         session, self.session = self.session, None
         if session is not None and session.connection is self:
@@ -267,9 +300,10 @@ class ClientStream(XMLStreamProtocol):
         self.lost.callback(None)
 
     def stream_ended(self) -> None:
-        if self._ack_timer is not None and self._ack_timer.active():
-            self._ack_timer.cancel()
-        self._ack_timer = None
+        for timer in (self._ack_timer, self._login_deadline):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._ack_timer = self._login_deadline = None
         self.end()
 
     def close_connection(self) -> None:
@@ -653,6 +687,7 @@ class ClientStream(XMLStreamProtocol):
                 data = base64.b64encode(outcome.data).decode() if outcome.data else ""
                 self.send(f"<challenge xmlns='{NS_SASL}'>{data}</challenge>".encode())
                 return
+            self._authenticated()
             data = base64.b64encode(outcome.data).decode() if outcome.data else ""
             self.send(f"<success xmlns='{NS_SASL}'>{data}</success>".encode())
             self.jid = outcome.jid

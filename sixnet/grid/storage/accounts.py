@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from sixnet.core.lockout import Failures, LockoutPolicy
+from sixnet.core.lockout import Failures, LockoutPolicy, source_of
 from sixnet.core.storage.database import Cursor, Database
 from sixnet.core.timefmt import rfc3339
 from sixnet.grid.jid import JIDError, normalize_localpart
@@ -148,7 +148,8 @@ class AccountStore:
 
 
 class LockoutStore:
-    """Failed logins per account name (``grid_lockout``), judged by a `LockoutPolicy`.
+    """Failed logins per account name and source network (``grid_lockout``), judged by a
+    `LockoutPolicy`: a lock refuses that account to that network only.
 
     Kept for any name asked for, account or not, so that a lockout does not tell which
     accounts exist; the oldest records beyond `size` are dropped, so guessing random names
@@ -166,41 +167,45 @@ class LockoutStore:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    def failures(self, username: str) -> defer.Deferred[Failures]:
-        return self.db.run("grid lockout read", _failures, username)
+    def failures(self, username: str, address: str) -> defer.Deferred[Failures]:
+        return self.db.run("grid lockout read", _failures, username, source_of(address))
 
     def locked(self, failures: Failures) -> bool:
         return self.policy.locked(failures, self.now_ms())
 
-    def failed(self, username: str) -> defer.Deferred[Failures]:
+    def failed(self, username: str, address: str) -> defer.Deferred[Failures]:
         """Count one failure; the record it leaves (locked if this failure locked it)."""
         now = self.now_ms()
+        source = source_of(address)
 
         def txn(cursor: Cursor) -> Failures:
-            before = _failures(cursor, username)
+            before = _failures(cursor, username, source)
             after = self.policy.failed(before, now)
             if before.count:
                 cursor.execute("UPDATE grid_lockout SET failures = ?, locked_until = ?,"
-                               " updated = ? WHERE username = ?",
-                               (after.count, after.locked_until, now, username))
+                               " updated = ? WHERE username = ? AND source = ?",
+                               (after.count, after.locked_until, now, username, source))
                 return after
-            cursor.execute("INSERT INTO grid_lockout VALUES (?, ?, ?, ?)",
-                           (username, after.count, after.locked_until, now))
+            cursor.execute("INSERT INTO grid_lockout VALUES (?, ?, ?, ?, ?)",
+                           (username, source, after.count, after.locked_until, now))
             row = cursor.execute("SELECT COUNT(*) FROM grid_lockout").fetchone()
             excess = int(row[0]) - self.size if row else 0
             if excess > 0:
-                cursor.execute("DELETE FROM grid_lockout WHERE username IN (SELECT username"
-                               " FROM grid_lockout ORDER BY updated LIMIT ?)", (excess,))
+                cursor.execute("DELETE FROM grid_lockout WHERE (username, source) IN"
+                               " (SELECT username, source FROM grid_lockout ORDER BY updated"
+                               " LIMIT ?)", (excess,))
             return after
 
         return self.db.run("grid lockout failure", txn)
 
-    def succeeded(self, username: str) -> defer.Deferred[None]:
+    def succeeded(self, username: str, address: str) -> defer.Deferred[None]:
+        """A success clears the count of its own source only."""
         return self.db.run("grid lockout clear", lambda cursor: cursor.execute(
-            "DELETE FROM grid_lockout WHERE username = ?", (username,)) and None)
+            "DELETE FROM grid_lockout WHERE username = ? AND source = ?",
+            (username, source_of(address))) and None)
 
 
-def _failures(cursor: Cursor, username: str) -> Failures:
-    row = cursor.execute("SELECT failures, locked_until FROM grid_lockout WHERE username = ?",
-                         (username,)).fetchone()
+def _failures(cursor: Cursor, username: str, source: str) -> Failures:
+    row = cursor.execute("SELECT failures, locked_until FROM grid_lockout"
+                         " WHERE username = ? AND source = ?", (username, source)).fetchone()
     return Failures(int(row[0]), int(row[1])) if row else Failures()

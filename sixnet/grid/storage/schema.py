@@ -52,6 +52,19 @@ GRID_MIGRATIONS = {
         " updated {bigint} NOT NULL)",
         "CREATE INDEX grid_lockout_updated ON grid_lockout (updated)",
     ],
+    3: [
+        # Failed logins per account *and source network* (sixnet/core/lockout.py), so a
+        # stranger cannot lock the owner out; the old per-account counts are dropped.
+        "DROP TABLE grid_lockout",
+        "CREATE TABLE grid_lockout ("
+        " username TEXT NOT NULL,"
+        " source TEXT NOT NULL,"
+        " failures INTEGER NOT NULL,"
+        " locked_until {bigint} NOT NULL,"
+        " updated {bigint} NOT NULL,"
+        " PRIMARY KEY (username, source))",
+        "CREATE INDEX grid_lockout_updated ON grid_lockout (updated)",
+    ],
 }
 
 BROKER = "grid.pubsub"
