@@ -40,8 +40,9 @@ class ReactorFairnessTests(GridTestCase):
         # ~0.1 s here) plus the canary's turns, not after the whole stanza.
         assert to_error < 1.5, to_error
         # One 4 KB slice costs ~2 ms; before, each 64 KB read held the reactor ~30 ms, and
-        # lxml's event churn set off full garbage collections (~100 ms each).
-        assert max(rtts) < max(quiet) + 0.04, (sorted(rtts)[-5:], quiet)
+        # lxml's event churn set off full garbage collections (~100 ms each): the worst round
+        # trip was 227 ms here. The margin leaves room for a loaded machine (seen: +42 ms).
+        assert max(rtts) < max(quiet) + 0.1, (sorted(rtts)[-5:], quiet)
         assert reactor.running
 
 
