@@ -33,8 +33,8 @@ def _domain(text: str) -> str:
         text = text.lower()
     else:
         text = unicodedata.normalize("NFC", text).casefold()
-    if not text or len(text.encode()) > _MAX_PART or _controls(text):
-        raise JIDError(f"invalid domain {text!r}")
+    if not text or len(text.encode()) > _MAX_PART or _controls(text) or "" in text.split("."):
+        raise JIDError(f"invalid domain {text!r}")  # an empty label too: "a..b", "."
     forbidden = " @/\"&'<>" if text.startswith("[") else " @/\"&'<>:"  # [IPv6] literal
     if any(ch in forbidden for ch in text):
         raise JIDError(f"invalid domain {text!r}")

@@ -218,7 +218,8 @@ def _access_model(var: str, value: str, limits: ConfigLimits) -> str:
 def _max_items(var: str, value: str, limits: ConfigLimits) -> int:
     if value == "max":
         return limits.max_items_limit
-    if not value.isdigit() or not 1 <= int(value) <= limits.max_items_limit:
+    if not (value.isascii() and value.isdigit() and len(value) <= 9) \
+            or not 1 <= int(value) <= limits.max_items_limit:
         raise not_acceptable(text=f"{var} must be 1-{limits.max_items_limit} or max")
     return int(value)
 

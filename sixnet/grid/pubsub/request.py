@@ -176,7 +176,7 @@ def _items(request: PubSubRequest, main: etree._Element,
            pubsub: etree._Element) -> PubSubRequest:
     max_items = main.get("max_items")
     if max_items is not None:
-        if not max_items.isdigit() or len(max_items) > 9:
+        if not (max_items.isascii() and max_items.isdigit()) or len(max_items) > 9:
             raise bad_request(text="max_items must be a positive integer")
         request.max_items = int(max_items)
     request.item_ids = _item_ids(main)

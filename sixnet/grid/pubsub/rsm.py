@@ -39,7 +39,7 @@ class PageRequest:
             if text is None:
                 return None
             text = text.strip()
-            if not text.isdigit() or len(text) > 9:
+            if not (text.isascii() and text.isdigit()) or len(text) > 9:
                 raise bad_request(text=f"RSM {name} must be a non-negative integer")
             return int(text)
 
