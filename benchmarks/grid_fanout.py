@@ -42,7 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sixnet.pki.ca import LabCA  # noqa: E402
+from tests.support import accounts  # noqa: E402
+from tests.support.configs import config_file, sixnet_toml  # noqa: E402
+from tests.support.pki import IdentityFiles  # noqa: E402
+from tests.support.ports import free_port, wait_for_port  # noqa: E402
+from tests.support.procfs import cpu_seconds  # noqa: E402
+from tests.support.twistd import ROOT, twistd_command  # noqa: E402
+
 DOMAIN = "localhost"
 PASSWORD = "bench secret"
 IODEF_NS = "urn:ietf:params:xml:ns:iodef-2.0"
@@ -59,26 +68,11 @@ PAYLOAD = (
 ITEM_ID = re.compile(rb"<item[^>]*? id=['\"]b(\d+)['\"]")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of one process (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime + stime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def process_tree_cpu(pid: int) -> float:
@@ -118,9 +112,6 @@ def _many_files() -> None:
 
 def lab_certificates(directory: Path) -> tuple[Path, Path, Path]:
     """A lab CA and a host certificate for localhost: (ca.pem, cert.pem, key.pem)."""
-    sys.path.insert(0, str(ROOT))
-    from sixnet.pki.ca import LabCA
-
     ca = LabCA.init(directory / "ca", name="grid_fanout benchmark CA")
     cert, key, _ = ca.issue("host", DOMAIN, out=directory / "host")
     return directory / "ca" / "ca.pem", cert, key
@@ -155,18 +146,14 @@ class Server:
         self.process = await asyncio.create_subprocess_exec(
             *self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
             start_new_session=True, preexec_fn=self.preexec, env=self.environment())
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.close()
-                await asyncio.sleep(0.5)
-                return
-            except OSError:
-                if self.process.returncode is not None:
-                    break
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not start; see {self.directory}/{self.name}.out")
+        process = self.process
+        try:
+            await asyncio.to_thread(wait_for_port, self.port, 60.0,
+                                    lambda: process.returncode is None)
+        except RuntimeError:
+            raise RuntimeError(f"{self.name} did not start; see "
+                               f"{self.directory}/{self.name}.out") from None
+        await asyncio.sleep(0.5)
 
     def preexec(self) -> None:
         _many_files()
@@ -194,60 +181,27 @@ class Sixnet(Server):
 
     async def prepare(self, users: list[str]) -> None:
         state = self.directory / "state"
-        self.config = self.directory / "sixnet.toml"
-        self.config.write_text(f"""
-[sixnet]
-state_dir = "{state}"
-[pki]
-trust_anchors = ["{self.ca}"]
-crls = ["{self.ca.parent / 'crl.pem'}"]
-[pki.identities.host]
-subject = "{DOMAIN}"
-certificate = "{self.cert}"
-key = "{self.key}"
-[grid]
-enabled = true
-domain = "{DOMAIN}"
-listen = ["tcp:{self.port}:interface=127.0.0.1"]
-listen_tls = ["tcp:{free_port()}:interface=127.0.0.1"]
-allow_plain = true
-scram_iterations = 4096
-stanzas_per_second = 1000000.0
-stanza_burst = 1000000
-max_connections_per_address = 100000
-[grid.broker]
-open_access = true
-default_access_model = "open"
-[grid.broker.rate_limits]
-publishes_per_second = 1000000.0
-publish_burst = 1000000
-subscriptions_per_second = 1000000.0
-subscription_burst = 1000000
-""")
-        script = (
-            "import sys\n"
-            "from pathlib import Path\n"
-            "from twisted.internet import defer, task\n"
-            "from sixnet.app.config import load_config\n"
-            "from sixnet.grid.storage.accounts import AccountStore\n"
-            "from sixnet.core.storage.database import Database\n"
-            "async def main():\n"
-            "    c = load_config(Path(sys.argv[1]))\n"
-            "    db = Database(c.grid.database, base=c.sixnet.state_dir)\n"
-            "    store = AccountStore(db, c.grid.scram_iterations)\n"
-            "    await store.prepare()\n"
-            "    for name in sys.argv[2:]:\n"
-            "        await store.add(name, " + repr(PASSWORD) + ")\n"
-            "    db.close()\n"
-            "task.react(lambda _: defer.Deferred.fromCoroutine(main()))\n")
+        self.config = config_file(self.directory, sixnet_toml(
+            self.ca.parent, {"host": IdentityFiles(DOMAIN, self.cert, self.key)},
+            sixnet={"state_dir": state},
+            grid={"enabled": True, "domain": DOMAIN,
+                  "listen": [f"tcp:{self.port}:interface=127.0.0.1"],
+                  "listen_tls": [f"tcp:{free_port()}:interface=127.0.0.1"],
+                  "allow_plain": True, "scram_iterations": 4096,
+                  "stanzas_per_second": 1000000.0, "stanza_burst": 1000000,
+                  "max_connections_per_address": 100000,
+                  "broker": {"open_access": True, "default_access_model": "open",
+                             "rate_limits": {"publishes_per_second": 1000000.0,
+                                             "publish_burst": 1000000,
+                                             "subscriptions_per_second": 1000000.0,
+                                             "subscription_burst": 1000000}}}))
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, str(self.config), *users, cwd=ROOT)
+            *accounts.command(self.config, PASSWORD, users), cwd=ROOT)
         if await proc.wait() != 0:
             raise RuntimeError("creating sixnet accounts failed")
 
     def command(self) -> list[str]:
-        twistd = Path(sys.executable).parent / "twistd"
-        return [str(twistd), "-n", "--pidfile=", "sixnet-grid", "--config", str(self.config)]
+        return twistd_command("sixnet-grid", self.config)
 
 
 class Prosody(Server):

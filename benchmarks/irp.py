@@ -32,7 +32,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sqlite3
 import ssl
 import statistics
@@ -49,12 +48,18 @@ from lxml import etree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sixnet.core.storage.database import _TYPES  # noqa: E402
+from sixnet.core.storage.database import SQLiteEngine  # noqa: E402
 from sixnet.core.stream.parser import StreamParser  # noqa: E402
 from sixnet.irp.storage import MIGRATIONS  # noqa: E402
 from sixnet.pki.ca import LabCA  # noqa: E402
 from sixnet.pki.identity import user_san  # noqa: E402
-from sixnet.pki.keys import certificates_pem, generate_key, signature_hash  # noqa: E402
+from sixnet.pki.keys import certificates_pem, generate_key  # noqa: E402
+from sixnet.pki.signing import certificate_hash  # noqa: E402
+from tests.support.configs import config_file, sixnet_toml  # noqa: E402
+from tests.support.pki import IdentityFiles  # noqa: E402
+from tests.support.ports import free_port, wait_for_port  # noqa: E402
+from tests.support.procfs import cpu_seconds, rss_kib  # noqa: E402
+from tests.support.twistd import twistd_command  # noqa: E402
 
 HOST = "localhost"
 NS = "urn:sixnet:irp:1"
@@ -63,24 +68,6 @@ HEADER = f'<irp xmlns="{NS}" version="1.0" to="{HOST}">'.encode()
 
 def progress(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the records ------------------------------------------------------------------------------
@@ -99,7 +86,7 @@ def make_population(ca: LabCA, count: int) -> list[bytes]:
     key = generate_key().public_key()  # one key for all: only the certificates matter here
     now = datetime.datetime.now(datetime.UTC)
     issuer = ca.certificate.subject
-    algorithm = signature_hash(ca.key)
+    algorithm = certificate_hash(ca.key)
     out = []
     for i in range(count):
         user = person_id(i)
@@ -125,7 +112,7 @@ def fill_registry_database(path: Path, certs: list[bytes]) -> None:
     db.execute("CREATE TABLE schema_version (component TEXT PRIMARY KEY, version INTEGER "
                "NOT NULL)")
     for statement in MIGRATIONS[1]:
-        db.execute(statement.format(**_TYPES["sqlite"]))
+        db.execute(statement.format(**SQLiteEngine.types))
     db.execute("INSERT INTO schema_version VALUES ('irp', 1)")
     people = [(person_id(i), now) for i in range(len(certs))]
     db.executemany("INSERT INTO irp_person VALUES (?, ?)", people)
@@ -439,36 +426,17 @@ async def measure(args: argparse.Namespace) -> dict:
         progress("filling the registry database")
         fill_registry_database(state / "irp.sqlite3", certs)
         port = free_port()
-        config = base / "sixnet.toml"
-        config.write_text(f"""
-[sixnet]
-state_dir = "{state}"
-[pki]
-trust_anchors = ["{ca.directory / 'ca.pem'}"]
-crls = ["{ca.directory / 'crl.pem'}"]
-lab_ca = "{ca.directory}"
-[pki.identities.host]
-subject = "{HOST}"
-certificate = "{host_cert}"
-key = "{host_key}"
-[irp]
-enabled = true
-listen = ["tcp:{port}:interface=127.0.0.1"]
-max_connections_per_address = {args.clients + 10}
-""")
-        twistd = Path(sys.executable).parent / "twistd"
+        config = config_file(base, sixnet_toml(
+            ca.directory, {"host": IdentityFiles(HOST, host_cert, host_key)}, lab_ca=True,
+            sixnet={"state_dir": state},
+            irp={"enabled": True, "listen": [f"tcp:{port}:interface=127.0.0.1"],
+                 "max_connections_per_address": args.clients + 10}))
         profile = ["--profile", str(args.profile), "--profiler", "cprofile", "--savestats"] \
             if args.profile else []
-        server = subprocess.Popen([str(twistd), "-n", "--pidfile=", *profile, "sixnet-irp",
-                                   "--config", str(config)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, cwd=base)
+        server = subprocess.Popen(twistd_command("sixnet-irp", config, twistd_options=profile),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=base)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_for_port(port, running=lambda: server.poll() is None)
             rss_start = rss_kib(server.pid)
             cpu_start = cpu_seconds(server.pid)
             progress("sixnet: measuring")
@@ -509,12 +477,7 @@ max_connections_per_address = {args.clients + 10}
                                    f"ldaps://127.0.0.1:{ldap_port}/"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", ldap_port), timeout=0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_for_port(ldap_port, running=lambda: server.poll() is None)
             progress("slapd: measuring")
             cpu_start = cpu_seconds(server.pid)
             own_cpu = time.process_time()

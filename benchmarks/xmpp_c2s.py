@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,15 +41,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sixnet.pki.ca import LabCA  # noqa: E402
+from tests.support import accounts  # noqa: E402
+from tests.support.configs import config_file, sixnet_toml  # noqa: E402
+from tests.support.pki import IdentityFiles  # noqa: E402
+from tests.support.ports import free_port, wait_for_port  # noqa: E402
+from tests.support.twistd import ROOT, twistd_command  # noqa: E402
 
 PASSWORD = "bench password"
 NODE = f"sixnet_c2s_bench_{os.getpid()}@localhost"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 SIXNET_PORT, PROSODY_PORT, EJABBERD_PORT = free_port(), free_port(), free_port()
@@ -222,68 +220,22 @@ async def measure_messages(port: int, count: int, per_client: int,
 # -- the servers --------------------------------------------------------------------------------
 
 
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
 def start_sixnet(work: Path, host: Path, ca: Path, clients: int) -> subprocess.Popen[bytes]:
-    config = work / "sixnet.toml"
-    config.write_text(f"""
-[sixnet]
-state_dir = "{work / 'sixnet-state'}"
-log_format = "json"
-[pki]
-trust_anchors = ["{ca / 'ca.pem'}"]
-crls = ["{ca / 'crl.pem'}"]
-[pki.identities.host]
-subject = "localhost"
-certificate = "{host / 'cert.pem'}"
-key = "{host / 'key.pem'}"
-[grid]
-enabled = true
-domain = "localhost"
-listen = ["tcp:{SIXNET_PORT}:interface=127.0.0.1"]
-listen_tls = []
-max_connections_per_address = 1000
-""")
+    config = config_file(work, sixnet_toml(
+        ca, {"host": IdentityFiles("localhost", host / "cert.pem", host / "key.pem")},
+        sixnet={"state_dir": work / "sixnet-state", "log_format": "json"},
+        grid={"enabled": True, "domain": "localhost",
+              "listen": [f"tcp:{SIXNET_PORT}:interface=127.0.0.1"], "listen_tls": [],
+              "max_connections_per_address": 1000}))
+    # The first account through the command, to check it works; the others straight into
+    # the database (one `sixnet grid user add` per account would take a minute).
     subprocess.run([sys.executable, "-m", "sixnet", "grid", "user", "add", "bench0",
                     "--config", str(config)], input=PASSWORD + "\n", text=True, check=True,
-                   capture_output=True, cwd=Path(__file__).resolve().parent.parent)
-    add_sixnet_accounts(work, clients)
-    return subprocess.Popen(
-        [str(Path(sys.executable).parent / "twistd"), "--nodaemon", "--pidfile=",
-         "sixnet-grid", "--config", str(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def add_sixnet_accounts(work: Path, clients: int) -> None:
-    """All but the first account straight into the database (one `sixnet grid user add` per
-    account would take a minute; the first one above checks the command works)."""
-    code = (
-        "import sys\n"
-        "from twisted.internet import defer, task\n"
-        "from sixnet.app.config import load_config\n"
-        "from sixnet.core.storage.database import Database\n"
-        "from sixnet.grid.storage.accounts import AccountStore\n"
-        "config = load_config(__import__('pathlib').Path(sys.argv[1]))\n"
-        "async def main():\n"
-        "    db = Database(config.grid.database, base=config.sixnet.state_dir)\n"
-        "    store = AccountStore(db, config.grid.scram_iterations)\n"
-        "    await store.prepare()\n"
-        f"    for i in range(1, {clients}):\n"
-        f"        await store.add(f'bench{{i}}', {PASSWORD!r})\n"
-        "    db.close()\n"
-        "task.react(lambda r: defer.Deferred.fromCoroutine(main()))\n"
-    )
-    subprocess.run([sys.executable, "-c", code, str(work / "sixnet.toml")], check=True,
-                   cwd=Path(__file__).resolve().parent.parent)
+                   capture_output=True, cwd=ROOT)
+    subprocess.run(accounts.command(config, PASSWORD, [f"bench{i}" for i in range(1, clients)]),
+                   check=True, cwd=ROOT)
+    return subprocess.Popen(twistd_command("sixnet-grid", config), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def start_prosody(work: Path, host: Path) -> subprocess.Popen[bytes]:

@@ -9,41 +9,18 @@ from pathlib import Path
 import pytest
 
 from sixnet.app.config import load_config
-from sixnet.core.errors import ConfigError
 
-from .conftest import LabPKI
+from .support.configs import config_file, localhost_config, problem
+from .support.pki import LabPKI
 
-BASE = """\
-[pki]
-trust_anchors = ["{ca}"]
-crls = ["{crl}"]
-[pki.identities.host]
-subject = "localhost"
-certificate = "{cert}"
-key = "{key}"
-"""
+#: tests/test_chat_config.py imports `write` and `problem` from here until it moves to
+#: tests/support/configs.py.
+write = config_file
 
 
 @pytest.fixture
-def base(pki: LabPKI, tmp_path: Path) -> str:
-    ident = pki.identity("host", "localhost")
-    out = pki.directory / "issued" / pki.root.directory.name / "host" / "localhost" / "ecdsa-p256"
-    assert ident.certificate is not None
-    return BASE.format(ca=pki.root.directory / "ca.pem", crl=pki.root.directory / "crl.pem",
-                       cert=out / "cert.pem", key=out / "key.pem")
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "sixnet.toml"
-    path.write_text(text)
-    return path
-
-
-def problem(tmp_path: Path, text: str) -> str:
-    path = write(tmp_path, text)
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    return str(info.value).replace(str(path), "FILE")
+def base(pki: LabPKI) -> str:
+    return localhost_config(pki)
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:
@@ -53,7 +30,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
 
 
 def test_defaults_and_relative_paths(tmp_path: Path, base: str) -> None:
-    config = load_config(write(tmp_path, base))
+    config = load_config(config_file(tmp_path, base))
     assert config.sixnet.state_dir == tmp_path.parent / "state"
     assert config.grid.listen == ["tcp6:5222:interface=\\:\\:"]
     assert not config.grid.enabled
@@ -97,20 +74,20 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_config_command_exact_output(tmp_path: Path, base: str) -> None:
-    path = write(tmp_path, base + "[irp]\nlisten = [\"tcp:99999\"]\n")
+    path = config_file(tmp_path, base + "[irp]\nlisten = [\"tcp:99999\"]\n")
     r = run(sys.executable, "-m", "sixnet", "check-config", "--config", str(path))
     assert r.returncode == 2
     assert r.stdout == ""
     assert r.stderr == f"sixnet: {path}: irp.listen: 'tcp:99999': port 99999 is out of range " \
                        "0-65535\n"
-    good = write(tmp_path, base)
+    good = config_file(tmp_path, base)
     r = run(sys.executable, "-m", "sixnet", "check-config", "--config", str(good), "--json")
     assert (r.returncode, r.stderr) == (0, "")
     assert r.stdout == f'{{"config": "{good}", "enabled": []}}\n'
 
 
 def test_twistd_refuses_bad_config_with_one_line(tmp_path: Path, base: str) -> None:
-    path = write(tmp_path, base + "[sixnet]\nport = 5222\n")
+    path = config_file(tmp_path, base + "[sixnet]\nport = 5222\n")
     twistd = Path(sys.executable).parent / "twistd"
     r = run(str(twistd), "--nodaemon", "--pidfile=", "sixnet", "--config", str(path))
     assert r.returncode == 2

@@ -13,7 +13,7 @@ from sixnet.pki.identity import ID_ON_XMPPADDR, normalize_user_id, user_ids_in
 from sixnet.pki.keys import generate_key
 from sixnet.pki.store import VerificationError
 
-from .conftest import LabPKI, utc
+from .support.pki import LabPKI, utc
 
 
 def refused(pki: LabPKI, chain: list[x509.Certificate], purpose: str = "client",

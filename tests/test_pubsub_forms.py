@@ -17,7 +17,7 @@ from sixnet.grid.pubsub.forms import (
 from sixnet.grid.pubsub.iodef import IODEFValidator
 from sixnet.grid.pubsub.rsm import PageRequest, paginate, sorted_locator
 
-from .iodef_example import IODEF
+from .support.iodef import IODEF
 
 LIMITS = ConfigLimits(("authorize", "whitelist"), 500)
 

@@ -7,20 +7,18 @@ socket received, parsed from the stream.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 from lxml import etree
-from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 from tests.support.conversation import run_conversation
-
-from .test_pubsub_conversations import (
-    IODEF,
-    IODEF_NS,
+from tests.support.iodef import IODEF, IODEF_NS
+from tests.support.pubsub import (
     create_topic,
     error,
     publish,
@@ -28,6 +26,7 @@ from .test_pubsub_conversations import (
     set_affiliation,
     subscribe,
 )
+from tests.support.waiting import pause, wait_for
 
 OWNER = "owner@localhost/desk"
 READER = "reader@localhost/desk"
@@ -83,18 +82,21 @@ class LiveConversationTests(unittest.TestCase):
             assert await client.bind(resource) == jid
             client.send("<presence/>")
             self.clients[jid] = client
-        await task.deferLater(reactor, SETTLE, lambda: None)
+        await pause(SETTLE)
         for client in self.clients.values():
             self.readers.append(StreamReader(client))
 
     async def send(self, stanza: etree._Element, expected: int) -> None:
         """Send, wait until `expected` stanzas arrived (10 s at most), then a quiet spell."""
         self.clients[stanza.get("from")].send(etree.tostring(stanza))
-        deadline = reactor.seconds() + 10
-        while len(self.pending) < expected and reactor.seconds() < deadline:
-            await task.deferLater(reactor, 0.02, lambda: None)
+
+        def arrived() -> bool:
             self.pending += [s for reader in self.readers for s in reader.stanzas()]
-        await task.deferLater(reactor, SETTLE, lambda: None)
+            return len(self.pending) >= expected
+
+        with contextlib.suppress(AssertionError):  # too few: the conversation shows which
+            await wait_for(arrived, timeout=10, interval=0.02)
+        await pause(SETTLE)
 
     def collect(self) -> list[etree._Element]:
         arrived = self.pending + [s for reader in self.readers for s in reader.stanzas()]

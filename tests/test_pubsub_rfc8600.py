@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.iodef_example import IODEF, IODEF_NS
+from tests.support.iodef import IODEF, IODEF_NS
 
 BROKER = "broker.localhost"
 
@@ -157,10 +157,11 @@ if __name__ == "__main__":  # pragma: no cover
 # -- the tests ---------------------------------------------------------------------------------
 
 import pytest  # noqa: E402
-from twisted.internet import reactor, task  # noqa: E402
+from twisted.internet import reactor  # noqa: E402
 from twisted.trial import unittest  # noqa: E402
 
 from tests.grid_harness import SlixClient, ports, start_grid, write_config  # noqa: E402
+from tests.support.waiting import pause  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 
@@ -195,7 +196,7 @@ class RFC8600WorkflowTests(unittest.TestCase):
                                     port=self.port, ca=str(self.pki.root.directory / "ca.pem"))
         self.addCleanup(client.stop)
         await client.expect("session")
-        await task.deferLater(reactor, 0.2, lambda: None)  # initial presence routed
+        await pause(0.2)  # initial presence routed
         return client
 
     async def test_sections_5_and_6(self) -> None:
@@ -247,7 +248,7 @@ class RFC8600WorkflowTests(unittest.TestCase):
         # The Consumer goes offline; a publish; the server restarts; nothing is lost.
         consumer.command(op="quit")
         await consumer.ended
-        await task.deferLater(reactor, 0.3, lambda: None)
+        await pause(0.3)
         provider.command(op="publish", node="MILEHost", id="while-offline")
         await provider.expect("published")
         await provider.stop()
@@ -265,6 +266,6 @@ class RFC8600WorkflowTests(unittest.TestCase):
         await provider.expect("published")
         consumer.command(op="subscribe", node="MILEHost")
         assert (await consumer.expect("error", op="subscribe"))["condition"] == "forbidden"
-        await task.deferLater(reactor, 0.3, lambda: None)
+        await pause(0.3)
         assert not [e for e in consumer.events
                     if e.get("event") == "item" and e["id"] == "after-revocation"]

@@ -18,7 +18,7 @@ from sixnet.grid.pubsub.store import SQLPubSubStore
 from sixnet.grid.storage.revocations import RevocationStore
 from sixnet.grid.storage.schema import BROKER_MIGRATIONS, GRID_MIGRATIONS
 
-from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+from .support.databases import postgres_schema_url, postgres_unavailable
 
 
 class StoreTests:
@@ -142,5 +142,4 @@ class PostgreSQLStoreTests(StoreTests, unittest.TestCase):
 
     def setUp(self) -> None:
         self.base = Path(".")
-        self.url, schema = fresh_postgres_schema()
-        self.addCleanup(drop_postgres_schema, schema)
+        self.url = postgres_schema_url(self)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +13,9 @@ from twisted.trial import unittest
 
 from sixnet.core.runtime import ListeningService
 
-from .conftest import LabPKI
-from .test_config import BASE
-
-TWISTD = str(Path(sys.executable).parent / "twistd")
+from .support.configs import config_file, localhost_config
+from .support.pki import LabPKI
+from .support.twistd import twistd_command
 
 
 class Echo(protocol.Protocol):
@@ -58,16 +56,9 @@ class ListeningServiceTests(unittest.TestCase):
 
 
 def test_twistd_starts_and_stops_cleanly_on_sigterm(pki: LabPKI, tmp_path: Path) -> None:
-    from .test_config import write
-
-    out = pki.directory / "issued" / pki.root.directory.name / "host" / "localhost" / "ecdsa-p256"
-    pki.identity("host", "localhost")
-    config = write(tmp_path, BASE.format(ca=pki.root.directory / "ca.pem",
-                                         crl=pki.root.directory / "crl.pem",
-                                         cert=out / "cert.pem", key=out / "key.pem"))
+    config = config_file(tmp_path, localhost_config(pki))
     started = time.monotonic()
-    proc = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "sixnet", "--config",
-                             str(config), "--log-format", "json"],
+    proc = subprocess.Popen(twistd_command("sixnet", config, "--log-format", "json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -92,26 +83,16 @@ def test_twistd_starts_and_stops_cleanly_on_sigterm(pki: LabPKI, tmp_path: Path)
 def test_a_port_in_use_stops_twistd_with_status_1(pki: LabPKI, tmp_path: Path) -> None:
     import socket
 
-    from .test_config import write
-
-    out = pki.directory / "issued" / pki.root.directory.name / "host" / "localhost" / "ecdsa-p256"
-    pki.identity("host", "localhost")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = write(tmp_path, BASE.format(
-            ca=pki.root.directory / "ca.pem", crl=pki.root.directory / "crl.pem",
-            cert=out / "cert.pem", key=out / "key.pem") + f"""
-[sixnet]
-state_dir = "{tmp_path / 'state'}"
-[grid]
-enabled = true
-listen = ["tcp:{port}:interface=127.0.0.1"]
-listen_tls = ["tcp:0:interface=127.0.0.1"]
-""")
-        r = subprocess.run([TWISTD, "--nodaemon", "--pidfile=", "sixnet", "--config",
-                            str(config)], capture_output=True, text=True, timeout=60)
+        config = config_file(tmp_path, localhost_config(
+            pki, sixnet={"state_dir": tmp_path / "state"},
+            grid={"enabled": True, "listen": [f"tcp:{port}:interface=127.0.0.1"],
+                  "listen_tls": ["tcp:0:interface=127.0.0.1"]}))
+        r = subprocess.run(twistd_command("sixnet", config), capture_output=True, text=True,
+                           timeout=60)
     assert r.returncode == 1
     assert f"grid: cannot listen on tcp:{port}:interface=127.0.0.1: Couldn't listen on " \
            f"127.0.0.1:{port}: [Errno 98] Address already in use." in r.stdout

@@ -8,7 +8,8 @@ from twisted.trial import unittest
 
 from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 
-from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+from .support.databases import postgres_database, postgres_unavailable
+from .support.waiting import wait_for
 
 MIGRATIONS = {
     1: ["CREATE TABLE note (id {serial}, body TEXT NOT NULL, data {blob})"],
@@ -76,10 +77,7 @@ class PostgreSQLTests(DatabaseTests, unittest.TestCase):
     skip = postgres_unavailable()
 
     def setUp(self) -> None:
-        url, schema = fresh_postgres_schema()
-        self.db = Database(url)
-        self.addCleanup(drop_postgres_schema, schema)
-        self.addCleanup(self.db.close)
+        self.db = postgres_database(self)
 
 
 def test_url_parsing() -> None:
@@ -125,17 +123,6 @@ class NotificationTests:
         raise AssertionError("accepted a bad channel name")
 
 
-async def wait_for(condition, timeout: float = 3.0) -> None:
-    from twisted.internet import reactor, task
-
-    waited = 0.0
-    while not condition():
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
-        await task.deferLater(reactor, 0.01, lambda: None)
-        waited += 0.01
-
-
 class SQLiteNotificationTests(NotificationTests, unittest.TestCase):
     def setUp(self) -> None:
         self.db = Database(f"sqlite:{Path(self.mktemp()) / 'db.sqlite3'}")
@@ -146,17 +133,11 @@ class PostgreSQLNotificationTests(NotificationTests, unittest.TestCase):
     skip = postgres_unavailable()
 
     def setUp(self) -> None:
-        url, schema = fresh_postgres_schema()
-        self.db = Database(url)
-        self.addCleanup(drop_postgres_schema, schema)
-        self.addCleanup(self.db.close)
+        self.db = postgres_database(self)
 
     async def test_reaches_another_process(self) -> None:
         """A second Database on the same server (another process's view) hears it."""
-        url, schema = fresh_postgres_schema()
-        self.addCleanup(drop_postgres_schema, schema)
-        other = Database(url)
-        self.addCleanup(other.close)
+        other = postgres_database(self)
         got: list[str] = []
         await other.listen("note_changes", got.append)
         await self.db.run("n", lambda c: c.notify("note_changes", "across"))
@@ -167,15 +148,12 @@ class PostgreSQLListenerRecoveryTests(unittest.TestCase):
     skip = postgres_unavailable()
 
     def setUp(self) -> None:
-        url, schema = fresh_postgres_schema()
-        self.db = Database(url)
-        self.addCleanup(drop_postgres_schema, schema)
-        self.addCleanup(self.db.close)
+        self.db = postgres_database(self)
 
     async def test_listens_again_after_the_connection_is_killed(self) -> None:
         import psycopg
 
-        from .databases import postgres_base
+        from .support.databases import postgres_base
 
         got: list[str] = []
         gaps: list[bool] = []

@@ -15,7 +15,7 @@ from sixnet.pki.ca import LabCA
 from sixnet.pki.store import CertificateStore, VerificationError
 from sixnet.pki.tls import ClientTLS, ServerTLS, peer_chain
 
-from .conftest import LabPKI
+from .support.pki import LabPKI
 
 OPENSSL = shutil.which("openssl")
 
@@ -57,11 +57,9 @@ class TLSTests(unittest.TestCase):
     pki: LabPKI
 
     def setUp(self) -> None:
-        from . import conftest
-
         base = Path(self.mktemp())
         root = LabCA.init(base / "root", name="tls test CA")
-        self.pki = conftest.LabPKI(root, root, LabCA.init(base / "f", name="foreign"), base)
+        self.pki = LabPKI(root, root, LabCA.init(base / "f", name="foreign"), base)
         self.store = self.pki.store(identities=[self.pki.identity("host", "localhost")])
 
     def listen(self, client_auth: str) -> int:

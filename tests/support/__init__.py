@@ -1,1 +1,1 @@
-"""Helpers the tests share: harnesses, runners, waits."""
+"""Helpers the tests and benchmarks share: the lab PKI, config files, harnesses, runners, waits."""

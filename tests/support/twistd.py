@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,14 @@ from twisted.internet import defer, protocol, reactor
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def twistd_command(plugin: str, config: Path, *options: str,
+                   twistd_options: Sequence[str] = ()) -> list[str]:
+    """The command line of a foreground ``twistd PLUGIN --config CONFIG`` with no pid file:
+    `options` are the plugin's (``--log-format``), `twistd_options` twistd's (``--profile``)."""
+    return [TWISTD, "--nodaemon", "--pidfile=", *twistd_options, plugin, "--config", str(config),
+            *options]
 
 
 class TwistdProcess(protocol.ProcessProtocol):
@@ -37,8 +46,8 @@ class TwistdProcess(protocol.ProcessProtocol):
         self._started = defer.Deferred()
         self._spawned_at = time.monotonic()
         env = dict(os.environ, PYTHONPATH=str(ROOT))
-        reactor.spawnProcess(self, TWISTD, [TWISTD, "--nodaemon", "--pidfile=", self.plugin,
-                                            "--config", str(self.config)], env=env, path=ROOT)
+        reactor.spawnProcess(self, TWISTD, twistd_command(self.plugin, self.config), env=env,
+                             path=ROOT)
 
         def timed_out(*_: Any) -> None:
             raise AssertionError(f"twistd did not start within {timeout} s:\n{self.tail()}")
@@ -52,7 +61,7 @@ class TwistdProcess(protocol.ProcessProtocol):
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.output[-lines:])
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+    def outReceived(self, data: bytes) -> None:
         self._partial += data
         *lines, self._partial = self._partial.split(b"\n")
         for raw in lines:
@@ -62,9 +71,9 @@ class TwistdProcess(protocol.ProcessProtocol):
                     and " started: " in line and "sixnet " in line):
                 self._started.callback(time.monotonic() - self._spawned_at)
 
-    errReceived = outReceived  # noqa: N815 - Twisted's name
+    errReceived = outReceived
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+    def processEnded(self, reason: Any) -> None:
         self.exit_code = reason.value.exitCode
         if self._started is not None and not self._started.called:
             self._started.errback(AssertionError(
