@@ -91,6 +91,7 @@ class RegistryHarness:
     async def client(self, service: IRPService, identity: NodeIdentity | None = None):
         client = await connect("127.0.0.1", self.port(service), self.lab.client_store(),
                                identity=identity, server_name=HOST)
+        client.clock = lambda: service.registry.clock()  # the registry's time, faked or not
         self.addCleanup(client.close)  # type: ignore[attr-defined]
         return client
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
 
 from lxml import etree
@@ -10,8 +11,9 @@ from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
+from sixnet.core.timefmt import parse_rfc3339, rfc3339
 from sixnet.irp.client import IRPConnectionError, IRPError, connect
-from sixnet.irp.wire import q, verify_signature
+from sixnet.irp.wire import ResponseSigner, Statement, q, signed_data, verify_signature
 
 from .test_irp import HOST, LabSetup, RegistryHarness, _address, _fails
 
@@ -187,6 +189,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         captured = await self.capture(client)
         d = defer.Deferred()
         client._pending["dup"] = ("lookup", d)
+        client._asked["dup"] = ("alice@example.test", None)
         client.protocol.transport.write(b'<lookup id="dup" user="alice@example.test"/>' * 2)
         data = await d
         assert data.get("request") == "dup"
@@ -196,6 +199,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         assert [n.get("id") for n in captured if n.tag == q("result")].count("dup") == 1
         # once answered, the id may be used again
         client._pending["dup"] = ("lookup", d := defer.Deferred())
+        client._asked["dup"] = ("alice@example.test", None)
         client.protocol.transport.write(b'<lookup id="dup" user="alice@example.test"/>')
         assert (await d).get("request") == "dup"
 
@@ -219,6 +223,43 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         assert heard and heard[-1].addresses[0][0] == "2001:db8::2"
         await client.unwatch("alice@example.test")
         await client.watch("alice@example.test", heard.append)
+
+    async def test_client_refuses_answers_for_another_query_requester_or_too_old(self) -> None:
+        """Answers signed by the registry itself, but not for this request of this caller,
+        or no longer valid, are refused by the client library."""
+        service = await self.start(answer_validity=60)
+        client = await self.client(service, self.lab.person("alice@example.test"))
+        await client.register([("2001:db8::1", 4605)])
+        captured = await self.capture(client)
+        await client.lookup("alice@example.test")
+        data = captured[-1].find(q("data"))
+        assert (data.get("requester"), data.get("subject"), data.get("op")) == \
+            ("alice@example.test", "alice@example.test", "lookup")
+        assert parse_rfc3339(data.get("not-after")) - parse_rfc3339(data.get("time")) == \
+            datetime.timedelta(seconds=60)
+        signer = ResponseSigner(self.lab.host.key, self.lab.host.certificate)
+        now = datetime.datetime.now(datetime.UTC)
+        good = {"op": "lookup", "registry": HOST, "time": rfc3339(now),
+                "not_after": rfc3339(now + datetime.timedelta(seconds=60)),
+                "requester": "alice@example.test", "subject": "bob@example.test"}
+        payload = b'<person id="bob@example.test"></person>'
+        for change, refused in (({"requester": "mallory@example.test"}, "its requester"),
+                                ({"subject": "carol@example.test"}, "its subject"),
+                                ({"op": "watch"}, "its op"),
+                                ({"not_after": rfc3339(now - datetime.timedelta(seconds=1))},
+                                 "expired")):
+            answer = client.lookup("bob@example.test")
+            rid = max(client._pending, key=int)
+            data_bytes = signed_data(Statement(request=rid, **{**good, **change}), payload)
+            client._response(etree.fromstring(
+                f'<result xmlns="urn:sixnet:irp:1" id="{rid}">'.encode() + data_bytes +
+                signer.signature(data_bytes) + b"</result>"))
+            error = await _fails(answer, IRPError)
+            assert error.condition == "bad-request" and refused in error.text, (change, error)
+        # the registry's own answer, judged by a clock past its window
+        client.clock = lambda: service.registry.clock() + 61
+        error = await _fails(client.lookup("alice@example.test"), IRPError)
+        assert "expired" in error.text
 
     async def test_signature_verifies_and_fails_when_a_byte_changes(self) -> None:
         service = await self.start()

@@ -25,6 +25,7 @@ from sixnet.irp.wire import (
     DeviceRecord,
     PersonRecord,
     ResponseSigner,
+    Statement,
     canonical_bytes,
     canonical_payload,
     chain_element,
@@ -198,11 +199,20 @@ def test_signed_data_is_the_canonical_form_of_the_data_element() -> None:
             element("more", {"after": 'x"&<>\t\n\ry'}, "text & <more> \r")]
 
     attrib = {"time": "2026-11-22T01:00:00.000Z", "request": "7:a",
-              "registry": 'irp "&<> \t\n', "op": "lookup"}
+              "registry": 'irp "&<> \t\n', "op": "lookup", "subject": "a@example.test",
+              "requester": 'b"&<@example.test', "not-after": "2026-11-22T01:05:00.000Z",
+              "serial": "1F"}
     expected = canonical_bytes(element("data", attrib, children=payload()))
-    made = signed_data("lookup", "7:a", 'irp "&<> \t\n', "2026-11-22T01:00:00.000Z",
+    made = signed_data(Statement("lookup", "7:a", 'irp "&<> \t\n', "2026-11-22T01:00:00.000Z",
+                                 "2026-11-22T01:05:00.000Z", 'b"&<@example.test',
+                                 "a@example.test", "1F"),
                        canonical_payload(payload()))
     assert made == expected
+    del attrib["requester"], attrib["serial"]  # an anonymous requester; no serial asked
+    assert signed_data(Statement("lookup", "7:a", 'irp "&<> \t\n', "2026-11-22T01:00:00.000Z",
+                                 "2026-11-22T01:05:00.000Z", subject="a@example.test"),
+                       canonical_payload(payload())) == \
+        canonical_bytes(element("data", attrib, children=payload()))
     wrapped = b'<result xmlns="urn:sixnet:irp:1" id="7:a">' + made + b"</result>"
     assert canonical_bytes(etree.fromstring(wrapped).find(q("data"))) == made
 

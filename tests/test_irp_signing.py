@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from lxml import etree
 
-from sixnet.irp.wire import IRPError, ResponseSigner, signed_data, verify_signature
+from sixnet.irp.wire import IRPError, ResponseSigner, Statement, signed_data, verify_signature
 from sixnet.pki import signing
 
 
@@ -26,7 +26,8 @@ def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
 
 
 def _signed(signer: ResponseSigner) -> tuple[etree._Element, etree._Element]:
-    message = signed_data("lookup", "7", "irp.example.test", "2026-12-02T12:00:00.000Z", b"")
+    message = signed_data(Statement("lookup", "7", "irp.example.test",
+                                    "2026-12-02T12:00:00.000Z", "2026-12-02T12:05:00.000Z"), b"")
     return etree.fromstring(message), etree.fromstring(signer.signature(message))
 
 

@@ -19,9 +19,12 @@ Every method returns a Deferred (``await`` it from an ``async def``). The API::
 
 Every result is signed by the registry; the signature is checked against the registry's
 certificate from the TLS handshake (itself verified for `server_name` by the store) before
-a method returns, so a returned record did come from the registry. Failures raise `IRPError`
-(its ``condition`` is the protocol's error), `IRPConnectionError` when the connection or
-the TLS setup fails or the registry ends the stream.
+a method returns, and so is the signed statement: that it answers this request (operation,
+id, person, serial) of this requester and is still valid (docs/irp.rst, "Signed data"): a
+returned record did come from the registry, for this question, recently (a client's clock
+is `IRPClient.clock`). Failures raise `IRPError` (its ``condition`` is the protocol's
+error), `IRPConnectionError` when the connection or the TLS setup fails or the registry
+ends the stream.
 
 Enrollment (no certificate yet) uses a connection without `identity`::
 
@@ -35,7 +38,9 @@ Then `renew`, `revoke`, `ca_certificates`, `certificates`, `put_backup`/`get_bac
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -58,9 +63,13 @@ from sixnet.irp.wire import (
     CertificateInfo,
     IRPError,
     PersonRecord,
+    answer_subject,
     b64,
     b64decode,
+    check_statement,
     element,
+    parse_serial,
+    parse_user,
     q,
     read_certificate,
     read_chain,
@@ -314,8 +323,13 @@ class IRPClient:
         self.refused: str | None = None
         self.protocol: _ClientProtocol | None = None
         self.ready: defer.Deferred[IRPClient] = defer.Deferred()
+        #: The clock a signed answer's freshness is judged by (seconds since the epoch).
+        self.clock: Callable[[], float] = time.time
         self._ids = itertools.count(1)
+        #: Per request id: the operation, and the Deferred for its verified ``<data>``.
         self._pending: dict[str, tuple[str, defer.Deferred[etree._Element]]] = {}
+        #: Per request id: the person and serial the request named (normalized).
+        self._asked: dict[str, tuple[str | None, str | None]] = {}
         self._watches: dict[str, tuple[str, Callable[[PersonRecord], object]]] = {}
         self._closed: IRPConnectionError | None = None
         self._keepalive: task.LoopingCall | None = None
@@ -349,18 +363,27 @@ class IRPClient:
         if not self.ready.called:
             self.ready.errback(error)
         pending, self._pending = self._pending, {}
+        self._asked.clear()
         for _, d in pending.values():
             d.errback(error)
         self.lost.callback(error)
 
-    def _verified(self, node: etree._Element) -> etree._Element:
+    def _verified(self, node: etree._Element, op: str, request: str, subject: str | None,
+                  serial: str | None) -> etree._Element:
+        """The ``<data>`` of a result or notification, once its signature verifies and it
+        is the statement answering this request of ours, still valid."""
         data, signature = signed_parts(node)
         assert self.server_certificate is not None
         verify_signature(data, signature, self.server_certificate)
+        check_statement(data, op=op, request=request, requester=self.user, subject=subject,
+                        serial=serial, now=datetime.datetime.fromtimestamp(self.clock(),
+                                                                           datetime.UTC))
         return data
 
     def _response(self, node: etree._Element) -> None:
-        entry = self._pending.pop(node.get("id", ""), None)
+        rid = node.get("id", "")
+        entry = self._pending.pop(rid, None)
+        asked = self._asked.pop(rid, (None, None))
         if entry is None:
             log.warn("IRP response to no request: {id}", id=node.get("id"))
             return
@@ -369,9 +392,7 @@ class IRPClient:
             d.errback(IRPError(_condition(node.get("condition")), node.text or ""))
             return
         try:
-            data = self._verified(node)
-            if data.get("op") != op or data.get("request") != node.get("id"):
-                raise IRPError("bad-request", "the signed data answers another request")
+            data = self._verified(node, op, rid, *asked)
         except IRPError as e:
             d.errback(e)
             return
@@ -379,17 +400,22 @@ class IRPClient:
 
     def _notification(self, node: etree._Element) -> None:
         try:
-            data = self._verified(node)
+            data = signed_parts(node)[0]
+            subject = data.get("subject", "")
+            entry = self._watches.get(subject)
+            if entry is None:
+                raise IRPError("bad-request", f"a notification for {subject!r}, not watched")
+            self._verified(node, "watch", entry[0], subject, None)
             person = data.find(q("person"))
             if person is None:
                 raise IRPError("bad-request", "a notification without <person>")
             record = read_person(person)
+            if record.person != subject:
+                raise IRPError("bad-request", "a notification whose record is not its subject's")
         except IRPError as e:
             log.warn("IRP notification refused: {error}", error=e)
             return
-        entry = self._watches.get(record.person)
-        if entry is not None and entry[0] == data.get("request"):
-            entry[1](record)
+        entry[1](record)
 
     def request(self, op: str, attrib: dict[str, str] | None = None,
                 children: Sequence[etree._Element] = (), text: str | None = None
@@ -401,6 +427,7 @@ class IRPClient:
         rid = str(next(self._ids))
         d: defer.Deferred[etree._Element] = defer.Deferred()
         self._pending[rid] = (op, d)
+        self._asked[rid] = _asked(op, attrib or {}, self.user)
         self.protocol.send(serialize(element(op, {"id": rid, **(attrib or {})}, text,
                                              children)))
         return d
@@ -511,6 +538,18 @@ class IRPClient:
     def remove(self, user: str) -> defer.Deferred[None]:
         """Operators: remove a person, their records and backup; revoke their certificates."""
         return self.request("remove", {"user": user}).addCallback(lambda _: None)
+
+
+def _asked(op: str, attrib: dict[str, str], requester: str | None
+           ) -> tuple[str | None, str | None]:
+    """The subject and serial a signed answer to this request must name, as the registry
+    writes them (normalized); an argument that does not parse is the registry's to refuse."""
+    try:
+        user = parse_user(attrib["user"]) if "user" in attrib else None
+        serial = parse_serial(attrib["serial"]) if "serial" in attrib else None
+    except IRPError:
+        return None, None
+    return answer_subject(op, user, requester), serial
 
 
 def _condition(value: str | None) -> str:

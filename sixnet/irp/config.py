@@ -53,6 +53,8 @@ class IRPConfig(ServiceConfig):
     lockout_seconds: int = setting(900, check=_at_least_one)
     invite_days: int = setting(7, check=_at_least_one)
     certificate_days: int = setting(365, check=_at_least_one)
+    answer_validity: int = setting(300, check=_at_least_one,
+                                   doc="seconds a signed answer is valid (its not-after)")
     answer_cache: int = setting(100_000, check=_not_negative,
                                 doc="persons whose lookup answer is kept in memory (0: none)")
     answer_cache_shared: bool = setting(

@@ -15,6 +15,7 @@ inside an open stream only gets an ``<error>`` for that request.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,10 @@ from sixnet.irp.wire import (
     Request,
     ResponseSigner,
     RevokeRequest,
+    Statement,
     UnwatchRequest,
     WatchRequest,
+    answer_subject,
     element,
     error_element,
     parse_request,
@@ -334,12 +337,23 @@ class IRPServerProtocol(XMLStreamProtocol):
                 (request.serial or caller.serial) == caller.serial:
             self.caller = Caller(self.peer)  # this connection's certificate is no longer good
         self.send(self._signed(f'<result xmlns="{NS}" id="{request.id}">', b"</result>",
-                               request, payload))
+                               request, caller, payload))
 
-    def _signed(self, head: str, tail: bytes, request: Request, payload: bytes) -> bytes:
+    def _signed(self, head: str, tail: bytes, request: Request, caller: Caller,
+                payload: bytes) -> bytes:
         """A result or notification: the canonical ``<data>`` around `payload` (canonical
-        bytes, possibly the registry's cached answer), signed now for this request."""
-        data = signed_data(request.op, request.id, self.factory.hostname, rfc3339(), payload)
+        bytes, possibly the registry's kept answer), signed now as the statement that
+        answers this request of this caller, valid for ``answer_validity`` seconds."""
+        now = datetime.datetime.fromtimestamp(self.registry.clock(), datetime.UTC)
+        statement = Statement(
+            op=request.op, request=request.id, registry=self.factory.hostname,
+            time=rfc3339(now),
+            not_after=rfc3339(now + datetime.timedelta(seconds=self.config.answer_validity)),
+            requester=caller.identity,
+            subject=answer_subject(request.op, getattr(request, "user", None),
+                                   caller.identity),
+            serial=getattr(request, "serial", None))
+        data = signed_data(statement, payload)
         return head.encode() + data + self.factory.signer.signature(data) + tail
 
     def _done(self, request: Request) -> None:
@@ -353,7 +367,8 @@ class IRPServerProtocol(XMLStreamProtocol):
 
         def changed(payload: bytes) -> None:
             if self.state == OPEN:
-                self.send(self._signed(f'<notify xmlns="{NS}">', b"</notify>", request, payload))
+                self.send(self._signed(f'<notify xmlns="{NS}">', b"</notify>", request,
+                                       self.caller, payload))
 
         self.watches[user] = (request.id, changed)
         self.registry.watch(user, changed)

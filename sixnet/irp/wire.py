@@ -36,7 +36,7 @@ from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 
 NS = "urn:sixnet:irp:1"
 #: The protocol version this module speaks (``major.minor``; a different major is refused).
-VERSION = "1.0"
+VERSION = "1.1"
 ROOT = f"{{{NS}}}irp"
 
 #: Error conditions a request can get (docs/irp.rst, "Errors").
@@ -667,13 +667,70 @@ def _c14n_attr(value: str) -> str:
             .replace("\t", "&#x9;").replace("\n", "&#xA;").replace("\r", "&#xD;"))
 
 
-def signed_data(op: str, request: str, registry: str, time: str, payload: bytes) -> bytes:
+#: Operations on the requester's own record: their answer's subject is the requester.
+OWN_RECORD_OPERATIONS = frozenset({"register", "unregister", "renew", "backup-put",
+                                   "backup-get"})
+
+
+def answer_subject(op: str, user: str | None, requester: str | None) -> str | None:
+    """The person a signed answer is about (docs/irp.rst, "Signed data"): the request's
+    ``user``, else the requester for an operation on their own record, else none."""
+    return user if user is not None else requester if op in OWN_RECORD_OPERATIONS else None
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What a signed ``<data>`` says besides its payload: which query it answers, for whom,
+    from when and until when (docs/irp.rst, "Signed data")."""
+
+    op: str
+    request: str
+    registry: str
+    time: str
+    not_after: str
+    requester: str | None = None  # None: an anonymous requester
+    subject: str | None = None
+    serial: str | None = None
+
+    def attributes(self) -> dict[str, str]:
+        """The ``<data>`` attributes, in canonical (alphabetical) order."""
+        attrib = {"not-after": self.not_after, "op": self.op, "registry": self.registry,
+                  "request": self.request, "requester": self.requester,
+                  "serial": self.serial, "subject": self.subject, "time": self.time}
+        return {k: v for k, v in attrib.items() if v is not None}
+
+
+def signed_data(statement: Statement, payload: bytes) -> bytes:
     """The canonical ``<data>`` element around a canonical payload (`canonical_payload`):
     the exact bytes the registry signs and sends, so a client's canonicalization of what it
-    received gives them back. Attributes in canonical (alphabetical) order."""
-    return (f'<data xmlns="{NS}" op="{_c14n_attr(op)}" registry="{_c14n_attr(registry)}"'
-            f' request="{_c14n_attr(request)}" time="{_c14n_attr(time)}">').encode() \
-        + payload + _DATA_CLOSE
+    received gives them back."""
+    attrs = "".join(f' {k}="{_c14n_attr(v)}"' for k, v in statement.attributes().items())
+    return f'<data xmlns="{NS}"{attrs}>'.encode() + payload + _DATA_CLOSE
+
+
+def check_statement(data: etree._Element, *, op: str, request: str, requester: str | None,
+                    subject: str | None, serial: str | None, now: datetime.datetime,
+                    skew: float = 300.0) -> None:
+    """What a client MUST check of a verified ``<data>`` (docs/irp.rst, "Signed data"):
+    it answers this query (`op`, `request`, `subject`, `serial`) of this `requester` (None:
+    anonymous; each absent when None), and it is fresh: ``time`` at most `skew` seconds
+    after `now`, `now` before ``not-after``. IRPError ("bad-request") naming what is wrong.
+    """
+    for name, want in (("op", op), ("request", request), ("requester", requester),
+                       ("subject", subject), ("serial", serial)):
+        got = data.get(name)
+        if got != want:
+            raise IRPError("bad-request", f"the signed answer is not for this request: its "
+                                          f"{name} is {got!r}, not {want!r}")
+    if data.get("not-after") is None:
+        raise IRPError("bad-request", "the signed answer has no not-after")
+    signed = parse_timestamp(data.get("time"))
+    not_after = parse_timestamp(data.get("not-after"))
+    if signed > now + datetime.timedelta(seconds=skew):
+        raise IRPError("bad-request", f"the signed answer is dated {rfc3339(signed)}, "
+                                      "in the future")
+    if now >= not_after:
+        raise IRPError("bad-request", f"the signed answer expired at {rfc3339(not_after)}")
 
 
 class ResponseSigner:
