@@ -17,9 +17,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +29,13 @@ from twisted.protocols import amp
 
 from sixnet.chat.control import ListMessages, Send, Show
 from sixnet.irp.client import IRPClient, connect
-from sixnet.pki.ca import LabCA
 from sixnet.pki.store import CertificateStore, NodeIdentity
 from tests.grid_harness import RawClient
-from tests.support.twistd import ROOT, TwistdProcess
+from tests.support.accounts import add_accounts
+from tests.support.configs import config_file, sixnet_toml
+from tests.support.pki import LabPKI
+from tests.support.ports import free_port
+from tests.support.twistd import TwistdProcess
 from tests.support.waiting import pause, retry
 
 DOMAIN = "localhost"
@@ -56,19 +56,6 @@ MAX_ITEMS = 1000000
 #: Seconds a restarted process may take until every writer is connected again.
 CONNECT_TIMEOUT = 30.0
 ADDRESS_BASE = int(ipaddress.IPv6Address("2001:db8::"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _identity_files(ca: LabCA, directory: Path, kind: str, name: str) -> tuple[Path, Path]:
-    out = directory / "identities" / name
-    if not (out / "cert.pem").exists():
-        ca.issue(kind, name, out=out)
-    return out / "cert.pem", out / "key.pem"
 
 
 def address_of(counter: int) -> str:
@@ -247,9 +234,10 @@ class IRPWriter:
         self._counter = 0
 
     async def connect(self) -> None:
-        cert, key = self.lab.writer_files
+        files = self.lab.writer_files
         self.client = await connect("127.0.0.1", self.lab.ports["irp"], self.lab.client_store(),
-                                    identity=NodeIdentity.load(WRITER, cert, key),
+                                    identity=NodeIdentity.load(WRITER, files.certificate,
+                                                               files.key),
                                     server_name=DOMAIN)
 
     def count(self) -> int:
@@ -388,84 +376,62 @@ class Figures:
         }
 
 
-class CrashLab:
-    """A configuration (every service enabled, SQLite state) and the three writers."""
+#: The databases of a lab, one per service: the ``database`` key of each section.
+DATABASE_KEYS = ("irp", "chat", "grid", "grid.broker")
 
-    def __init__(self, directory: Path, ca: LabCA, *, lifetime: int = 86400) -> None:
+
+def sqlite_databases() -> dict[str, str]:
+    """Each service's own SQLite file under the state directory (the default)."""
+    return {"irp": "sqlite:irp.sqlite3", "chat": "sqlite:chat.sqlite", "grid":
+            "sqlite:grid.sqlite3", "grid.broker": "sqlite:grid-broker.sqlite3"}
+
+
+class CrashLab:
+    """A configuration (every service enabled) and the three writers.
+
+    `databases` maps each of `DATABASE_KEYS` to its URL (SQLite files by default; a
+    PostgreSQL URL each, with a schema of its own, for that backend).
+    """
+
+    def __init__(self, directory: Path, pki: LabPKI, *, lifetime: int = 86400,
+                 databases: dict[str, str] | None = None) -> None:
         self.directory = directory
-        self.ca = ca
+        self.pki = pki
         self.lifetime = lifetime
+        self.databases = databases or sqlite_databases()
         self.state = directory / "state"
         self.control_socket = directory / "control.sock"
         self.ports = {name: free_port() for name in ("irp", "chat", "grid", "grid_tls")}
-        self.host_files = _identity_files(ca, directory, "host", DOMAIN)
-        self.agent_files = _identity_files(ca, directory, "user", AGENT)
-        self.writer_files = _identity_files(ca, directory, "user", WRITER)
-        self.config = self._write_config()
-        self._add_grid_account()
+        self.writer_files = pki.files("user", WRITER)
+        self.config = config_file(directory, self._config_text())
         self.writers = [GridWriter(self), IRPWriter(self), ChatWriter(self)]
 
     def client_store(self) -> CertificateStore:
-        return CertificateStore.from_files([self.ca.directory / "ca.pem"])
+        return CertificateStore.from_files([self.pki.root.directory / "ca.pem"])
 
-    def _write_config(self) -> Path:
-        def s(value: object) -> str:
-            return json.dumps(str(value))
-
+    def _config_text(self) -> str:
         ports = self.ports
-        text = f"""\
-[sixnet]
-state_dir = {s(self.state)}
-[pki]
-trust_anchors = [{s(self.ca.directory / 'ca.pem')}]
-crls = [{s(self.ca.directory / 'crl.pem')}]
-[pki.identities.host]
-subject = "{DOMAIN}"
-certificate = {s(self.host_files[0])}
-key = {s(self.host_files[1])}
-[pki.identities.user]
-subject = "{AGENT}"
-certificate = {s(self.agent_files[0])}
-key = {s(self.agent_files[1])}
-[irp]
-enabled = true
-listen = ["tcp:{ports['irp']}:interface=127.0.0.1"]
-max_lifetime = {self.lifetime}
-[chat]
-enabled = true
-listen = ["tcp:{ports['chat']}:interface=127.0.0.1"]
-control_socket = {s(self.control_socket)}
-irp_server = "127.0.0.1:{ports['irp']}"
-irp_server_name = "{DOMAIN}"
-retry_initial = 300.0
-retry_max = 300.0
-[grid]
-enabled = true
-domain = "{DOMAIN}"
-listen = ["tcp:{ports['grid']}:interface=127.0.0.1"]
-listen_tls = ["tcp:{ports['grid_tls']}:interface=127.0.0.1"]
-scram_iterations = 4096
-stanzas_per_second = 100000.0
-stanza_burst = 100000
-[grid.broker]
-default_access_model = "whitelist"
-default_max_items = {MAX_ITEMS}
-max_items_limit = {MAX_ITEMS}
-[grid.broker.rate_limits]
-publishes_per_second = 100000.0
-publish_burst = 100000
-"""
-        path = self.directory / "sixnet.toml"
-        path.write_text(text)
-        return path
-
-    def _add_grid_account(self) -> None:
-        result = subprocess.run(
-            [sys.executable, "-m", "sixnet", "grid", "user", "add", "writer",
-             "--config", str(self.config)],
-            input=PASSWORD + "\n", capture_output=True, text=True, timeout=60, cwd=ROOT)
-        if result.returncode != 0:
-            raise AssertionError(f"sixnet grid user add: {result.stderr}")
+        databases = self.databases
+        return sixnet_toml(
+            self.pki.root.directory,
+            {"host": self.pki.files("host", DOMAIN), "user": self.pki.files("user", AGENT)},
+            sixnet={"state_dir": self.state},
+            irp={"enabled": True, "listen": [f"tcp:{ports['irp']}:interface=127.0.0.1"],
+                 "max_lifetime": self.lifetime, "database": databases["irp"]},
+            chat={"enabled": True, "listen": [f"tcp:{ports['chat']}:interface=127.0.0.1"],
+                  "control_socket": self.control_socket, "database": databases["chat"],
+                  "irp_server": f"127.0.0.1:{ports['irp']}", "irp_server_name": DOMAIN,
+                  "retry_initial": 300.0, "retry_max": 300.0},
+            grid={"enabled": True, "domain": DOMAIN, "database": databases["grid"],
+                  "listen": [f"tcp:{ports['grid']}:interface=127.0.0.1"],
+                  "listen_tls": [f"tcp:{ports['grid_tls']}:interface=127.0.0.1"],
+                  "scram_iterations": 4096, "stanzas_per_second": 100000.0,
+                  "stanza_burst": 100000,
+                  "broker": {"database": databases["grid.broker"],
+                             "default_access_model": "whitelist",
+                             "default_max_items": MAX_ITEMS, "max_items_limit": MAX_ITEMS,
+                             "rate_limits": {"publishes_per_second": 100000.0,
+                                             "publish_burst": 100000}}})
 
     async def _start(self) -> tuple[TwistdProcess, float]:
         process = TwistdProcess(self.config)
@@ -517,6 +483,7 @@ publish_burst = 100000
         """
         figures = Figures()
         began = time.monotonic()
+        await add_accounts(self.config, PASSWORD, ["writer"])
         process, _ = await self._start()
         await self._connect_all(process)
         try:
