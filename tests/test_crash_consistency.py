@@ -21,6 +21,8 @@ from tests.support.crash import DATABASE_KEYS, CrashLab, Figures
 from tests.support.databases import postgres_schema_url, postgres_unavailable
 
 KINDS = ("pubsub", "irp", "chat")
+#: Seconds of writing before each kill, at random between these.
+WRITING = (0.2, 0.7)
 
 
 class CrashConsistencyTests(unittest.TestCase):
@@ -35,12 +37,14 @@ class CrashConsistencyTests(unittest.TestCase):
         report = f"seed {seed}: " + json.dumps(figures.as_json(), indent=1)
         assert figures.iterations == iterations, report
         assert figures.lost == dict.fromkeys(KINDS, 0), report
+        assert figures.unaudited == dict.fromkeys(KINDS, 0), report
+        assert figures.torn_audit_lines == 0, report
         # every kind of write was under way at each kill
         assert all(figures.acknowledged[kind] >= iterations for kind in KINDS), report
 
     async def test_acknowledged_writes_survive_sigkill_on_sqlite(self) -> None:
         seed = int(time.time())
-        figures = await CrashLab(self.tmp, self.pki).run(5, random.Random(seed))
+        figures = await CrashLab(self.tmp, self.pki).run(5, random.Random(seed), WRITING)
         self.check(figures, 5, seed)
 
     async def test_acknowledged_writes_survive_sigkill_on_postgresql(self) -> None:
@@ -49,7 +53,7 @@ class CrashConsistencyTests(unittest.TestCase):
         seed = int(time.time())
         databases = {key: postgres_schema_url(self) for key in DATABASE_KEYS}
         figures = await CrashLab(self.tmp, self.pki, databases=databases).run(
-            2, random.Random(seed))
+            2, random.Random(seed), WRITING)
         self.check(figures, 2, seed)
 
     async def test_the_check_finds_lost_writes(self) -> None:
@@ -65,6 +69,6 @@ class CrashConsistencyTests(unittest.TestCase):
                 shutil.rmtree(lab.state)
                 shutil.copytree(saved, lab.state)
 
-        figures = await lab.run(2, random.Random(0), (0.3, 0.5), after_kill=rewind)
+        figures = await lab.run(2, random.Random(0), WRITING, after_kill=rewind)
         report = json.dumps(figures.as_json(), indent=1)
         assert all(figures.lost[kind] > 0 for kind in KINDS), report

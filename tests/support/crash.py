@@ -56,6 +56,9 @@ MAX_ITEMS = 1000000
 #: Seconds a restarted process may take until every writer is connected again.
 CONNECT_TIMEOUT = 30.0
 ADDRESS_BASE = int(ipaddress.IPv6Address("2001:db8::"))
+PORT = 4605
+#: Each service's audit log (its default name under the state directory).
+AUDIT_LOGS = {"pubsub": "grid-broker-audit.jsonl", "irp": "irp-audit.jsonl"}
 
 
 def address_of(counter: int) -> str:
@@ -152,6 +155,10 @@ class RunWriter:
         """Which of `wanted` the restarted process has, and any problem in asking it."""
         raise NotImplementedError
 
+    def unaudited(self, audit: list[dict[str, Any]]) -> list[str]:
+        """The acknowledged writes its service's audit log does not record (none kept)."""
+        return []
+
 
 class GridWriter(RunWriter):
     """Each run makes a topic and publishes items to it; an iq result is the acknowledgement.
@@ -178,6 +185,11 @@ class GridWriter(RunWriter):
 
     def count(self) -> int:
         return len(self.acknowledged) + super().count()
+
+    def unaudited(self, audit: list[dict[str, Any]]) -> list[str]:
+        audited = {(r["node"], r["item"]) for r in audit if r.get("event") == "publish"}
+        return [f"publish {item}" for run, items in sorted(self.acknowledged.items())
+                for item in sorted(items) if (f"crash-{run}", item) not in audited]
 
     async def write(self, run: int, crashing: defer.Deferred[None]) -> None:
         assert self.stream is not None
@@ -228,7 +240,8 @@ class IRPWriter:
     def __init__(self, lab: CrashLab) -> None:
         self.lab = lab
         self.client: IRPClient | None = None
-        self.writes = 0
+        #: the addresses of acknowledged registrations (each is registered once)
+        self.acknowledged: set[str] = set()
         #: device -> (highest counter acknowledged, highest counter sent)
         self.devices: dict[str, tuple[int, int]] = {}
         self._counter = 0
@@ -241,7 +254,12 @@ class IRPWriter:
                                     server_name=DOMAIN)
 
     def count(self) -> int:
-        return self.writes
+        return len(self.acknowledged)
+
+    def unaudited(self, audit: list[dict[str, Any]]) -> list[str]:
+        audited = {a for r in audit if r.get("event") == "register" for a in r["addresses"]}
+        return [f"irp register {a}" for a in sorted(self.acknowledged)
+                if f"[{a}]:{PORT}" not in audited]
 
     async def write(self, run: int, crashing: defer.Deferred[None]) -> None:
         async def registrar(lane: int) -> None:
@@ -252,10 +270,10 @@ class IRPWriter:
                 counter = self._counter
                 acked, _ = self.devices.get(device, (0, 0))
                 self.devices[device] = (acked, counter)
-                await self.client.register([(address_of(counter), 4605)], device=device,
+                await self.client.register([(address_of(counter), PORT)], device=device,
                                            lifetime=self.lab.lifetime)
                 self.devices[device] = (counter, counter)
-                self.writes += 1
+                self.acknowledged.add(address_of(counter))
 
         await _lanes(registrar, crashing, lanes=DEVICES)
 
@@ -357,6 +375,9 @@ class Figures:
     acknowledged: dict[str, int] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)
     lost_examples: list[str] = field(default_factory=list)
+    #: acknowledged writes an audit log does not record, and audit lines that are not JSON
+    unaudited: dict[str, int] = field(default_factory=dict)
+    torn_audit_lines: int = 0
     restart_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -369,6 +390,8 @@ class Figures:
             "lost_writes": sum(self.lost.values()),
             "lost": self.lost,
             "lost_examples": self.lost_examples[:20],
+            "unaudited_writes": self.unaudited,
+            "torn_audit_lines": self.torn_audit_lines,
             "restart_to_writers_connected_seconds": {
                 "mean": round(sum(restarts) / len(restarts), 3),
                 "max": round(max(restarts), 3)},
@@ -507,5 +530,21 @@ class CrashLab:
                 writer.close()
             await process.kill()
         figures.acknowledged = {w.kind: w.count() for w in self.writers}
+        self._check_audit(figures)
         figures.seconds = time.monotonic() - began
         return figures
+
+    def _check_audit(self, figures: Figures) -> None:
+        """Every acknowledged write that its service audits is in its audit log, whole: the
+        record is written before the answer (docs/operator.rst, "Audit logs")."""
+        for writer in self.writers:
+            audit: list[dict[str, Any]] = []
+            name = AUDIT_LOGS.get(writer.kind)
+            for line in (self.state / name).read_text().splitlines() if name else ():
+                try:
+                    audit.append(json.loads(line))
+                except ValueError:
+                    figures.torn_audit_lines += 1
+            missing = writer.unaudited(audit)
+            figures.unaudited[writer.kind] = len(missing)
+            figures.lost_examples += missing
