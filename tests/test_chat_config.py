@@ -11,9 +11,9 @@ from sixnet.chat.service import make_service
 from sixnet.core.errors import ConfigError
 from sixnet.pki.store import store_from_config
 
-from .conftest import LabPKI
 from .support.chat import SharedDirectory
-from .test_config import problem, write
+from .support.configs import config_file, problem
+from .support.pki import LabPKI
 
 BASE = """\
 [sixnet]
@@ -82,14 +82,14 @@ def test_every_key_documented_in_the_shipped_file() -> None:
 
 
 def test_make_service_from_the_file(base: str, tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, base))
+    config = load_config(config_file(tmp_path, base))
     store = store_from_config(config)
     shared = SharedDirectory(lambda: 0.0)
     service = make_service(config, store, directory=shared.for_person("alice@example.test"))
     service.db.close()  # never started: closing cancels the pool's pending start
     assert service.agent.me == "alice@example.test"
     assert service.control_path == tmp_path / "state" / "chat" / "control.sock"
-    config = load_config(write(tmp_path, base + 'identity = "host"\n'))
+    config = load_config(config_file(tmp_path, base + 'identity = "host"\n'))
     with pytest.raises(ConfigError) as info:
         make_service(config, store_from_config(config),
                      directory=shared.for_person("x@example.test"))
@@ -116,13 +116,13 @@ def test_command_line_errors_are_one_line_with_status_2(tmp_path: Path) -> None:
 
 
 def test_registry_given_by_ip_needs_its_certificate_name(base: str, tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, base + 'irp_server = "127.0.0.1:4604"\n'))
+    config = load_config(config_file(tmp_path, base + 'irp_server = "127.0.0.1:4604"\n'))
     with pytest.raises(ConfigError) as info:
         make_service(config, store_from_config(config))
     assert str(info.value) == (f"{config.path}: chat.irp_server_name: must be set when "
                                "irp_server is an IP address: it is the host name the "
                                "registry's certificate is checked for")
-    config = load_config(write(tmp_path, base + 'irp_server = "127.0.0.1:4604"\n'
+    config = load_config(config_file(tmp_path, base + 'irp_server = "127.0.0.1:4604"\n'
                                                 'irp_server_name = "irp.example.test"\n'))
     service = make_service(config, store_from_config(config))
     service.db.close()

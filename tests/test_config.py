@@ -13,10 +13,6 @@ from sixnet.app.config import load_config
 from .support.configs import config_file, localhost_config, problem
 from .support.pki import LabPKI
 
-#: tests/test_chat_config.py imports `write` and `problem` from here until it moves to
-#: tests/support/configs.py.
-write = config_file
-
 
 @pytest.fixture
 def base(pki: LabPKI) -> str:

@@ -15,8 +15,12 @@ from lxml import etree
 from twisted.internet import reactor, task, utils
 from twisted.trial import unittest
 
-from tests.databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 from tests.grid_harness import RawClient, ports, start_grid, write_config
+from tests.support.databases import (
+    drop_postgres_schema,
+    fresh_postgres_schema,
+    postgres_unavailable,
+)
 
 HEADER = ("<?xml version='1.0'?><stream:stream to='localhost' version='1.0' "
           "xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")

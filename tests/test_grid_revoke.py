@@ -23,7 +23,7 @@ from twisted.trial import unittest
 
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 
-from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+from .support.databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 
 PS = "http://jabber.org/protocol/pubsub"
 PLATFORM = "platform@localhost"

@@ -17,7 +17,7 @@ from sixnet.grid.scram import ScramCredentials
 from sixnet.grid.storage.accounts import AccountError, AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
 from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
-from tests.databases import (
+from tests.support.databases import (
     drop_postgres_schema,
     fresh_postgres_schema,
     postgres_unavailable,
