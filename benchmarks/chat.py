@@ -43,12 +43,12 @@ from zope.interface import implementer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sixnet.chat.protocol import SessionFactory, SessionProtocol  # noqa: E402
-from sixnet.chat.session import APP_HEADER, Session  # noqa: E402
-from sixnet.core.stream.parser import StreamOpened, StreamParser  # noqa: E402
-from sixnet.pki.ca import LabCA  # noqa: E402
-from sixnet.pki.store import CertificateStore, NodeIdentity  # noqa: E402
-from sixnet.pki.tls import ClientTLS, ServerTLS, peer_chain  # noqa: E402
+from sixnet.chat.protocol import SessionFactory, SessionProtocol
+from sixnet.chat.session import APP_HEADER, Session
+from sixnet.core.stream.parser import StreamOpened, StreamParser
+from sixnet.pki.ca import LabCA
+from sixnet.pki.store import CertificateStore, NodeIdentity
+from sixnet.pki.tls import ClientTLS, ServerTLS, peer_chain
 
 WINDOW = 64
 ACK_EVERY = 16
@@ -181,7 +181,7 @@ class TLSStanzas(protocol.Protocol):
         self.on_stanza: Callable[[etree._Element], None] = lambda e: None
         self.header_sent = False
 
-    def handshakeCompleted(self) -> None:  # noqa: N802
+    def handshakeCompleted(self) -> None:
         if self.check is not None:  # what a sixnet TLS service does next: who is the peer?
             self.check(peer_chain(self.transport.getHandle()))
         self.handshake.callback(self)
@@ -192,12 +192,12 @@ class TLSStanzas(protocol.Protocol):
             data = APP_HEADER + data
         self.transport.write(data)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         for event in self.parser.feed(data):
             if not isinstance(event, StreamOpened):
                 self.on_stanza(event)
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         self.lost.callback(None)
 
 
@@ -309,7 +309,7 @@ class Closed(protocol.Protocol):
     def __init__(self) -> None:
         self.lost: defer.Deferred[None] = defer.Deferred()
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         self.lost.callback(None)
 
 

@@ -27,9 +27,9 @@ from twisted.internet import defer, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.crash import DATABASE_KEYS, CrashLab  # noqa: E402
-from tests.support.databases import drop_postgres_schema, fresh_postgres_schema  # noqa: E402
-from tests.support.pki import LabPKI  # noqa: E402
+from tests.support.crash import DATABASE_KEYS, CrashLab
+from tests.support.databases import drop_postgres_schema, fresh_postgres_schema
+from tests.support.pki import LabPKI
 
 
 async def main(args: argparse.Namespace, directory: Path) -> int:

@@ -44,13 +44,13 @@ from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sixnet.pki.ca import LabCA  # noqa: E402
-from tests.support import accounts  # noqa: E402
-from tests.support.configs import config_file, sixnet_toml  # noqa: E402
-from tests.support.pki import IdentityFiles  # noqa: E402
-from tests.support.ports import free_port, wait_for_port  # noqa: E402
-from tests.support.procfs import cpu_seconds  # noqa: E402
-from tests.support.twistd import ROOT, twistd_command  # noqa: E402
+from sixnet.pki.ca import LabCA
+from tests.support import accounts
+from tests.support.configs import config_file, sixnet_toml
+from tests.support.pki import IdentityFiles
+from tests.support.ports import free_port, wait_for_port
+from tests.support.procfs import cpu_seconds
+from tests.support.twistd import ROOT, twistd_command
 
 DOMAIN = "localhost"
 PASSWORD = "bench secret"
@@ -612,7 +612,7 @@ async def main() -> None:
         for name in args.servers.split(","):
             try:
                 results[name] = await bench_server(name, args, certs, base)
-            except Exception as e:  # noqa: BLE001 - report and go on with the next server
+            except Exception as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps({
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},

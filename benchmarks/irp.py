@@ -48,18 +48,18 @@ from lxml import etree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sixnet.core.storage.database import SQLiteEngine  # noqa: E402
-from sixnet.core.stream.parser import StreamParser  # noqa: E402
-from sixnet.irp.storage import MIGRATIONS  # noqa: E402
-from sixnet.pki.ca import LabCA  # noqa: E402
-from sixnet.pki.identity import user_san  # noqa: E402
-from sixnet.pki.keys import certificates_pem, generate_key  # noqa: E402
-from sixnet.pki.signing import certificate_hash  # noqa: E402
-from tests.support.configs import config_file, sixnet_toml  # noqa: E402
-from tests.support.pki import IdentityFiles  # noqa: E402
-from tests.support.ports import free_port, wait_for_port  # noqa: E402
-from tests.support.procfs import cpu_seconds, rss_kib  # noqa: E402
-from tests.support.twistd import twistd_command  # noqa: E402
+from sixnet.core.storage.database import SQLiteEngine
+from sixnet.core.stream.parser import StreamParser
+from sixnet.irp.storage import MIGRATIONS
+from sixnet.pki.ca import LabCA
+from sixnet.pki.identity import user_san
+from sixnet.pki.keys import certificates_pem, generate_key
+from sixnet.pki.signing import certificate_hash
+from tests.support.configs import config_file, sixnet_toml
+from tests.support.pki import IdentityFiles
+from tests.support.ports import free_port, wait_for_port
+from tests.support.procfs import cpu_seconds, rss_kib
+from tests.support.twistd import twistd_command
 
 HOST = "localhost"
 NS = "urn:sixnet:irp:1"

@@ -40,12 +40,12 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sixnet.pki.ca import LabCA  # noqa: E402
-from tests.support import accounts  # noqa: E402
-from tests.support.configs import config_file, sixnet_toml  # noqa: E402
-from tests.support.pki import IdentityFiles  # noqa: E402
-from tests.support.ports import free_port, wait_for_port  # noqa: E402
-from tests.support.twistd import ROOT, twistd_command  # noqa: E402
+from sixnet.pki.ca import LabCA
+from tests.support import accounts
+from tests.support.configs import config_file, sixnet_toml
+from tests.support.pki import IdentityFiles
+from tests.support.ports import free_port, wait_for_port
+from tests.support.twistd import ROOT, twistd_command
 
 PASSWORD = "bench password"
 NODE = f"sixnet_c2s_bench_{os.getpid()}@localhost"
@@ -77,7 +77,7 @@ class Client(protocol.Protocol):
         self._tail = b""
         self.closed: defer.Deferred[None] = defer.Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.counting:
             chunk = self._tail + data
             self.received += chunk.count(b"<message")
@@ -93,7 +93,7 @@ class Client(protocol.Protocol):
             data, self.buffer = self.buffer, b""
             d.callback(data)
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         if self.waiter is not None:
             (_, d), self.waiter = self.waiter, None
             d.errback(RuntimeError(f"connection lost; got {self.buffer[-300:]!r}"))
@@ -363,7 +363,7 @@ def main() -> None:
         async def run() -> None:
             try:
                 outcome.update(await run_one(args.measure, args.port, args))
-            except Exception as e:  # noqa: BLE001 - reported in the JSON
+            except Exception as e:
                 outcome["error"] = f"{type(e).__name__}: {e}"
             print(json.dumps(outcome), flush=True)
 

@@ -92,7 +92,7 @@ class SlixClient(protocol.ProcessProtocol):
                              env=env)
         return client
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
@@ -104,10 +104,10 @@ class SlixClient(protocol.ProcessProtocol):
                     self._waiters.remove(waiter)
                     d.callback(event)
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
+    def errReceived(self, data: bytes) -> None:
         self.stderr += data
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
+    def processEnded(self, reason: Any) -> None:
         for _, d in self._waiters:
             d.errback(AssertionError(f"client ended; events {self.events}; "
                                      f"stderr {self.stderr[-2000:]!r}"))
@@ -146,7 +146,7 @@ class SlixClient(protocol.ProcessProtocol):
         if not self.ended.called:
             try:
                 self.transport.signalProcess("KILL")
-            except Exception:  # noqa: BLE001 - already gone
+            except Exception:
                 pass
         await self.ended
 
@@ -171,7 +171,7 @@ class RawClient(protocol.Protocol):
                               client)
         return client
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.received += data
         self._check()
 
@@ -182,7 +182,7 @@ class RawClient(protocol.Protocol):
                 self._waiters.remove(waiter)
                 d.callback(self.received)
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         for _, d in self._waiters:
             d.errback(AssertionError(f"connection closed; received {self.received[-600:]!r}"))
         self._waiters = []

@@ -49,7 +49,7 @@ class Relay(protocol.Protocol):
         self.buffer: list[bytes] = []
         self.outbound = False
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         if self.outbound:
             return
         self.transport.pauseProducing()
@@ -60,14 +60,14 @@ class Relay(protocol.Protocol):
         d = protocol.ClientCreator(reactor, lambda: other).connectTCP("127.0.0.1", self.target)
         d.addCallback(lambda _: self.transport.resumeProducing())
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         direction = "in" if self.outbound else "out"
         self.record.chunks.append((direction, data))
         data = self.record.tamper(direction, data)
         if data and self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.loseConnection()
 
@@ -79,7 +79,7 @@ class Silent(protocol.Protocol):
         self.name = name
         self.closed = closed
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any) -> None:
         self.closed.append(self.name)
 
 
@@ -302,7 +302,7 @@ class AgentTests(AgentHarness):
             def __init__(self, name: str) -> None:
                 self.name = name
 
-            def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            def dataReceived(self, data: bytes) -> None:
                 got[self.name] += data
 
         stalled = await protocol.ClientCreator(reactor, Peer, "stalled").connectTCP(
@@ -387,7 +387,7 @@ class AgentTests(AgentHarness):
         lines: list[str] = []
 
         class Collect(protocol.ProcessProtocol):
-            def outReceived(self, data: bytes) -> None:  # noqa: N802
+            def outReceived(self, data: bytes) -> None:
                 lines.extend(data.decode().splitlines())
 
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
@@ -474,9 +474,9 @@ class RegistrationTests(unittest.TestCase):
             def __init__(self, host: str, port: int) -> None:
                 self.host, self.port = host, port
 
-            def getHost(self) -> Any:  # noqa: N802
+            def getHost(self) -> Any:
                 return self
 
-        found = local_addresses([Port("0.0.0.0", 4605), Port("127.0.0.1", 4606)],  # noqa: S104
+        found = local_addresses([Port("0.0.0.0", 4605), Port("127.0.0.1", 4606)],
                                 "127.0.0.1")
         assert found == [PeerAddress("127.0.0.1", 4605), PeerAddress("127.0.0.1", 4606)]

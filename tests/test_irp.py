@@ -518,7 +518,7 @@ class FakeResolver:
     def __init__(self, records: dict[str, list[tuple[int, int, int, str]]]) -> None:
         self.records = records
 
-    def lookupService(self, name: str):  # noqa: N802 - twisted.names' name
+    def lookupService(self, name: str):
         from twisted.names import dns, error
 
         if name not in self.records:

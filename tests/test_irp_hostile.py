@@ -25,10 +25,10 @@ class RawClient(Protocol):
         self.received = b""
         self.closed: defer.Deferred[bytes] = defer.Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: object = None) -> None:
         self.closed.callback(self.received)
 
 

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from sixnet.irp.service import IRPService
 
-from .databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+from .support.databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
 from .test_irp import LabSetup, RegistryHarness, RegistryTests, wait_for
 
 
@@ -90,7 +90,7 @@ class TwoRegistriesTests(OnPostgreSQL, unittest.TestCase):
         change may have been missed) and later changes as before."""
         import psycopg
 
-        from .databases import postgres_base
+        from .support.databases import postgres_base
 
         url = self.database_url()
         first = await self.start(database=url)

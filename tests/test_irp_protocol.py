@@ -45,7 +45,7 @@ class TLSRecordingTransport(StringTransport):
 
     tls_started = False
 
-    def startTLS(self, context_factory: object) -> None:  # noqa: N802
+    def startTLS(self, context_factory: object) -> None:
         self.tls_started = True
 
 

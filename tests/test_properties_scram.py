@@ -30,7 +30,7 @@ exchanges = st.builds(lambda hash_name, plus, bound: ScramExchange(
     st.sampled_from(["SHA-1", "SHA-256"]), st.booleans(), st.booleans())
 
 
-def step(call, data: bytes):  # noqa: ANN001, ANN201 - the exchange's own types
+def step(call, data: bytes):
     return bounded(lambda: call(data), len(data), errors=(SaslFailure,))
 
 

@@ -25,7 +25,7 @@ BROKER = "broker.localhost"
 def client_main() -> None:  # pragma: no cover - runs in the slixmpp process
     import asyncio
     import logging
-    import xml.etree.ElementTree as ET  # noqa: N817, S405 - slixmpp's own element type
+    import xml.etree.ElementTree as ET
 
     import slixmpp
     from slixmpp.exceptions import IqError, IqTimeout

@@ -19,7 +19,7 @@ from .support.twistd import twistd_command
 
 
 class Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
 
 
@@ -27,10 +27,10 @@ class PingClient(protocol.Protocol):
     def __init__(self) -> None:
         self.reply: defer.Deferred[bytes] = defer.Deferred()
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.transport.write(b"ping")
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.transport.loseConnection()
         self.reply.callback(data)
 

@@ -26,7 +26,7 @@ HEADER = f"<t xmlns='{NS}'>".encode()
 class TLSTransport(StringTransport):
     tls: object = None
 
-    def startTLS(self, context: object) -> None:  # noqa: N802
+    def startTLS(self, context: object) -> None:
         self.tls = context
 
 

@@ -24,7 +24,7 @@ OPENSSL = shutil.which("openssl")
 class VerdictServer(protocol.Protocol):
     """Tells the client who the store says it is, then closes."""
 
-    def handshakeCompleted(self) -> None:  # noqa: N802
+    def handshakeCompleted(self) -> None:
         store: CertificateStore = self.factory.store
         try:
             peer = store.verify(peer_chain(self.transport.getHandle()), "client")
@@ -36,19 +36,19 @@ class VerdictServer(protocol.Protocol):
 
 @implementer(IHandshakeListener)
 class VerdictClient(protocol.Protocol):
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.received = b""
         self.handshake_done = False
 
-    def handshakeCompleted(self) -> None:  # noqa: N802
+    def handshakeCompleted(self) -> None:
         self.handshake_done = True
         self.server_chain = peer_chain(self.transport.getHandle())
         self.version = self.transport.getHandle().get_protocol_version_name()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason: object) -> None:  # noqa: N802
+    def connectionLost(self, reason: object) -> None:
         self.factory.done.callback(self)
 
 

@@ -58,7 +58,7 @@ class SixnetService(MultiService):
         except (OSError, ValueError) as e:
             log.error("CRLs not reloaded, keeping the previous ones: {error}", error=e)
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         from twisted.internet import reactor
 
         # twistd starts services before the reactor runs and installs its own handlers, which
@@ -84,7 +84,7 @@ class SixnetService(MultiService):
             reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             reactor.stop()
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         # Give the signals back (the process may go on: tests, an embedding program).
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)

@@ -72,7 +72,7 @@ class _Client(amp.AMP):
             sys.stdout.flush()
         return {}
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         self.lost.callback(None)
 

@@ -26,7 +26,7 @@ _CHUNK = 60000  # an AMP value holds at most 65535 bytes
 class LongUnicode(amp.Argument):
     """Text of any length, split over ``name``, ``name.1``, ``name.2``... keys."""
 
-    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: Any) -> None:  # noqa: N802
+    def fromBox(self, name: bytes, strings: dict, objects: dict, proto: Any) -> None:
         parts = [strings[name]]
         index = 1
         while (key := name + b".%d" % index) in strings:
@@ -34,7 +34,7 @@ class LongUnicode(amp.Argument):
             index += 1
         objects[str(name, "ascii")] = b"".join(parts).decode("utf-8")
 
-    def toBox(self, name: bytes, strings: dict, objects: dict, proto: Any) -> None:  # noqa: N802
+    def toBox(self, name: bytes, strings: dict, objects: dict, proto: Any) -> None:
         data = objects[str(name, "ascii")].encode("utf-8")
         strings[name] = data[:_CHUNK]
         for index, offset in enumerate(range(_CHUNK, len(data), _CHUNK), start=1):
@@ -128,7 +128,7 @@ class ControlProtocol(amp.AMP):
             rows.append(row)
         return {"peers": json.dumps(rows, sort_keys=True)}
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason: Any) -> None:
         if self._unfollow is not None:
             self._unfollow()
             self._unfollow = None
@@ -139,5 +139,5 @@ class ControlFactory(Factory):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
-    def buildProtocol(self, addr: Any) -> ControlProtocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
         return ControlProtocol(self.agent)

@@ -41,7 +41,7 @@ class _SessionTransport:
     def __init__(self, client: IRPClient) -> None:
         self.client = client
 
-    def loseConnection(self) -> None:  # noqa: N802 - Twisted's name
+    def loseConnection(self) -> None:
         self.client.close()
 
 

@@ -75,7 +75,7 @@ class SessionProtocol(Protocol):
 
     # -- Protocol ----------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+    def connectionMade(self) -> None:
         self.session = session = self.make_session(self)
         self._timer = self.clock.callLater(self.handshake_timeout, self._handshake_timed_out)
         if self.dial_to is not None:
@@ -87,7 +87,7 @@ class SessionProtocol(Protocol):
         if session is not None and session.records is None:
             session.handle(session.refuse, Alert("handshake-timeout"))
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         session = self.session
         if session is None or session.end_reason is not None:
             return
@@ -155,7 +155,7 @@ class SessionProtocol(Protocol):
         if self.transport is not None and session.end_reason is None:
             self._close_timer = self.clock.callLater(self.close_timeout, self.lose_connection)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         for timer in (self._timer, self._close_timer):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -190,7 +190,7 @@ class SessionFactory(Factory):
         #: Connections refused since the last one admitted (`_refuse` logs a few of them).
         self.refused = 0
 
-    def buildProtocol(self, addr: Any) -> SessionProtocol | None:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> SessionProtocol | None:
         host = str(getattr(addr, "host", ""))
         if self.under_way >= self.max_handshakes:
             self._refuse(host, f"{self.under_way} handshakes under way in all")

@@ -172,7 +172,7 @@ class ChatService(MultiService):
             return [PeerAddress.parse(a) for a in self.chat.advertise]
         return local_addresses(self.ports, PeerAddress.parse(self.chat.irp_server).host)
 
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
+    def startService(self) -> None:
         super().startService()
         d = defer.Deferred.fromCoroutine(self._start())
         d.addCallbacks(self.ready.callback, self._failed)
@@ -207,7 +207,7 @@ class ChatService(MultiService):
         await self.directory.close()
         self.db.close()
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop())
 

@@ -48,7 +48,7 @@ class ListeningService(Service):
         self.ports: list[IListeningPort] = []
         self._listened = False
 
-    def privilegedStartService(self) -> None:  # noqa: N802 - Twisted's name
+    def privilegedStartService(self) -> None:
         """Bind every port before twistd daemonizes or sheds privileges.
 
         A port that cannot be had (in use, no permission) then stops the process with one
@@ -61,7 +61,7 @@ class ListeningService(Service):
         super().privilegedStartService()
         self._listen(fatal=not reactor.running)
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         super().startService()
         if not self._listened:  # started directly (tests, an embedding program)
             self._listen(fatal=False)
@@ -90,7 +90,7 @@ class ListeningService(Service):
             return
         report_failure(self.owner or self, message)
 
-    def stopService(self) -> defer.Deferred[object]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[object]:
         super().stopService()
         ports, self.ports = self.ports, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])

@@ -111,7 +111,7 @@ def with_database(config: GridSettings, work: Callable[[Database], Awaitable[Any
             outcome["value"] = await work(db)
         except (AccountError, RevocationError) as e:
             outcome["error"] = CommandError(str(e))
-        except Exception as e:  # noqa: BLE001 - a database failure is one line, not a trace
+        except Exception as e:
             outcome["error"] = CommandError(f"{config.grid.database}: {e}")
         finally:
             db.close()

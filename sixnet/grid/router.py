@@ -531,7 +531,7 @@ class Router:
         session.held = []
         try:
             stored = await self.offline.take(session.jid.local)
-        except Exception:  # noqa: BLE001 - the database failed; keep serving live stanzas
+        except Exception:
             log.failure("{jid}: reading offline messages failed", jid=session.full)
             stored = []
         held, session.held = session.held or [], None

@@ -161,7 +161,7 @@ class GridService(MultiService):
             self.db.close()
             raise ConfigError(str(self.config.path), f"grid.broker.{e.key}", e.problem) from None
 
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
+    def startService(self) -> None:
         # The ports listen only once the schema is ready, so no login meets a missing table.
         self.running = 1
         defer.Deferred.fromCoroutine(self._start()).addErrback(self._failed)
@@ -184,7 +184,7 @@ class GridService(MultiService):
         self.ready.errback(failure)
         report_failure(self, f"grid: cannot start: {failure.getErrorMessage()}")
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -151,7 +151,7 @@ class ClientStreamFactory(Factory):
         self.server = server
         self.direct_tls = direct_tls
 
-    def buildProtocol(self, addr: Any) -> ClientStream:  # noqa: N802 - Twisted's name
+    def buildProtocol(self, addr: Any) -> ClientStream:
         return ClientStream(self.server, self.direct_tls)
 
 
@@ -232,7 +232,7 @@ class ClientStream(XMLStreamProtocol):
 
     # -- connection lifetime -----------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         server = self.server
         self.address = getattr(self.transport.getPeer(), "host", "?")
         server.connections.add(self)
@@ -287,7 +287,7 @@ class ClientStream(XMLStreamProtocol):
         else:
             self.send_stream_error(condition, text)
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure | None = None) -> None:
         server = self.server
         server.connections.discard(self)
         if self._slot is not None:
@@ -383,19 +383,19 @@ class ClientStream(XMLStreamProtocol):
 
     # -- IPushProducer: the transport tells us when the client stops draining ---------------
 
-    def pauseProducing(self) -> None:  # noqa: N802
+    def pauseProducing(self) -> None:
         if self._unsent is None:
             self._unsent = 0
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         self._unsent = None
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         self._unsent = None
 
     # -- input: events, validated and classified before they reach the machine ---------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self._pinged = False
         super().dataReceived(data)
 

@@ -130,11 +130,11 @@ class _ClientProtocol(XMLStreamProtocol):
     def header_attributes(self) -> Iterable[tuple[str, str | None]]:
         return (("to", self.client.server_name),)
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         super().connectionMade()
         self.send_header()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         super().connectionLost(reason)
         self.client._broken(IRPConnectionError(f"connection lost: {reason.getErrorMessage()}"))
 

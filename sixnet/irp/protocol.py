@@ -129,7 +129,7 @@ class IRPServerFactory(Factory):
                     (person is None or protocol.caller.identity == person):
                 protocol.check_revocation()
 
-    def buildProtocol(self, addr: Any) -> Protocol:  # noqa: N802 - Twisted's name
+    def buildProtocol(self, addr: Any) -> Protocol:
         host = getattr(addr, "host", str(addr))
         return IRPServerProtocol(self, host, admitted=self.per_address.acquire(host))
 
@@ -168,7 +168,7 @@ class IRPServerProtocol(XMLStreamProtocol):
 
     # -- connection lifetime ----------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         if not self.admitted:
             self.registry.audit.record("connect", outcome="refused", actor=ANONYMOUS,
                                        peer=self.peer,
@@ -179,7 +179,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         self.factory.protocols.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: N802,B008
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         super().connectionLost(reason)
         if not self.admitted:
             return

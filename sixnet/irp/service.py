@@ -63,7 +63,7 @@ class IRPService(MultiService):
         self._purge = task.LoopingCall(self._purge_expired)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         super().startService()
         d = self.registry.store.open()
         d.addCallback(self._opened)
@@ -94,7 +94,7 @@ class IRPService(MultiService):
         self.registry.store.close()
         self.registry.audit.close()
 
-    def stopService(self) -> defer.Deferred[None]:  # noqa: N802
+    def stopService(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
 
 

@@ -103,7 +103,7 @@ class ServerTLS:
         self._context: SSL.Context | None = None
         self._generation = -1
 
-    def getContext(self) -> SSL.Context:  # noqa: N802 - Twisted's name
+    def getContext(self) -> SSL.Context:
         if self._context is None or self._generation != self.store.generation:
             self._context = self._build()
             self._generation = self.store.generation
@@ -121,7 +121,7 @@ class ServerTLS:
             ctx.set_verify(SSL.VERIFY_PEER, _defer_to_store)
         return ctx
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802,N803
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self.getContext(), None)
 
 
@@ -142,7 +142,7 @@ class ClientTLS:
         self._context: SSL.Context | None = None
         self._generation = -1
 
-    def getContext(self) -> SSL.Context:  # noqa: N802 - Twisted's name
+    def getContext(self) -> SSL.Context:
         if self._context is None or self._generation != self.store.generation:
             ctx = _base_context(SSL.TLS_CLIENT_METHOD)
             if self.identity is not None:
@@ -153,7 +153,7 @@ class ClientTLS:
             self._generation = self.store.generation
         return self._context
 
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802,N803
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         connection = SSL.Connection(self.getContext(), None)
         if self.hostname:
             connection.set_tlsext_host_name(self.hostname.encode("idna"))

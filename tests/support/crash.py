@@ -85,7 +85,7 @@ class GridStream(RawClient):
         self._answers: dict[str, defer.Deferred[etree._Element]] = {}
         self._ids = 0
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+    def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
         if self._parser is None:
             return
@@ -99,7 +99,7 @@ class GridStream(RawClient):
                 waiter.callback(node)
             parent.remove(node)
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
         answers, self._answers = self._answers, {}
         for waiter in answers.values():
@@ -492,7 +492,7 @@ class CrashLab:
                 await d
             except WriteFailed:
                 raise
-            except Exception:  # noqa: BLE001,S110 - the writes the kill cut short
+            except Exception:
                 pass
 
     async def run(self, iterations: int, rng: random.Random,

@@ -35,7 +35,7 @@ class Options(usage.Options):
         ["log-format", None, None, "text or json (default: [sixnet] log_format)"],
     ]
 
-    def postOptions(self) -> None:  # noqa: N802 - Twisted's name
+    def postOptions(self) -> None:
         if self["log-format"] is not None and self["log-format"] not in LOG_FORMATS:
             fail(f"--log-format: {self['log-format']!r} is not one of text, json")
         try:
@@ -49,5 +49,5 @@ class Options(usage.Options):
             self.parent["logger"] = "sixnet.core.logs.json_observer"
 
 
-def makeService(options: Options) -> IService:  # noqa: N802 - twistd's name
+def makeService(options: Options) -> IService:
     return options.root

@@ -388,7 +388,7 @@ class _PostgresListener:
         if self.connection is not None:
             try:
                 self.connection.close()
-            except Exception:  # noqa: BLE001,S110 - closing a broken connection may fail too
+            except Exception:  # noqa: S110 - closing a broken connection may fail too
                 pass
             self.connection = None
 
@@ -419,14 +419,14 @@ class _SocketReader:
             os.close(self._fd)
             self._fd = -1
 
-    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
+    def logPrefix(self) -> str:
         return "postgresql-listen"
 
-    def doRead(self) -> None:  # noqa: N802
+    def doRead(self) -> None:
         pgconn = self.connection.pgconn
         try:
             pgconn.consume_input()
-        except Exception:  # noqa: BLE001 - any failure means the connection is gone
+        except Exception:
             self.broken()
             return
         self.drain()
@@ -436,6 +436,6 @@ class _SocketReader:
         while (note := pgconn.notifies()) is not None:
             self.deliver(note.relname.decode(), note.extra.decode())
 
-    def connectionLost(self, reason: object) -> None:  # noqa: N802
+    def connectionLost(self, reason: object) -> None:
         self.broken()
 

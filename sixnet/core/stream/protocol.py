@@ -230,19 +230,19 @@ class XMLStreamProtocol(Protocol):
 
     # -- connection lifetime -----------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+    def connectionMade(self) -> None:
         self._arm_stall()  # the header is due like any other element
         if self.negotiation_timeout is not None:
             self._deadline = self.clock.callLater(self.negotiation_timeout,
                                                   self._fire, "negotiation")
         self._restart_idle()
 
-    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._end()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
 
-    def handshakeCompleted(self) -> None:  # noqa: N802 - IHandshakeListener
+    def handshakeCompleted(self) -> None:
         self.tls_pending = False
         if not self.closed:
             self.tls_established()
@@ -254,7 +254,7 @@ class XMLStreamProtocol(Protocol):
 
     # -- bytes in ----------------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.closed:
             return
         self.last_received = self.clock.seconds()
@@ -333,7 +333,7 @@ class XMLStreamProtocol(Protocol):
                     self.element_received(event)
             except StreamError as error:
                 self.send_stream_error(error.condition, error.text, error.extra)
-            except Exception:  # noqa: BLE001 - one bad stream must not hurt the others
+            except Exception:
                 log.failure("{peer}: internal error", peer=self.transport.getPeer())
                 self.send_stream_error("internal-server-error")
 

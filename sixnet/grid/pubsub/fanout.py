@@ -97,7 +97,7 @@ class Delivery:
                     chunk = [r for r in chunk if router.is_available(r)]
                 try:
                     router.route_fanout(template, chunk)
-                except Exception:  # noqa: BLE001 - one failure must not stop the queue
+                except Exception:
                     log.failure("routing a notification to {count} recipients failed",
                                 count=len(chunk))
                 yield None

@@ -27,7 +27,7 @@ _STAND_INS = {
 class _LocalSchemas(etree.Resolver):
     """Serve the schema's imports from the package folder, never from the network."""
 
-    def resolve(self, url, pubid, context):  # noqa: ANN001, ANN201 - lxml's signature
+    def resolve(self, url, pubid, context):
         for location, local in _STAND_INS.items():
             if url == location or url.endswith("/" + location):
                 return self.resolve_filename(str(SCHEMAS / local), context)

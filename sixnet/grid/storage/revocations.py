@@ -160,7 +160,7 @@ class RevocationWatch:
                 self._again = False
                 try:
                     current = await self.store.jids()
-                except Exception:  # noqa: BLE001 - the next poll or notification tries again
+                except Exception:
                     log.failure("reading the revoked platforms failed")
                     return
                 added, removed = current - self.revoked, self.revoked - current
