@@ -13,22 +13,17 @@ from twisted.internet import defer, endpoints, task
 from twisted.protocols import amp
 
 from sixnet.chat.control import Follow, ListMessages, Peers, Refused, Send, Show
-from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError
 
 
 def register(commands: Any) -> None:
-    chat = commands.add_parser("chat", help="the SixChat user agent (send, inbox, follow...)")
-    sub = chat.add_subparsers(dest="chat_command", metavar="COMMAND", required=True,
-                              parser_class=type(chat))
-
-    def command(name: str, run: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_common(p)
+    def socket(p: argparse.ArgumentParser) -> None:
         p.add_argument("--socket", type=Path, default=None,
                        help="the agent's control socket (default: from the configuration)")
-        p.set_defaults(run=run)
-        return p
+
+    command = CommandGroup(commands, "chat", "the SixChat user agent (send, inbox, follow...)",
+                           socket).command
 
     p = command("send", run_send, "send a message (queued until the person is reachable)")
     p.add_argument("to", metavar="USER_ID", help="the person, e.g. bob@example.test")

@@ -48,3 +48,30 @@ def add_common(parser: argparse.ArgumentParser, *, json_output: bool = True) -> 
 def config_of(args: argparse.Namespace, *, check_files: bool = True) -> Any:
     """The whole configuration file, read by the loader the composition root put in `args`."""
     return args.load_config(args.config or DEFAULT_CONFIG, check_files=check_files)
+
+
+class CommandGroup:
+    """``sixnet NAME COMMAND ...``: every command gets ``--config``, ``--json`` (unless told
+    otherwise) and the options the whole group shares."""
+
+    def __init__(self, commands: Any, name: str, help_text: str,
+                 options: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+        self.parser = commands.add_parser(name, help=help_text, description=help_text)
+        self._commands = self.parser.add_subparsers(
+            dest=f"{name}_command", metavar="COMMAND", required=True,
+            parser_class=type(self.parser))
+        self._options = options
+
+    def command(self, name: str, run: Callable[[argparse.Namespace, Output], Any],
+                help_text: str, *, json_output: bool = True) -> argparse.ArgumentParser:
+        parser = self._commands.add_parser(name, help=help_text, description=help_text)
+        add_common(parser, json_output=json_output)
+        if self._options is not None:
+            self._options(parser)
+        parser.set_defaults(run=run)
+        return parser
+
+    def group(self, name: str, help_text: str,
+              options: Callable[[argparse.ArgumentParser], None] | None = None) -> CommandGroup:
+        """A group inside this one (``sixnet grid user add``)."""
+        return CommandGroup(self._commands, name, help_text, options)

@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError
 from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 from sixnet.core.timefmt import rfc3339
@@ -27,31 +27,20 @@ from sixnet.grid.storage.revocations import RevocationError, RevocationStore, pl
 
 
 def register(commands: Any) -> None:
-    grid = commands.add_parser("grid", help="the XMPP-Grid controller")
-    sub = grid.add_subparsers(dest="grid_command", metavar="COMMAND", required=True,
-                              parser_class=type(grid))
-    user = sub.add_parser("user", help="password accounts of the XMPP server")
-    verbs = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True,
-                                parser_class=type(grid))
+    grid = CommandGroup(commands, "grid", "the XMPP-Grid controller")
+    user = grid.group("user", "password accounts of the XMPP server")
+    for name, run, help_text in (
+            ("add", run_add, "create a password account (password from a prompt or stdin)"),
+            ("passwd", run_passwd, "set a new password (from a prompt or stdin)"),
+            ("remove", run_remove, "delete an account and its stored offline messages")):
+        user.command(name, run, help_text).add_argument(
+            "name", metavar="USER", help="the account's localpart (alice for alice@DOMAIN)")
+    user.command("list", run_list, "list the accounts (password and certificate)")
 
-    def verb(name: str, run: Callable[[argparse.Namespace, Output], int],
-             help_text: str, *, named: bool = True) -> None:
-        p = verbs.add_parser(name, help=help_text, description=help_text)
-        add_common(p)
-        if named:
-            p.add_argument("name", metavar="USER",
-                           help="the account's localpart (alice for alice@DOMAIN)")
-        p.set_defaults(run=run)
-
-    verb("add", run_add, "create a password account (password from a prompt or stdin)")
-    verb("passwd", run_passwd, "set a new password (from a prompt or stdin)")
-    verb("remove", run_remove, "delete an account and its stored offline messages")
-    verb("list", run_list, "list the accounts (password and certificate)", named=False)
-
-    revoke_help = ("cut a platform off: its sessions end, its subscriptions and affiliations "
-                   "go, its logins are refused (a running server acts within seconds)")
-    revoke = sub.add_parser("revoke", help=revoke_help, description=revoke_help)
-    add_common(revoke)
+    revoke = grid.command("revoke", run_revoke,
+                          "cut a platform off: its sessions end, its subscriptions and "
+                          "affiliations go, its logins are refused (a running server acts "
+                          "within seconds)")
     revoke.add_argument("platform", metavar="PLATFORM", nargs="?",
                         help="the platform's bare JID (alice@DOMAIN, or alice)")
     revoke.add_argument("--reason", default="", help="recorded with the revocation")
@@ -59,7 +48,6 @@ def register(commands: Any) -> None:
     what.add_argument("--undo", action="store_true",
                       help="lift the revocation (removed subscriptions stay removed)")
     what.add_argument("--list", action="store_true", help="list the revoked platforms")
-    revoke.set_defaults(run=run_revoke)
 
 
 def checked_name(name: str) -> str:

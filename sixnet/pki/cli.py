@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError
 from sixnet.pki.ca import CAError, LabCA, parse_serial, serial_hex
 from sixnet.pki.identity import IdentitySyntaxError
@@ -14,17 +14,11 @@ from sixnet.pki.keys import DEFAULT_KEY_TYPE, KEY_TYPES, KeyFileError
 
 
 def register(commands: Any) -> None:
-    pki = commands.add_parser("pki", help="the lab certificate authority")
-    sub = pki.add_subparsers(dest="pki_command", metavar="COMMAND", required=True,
-                             parser_class=type(pki))
-
-    def command(name: str, run: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_common(p)
+    def ca_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ca-dir", type=Path, default=None,
                        help="the CA's directory (default: [pki] lab_ca of the configuration)")
-        p.set_defaults(run=run)
-        return p
+
+    command = CommandGroup(commands, "pki", "the lab certificate authority", ca_dir).command
 
     p = command("init", run_init, "create a CA (a self-signed root) in the CA directory")
     p.add_argument("--name", default="sixnet lab CA", help="the CA's common name")
