@@ -14,11 +14,12 @@ import pytest
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
+from sixnet.core.storage.database import Database
 from sixnet.irp.client import IRPConnectionError, IRPError, connect
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine.credentials import hash_password, invite_hash, new_invite_code
 from sixnet.irp.service import IRPService, build_service
-from sixnet.irp.storage import CertificateRow
+from sixnet.irp.storage import MIGRATIONS, CertificateRow
 from sixnet.pki.ca import LabCA
 from sixnet.pki.keys import certificates_pem, generate_key
 from sixnet.pki.store import CertificateStore, NodeIdentity
@@ -88,9 +89,11 @@ class RegistryHarness:
     def port(self, service: IRPService) -> int:
         return service.listening.ports[0].getHost().port
 
-    async def client(self, service: IRPService, identity: NodeIdentity | None = None):
+    async def client(self, service: IRPService, identity: NodeIdentity | None = None,
+                     source: str | None = None):
+        """A client of `service`, connecting from the loopback address `source` if given."""
         client = await connect("127.0.0.1", self.port(service), self.lab.client_store(),
-                               identity=identity, server_name=HOST)
+                               identity=identity, server_name=HOST, source=source)
         client.clock = lambda: service.registry.clock()  # the registry's time, faked or not
         self.addCleanup(client.close)  # type: ignore[attr-defined]
         return client
@@ -366,6 +369,82 @@ class RegistryTests(RegistryHarness):
         assert error.condition == "locked"
         refused = [e for e in self.audit(service) if e["event"] == "password"]
         assert [e["failures"] for e in refused] == [1, 2, 3]
+
+    async def test_a_stranger_cannot_lock_the_owner_out(self) -> None:
+        """Failures lock the user id for the guesser's address only: the owner's right
+        password from another address is accepted, and the guesser stays locked out."""
+        service = await self.start(lockout_after=3)
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        stranger = await self.client(service, source="127.0.0.2")
+        for attempt in range(3):
+            error = await _fails(stranger.enroll("erin@example.test", generate_key(),
+                                                 password="wrong"), IRPError)
+            assert error.condition == ("locked" if attempt == 2 else "not-authorized")
+        owner = await self.client(service)  # from 127.0.0.1
+        assert await owner.enroll("erin@example.test", generate_key(), password="right")
+        error = await _fails(stranger.enroll("erin@example.test", generate_key(),
+                                             password="right"), IRPError)
+        assert error.condition == "locked"  # the owner's success cleared only its own address
+        again = await self.client(service, source="127.0.0.2")
+        error = await _fails(again.enroll("erin@example.test", generate_key(),
+                                          password="right"), IRPError)
+        assert error.condition == "locked"
+        refused = [e for e in self.audit(service) if e["event"] == "password"]
+        assert {e["source"] for e in refused} == {"127.0.0.2"}
+
+    async def test_an_unknown_user_id_is_answered_like_a_real_one(self) -> None:
+        """The same wrong passwords give the same answers, ``locked`` included, and take
+        about as long, whether or not the user id has an account."""
+        service = await self.start(lockout_after=3)
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        anonymous = await self.client(service)
+        answers: dict[str, list[tuple[str, str]]] = {}
+        took: dict[str, float] = {}
+        for user in ("erin@example.test", "nobody@example.test"):
+            started = time.monotonic()
+            answers[user] = []
+            for _ in range(4):
+                error = await _fails(anonymous.enroll(user, generate_key(), password="wrong"),
+                                     IRPError)
+                answers[user].append((error.condition, error.text.replace(user, "USER")))
+            took[user] = time.monotonic() - started
+        assert answers["erin@example.test"] == answers["nobody@example.test"]
+        assert [c for c, _ in answers["nobody@example.test"]] == \
+            ["not-authorized", "not-authorized", "locked", "locked"]
+        assert abs(took["erin@example.test"] - took["nobody@example.test"]) < \
+            0.4 * max(took.values())
+        error = await _fails(anonymous.get_backup("nobody@example.test", "wrong"), IRPError)
+        assert error.condition == "locked"  # one count for every password operation
+
+    async def test_lockout_records_are_bounded(self) -> None:
+        service = await self.start()
+        store, policy = service.registry.store, service.registry.lockout
+        store.lockout_records = 3
+        for now, user in enumerate(["a", "b", "c", "d", "e"]):
+            await store.record_failure(f"{user}@example.test", "192.0.2.1", policy, now)
+        await store.record_failure("c@example.test", "192.0.2.1", policy, 9)
+        kept = [(await store.failures(f"{user}@example.test", "192.0.2.1")).count
+                for user in ["a", "b", "c", "d", "e"]]
+        assert kept == [0, 0, 2, 1, 1]  # the oldest went; counting again is no new record
+
+    async def test_a_version_1_database_keeps_its_accounts_not_their_counters(self) -> None:
+        url = self.database_url()
+        db = Database(url)
+        await db.migrate("irp", {1: MIGRATIONS[1]})
+        locked_until = int(time.time() * 1000) + 600_000
+
+        def old_account(cursor) -> None:
+            cursor.execute("INSERT INTO irp_person (id, created) VALUES (?, 0)",
+                           ("erin@example.test",))
+            cursor.execute("INSERT INTO irp_account (person, password_hash, failures,"
+                           " locked_until, created) VALUES (?, ?, 5, ?, 0)",
+                           ("erin@example.test", hash_password("right"), locked_until))
+
+        await db.run("a version 1 account", old_account)
+        db.close()
+        service = await self.start(database=url)
+        anonymous = await self.client(service)
+        assert await anonymous.enroll("erin@example.test", generate_key(), password="right")
 
     async def test_revoked_certificate_is_refused(self) -> None:
         service = await self.start()

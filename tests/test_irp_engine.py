@@ -204,7 +204,7 @@ def test_irp_errors_are_condition_errors_of_the_spec() -> None:
 def test_lockout_counts_failures_and_locks_for_a_while() -> None:
     lockout = PasswordLockout(after=3, seconds=60, delay=0.5)
     assert lockout.delay == 0.5
-    assert not lockout.refuses(None, 0)  # no account: nothing is counted or locked
+    assert not lockout.refuses(Failures(), 0)  # no record yet (any user id, account or not)
     failures = Failures()
     for now in (1000, 2000):
         failures = lockout.failed(failures, now)

@@ -569,13 +569,15 @@ def _certificates(data: etree._Element) -> list[x509.Certificate]:
 
 async def _connect(host: str, port: int, store: CertificateStore,
                    identity: NodeIdentity | None, server_name: str | None,
-                   reactor: Any, timeout: float, keepalive: float) -> IRPClient:
+                   reactor: Any, timeout: float, keepalive: float,
+                   source: str | None) -> IRPClient:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     client = IRPClient(store, identity, server_name or host)
-    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout,
+                                          bindAddress=(source, 0) if source else None)
     client.protocol = _ClientProtocol(client, reactor)
     await endpoints.connectProtocol(endpoint, client.protocol)
     timer = reactor.callLater(timeout, lambda: client._broken(IRPConnectionError(
@@ -596,15 +598,17 @@ async def _connect(host: str, port: int, store: CertificateStore,
 
 def connect(host: str, port: int, store: CertificateStore, *,
             identity: NodeIdentity | None = None, server_name: str | None = None,
-            reactor: Any = None, timeout: float = 10.0,
-            keepalive: float = 60.0) -> defer.Deferred[IRPClient]:
+            reactor: Any = None, timeout: float = 10.0, keepalive: float = 60.0,
+            source: str | None = None) -> defer.Deferred[IRPClient]:
     """Connect, upgrade to TLS, check the registry is `server_name`; fires when ready.
 
     A space is sent every `keepalive` seconds (0: never) so that a connection that only
-    waits for watch notifications is not closed by the registry's idle timeout.
+    waits for watch notifications is not closed by the registry's idle timeout. With
+    `source`, the connection comes from that local address.
     """
     return defer.Deferred.fromCoroutine(
-        _connect(host, port, store, identity, server_name, reactor, timeout, keepalive))
+        _connect(host, port, store, identity, server_name, reactor, timeout, keepalive,
+                 source))
 
 
 async def _find(domain: str, resolver: Any) -> list[tuple[str, int]]:

@@ -50,7 +50,22 @@ MIGRATIONS = {
         "CREATE TABLE irp_backup (person TEXT PRIMARY KEY, data {blob} NOT NULL,"
         " updated {bigint} NOT NULL)",
     ],
+    2: [
+        # Failed logins per user id *and source network* (sixnet/core/lockout.py), for any
+        # user id tried, account or not: a stranger cannot lock the owner out, and a lockout
+        # does not tell which accounts exist. The old per-account counters are dropped.
+        "CREATE TABLE irp_lockout (person TEXT NOT NULL, source TEXT NOT NULL,"
+        " failures INTEGER NOT NULL, locked_until {bigint} NOT NULL,"
+        " updated {bigint} NOT NULL, PRIMARY KEY (person, source))",
+        "CREATE INDEX irp_lockout_updated ON irp_lockout (updated)",
+        "ALTER TABLE irp_account DROP COLUMN failures",
+        "ALTER TABLE irp_account DROP COLUMN locked_until",
+    ],
 }
+
+#: Lockout records kept; the oldest beyond it are dropped, so guessing random user ids
+#: cannot fill the database.
+LOCKOUT_RECORDS = 100_000
 
 
 class TooManyDevices(Exception):
@@ -61,8 +76,6 @@ class TooManyDevices(Exception):
 class Account:
     person: str
     password_hash: str
-    #: Failed logins since the last success (columns ``failures`` and ``locked_until``).
-    failures: Failures
 
 
 @dataclass(frozen=True)
@@ -126,12 +139,17 @@ class IRegistryStore(Interface):
 
     def set_password(person: str, password_hash: str, now: int) -> defer.Deferred[None]: ...
 
-    def record_failure(person: str, policy: LockoutPolicy,
-                       now: int) -> defer.Deferred[Failures | None]:
-        """Count a wrong password of `person`'s account as `policy` says; the record after
-        it (None: there is no such account)."""
+    def failures(person: str, source: str) -> defer.Deferred[Failures]:
+        """The failed logins to user id `person` from the network `source` (``source_of``),
+        account or not."""
 
-    def clear_failures(person: str) -> defer.Deferred[None]: ...
+    def record_failure(person: str, source: str, policy: LockoutPolicy,
+                       now: int) -> defer.Deferred[Failures]:
+        """Count a wrong password for `person` from `source` as `policy` says (whether or not
+        there is such an account); the record after it."""
+
+    def clear_failures(person: str, source: str) -> defer.Deferred[None]:
+        """Forget the failures from `source` only (a success there)."""
 
     def add_invite(code_hash: str, person: str, now: int,
                    expires: int) -> defer.Deferred[None]: ...
@@ -219,8 +237,9 @@ def _bounded(notes: set[int]) -> set[int]:
 class SQLRegistryStore:
     """The registry on SQLite or PostgreSQL, through `Database`."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, lockout_records: int = LOCKOUT_RECORDS) -> None:
         self.db = db
+        self.lockout_records = lockout_records
         self._own = _OwnChanges()
         self._callbacks: list[Callable[[str | None, str, bool], object]] = []
         self._reads = GroupCommit(db, "irp read batch", _person_views)
@@ -300,31 +319,42 @@ class SQLRegistryStore:
     def set_password(self, person: str, password_hash: str, now: int) -> defer.Deferred[None]:
         def write(cursor: Cursor) -> None:
             _ensure_person(cursor, person, now)
-            if cursor.execute("UPDATE irp_account SET password_hash = ?, failures = 0,"
-                              " locked_until = 0 WHERE person = ?",
+            cursor.execute("DELETE FROM irp_lockout WHERE person = ?", (person,))
+            if cursor.execute("UPDATE irp_account SET password_hash = ? WHERE person = ?",
                               (password_hash, person)).rowcount == 0:
                 cursor.execute("INSERT INTO irp_account (person, password_hash, created)"
                                " VALUES (?, ?, ?)", (person, password_hash, now))
 
         return self.db.run("irp set password", write)
 
-    def record_failure(self, person: str, policy: LockoutPolicy,
-                       now: int) -> defer.Deferred[Failures | None]:
-        def write(cursor: Cursor) -> Failures | None:
-            account = _get_account(cursor, person)
-            if account is None:
-                return None
-            failures = policy.failed(account.failures, now)
-            cursor.execute("UPDATE irp_account SET failures = ?, locked_until = ?"
-                           " WHERE person = ?", (failures.count, failures.locked_until, person))
-            return failures
+    def failures(self, person: str, source: str) -> defer.Deferred[Failures]:
+        return self.db.run("irp failures", _failures, person, source)
+
+    def record_failure(self, person: str, source: str, policy: LockoutPolicy,
+                       now: int) -> defer.Deferred[Failures]:
+        def write(cursor: Cursor) -> Failures:
+            before = _failures(cursor, person, source)
+            after = policy.failed(before, now)
+            # An upsert, so that two registry processes counting at once cannot fail.
+            cursor.execute("INSERT INTO irp_lockout (person, source, failures, locked_until,"
+                           " updated) VALUES (?, ?, ?, ?, ?) ON CONFLICT (person, source)"
+                           " DO UPDATE SET failures = excluded.failures,"
+                           " locked_until = excluded.locked_until, updated = excluded.updated",
+                           (person, source, after.count, after.locked_until, now))
+            if not before.count:
+                row = cursor.execute("SELECT count(*) FROM irp_lockout").fetchone()
+                excess = int(row[0]) - self.lockout_records if row else 0
+                if excess > 0:
+                    cursor.execute("DELETE FROM irp_lockout WHERE (person, source) IN"
+                                   " (SELECT person, source FROM irp_lockout ORDER BY updated"
+                                   " LIMIT ?)", (excess,))
+            return after
 
         return self.db.run("irp record failure", write)
 
-    def clear_failures(self, person: str) -> defer.Deferred[None]:
+    def clear_failures(self, person: str, source: str) -> defer.Deferred[None]:
         return self.db.run("irp clear failures", lambda c: c.execute(
-            "UPDATE irp_account SET failures = 0, locked_until = 0 WHERE person = ?"
-            " AND failures > 0", (person,)) and None)
+            "DELETE FROM irp_lockout WHERE person = ? AND source = ?", (person, source)) and None)
 
     def add_invite(self, code_hash: str, person: str, now: int,
                    expires: int) -> defer.Deferred[None]:
@@ -501,9 +531,15 @@ def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:
 
 
 def _get_account(cursor: Cursor, person: str) -> Account | None:
-    row = cursor.execute("SELECT person, password_hash, failures, locked_until FROM irp_account"
-                         " WHERE person = ?", (person,)).fetchone()
-    return Account(row[0], row[1], Failures(int(row[2]), int(row[3]))) if row else None
+    row = cursor.execute("SELECT person, password_hash FROM irp_account WHERE person = ?",
+                         (person,)).fetchone()
+    return Account(row[0], row[1]) if row else None
+
+
+def _failures(cursor: Cursor, person: str, source: str) -> Failures:
+    row = cursor.execute("SELECT failures, locked_until FROM irp_lockout"
+                         " WHERE person = ? AND source = ?", (person, source)).fetchone()
+    return Failures(int(row[0]), int(row[1])) if row else Failures()
 
 
 def _device(row: Any) -> DeviceRow:

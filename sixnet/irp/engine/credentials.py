@@ -56,21 +56,21 @@ def invite_hash(code: str) -> str:
 
 
 class PasswordLockout(LockoutPolicy):
-    """What wrong passwords cost (docs/irp.rst, "enroll"): the shared `LockoutPolicy`
-    (``lockout_after`` failures in a row lock the account for ``lockout_seconds``), and
-    `delay` seconds before any refused credential is answered.
+    """What wrong passwords cost (docs/irp.rst, "Wrong passwords"): the shared
+    `LockoutPolicy` (``lockout_after`` failures in a row lock a user id for ``lockout_seconds``)
+    and `delay` seconds before any refused credential is answered.
 
-    The records are the account's own (``irp_account.failures`` and ``locked_until``), so
-    only password accounts are counted and locked; the registry reads a record, asks
-    `refuses` before checking the password and `failed` after a wrong one, and stores
-    what `failed` returns.
+    A record belongs to a user id and the network a login comes from (`source_of`), and is
+    kept for any user id tried, account or not: a stranger's guesses lock out the stranger's
+    network only, and an unknown user id is answered exactly like a real one, ``locked``
+    included. The registry reads the record, asks `refuses` before checking the password and
+    `failed` after a wrong one, and stores what `failed` returns.
     """
 
     def __init__(self, after: int, seconds: int, delay: float) -> None:
         super().__init__(after, seconds)
         self.delay = delay
 
-    def refuses(self, failures: Failures | None, now_ms: int) -> bool:
-        """Whether a login is refused before its password is checked (`failures`: the
-        account's record, None without an account)."""
-        return failures is not None and self.locked(failures, now_ms)
+    def refuses(self, failures: Failures, now_ms: int) -> bool:
+        """Whether a login is refused before its password is checked."""
+        return self.locked(failures, now_ms)

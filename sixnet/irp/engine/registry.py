@@ -21,6 +21,7 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 
 from sixnet.core.audit import AuditLog
+from sixnet.core.lockout import source_of
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine.access import ANONYMOUS, Caller, may_see, own, refusal
@@ -171,26 +172,29 @@ class Registry:
         await task.deferLater(self.reactor, self.lockout.delay, lambda: None)
 
     async def _check_password(self, caller: Caller, user: str, password: str) -> None:
+        """Check `user`'s password, counting failures per user id and source network: the
+        same reads, hash, writes and answers whether or not `user` has an account."""
+        source = source_of(caller.peer)
         account = await self.store.get_account(user)
+        before = await self.store.failures(user, source)
         now = self.now_ms()
-        if self.lockout.refuses(account.failures if account is not None else None, now):
+        if self.lockout.refuses(before, now):
             await self._delay()
-            raise IRPError("locked", f"the account of {user} is locked after repeated "
-                                     "failures; try again later")
+            raise IRPError("locked", f"logins to {user} from this network are locked after "
+                                     "repeated failures; try again later")
         stored = account.password_hash if account is not None else DUMMY_HASH
         ok = await threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), check_password, password, stored)
         if ok and account is not None:
-            if account.failures.count:
-                await self.store.clear_failures(user)
+            if before.count:
+                await self.store.clear_failures(user, source)
             return
-        failures = await self.store.record_failure(user, self.lockout, now)
+        failures = await self.store.record_failure(user, source, self.lockout, now)
         self.audit.record("password", outcome="refused", actor=caller.actor, peer=caller.peer,
-                          target=user, failures=failures.count if failures else None)
+                          target=user, source=source, failures=failures.count)
         await self._delay()
         if self.lockout.refuses(failures, now):
-            assert failures is not None
-            raise IRPError("locked", f"the account of {user} is locked after "
+            raise IRPError("locked", f"logins to {user} from this network are locked after "
                                      f"{failures.count} failures")
         raise IRPError("not-authorized", "wrong user id or password")
 
