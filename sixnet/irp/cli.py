@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet.error import ConnectError
 
 from sixnet.core.audit import AuditLog
-from sixnet.core.cli import Output, add_common, config_of
+from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError, ConfigError
 from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.core.timefmt import rfc3339
@@ -44,13 +44,10 @@ from sixnet.pki.store import CertificateStore, NodeIdentity, store_from_config
 
 
 def register(commands: Any) -> None:
-    irp = commands.add_parser("irp", help="the IRP registry: enroll, register, look up, watch")
-    sub = irp.add_subparsers(dest="irp_command", metavar="COMMAND", required=True,
-                             parser_class=type(irp))
+    irp = CommandGroup(commands, "irp", "the IRP registry: enroll, register, look up, watch")
 
     def client_command(name: str, run: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_common(p)
+        p = irp.command(name, run, help_text)
         p.add_argument("--server", help="registry HOST[:PORT] (default: DNS SRV "
                                         "_irp._tcp of --domain, else localhost:4604)")
         p.add_argument("--domain", help="find the registry of this domain by DNS SRV")
@@ -58,7 +55,6 @@ def register(commands: Any) -> None:
                                              "(default: the server host)")
         p.add_argument("--identity", default="user",
                        help="[pki.identities.NAME] to authenticate with (default: user)")
-        p.set_defaults(run=run)
         return p
 
     p = client_command("enroll", run_enroll, "get a certificate by password or one-time code")
@@ -86,25 +82,16 @@ def register(commands: Any) -> None:
     p = client_command("revoke", run_revoke, "revoke your certificate (operators: any)")
     p.add_argument("serial", nargs="?", help="hex serial (default: the one authenticating)")
 
-    def admin_command(parent: Any, name: str, run: Any, help_text: str
-                      ) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_text, description=help_text)
-        add_common(p)
-        p.set_defaults(run=run)
-        return p
-
-    p = admin_command(sub, "invite", run_invite, "issue a one-time enrollment code")
+    p = irp.command("invite", run_invite, "issue a one-time enrollment code")
     p.add_argument("user", metavar="USER_ID")
     p.add_argument("--days", type=int, default=None, help="validity (default [irp] "
                                                          "invite_days)")
-    user = sub.add_parser("user", help="password accounts (on the registry's host)")
-    users = user.add_subparsers(dest="user_command", metavar="COMMAND", required=True,
-                                parser_class=type(user))
-    p = admin_command(users, "add", run_user_add, "create an account or set its password")
+    users = irp.group("user", "password accounts (on the registry's host)")
+    p = users.command("add", run_user_add, "create an account or set its password")
     p.add_argument("user", metavar="USER_ID")
-    p = admin_command(users, "remove", run_user_remove, "remove a person and their records")
+    p = users.command("remove", run_user_remove, "remove a person and their records")
     p.add_argument("user", metavar="USER_ID")
-    p = admin_command(users, "list", run_user_list, "list persons")
+    p = users.command("list", run_user_list, "list persons")
     p.add_argument("--after", help="continue after this user id")
     p.add_argument("--limit", type=int, default=1000)
 
