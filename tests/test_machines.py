@@ -192,3 +192,55 @@ def test_every_state_and_input_is_decided(name: str) -> None:
     cls, _ = MACHINES[name]
     missing = cells(cls) - set(table(cls))
     assert missing == IMPOSSIBLE[name]
+
+
+# -- the SixChat session (sixnet/chat/session.py) ----------------------------------------------
+
+CHAT_FAIL_ALERT = ("_send_alert", "_hang_up", "_report_alert")
+CHAT_FAIL_PEER = ("_hang_up", "_report_peer_alert")
+CHAT_CLOSE = ("_send_close_notify", "_hang_up", "_report_closed")
+CHAT_HANDSHAKE = {
+    "start": {"dial": ("wait_hello", ("_send_initiator_hello",)),
+              "initiator_hello": ("wait_verify", ("_answer_hello",))},
+    "wait_hello": {"responder_hello": ("wait_verify", ("_accept_hello",))},
+    "wait_verify": {"certificate_verify": ("wait_finished", ("_check_peer_verify",))},
+    "wait_finished": {"finished": ("established", ("_check_peer_finished", "_complete"))},
+}
+
+
+def chat_expected() -> dict[tuple[str, str], tuple[str, tuple[str, ...]]]:
+    """Handshake states: their one step forward, close, refuse, a peer's alert, a lost
+    connection. Then the established session, closing, and the two ends."""
+    rows: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+    for state, steps in CHAT_HANDSHAKE.items():
+        rows.update({(state, name): step for name, step in steps.items()})
+        rows[state, "close"] = ("closed", CHAT_CLOSE)
+    for state in (*CHAT_HANDSHAKE, "established", "closing"):
+        rows[state, "refuse"] = ("failed", CHAT_FAIL_ALERT)
+        rows[state, "peer_alert"] = ("failed", CHAT_FAIL_PEER)
+        rows[state, "connection_lost"] = ("closed", ("_report_lost",))
+    rows.update({
+        ("established", "key_update_requested"): ("established", ("_answer_key_update",)),
+        ("established", "close"): ("closing", ("_send_close_notify",)),
+        ("established", "peer_close"): ("closed", CHAT_CLOSE),
+        ("closing", "peer_close"): ("closed", ("_hang_up", "_report_closed")),
+        ("closing", "key_update_requested"): ("closing", ()),
+    })
+    for state in ("closed", "failed"):
+        rows[state, "close"] = rows[state, "connection_lost"] = (state, ())
+    return rows
+
+
+def test_chat_session_table_is_exactly_the_one_written_here() -> None:
+    """Every other state x input is no transition: `Session` answers it with the alert
+    unexpected-message (or, once the session is over, ignores it)."""
+    from sixnet.chat.session import Session
+
+    automaton = Session._machine._automaton
+    actual = {(s.method.__name__, i.method.__name__):
+              (e.method.__name__, tuple(o.method.__name__ for o in outputs))
+              for s, i, e, outputs in automaton.allTransitions()}
+    assert actual == chat_expected()
+    every = {(s.method.__name__, i.method.__name__)
+             for s in automaton.states() for i in automaton.inputAlphabet()}
+    assert len(every) == 8 * 11 and set(actual) <= every

@@ -7,7 +7,6 @@ formatted for people), every other plain-valued field of the event under its own
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from typing import IO, Any
@@ -18,14 +17,15 @@ from twisted.logger import (
     formatEvent,
 )
 
+from sixnet.core.timefmt import rfc3339
+
 LOG_FORMATS = ("text", "json")
 _PLAIN = (str, int, float, bool, type(None))
 
 
 def event_as_json(event: dict[str, Any]) -> str:
     record: dict[str, Any] = {
-        "time": datetime.datetime.fromtimestamp(event.get("log_time", 0), datetime.UTC)
-        .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": rfc3339(event.get("log_time", 0)),
         "level": getattr(event.get("log_level"), "name", "info"),
         "namespace": event.get("log_namespace", ""),
         "message": formatEvent(event),

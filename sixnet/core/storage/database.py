@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from twisted.application.internet import backoffPolicy
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -303,7 +304,8 @@ class _PostgresListener:
     re-read what they care about.
     """
 
-    RETRY_MAX = 30.0
+    #: Seconds before the n-th attempt to listen again (Twisted's policy, as ClientService's).
+    retry_delay = staticmethod(backoffPolicy(initialDelay=0.5, maxDelay=30.0, factor=2.0))
 
     def __init__(self, target: str, deliver: Callable[[str, str], None],
                  gap: Callable[[], None]) -> None:
@@ -315,7 +317,7 @@ class _PostgresListener:
         self._reader: _SocketReader | None = None
         self._lock = defer.DeferredLock()
         self._retry: Any = None
-        self._delay = 0.5
+        self._attempts = 0
         self._closed = False
 
     def listen(self, channel: str) -> defer.Deferred[None]:
@@ -357,16 +359,17 @@ class _PostgresListener:
         if not self._closed and (self._retry is None or not self._retry.active()):
             from twisted.internet import reactor
 
-            log.warn("PostgreSQL notifications: connection lost; reconnecting in {delay}s",
-                     delay=self._delay)
-            self._retry = reactor.callLater(self._delay, self._reconnect)  # type: ignore[attr-defined]
-            self._delay = min(self._delay * 2, self.RETRY_MAX)
+            delay = self.retry_delay(self._attempts)
+            self._attempts += 1
+            log.warn("PostgreSQL notifications: connection lost; reconnecting in {delay:.1f}s",
+                     delay=delay)
+            self._retry = reactor.callLater(delay, self._reconnect)  # type: ignore[attr-defined]
 
     def _reconnect(self) -> None:
         def done(_: object) -> None:
             if self._closed or self.connection is None:
                 return
-            self._delay = 0.5
+            self._attempts = 0
             log.info("PostgreSQL notifications: listening again")
             self.gap()
 
