@@ -419,7 +419,7 @@ class RegistryTests(RegistryHarness):
     async def test_lockout_records_are_bounded(self) -> None:
         service = await self.start()
         store, policy = service.registry.store, service.registry.lockout
-        store.lockout_records = 3
+        store.lockout.size = 3
         for now, user in enumerate(["a", "b", "c", "d", "e"]):
             await store.record_failure(f"{user}@example.test", "192.0.2.1", policy, now)
         await store.record_failure("c@example.test", "192.0.2.1", policy, 9)

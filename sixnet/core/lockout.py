@@ -16,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from sixnet.core.storage.database import Cursor
+
 #: IPv6 sources are judged by their /64: one host is given a whole /64 to pick from.
 IPV6_SOURCE_PREFIX = 64
 
@@ -62,3 +64,50 @@ class LockoutPolicy:
         count = failures.count + 1
         until = now_ms + self.seconds * 1000 if count >= self.after else failures.locked_until
         return Failures(count, until)
+
+
+class LockoutTable:
+    """The failure records of one service in its database: one row per (account, source).
+
+    The table has the columns ``(<key>, source, failures, locked_until, updated)`` with
+    ``(<key>, source)`` as its primary key; each service names its own table and key column
+    in its schema. At most `size` rows are kept: a new row pushes out the least recently
+    updated ones, so a guesser inventing names cannot grow the table without bound.
+    """
+
+    def __init__(self, table: str, key: str, size: int) -> None:
+        self.table = table
+        self.key = key
+        self.size = size
+
+    def read(self, cursor: Cursor, account: str, source: str) -> Failures:
+        row = cursor.execute(
+            f"SELECT failures, locked_until FROM {self.table}"  # noqa: S608 - names are ours
+            f" WHERE {self.key} = ? AND source = ?", (account, source)).fetchone()
+        return Failures(int(row[0]), int(row[1])) if row else Failures()
+
+    def failed(self, cursor: Cursor, account: str, source: str, policy: LockoutPolicy,
+               now_ms: int) -> Failures:
+        """Count one more failure (inside the caller's transaction); return the new record."""
+        before = self.read(cursor, account, source)
+        after = policy.failed(before, now_ms)
+        # An upsert, so that two processes counting at once cannot fail each other's insert.
+        cursor.execute(
+            f"INSERT INTO {self.table} ({self.key}, source, failures, locked_until, updated)"  # noqa: S608
+            f" VALUES (?, ?, ?, ?, ?) ON CONFLICT ({self.key}, source) DO UPDATE SET"
+            " failures = excluded.failures, locked_until = excluded.locked_until,"
+            " updated = excluded.updated",
+            (account, source, after.count, after.locked_until, now_ms))
+        if not before.count:
+            row = cursor.execute(f"SELECT count(*) FROM {self.table}").fetchone()  # noqa: S608
+            excess = int(row[0]) - self.size if row else 0
+            if excess > 0:
+                cursor.execute(
+                    f"DELETE FROM {self.table} WHERE ({self.key}, source) IN"  # noqa: S608
+                    f" (SELECT {self.key}, source FROM {self.table} ORDER BY updated LIMIT ?)",
+                    (excess,))
+        return after
+
+    def clear(self, cursor: Cursor, account: str, source: str) -> None:
+        cursor.execute(f"DELETE FROM {self.table} WHERE {self.key} = ?"  # noqa: S608
+                       " AND source = ?", (account, source))

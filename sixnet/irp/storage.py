@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-from sixnet.core.lockout import Failures, LockoutPolicy
+from sixnet.core.lockout import Failures, LockoutPolicy, LockoutTable
 from sixnet.core.storage.batch import GroupCommit
 from sixnet.core.storage.database import Cursor, Database
 
@@ -239,7 +239,7 @@ class SQLRegistryStore:
 
     def __init__(self, db: Database, lockout_records: int = LOCKOUT_RECORDS) -> None:
         self.db = db
-        self.lockout_records = lockout_records
+        self.lockout = LockoutTable("irp_lockout", "person", lockout_records)
         self._own = _OwnChanges()
         self._callbacks: list[Callable[[str | None, str, bool], object]] = []
         self._reads = GroupCommit(db, "irp read batch", _person_views)
@@ -328,33 +328,15 @@ class SQLRegistryStore:
         return self.db.run("irp set password", write)
 
     def failures(self, person: str, source: str) -> defer.Deferred[Failures]:
-        return self.db.run("irp failures", _failures, person, source)
+        return self.db.run("irp failures", self.lockout.read, person, source)
 
     def record_failure(self, person: str, source: str, policy: LockoutPolicy,
                        now: int) -> defer.Deferred[Failures]:
-        def write(cursor: Cursor) -> Failures:
-            before = _failures(cursor, person, source)
-            after = policy.failed(before, now)
-            # An upsert, so that two registry processes counting at once cannot fail.
-            cursor.execute("INSERT INTO irp_lockout (person, source, failures, locked_until,"
-                           " updated) VALUES (?, ?, ?, ?, ?) ON CONFLICT (person, source)"
-                           " DO UPDATE SET failures = excluded.failures,"
-                           " locked_until = excluded.locked_until, updated = excluded.updated",
-                           (person, source, after.count, after.locked_until, now))
-            if not before.count:
-                row = cursor.execute("SELECT count(*) FROM irp_lockout").fetchone()
-                excess = int(row[0]) - self.lockout_records if row else 0
-                if excess > 0:
-                    cursor.execute("DELETE FROM irp_lockout WHERE (person, source) IN"
-                                   " (SELECT person, source FROM irp_lockout ORDER BY updated"
-                                   " LIMIT ?)", (excess,))
-            return after
-
-        return self.db.run("irp record failure", write)
+        return self.db.run("irp record failure", self.lockout.failed, person, source,
+                           policy, now)
 
     def clear_failures(self, person: str, source: str) -> defer.Deferred[None]:
-        return self.db.run("irp clear failures", lambda c: c.execute(
-            "DELETE FROM irp_lockout WHERE person = ? AND source = ?", (person, source)) and None)
+        return self.db.run("irp clear failures", self.lockout.clear, person, source)
 
     def add_invite(self, code_hash: str, person: str, now: int,
                    expires: int) -> defer.Deferred[None]:
@@ -534,12 +516,6 @@ def _get_account(cursor: Cursor, person: str) -> Account | None:
     row = cursor.execute("SELECT person, password_hash FROM irp_account WHERE person = ?",
                          (person,)).fetchone()
     return Account(row[0], row[1]) if row else None
-
-
-def _failures(cursor: Cursor, person: str, source: str) -> Failures:
-    row = cursor.execute("SELECT failures, locked_until FROM irp_lockout"
-                         " WHERE person = ? AND source = ?", (person, source)).fetchone()
-    return Failures(int(row[0]), int(row[1])) if row else Failures()
 
 
 def _device(row: Any) -> DeviceRow:

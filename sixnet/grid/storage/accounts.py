@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from sixnet.core.lockout import Failures, LockoutPolicy, source_of
+from sixnet.core.lockout import Failures, LockoutPolicy, LockoutTable, source_of
 from sixnet.core.storage.database import Cursor, Database
 from sixnet.core.timefmt import rfc3339
 from sixnet.grid.jid import JIDError, normalize_localpart
@@ -162,50 +162,23 @@ class LockoutStore:
         self.db = db
         self.policy = policy
         self.clock = clock
-        self.size = size
+        self.table = LockoutTable("grid_lockout", "username", size)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
     def failures(self, username: str, address: str) -> defer.Deferred[Failures]:
-        return self.db.run("grid lockout read", _failures, username, source_of(address))
+        return self.db.run("grid lockout read", self.table.read, username, source_of(address))
 
     def locked(self, failures: Failures) -> bool:
         return self.policy.locked(failures, self.now_ms())
 
     def failed(self, username: str, address: str) -> defer.Deferred[Failures]:
         """Count one failure; the record it leaves (locked if this failure locked it)."""
-        now = self.now_ms()
-        source = source_of(address)
-
-        def txn(cursor: Cursor) -> Failures:
-            before = _failures(cursor, username, source)
-            after = self.policy.failed(before, now)
-            if before.count:
-                cursor.execute("UPDATE grid_lockout SET failures = ?, locked_until = ?,"
-                               " updated = ? WHERE username = ? AND source = ?",
-                               (after.count, after.locked_until, now, username, source))
-                return after
-            cursor.execute("INSERT INTO grid_lockout VALUES (?, ?, ?, ?, ?)",
-                           (username, source, after.count, after.locked_until, now))
-            row = cursor.execute("SELECT COUNT(*) FROM grid_lockout").fetchone()
-            excess = int(row[0]) - self.size if row else 0
-            if excess > 0:
-                cursor.execute("DELETE FROM grid_lockout WHERE (username, source) IN"
-                               " (SELECT username, source FROM grid_lockout ORDER BY updated"
-                               " LIMIT ?)", (excess,))
-            return after
-
-        return self.db.run("grid lockout failure", txn)
+        return self.db.run("grid lockout failure", self.table.failed, username,
+                           source_of(address), self.policy, self.now_ms())
 
     def succeeded(self, username: str, address: str) -> defer.Deferred[None]:
         """A success clears the count of its own source only."""
-        return self.db.run("grid lockout clear", lambda cursor: cursor.execute(
-            "DELETE FROM grid_lockout WHERE username = ? AND source = ?",
-            (username, source_of(address))) and None)
-
-
-def _failures(cursor: Cursor, username: str, source: str) -> Failures:
-    row = cursor.execute("SELECT failures, locked_until FROM grid_lockout"
-                         " WHERE username = ? AND source = ?", (username, source)).fetchone()
-    return Failures(int(row[0]), int(row[1])) if row else Failures()
+        return self.db.run("grid lockout clear", self.table.clear, username,
+                           source_of(address))
