@@ -19,14 +19,16 @@ from twisted.logger import Logger
 from sixnet import __version__
 from sixnet.app.config import SERVICES, Config
 from sixnet.chat.service import make_service as make_chat
+from sixnet.core.events import EventBus
+from sixnet.core.metrics import Registry
 from sixnet.grid.service import make_service as make_grid
 from sixnet.irp.service import make_service as make_irp
 from sixnet.pki.store import CertificateStore, store_from_config
 
 log = Logger(namespace="sixnet")
 
-#: Each service's builder: ``make_service(config, store) -> IService``.
-BUILDERS: dict[str, Callable[[Config, CertificateStore], IService]] = {
+#: Each service's builder: ``make_service(config, store, events=, metrics=) -> IService``.
+BUILDERS: dict[str, Callable[..., IService]] = {
     "irp": make_irp,
     "chat": make_chat,
     "grid": make_grid,
@@ -37,7 +39,8 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class SixnetService(MultiService):
-    """The root service: holds the shared certificate store; children are the services.
+    """The root service: holds what the services share (the certificate store, the security
+    event bus, the metrics registry); children are the services.
 
     SIGTERM and SIGINT stop the reactor the ordinary way, so every child's stopService runs
     (ports closed, storage flushed) and twistd exits with status 0.
@@ -47,6 +50,8 @@ class SixnetService(MultiService):
         super().__init__()
         self.config = config
         self.store = store
+        self.events = EventBus()
+        self.metrics = Registry()
         self._previous_handlers: dict[int, Any] = {}
         # CRLs change under a running process (sixnet pki revoke, a CA's cron job): look.
         TimerService(config.pki.crl_refresh, self.refresh_crls).setServiceParent(self)
@@ -115,7 +120,8 @@ def make_root(config: Config, only: str | None = None) -> SixnetService:
     root = SixnetService(config, store)
     names = [only] if only else [n for n in SERVICES if config.service(n).enabled]
     for name in names:
-        child = IService(BUILDERS[name](config, store))
+        child = IService(BUILDERS[name](config, store, events=root.events,
+                                        metrics=root.metrics))
         if child.name is None:
             child.setName(name)
         child.setServiceParent(root)

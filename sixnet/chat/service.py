@@ -30,6 +30,8 @@ from sixnet.chat.policy import PeerPolicy
 from sixnet.chat.session import own_user_id
 from sixnet.chat.store import MessageStore
 from sixnet.core.errors import ConfigError
+from sixnet.core.events import IEventSink
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import report_failure
 from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.pki.store import CertificateStore, NodeIdentity
@@ -245,7 +247,9 @@ def _is_ip(host: str) -> bool:
 
 
 def make_service(config: ChatSettings, store: CertificateStore, *,
-                 directory: IPeerDirectory | None = None, reactor: Any = None) -> ChatService:
+                 directory: IPeerDirectory | None = None, reactor: Any = None,
+                 events: IEventSink | None = None,
+                 metrics: MetricsRegistry | None = None) -> ChatService:
     chat = config.chat
     try:
         identity = store.identity(chat.identity)

@@ -20,7 +20,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
+from sixnet.core.events import EventBus, IEventSink
 from sixnet.core.lockout import LockoutPolicy
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database
 from sixnet.grid.config import GridSettings
@@ -66,8 +68,11 @@ class GridService(MultiService):
     """Owns the grid's listening ports, its database, its router and its components."""
 
     def __init__(self, config: GridSettings, store: CertificateStore,
-                 clock: IReactorTime | None = None) -> None:
+                 clock: IReactorTime | None = None, *, events: IEventSink | None = None,
+                 metrics: MetricsRegistry | None = None) -> None:
         super().__init__()
+        self.events: IEventSink = events if events is not None else EventBus()
+        self.metrics = metrics if metrics is not None else MetricsRegistry()
         if clock is None:
             from twisted.internet import reactor
 
@@ -215,5 +220,7 @@ class GridService(MultiService):
         self.audit.close()
 
 
-def make_service(config: GridSettings, store: CertificateStore) -> IService:
-    return GridService(config, store)
+def make_service(config: GridSettings, store: CertificateStore, *,
+                 events: IEventSink | None = None,
+                 metrics: MetricsRegistry | None = None) -> IService:
+    return GridService(config, store, events=events, metrics=metrics)

@@ -19,6 +19,8 @@ from twisted.logger import Logger
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
+from sixnet.core.events import EventBus, IEventSink
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.irp.config import IRPConfig, IRPSettings
@@ -98,7 +100,9 @@ class IRPService(MultiService):
         return defer.Deferred.fromCoroutine(self._stop())
 
 
-def make_service(config: IRPSettings, store: CertificateStore) -> IRPService:
+def make_service(config: IRPSettings, store: CertificateStore, *,
+                 events: IEventSink | None = None,
+                 metrics: MetricsRegistry | None = None) -> IRPService:
     """Build the registry from the configuration (errors are ConfigErrors naming the key)."""
     section = config.irp
     try:
@@ -112,7 +116,8 @@ def make_service(config: IRPSettings, store: CertificateStore) -> IRPService:
         except (CAError, KeyFileError) as e:
             raise ConfigError(str(config.path), "pki.lab_ca", str(e)) from None
     try:
-        return build_service(section, store, identity, config.sixnet.state_dir, ca)
+        return build_service(section, store, identity, config.sixnet.state_dir, ca,
+                             events=events, metrics=metrics)
     except DatabaseURLError as e:
         raise ConfigError(str(config.path), "irp.database", str(e)) from None
     except OSError as e:  # the state directory or the audit log cannot be written
@@ -121,8 +126,12 @@ def make_service(config: IRPSettings, store: CertificateStore) -> IRPService:
 
 
 def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIdentity,
-                  state_dir: Path, ca: LabCA | None, reactor: Any = None) -> IRPService:
+                  state_dir: Path, ca: LabCA | None, reactor: Any = None, *,
+                  events: IEventSink | None = None,
+                  metrics: MetricsRegistry | None = None) -> IRPService:
     """The registry from its parts (what `make_service` reads from the configuration)."""
+    events = events if events is not None else EventBus()
+    metrics = metrics if metrics is not None else MetricsRegistry()
     db = Database(section.database, base=state_dir)
     if db.engine.shared and not section.answer_cache_shared:
         # Another registry may change a record at any moment: read it, so a registration

@@ -1,0 +1,99 @@
+"""Security events: what a service detected, for whoever in the process listens.
+
+Services emit `SecurityEvent`s to an `IEventSink` handed to them by the composition root; the
+pubsub bridge (``sixnet.bridge``) subscribes to the `EventBus` and turns them into IODEF
+incidents on the XMPP-Grid. A service never learns who listens, so no service imports the
+grid. An event carries what a responder needs (when, from which address, about which person
+or platform, what was seen, by which service) and never a secret or message text: `facts`
+holds short identifiers only (a certificate serial, a mechanism, a condition).
+
+The catalogue below is closed: `SecurityEvent` refuses an unknown kind, so a typo fails where
+it is written, and the bridge's IODEF mapping is checked against this one list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+log = Logger(namespace="sixnet.events")
+
+#: Every kind of event, by the service that emits it, with what it means.
+CATALOGUE: Mapping[str, str] = MappingProxyType({
+    # IRP registry
+    "irp.login-failed": "a wrong password for a user id (one event per attempt)",
+    "irp.locked-out": "a user id and source network reached the lockout threshold",
+    "irp.certificate-refused": "a revoked, expired or foreign client certificate was presented",
+    "irp.certificate-issued": "the registry's CA issued a certificate",
+    "irp.certificate-revoked": "a certificate was revoked",
+    "irp.user-removed": "an operator removed a user",
+    # SixChat agent
+    "chat.mitm": "a peer's certificate is not the one the directory publishes for that person",
+    "chat.identity-mismatch": "a peer authenticated as another person than the one dialled",
+    "chat.certificate-revoked": "a peer presented a revoked certificate",
+    "chat.record-tampered": "a record failed authentication (AEAD tag)",
+    "chat.record-replayed": "a record arrived twice or out of sequence",
+    "chat.record-dropped": "a record is missing from the sequence",
+    "chat.downgrade": "the offers or choices seen by the two sides differ",
+    # XMPP-Grid controller
+    "grid.platform-revoked": "a platform's authorization was revoked",
+    "grid.rate-limited": "a platform exceeded a rate limit",
+    "grid.locked-out": "an account and source network reached the lockout threshold",
+    "grid.hostile-input": "a stream was closed for hostile or malformed input",
+})
+
+@dataclass(frozen=True)
+class SecurityEvent:
+    """One detection. `kind` is a `CATALOGUE` key; its prefix names the service."""
+
+    kind: str
+    subject: str | None = None  # the person (IRP user id) or platform (bare JID)
+    source: str | None = None  # the peer's IP address, as the service saw it
+    detail: str = ""  # one line for a person: what was seen (no secrets, no message text)
+    facts: Mapping[str, str] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)  # POSIX seconds, UTC
+
+    def __post_init__(self) -> None:
+        if self.kind not in CATALOGUE:
+            raise ValueError(f"unknown security event kind {self.kind!r}")
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
+
+    @property
+    def service(self) -> str:
+        return self.kind.split(".", 1)[0]
+
+
+class IEventSink(Interface):
+    """Where a service sends what it detected."""
+
+    def emit(event: SecurityEvent) -> None:
+        """Deliver `event`; never raises, never blocks the caller on I/O."""
+
+
+@implementer(IEventSink)
+class EventBus:
+    """The process's one sink: hands each event to every subscriber, in order.
+
+    A subscriber that raises is logged and the others still get the event: detection code
+    must never fail because of who listens.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[SecurityEvent], None]] = []
+
+    def subscribe(self, subscriber: Callable[[SecurityEvent], None]) -> Callable[[], None]:
+        """Add `subscriber`; the returned function removes it again."""
+        self._subscribers.append(subscriber)
+        return lambda: self._subscribers.remove(subscriber)
+
+    def emit(self, event: SecurityEvent) -> None:
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber(event)
+            except Exception:
+                log.failure("security event subscriber failed on {kind}", kind=event.kind)
