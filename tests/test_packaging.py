@@ -72,7 +72,7 @@ def test_plugins_and_schemas_in_the_wheel(python: Path, tmp_path: Path) -> None:
     (wheel,) = dist.glob("sixnet-*.whl")
     pip(python, "install", "--no-deps", str(wheel), cwd=tmp_path)
     assert_plugins_found(python, tmp_path)
-    schemas = run(python, "-c", "import sixnet.grid.pubsub, pathlib; print(pathlib.Path("
-                  "sixnet.grid.pubsub.__file__).parent / 'schemas' / 'iodef-2.0.xsd')",
+    schemas = run(python, "-c", "import sixnet.core.iodef, pathlib; print(pathlib.Path("
+                  "sixnet.core.iodef.__file__).parent / 'schemas' / 'iodef-2.0.xsd')",
                   cwd=tmp_path)
     assert Path(schemas.stdout.strip()).is_file(), schemas.stderr

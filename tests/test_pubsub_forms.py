@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from sixnet.core.iodef import IODEFValidator
 from sixnet.grid.pubsub.errors import PubSubError
 from sixnet.grid.pubsub.forms import (
     NODE_CONFIG,
@@ -14,7 +15,6 @@ from sixnet.grid.pubsub.forms import (
     NodeConfig,
     authorization_form,
 )
-from sixnet.grid.pubsub.iodef import IODEFValidator
 from sixnet.grid.pubsub.rsm import PageRequest, paginate, sorted_locator
 
 from .support.iodef import IODEF

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 from twisted.logger import Logger
 
+from sixnet.core.iodef import IODEF_NS, IODEFValidator
 from sixnet.core.timefmt import rfc3339
 from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.config import BrokerConfig
@@ -42,7 +43,6 @@ from sixnet.grid.pubsub.forms import (
     options_form,
     parse_options,
 )
-from sixnet.grid.pubsub.iodef import IODEF_NS, IODEFValidator
 from sixnet.grid.pubsub.policy import (
     AFFILIATIONS,
     NO,

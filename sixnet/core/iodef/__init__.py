@@ -1,7 +1,8 @@
-"""Optional IODEF 2.0 (RFC 7970) schema validation of published payloads.
+"""IODEF 2.0 (RFC 7970) schema validation: of published payloads by the broker (optional), of
+every document the bridge makes (always), so both share it from the core.
 
 The schema imports three vocabularies from the network (XML Signature, the IANA enum and SCI
-schemas) and ``xml.xsd``; the broker never fetches anything, so a resolver maps those locations
+schemas) and ``xml.xsd``; nothing here fetches anything, so a resolver maps those locations
 to local stand-ins (in ``schemas/``) that declare the referenced elements with any content. The
 IODEF structure itself is checked in full.
 """
