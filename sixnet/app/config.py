@@ -6,6 +6,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from sixnet.bridge.config import BridgeConfig
 from sixnet.chat.config import ChatConfig
 from sixnet.core.config import DEFAULT_CONFIG, CoreConfig, PKIConfig, read_sections
 from sixnet.core.errors import ConfigError
@@ -26,6 +27,7 @@ class Config:
     irp: IRPConfig
     chat: ChatConfig
     grid: GridConfig
+    bridge: BridgeConfig
 
     def service(self, name: str) -> ServiceConfig:
         return typing.cast(ServiceConfig, getattr(self, name))
@@ -37,8 +39,10 @@ SECTIONS: dict[str, type] = {
     "irp": IRPConfig,
     "chat": ChatConfig,
     "grid": GridConfig,
+    "bridge": BridgeConfig,
 }
-SERVICES = ("irp", "chat", "grid")
+#: In the order they are built: a service comes after those it is handed (`root.NEEDS`).
+SERVICES = ("irp", "chat", "grid", "bridge")
 
 
 def load_config(path: Path = DEFAULT_CONFIG, *, check_files: bool = True) -> Config:
@@ -49,4 +53,7 @@ def load_config(path: Path = DEFAULT_CONFIG, *, check_files: bool = True) -> Con
         if service.enabled and service.identity not in config.pki.identities:
             raise ConfigError(str(path), f"{name}.identity",
                               f"no [pki.identities.{service.identity}] table defines it")
+    problem = config.bridge.problem(config.pki.identities, config.grid.enabled)
+    if problem is not None:
+        raise ConfigError(str(path), *problem)
     return config

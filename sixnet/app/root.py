@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from sixnet import __version__
 from sixnet.app.config import SERVICES, Config
+from sixnet.bridge.service import make_service as make_bridge
 from sixnet.chat.service import make_service as make_chat
 from sixnet.core.events import EventBus
 from sixnet.core.metrics import Registry
@@ -32,8 +33,12 @@ BUILDERS: dict[str, Callable[..., IService]] = {
     "irp": make_irp,
     "chat": make_chat,
     "grid": make_grid,
+    "bridge": make_bridge,
 }
 assert tuple(BUILDERS) == SERVICES
+#: The services a builder is also handed, by name, when they run in this process: the
+#: bridge's local target is the grid broker here.
+NEEDS: dict[str, tuple[str, ...]] = {"bridge": ("grid",)}
 
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -119,10 +124,13 @@ def make_root(config: Config, only: str | None = None) -> SixnetService:
     store = store_from_config(config)
     root = SixnetService(config, store)
     names = [only] if only else [n for n in SERVICES if config.service(n).enabled]
+    built: dict[str, IService] = {}
     for name in names:
+        peers = {peer: built[peer] for peer in NEEDS.get(name, ()) if peer in built}
         child = IService(BUILDERS[name](config, store, events=root.events,
-                                        metrics=root.metrics))
+                                        metrics=root.metrics, **peers))
         if child.name is None:
             child.setName(name)
         child.setServiceParent(root)
+        built[name] = child
     return root

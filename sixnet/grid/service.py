@@ -25,7 +25,10 @@ from sixnet.core.lockout import LockoutPolicy
 from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database
+from sixnet.grid.client.errors import ClientError
 from sixnet.grid.config import GridSettings
+from sixnet.grid.jid import parse_jid
+from sixnet.grid.local import LocalSession
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
@@ -137,6 +140,26 @@ class GridService(MultiService):
             except VerificationError as e:
                 self.audit.record("session-revoked", user=session.full, reason=str(e))
                 self.router.revoke_session(session, f"client certificate refused: {e}")
+
+    @property
+    def pubsub_service(self) -> str:
+        """The broker's JID (``<subdomain>.<domain>``)."""
+        return self.broker.domain
+
+    def local_session(self, localpart: str) -> defer.Deferred[LocalSession]:
+        """A platform session ``localpart@<domain>`` inside this process (the bridge's local
+        target); refused while that platform is revoked, as its login would be."""
+
+        async def bind() -> LocalSession:
+            await self.ready
+            jid = parse_jid(f"{localpart}@{self.config.grid.domain}")
+            if str(jid) in self.revocations.revoked:
+                raise ClientError(f"{jid} is revoked", "not-authorized")
+            session = LocalSession(self.router, jid, self.clock)
+            self.audit.record("local-session", user=session.jid)
+            return session
+
+        return defer.Deferred.fromCoroutine(bind())
 
     def platform_revoked(self, jid: str) -> None:
         """`sixnet grid revoke` (read from the database): end the platform's sessions, remove

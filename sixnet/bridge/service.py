@@ -1,0 +1,255 @@
+"""The bridge service: security events in, IODEF incidents out to an XMPP-Grid topic.
+
+Events from the process's `EventBus` are aggregated (`aggregate.py`), each incident becomes
+an IODEF document (`iodef.py`) checked against the schema, and is written to the durable
+queue (`queue.py`) before anything is sent. One delivery loop publishes the queue's head,
+waits for the target's acknowledgement (the publish iq's result), removes it and goes on:
+strictly in order, at most one incident in flight. The target is an `IXMPPSession` (the grid
+broker in this process, or a remote controller, `targets.py`); while it cannot be reached the
+loop waits with Twisted's backoff policy and incidents keep queueing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lxml import etree
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import IService, Service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from sixnet.bridge.aggregate import Aggregator, Incident
+from sixnet.bridge.config import EVENT_SERVICES, BridgeConfig, BridgeSettings
+from sixnet.bridge.iodef import document
+from sixnet.bridge.queue import IncidentQueue, Queued
+from sixnet.bridge.targets import Target, make_target
+from sixnet.core.errors import ConfigError
+from sixnet.core.events import EventBus
+from sixnet.core.iodef import IODEFValidator
+from sixnet.core.metrics import Registry
+from sixnet.core.runtime import report_failure
+from sixnet.core.storage.database import Database, DatabaseURLError
+from sixnet.grid.client.pubsub import PubSubClient
+from sixnet.grid.client.session import IQError, IXMPPSession
+from sixnet.pki.store import CertificateStore
+
+log = Logger(namespace="sixnet.bridge")
+
+#: Conditions that refuse this one document for good: it is dropped (and counted), not
+#: retried; anything else (forbidden, a rate limit, the service gone) is retried later.
+REFUSED_FOR_GOOD = frozenset({"not-acceptable", "bad-request", "jid-malformed"})
+
+
+class BridgeService(Service):
+    """Owns the aggregator, the queue and the delivery loop."""
+
+    name = "bridge"
+
+    def __init__(self, config: BridgeSettings, target: Target, *, events: EventBus,
+                 metrics: Registry, clock: IReactorTime, name: str) -> None:
+        bridge: BridgeConfig = config.bridge
+        self.config = bridge
+        self.target = target
+        self.events = events
+        self.clock = clock
+        self.incident_name = name
+        self.validator = IODEFValidator()
+        try:
+            self.db = Database(bridge.database, base=config.sixnet.state_dir)
+        except DatabaseURLError as e:
+            raise ConfigError(str(config.path), "bridge.database", str(e)) from None
+        self.queue = IncidentQueue(self.db, bridge.max_queue)
+        self.aggregator = Aggregator(bridge.window, bridge.immediate, self.incident, clock)
+        self.backoff = backoffPolicy(initialDelay=1.0, maxDelay=60.0)
+        self.received = metrics.counter("sixnet_bridge_events_total",
+                                        "security events the bridge received", ["kind"])
+        self.published = metrics.counter("sixnet_bridge_incidents_published_total",
+                                         "incidents the target acknowledged", ["kind"])
+        self.dropped = metrics.counter("sixnet_bridge_incidents_dropped_total",
+                                       "incidents dropped: queue full, refused for good, "
+                                       "or not valid IODEF", ["reason"])
+        metrics.gauge("sixnet_bridge_queued", "incidents waiting to be acknowledged",
+                      read=lambda: self.queue.depth)
+        self.ready: defer.Deferred[None] = defer.Deferred()
+        self._unsubscribe: Any = None
+        self._wake: defer.Deferred[None] | None = None
+        self._loop: defer.Deferred[None] | None = None
+        self._session: IXMPPSession | None = None
+        self._writes: set[defer.Deferred[Any]] = set()
+
+    # -- events to the queue -----------------------------------------------------------------
+
+    def event(self, event: Any) -> None:
+        self.received.inc(kind=event.kind)
+        self.aggregator.receive(event)
+
+    def incident(self, incident: Incident) -> None:
+        """An aggregated incident: as an IODEF document, to the end of the queue."""
+        payload = document(incident, self.incident_name)
+        problem = self.validator.problem(payload)
+        if problem is not None:  # a mapping bug: the target would refuse it for ever
+            log.error("{kind}: incident dropped, not valid IODEF: {problem}",
+                      kind=incident.kind, problem=problem)
+            self.dropped.inc(reason="invalid")
+            return
+        d = self.queue.put(self.config.topic_for(incident.service), incident.id,
+                           incident.kind, etree.tostring(payload))
+        self._writes.add(d)
+        d.addCallback(self._queued)
+        d.addErrback(lambda f: log.failure("{kind}: incident not queued", f,
+                                           kind=incident.kind))
+        d.addBoth(lambda _: self._writes.discard(d))
+
+    def _queued(self, dropped: int) -> None:
+        if dropped:
+            log.warn("bridge queue full ({limit}): {count} oldest incident(s) dropped",
+                     limit=self.config.max_queue, count=dropped)
+            self.dropped.inc(dropped, reason="queue-full")
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.callback(None)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._unsubscribe = self.events.subscribe(self.event)
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> None:
+        if failure.check(defer.CancelledError):
+            return
+        if not self.ready.called:
+            self.ready.errback(failure)
+        report_failure(self, f"bridge: cannot run: {failure.getErrorMessage()}")
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.aggregator.flush()  # open groups are queued, not lost
+        if self._loop is not None:
+            self._loop.cancel()
+        await defer.DeferredList(list(self._writes))
+        await self.queue.idle()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self.db.close()
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        waiting = await self.queue.open()
+        log.info("bridge: {count} incident(s) waiting from before; target {target}",
+                 count=waiting, target=self.target.description)
+        self.ready.callback(None)
+        failures = 0
+        while self.running:
+            try:
+                self._session = await self.target.connect()
+                failures = 0
+                await self._deliver(PubSubClient(self._session, self.target.service))
+            except defer.CancelledError:
+                raise
+            except Exception as e:
+                delay = self.backoff(failures)
+                failures += 1
+                log.warn("bridge: {target}: {error}; retrying in {delay:.1f}s",
+                         target=self.target.description, error=_describe(e), delay=delay)
+                await self._close_session()
+                await task.deferLater(self.clock, delay)
+
+    async def _close_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                await session.close()
+            except Exception as e:
+                log.debug("bridge: closing the session: {error}", error=e)
+
+    async def _deliver(self, client: PubSubClient) -> None:
+        """Publish the queue's head until the session fails (the caller reconnects).
+
+        Every configured topic is made sure of first, so a SIEM can subscribe before the
+        first incident."""
+        ready: set[str] = set()
+        for topic in sorted({self.config.topic_for(s) for s in EVENT_SERVICES}):
+            await self._ensure_topic(client, topic)
+            ready.add(topic)
+        while self.running:
+            head = await self.queue.head()
+            if head is None:
+                self._wake = defer.Deferred()
+                await self._wake
+                continue
+            if head.topic not in ready:
+                await self._ensure_topic(client, head.topic)
+                ready.add(head.topic)
+            await self._publish(client, head, ready)
+
+    async def _publish(self, client: PubSubClient, head: Queued, ready: set[str]) -> None:
+        payload = etree.fromstring(head.payload)
+        try:
+            await client.publish(head.topic, payload, item_id=head.item_id)
+        except IQError as e:
+            if e.condition == "item-not-found":  # the topic was deleted under us
+                ready.discard(head.topic)
+                return
+            if e.condition not in REFUSED_FOR_GOOD:
+                raise
+            log.error("bridge: {topic}: incident {id} refused ({condition}: {text}); dropped",
+                      topic=head.topic, id=head.item_id, condition=e.condition, text=e.text)
+            self.dropped.inc(reason="refused")
+        else:
+            self.published.inc(kind=head.kind)
+        await self.queue.remove(head)
+
+    async def _ensure_topic(self, client: PubSubClient, topic: str) -> None:
+        """Discover the topic (disco#info); create it when it does not exist."""
+        try:
+            await client.info(topic)
+            return
+        except IQError as e:
+            if e.condition != "item-not-found":
+                raise
+        await client.create(topic, access_model=self.config.access_model or None)
+        log.info("bridge: created topic {topic} at {service}", topic=topic,
+                 service=self.target.service)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, IQError):
+        return f"{error.condition}{': ' + error.text if error.text else ''}"
+    return str(error) or type(error).__name__
+
+
+def make_service(config: BridgeSettings, store: CertificateStore, *,
+                 events: EventBus | None = None, metrics: Registry | None = None,
+                 grid: Any = None) -> IService:
+    """Build the bridge; `grid` is the grid service of this process, for the local target."""
+    from twisted.internet import reactor
+
+    bridge = config.bridge
+    problem = bridge.problem(config.pki.identities, grid is not None)
+    if problem is not None:
+        raise ConfigError(str(config.path), *problem)
+    identity = config.pki.identities.get(bridge.identity)
+    if identity is None:
+        raise ConfigError(str(config.path), "bridge.identity",
+                          f"no [pki.identities.{bridge.identity}] table defines it")
+    target = make_target(config, store, grid, reactor)
+    return BridgeService(config, target, events=events if events is not None else EventBus(),
+                         metrics=metrics if metrics is not None else Registry(),
+                         clock=reactor,  # type: ignore[arg-type]
+                         name=identity.subject)
