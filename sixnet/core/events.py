@@ -43,6 +43,7 @@ CATALOGUE: Mapping[str, str] = MappingProxyType({
     # XMPP-Grid controller
     "grid.platform-revoked": "a platform's authorization was revoked",
     "grid.rate-limited": "a platform exceeded a rate limit",
+    "grid.login-failed": "a SASL login failed (wrong password or proof, refused certificate)",
     "grid.locked-out": "an account and source network reached the lockout threshold",
     "grid.hostile-input": "a stream was closed for hostile or malformed input",
 })

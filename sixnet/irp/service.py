@@ -138,7 +138,8 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
         # acknowledged there is visible here at once.
         section = dataclasses.replace(section, answer_cache=0)
     audit = AuditLog(state_dir / section.audit_log)
-    registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor)
+    registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor,
+                        events=events)
     signer = ResponseSigner(identity.key, identity.certificate)
     factory = IRPServerFactory(registry, ServerTLS(store, identity, "requested"), signer,
                                host_name(identity), reactor=reactor)
