@@ -363,10 +363,11 @@ class Agent:
         self.deliver(peer)
 
     async def _confirm(self, session: Session) -> bool:
-        """Ask the directory whether the session's certificate is revoked; end it if so.
+        """Ask the directory whether the session's certificate is revoked, or not the one
+        it publishes for that person (a man in the middle); end it if so.
 
-        When the directory cannot say (unreachable, slow, the certificate unknown to it),
-        the session goes on: the CRLs the handshake checked still apply.
+        When the directory cannot say (unreachable, slow, the person unknown to it), the
+        session goes on: the CRLs the handshake checked still apply.
         """
         peer = session.peer
         assert peer is not None
@@ -378,6 +379,14 @@ class Agent:
             log.warn("cannot ask the directory about {peer}'s certificate: {error}",
                      peer=peer.identity, error=e)
             status = None
+        if status == "unknown":
+            log.warn("the directory does not publish this certificate of {peer}: ending the "
+                     "session", peer=peer.identity)
+            session.handle(session.refuse, Alert(
+                "bad-certificate", f"the registry publishes other certificates for "
+                f"{peer.identity}", event="chat.mitm",
+                facts={"check": "directory", **certificate_facts(peer.certificate)}))
+            return False
         if status != "revoked":
             return True
         self.revoked.add(fingerprint(peer))

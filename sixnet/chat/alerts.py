@@ -48,22 +48,18 @@ class Alert(ConditionError):
         self.facts: Mapping[str, str] = facts or {}
 
 
-#: The security event a refused certificate is, by check (others are no attack on a person).
+#: The security event a refused certificate is, by check: a certificate for another person
+#: than the one dialled, or for no one or several, is an identity mismatch. (An unknown or
+#: expired certificate is refused too, but is no event of the catalogue.)
 _CERTIFICATE_EVENTS = {"revoked": "chat.certificate-revoked",
+                       "identity-mismatch": "chat.identity-mismatch",
                        "no-identity": "chat.identity-mismatch"}
 
 
 def certificate_alert(error: VerificationError, chain: tuple = (),
                       expected: str | None = None) -> Alert:
-    """The alert for a refused peer certificate; `expected` is the person dialled, if any.
-
-    A certificate for someone else than the person dialled, at that person's address, is a
-    man in the middle (``chat.mitm``).
-    """
-    if error.check == "identity-mismatch" and expected is not None:
-        event: str | None = "chat.mitm"
-    else:
-        event = _CERTIFICATE_EVENTS.get(error.check)
+    """The alert for a refused peer certificate; `expected` is the person dialled, if any."""
+    event = _CERTIFICATE_EVENTS.get(error.check)
     facts: dict[str, str] = {"check": error.check}
     if event is not None and chain:
         facts.update(certificate_facts(chain[0]))

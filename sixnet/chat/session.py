@@ -380,8 +380,8 @@ class Session:
         except IdentitySyntaxError:
             wanted = None
         if wanted != self.me:
-            raise Alert("unknown-identity", f"the caller wants {message.to[:80]!r}",
-                        event="chat.identity-mismatch", facts={"wanted": message.to[:80]})
+            # No event: a caller with an address that is no longer that person's says so.
+            raise Alert("unknown-identity", f"the caller wants {message.to[:80]!r}")
         self.peer = self._verify_peer(message.chain, None)
         offered = {o.method: o for o in message.offers}
         self.method = self.policy.choose(tuple(offered), self.policy.key_agreements,

@@ -26,15 +26,17 @@ log = Logger(namespace="sixnet.events")
 #: Every kind of event, by the service that emits it, with what it means.
 CATALOGUE: Mapping[str, str] = MappingProxyType({
     # IRP registry
-    "irp.login-failed": "a wrong password for a user id (one event per attempt)",
+    "irp.login-failed": "a wrong password or enrollment code for a user id (one per attempt)",
     "irp.locked-out": "a user id and source network reached the lockout threshold",
     "irp.certificate-refused": "a revoked, expired or foreign client certificate was presented",
     "irp.certificate-issued": "the registry's CA issued a certificate",
     "irp.certificate-revoked": "a certificate was revoked",
     "irp.user-removed": "an operator removed a user",
     # SixChat agent
-    "chat.mitm": "a peer's certificate is not the one the directory publishes for that person",
-    "chat.identity-mismatch": "a peer authenticated as another person than the one dialled",
+    "chat.mitm": "a peer's certificate is not the one the directory publishes for that person"
+                 " (or a relay swapped a certificate in the handshake)",
+    "chat.identity-mismatch": "a peer authenticated as another person than the one dialled"
+                              " (or its certificate names no one, or several)",
     "chat.certificate-revoked": "a peer presented a revoked certificate",
     "chat.record-tampered": "a record failed authentication (AEAD tag)",
     "chat.record-replayed": "a record arrived twice or out of sequence",
