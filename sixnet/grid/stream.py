@@ -387,7 +387,7 @@ class ClientStream(XMLStreamProtocol):
 
     def _hostile(self, condition: str, text: str) -> None:
         self._event("grid.hostile-input", f"stream closed: {condition}: {text[:160]}",
-                    {"condition": condition, "state": self.state.name.lower()})
+                    {"condition": condition})
 
     def malformed(self, error: XMLStreamError) -> None:
         """The parser refused the input (malformed XML, DTD or entities, too big, too deep)."""
