@@ -12,19 +12,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import protocol, reactor
+from twisted.internet import protocol, reactor, threads
 from twisted.trial import unittest
 
 from sixnet.chat.config import ChatConfig
 from sixnet.chat.directory import PeerAddress
 from sixnet.chat.irp import IRPDirectory
 from sixnet.chat.service import ChatService
-from sixnet.core.events import CATALOGUE, EventBus, SecurityEvent
+from sixnet.core.events import CATALOGUE, EventBus, EventSpool, SecurityEvent
 from sixnet.core.storage.database import Database
 from sixnet.core.timefmt import rfc3339
 from sixnet.grid.pubsub.config import RateLimitConfig
@@ -32,6 +33,7 @@ from sixnet.grid.pubsub.policy import RateLimits
 from sixnet.irp.client import IRPError, connect
 from sixnet.irp.engine.access import Caller
 from sixnet.irp.engine.credentials import hash_password, invite_hash, new_invite_code
+from sixnet.irp.service import EVENT_SPOOL
 from sixnet.pki.ca import LabCA, serial_hex
 from sixnet.pki.keys import generate_key
 from sixnet.pki.store import NodeIdentity
@@ -48,7 +50,7 @@ SCENARIOS = {
     "irp.certificate-refused": "IRPEventTests.test_foreign_expired_and_revoked_certificates",
     "irp.certificate-issued": "IRPEventTests.test_issued_then_revoked",
     "irp.certificate-revoked": "IRPEventTests.test_issued_then_revoked",
-    "irp.user-removed": "IRPEventTests.test_an_operator_removes_a_person",
+    "irp.user-removed": "IRPEventTests.test_the_removal_command_in_another_process",
     "chat.mitm": "ChatDirectoryEventTests.test_a_certificate_the_registry_does_not_publish",
     "chat.identity-mismatch": "ChatEventTests.test_another_person_answers_the_call",
     "chat.certificate-revoked": "ChatEventTests.test_a_revoked_certificate",
@@ -309,6 +311,63 @@ class IRPEventTests(RegistryHarness, unittest.TestCase):
         assert (last.kind, last.subject, last.source) == \
             ("irp.user-removed", "bob@example.test", None)
         assert last.facts["revoked"] == ""
+
+    async def test_the_removal_command_in_another_process(self) -> None:
+        """``sixnet irp user remove`` has no bus of its own worth the name: it spools its
+        events under the state directory, and the running registry emits them."""
+        state = Path(self.mktemp()).absolute()
+        ca = self.lab.ca.directory
+        config = state / "sixnet.toml"
+        state.mkdir(parents=True)
+        config.write_text(f"""
+[sixnet]
+state_dir = "{state}"
+[pki]
+trust_anchors = ["{ca / 'ca.pem'}"]
+crls = ["{ca / 'crl.pem'}"]
+lab_ca = "{ca}"
+[pki.identities.host]
+subject = "irp.example.test"
+certificate = "{self.lab.base / 'host/cert.pem'}"
+key = "{self.lab.base / 'host/key.pem'}"
+[irp]
+enabled = true
+database = "sqlite:irp.sqlite3"
+""")
+        service, got = await self._start(database=f"sqlite:{state / 'irp.sqlite3'}")
+        service.spool = EventSpool(state / EVENT_SPOOL)
+        alice = self.lab.person("alice@example.test")
+        await self.client(service, alice)
+        done = await threads.deferToThread(
+            subprocess.run, [sys.executable, "-m", "sixnet", "irp", "user", "remove",
+                             "alice@example.test", "--config", str(config)],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        await until(lambda: bool(got.of("irp.user-removed")), timeout=5)
+        assert got.kinds() == ["irp.certificate-revoked", "irp.user-removed"]
+        removed = got.events[-1]
+        assert (removed.subject, removed.source) == ("alice@example.test", None)
+        assert removed.facts["by"] == "operator (command line)"
+        assert removed.facts["revoked"] == format(alice.certificate.serial_number, "X")
+        assert list((state / EVENT_SPOOL).iterdir()) == []
+
+
+def test_the_spool_keeps_order_and_drops_what_it_cannot_read(tmp_path: Path) -> None:
+    spool = EventSpool(tmp_path / "spool")
+    assert spool.deliver(EventBus()) == 0  # nothing spooled yet: no directory
+    first = SecurityEvent("irp.user-removed", subject="a@example.test", detail="one",
+                          facts={"by": "operator"}, time=1.5)
+    spool.emit(first)
+    spool.emit(SecurityEvent("irp.certificate-revoked", subject="b@example.test"))
+    (tmp_path / "spool" / "00000000000000000000-junk.json").write_text("{not json")
+    (tmp_path / "spool" / "00000000000000000001-odd.json").write_text('{"kind": "x.y"}')
+    bus = EventBus()
+    got = Collected(bus)
+    assert spool.deliver(bus) == 2
+    assert got.events[0] == first and got.kinds() == ["irp.user-removed",
+                                                      "irp.certificate-revoked"]
+    assert list((tmp_path / "spool").iterdir()) == []
+    assert spool.deliver(bus) == 0 and len(got.events) == 2  # each event once
 
 
 # -- chat ------------------------------------------------------------------------------------------
