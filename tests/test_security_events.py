@@ -9,6 +9,7 @@ rely on every kind being emitted somewhere (`test_every_kind_has_a_scenario`).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import re
@@ -495,6 +496,33 @@ class ChatEventTests(AgentHarness):
                                          ["first secret", "second secret"])
         assert (event.facts["expected"], event.facts["found"]) == ("0", "1")
 
+    async def test_a_relay_swapping_the_callers_certificate(self) -> None:
+        """A relay puts mallory's (valid) chain in alice's hello: bob answers mallory, and
+        alice, who dialled bob, sees a hello for someone else."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        alice_chain = self.pki.identity("user", ALICE).chain
+        mallory = self.pki.identity("user", MALLORY)
+
+        def der(cert: Any) -> bytes:
+            return base64.b64encode(cert.public_bytes(Encoding.DER))
+
+        def swap(direction: str, data: bytes) -> bytes:
+            if direction == "out":
+                for mine, hers in zip(alice_chain, mallory.chain, strict=True):
+                    data = data.replace(der(mine), der(hers))
+            return data
+
+        alice, _, _ = await self._relayed(swap)
+        await alice.agent.send(BOB, "meet at the usual place")
+        got = self.got[ALICE]
+        await until(lambda: bool(got.of("chat.mitm")))
+        event = got.of("chat.mitm")[0]
+        assert (event.subject, event.source) == (BOB, "127.0.0.1")
+        assert event.facts["check"] == "hello-to" and event.facts["names"] == BOB
+        assert event.facts["alert"] == "handshake-failure"
+        assert_clean(got.events + self.got[BOB].events, "usual place")
+
     async def test_a_stripped_offer_is_a_downgrade(self) -> None:
         """A relay strips alice's x25519 offer: bob chooses RSA key transport, and alice's
         check of his signature over the transcript fails."""
@@ -682,3 +710,33 @@ class GridEventTests(GridTestCase):
         assert b"<not-authorized/>" in await c.scram_login("bob", "bob secret")
         assert got.events[-1].kind == "grid.login-failed"  # refused from now on
         assert_clean(got.events, "bob secret")
+
+    async def _external(self, name: str) -> Any:
+        c = await self._connect()
+        await c.starttls(self.grid.tls.store, self.pki.identity("user", name))
+        await c.open_stream()
+        c.clear()
+        c.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>")
+        await c.until(rb"<success|</failure>")
+        return c
+
+    async def test_a_platform_certificate_revoked_while_connected(self) -> None:
+        got = await self._events()
+        name = "platform-events@localhost"
+        c = await self._external(name)
+        await c.bind()
+        certificate = self.pki.identity("user", name).certificate
+        self.pki.root.revoke(certificate.serial_number, "compromised")
+        self.grid.store.reload_crls()  # what the CRL refresh timer or SIGHUP does
+        await self._refused(c, "reset")
+        [revoked] = got.of("grid.platform-revoked")
+        assert (revoked.subject, revoked.source) == (name, "127.0.0.1")
+        assert revoked.facts["check"] == "revoked"
+        assert revoked.facts["serial"] == serial_hex(certificate.serial_number)
+        again = await self._external(name)
+        assert b"<not-authorized/>" in again.received
+        failed = got.events[-1]
+        assert (failed.kind, failed.subject, failed.source) == \
+            ("grid.login-failed", name, "127.0.0.1")
+        assert failed.facts["mechanism"] == "EXTERNAL" and failed.facts["names"] == name
+        assert failed.facts["serial"] == revoked.facts["serial"] and "revoked" in failed.detail

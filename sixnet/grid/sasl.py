@@ -325,6 +325,9 @@ class SaslExchange:
         if self._mechanism == "EXTERNAL" and self.tls.peer_chain:
             facts.update(certificate_facts(self.tls.peer_chain[0]))
             why = f" ({failure.text[:160]})"  # about the certificate, which is public
+            named = facts.get("names", "")
+            if subject is None and named and "," not in named:
+                subject = named  # refused before it became the account: who it claims
         # Never a password exchange's text: a malformed SCRAM message may quote a proof.
         policy.events.emit(SecurityEvent(
             "grid.login-failed", subject=subject, source=self.address,
