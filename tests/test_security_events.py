@@ -190,6 +190,38 @@ def test_records_opened_under_another_sequence_number_are_told_apart() -> None:
     assert all(a.condition == "bad-record-mac" for a in (replayed, dropped, tampered))
 
 
+def test_handshake_alerts_name_their_event(pki: Any) -> None:
+    """In memory: a responder made to choose what was not offered, and a Finished changed
+    on the way, are downgrades; the session keeps the alert that ended it."""
+    from .test_chat_session import Pair
+
+    store = pki.store()
+    from sixnet.chat.handshake import HandshakePolicy
+
+    p = Pair(pki.identity("user", ALICE), pki.identity("user", BOB), store,
+             policy_a=HandshakePolicy(ciphers=("aes-256-gcm",)))
+    p.b_to_a = lambda d: d.replace(b'<cipher name="aes-256-gcm"/>',
+                                   b'<cipher name="chacha20-poly1305"/>')
+    p.pump()
+    alert = p.session_a.end_alert
+    assert alert is not None and (alert.condition, alert.event) == \
+        ("handshake-failure", "chat.downgrade")
+    assert alert.facts == {"check": "choice", "chosen-method": "x25519",
+                           "chosen-cipher": "chacha20-poly1305"}
+
+    p = Pair(pki.identity("user", ALICE), pki.identity("user", BOB), store)
+
+    def spoil_finished(data: bytes) -> bytes:
+        return re.sub(rb"(<finished[^>]*>)(.)", lambda m: m[1] + (b"B" if m[2] != b"B"
+                                                                   else b"C"), data)
+
+    p.b_to_a = spoil_finished
+    p.pump()
+    alert = p.session_a.end_alert
+    assert alert is not None and (alert.event, dict(alert.facts)) == \
+        ("chat.downgrade", {"check": "finished"})
+
+
 # -- IRP -------------------------------------------------------------------------------------------
 
 
