@@ -7,6 +7,15 @@ grid. An event carries what a responder needs (when, from which address, about w
 or platform, what was seen, by which service) and never a secret or message text: `facts`
 holds short identifiers only (a certificate serial, a mechanism, a condition).
 
+Facts use these keys where they apply: ``serial`` (a certificate's serial, upper-case hex as
+openssl prints it), ``issuer`` (RFC 4514), ``names`` (the people a certificate names),
+``check`` (the certificate check that failed, or which check saw the attack), ``condition``
+(the protocol's error condition), ``mechanism`` (SASL), ``operation``, ``network`` (the
+source network a lockout counts), ``limit`` and ``value`` (a limit's setting name and value),
+``failures``, ``by`` (who revoked or removed); chat events add ``alert`` (the alert sent),
+``role``, ``method`` and ``cipher``. Processes without a listener (operators' commands) write
+their events to an `EventSpool` that the running service delivers.
+
 The catalogue below is closed: `SecurityEvent` refuses an unknown kind, so a typo fails where
 it is written, and the bridge's IODEF mapping is checked against this one list.
 """

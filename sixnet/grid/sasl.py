@@ -310,7 +310,6 @@ class SaslExchange:
         if self.policy.failure_delay > 0:
             await task.deferLater(self.policy.clock, self.policy.failure_delay, lambda: None)
 
-
     def _report(self, failure: SaslFailure, locked: bool) -> None:
         """One grid.login-failed event per failure, and grid.locked-out when it locked."""
         policy = self.policy

@@ -75,7 +75,7 @@ def certificate_facts(cert: x509.Certificate) -> dict[str, str]:
     except ValueError:  # a malformed extension: the certificate is refused anyway
         names = set()
     if names:
-        facts["names"] = ",".join(sorted(names))
+        facts["names"] = ",".join(sorted(names))[:200]
     return facts
 
 

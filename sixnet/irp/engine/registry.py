@@ -141,9 +141,10 @@ class Registry:
             self.audit.record("authenticate", outcome="refused", actor=ANONYMOUS, peer=peer,
                               check=e.check, detail=e.detail)
             if chain:
-                self._event("irp.certificate-refused", Caller(peer), _named(chain[0]),
+                facts = certificate_facts(chain[0])
+                self._event("irp.certificate-refused", Caller(peer), _named(facts),
                             f"client certificate refused: {e.detail}"[:200], check=e.check,
-                            **certificate_facts(chain[0]))
+                            **facts)
             raise
         serial = format(verified.certificate.serial_number, "X")
         row = await self.store.certificate(serial)
@@ -475,7 +476,8 @@ class Registry:
                           target=person, revoked=revoked)
         self._event("irp.user-removed", caller, person,
                     f"{person} removed by {caller.actor}; {len(revoked)} certificates revoked",
-                    by=caller.actor, revoked=",".join(revoked))
+                    by=caller.actor, certificates=str(len(revoked)),
+                    revoked=",".join(revoked)[:300])
         return revoked
 
 
@@ -488,7 +490,7 @@ def _check_key(public: object) -> None:
         raise IRPError("bad-request", "only RSA, ECDSA and Ed25519 keys can be certified")
 
 
-def _named(cert: x509.Certificate) -> str | None:
+def _named(facts: dict[str, str]) -> str | None:
     """The one person a (refused) certificate names, if it names exactly one."""
-    names = certificate_facts(cert).get("names", "")
+    names = facts.get("names", "")
     return names if names and "," not in names else None
