@@ -84,6 +84,9 @@ MAPPING: dict[str, Classification] = {
                                      "an operator revoked a platform"),
     "grid.rate-limited": Classification("availability-service", "low", "failed",
                                  "a platform sent faster than its rate limit"),
+    "grid.login-failed": Classification("takeover-account", "low", "failed",
+                                        "a wrong password or proof, or a refused certificate, "
+                                        "at login", _GUESS),
     "grid.locked-out": Classification("takeover-account", "medium", "failed",
                                "repeated failed logins locked an account for one network",
                                _GUESS),

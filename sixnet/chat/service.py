@@ -141,7 +141,7 @@ class Registration:
 class ChatService(MultiService):
     def __init__(self, chat: ChatConfig, identity: NodeIdentity, store: CertificateStore,
                  db: Database, directory: IPeerDirectory, control_path: Path,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, *, events: IEventSink | None = None) -> None:
         super().__init__()
         self.setName("chat")
         if reactor is None:
@@ -161,7 +161,8 @@ class ChatService(MultiService):
             max_handshakes=chat.max_handshakes,
             policy=HandshakePolicy(tuple(chat.key_agreement), tuple(chat.ciphers)),
             peers=PeerPolicy.from_lists(chat.allow, chat.deny))
-        self.agent = Agent(identity, store, MessageStore(db), directory, reactor, settings)
+        self.agent = Agent(identity, store, MessageStore(db), directory, reactor, settings,
+                           events=events)
         self.ports: list[IListeningPort] = []
         self.control_port: IListeningPort | None = None
         self.registration = Registration(
@@ -266,4 +267,4 @@ def make_service(config: ChatSettings, store: CertificateStore, *,
     except DatabaseURLError as e:
         raise ConfigError(str(config.path), "chat.database", str(e)) from None
     return ChatService(chat, identity, store, db, directory, control_socket_path(config),
-                       reactor)
+                       reactor, events=events)
