@@ -80,3 +80,34 @@ REMOTE = '[bridge]\nenabled = true\ntarget = "remote"\n[bridge.remote]\n'
 ])
 def test_one_line_problems(tmp_path: Path, base: str, extra: str, expected: str) -> None:
     assert problem(tmp_path, base + extra).startswith(expected)
+
+
+def test_every_key_documented_in_the_shipped_file() -> None:
+    from dataclasses import fields
+
+    from sixnet.bridge.config import BridgeConfig, RemoteConfig, TopicsConfig
+
+    text = (Path(__file__).parent.parent / "etc" / "sixnet.toml").read_text()
+    for cls, table in ((BridgeConfig, "[bridge]"), (TopicsConfig, "[bridge.topics]"),
+                       (RemoteConfig, "[bridge.remote]")):
+        section = "\n" + text.split(f"\n{table}\n", 1)[1].split("\n[", 1)[0]
+        for f in fields(cls):
+            if f.name in ("topics", "remote"):
+                continue
+            assert f"\n{f.name} = " in section or f"\n# {f.name} = " in section, f.name
+
+
+def test_the_root_hands_the_bridge_the_grid_of_the_process(pki: LabPKI, tmp_path: Path) -> None:
+    from sixnet.app.root import make_root
+    from sixnet.bridge.targets import LocalTarget
+
+    text = localhost_config(pki, grid={"enabled": True, "listen": [], "listen_tls": []},
+                            bridge={"enabled": True})
+    root = make_root(load_config(config_file(tmp_path, text)))
+    grid, bridge = root.getServiceNamed("grid"), root.getServiceNamed("bridge")
+    for db in (grid.db, grid.broker_db, bridge.db):  # never started
+        db.close()
+    assert isinstance(bridge.target, LocalTarget) and bridge.target.grid is grid
+    assert bridge.target.service == "broker.localhost"
+    assert bridge.incident_name == "localhost"
+    assert bridge.events is root.events

@@ -63,7 +63,8 @@ MAPPING: dict[str, Classification] = {
     "irp.user-removed": Classification("account-removed", "low", None,
                                 "an operator removed a user"),
     "chat.mitm": Classification("monitoring-traffic", "high", "failed",
-                         "a certificate other than the one the directory publishes",
+                         "a certificate other than the one the directory publishes, or "
+                         "one swapped in the handshake",
                          (94, "Adversary in the Middle (AiTM)")),
     "chat.identity-mismatch": Classification("traffic-redirection", "high", "failed",
                                       "the peer reached is another person than the one "
