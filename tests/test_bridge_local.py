@@ -52,8 +52,9 @@ class LocalTargetTests(unittest.TestCase):
         await wait_for(lambda: got, what="the incident")
         assert summary(got[0]) == ("chat.mitm", 1, "2001:db8::5", "bob@example.test")
         assert got[0].sender == "broker.localhost"
-        audit = (lab.config.sixnet.state_dir / "grid-broker-audit.jsonl").read_text()
-        records = [json.loads(line) for line in audit.splitlines()]
+        audit = lab.config.sixnet.state_dir / "grid-broker-audit.jsonl"
+        await wait_for(lambda: '"publish"' in audit.read_text(), what="publish audited")
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
         actors = {(r["event"], r.get("actor")) for r in records if "actor" in r}
         assert actors == {("create", "sixnet-bridge@localhost"),
                           ("publish", "sixnet-bridge@localhost")}, records
