@@ -75,6 +75,17 @@ class LocalTargetTests(unittest.TestCase):
         assert lab.bridge.queue.depth == 1
         assert list(lab.bridge.published.samples()) == []
 
+    async def test_a_session_ended_by_the_server_is_made_again(self) -> None:
+        lab = await self.lab.start()
+        await lab.subscriber()  # the bridge made its topic and waits for incidents
+        session = lab.bridge._session
+        assert session is not None
+        lab.grid.router.revoke_session(lab.grid.router.sessions_of(
+            "sixnet-bridge@localhost")[0], "replaced", "conflict")  # while idle
+        await wait_for(lambda: lab.bridge._session not in (None, session), what="again")
+        assert [s.full for s in lab.grid.router.sessions_of("sixnet-bridge@localhost")] == [
+            lab.bridge._session.jid]
+
     async def test_a_revoked_bridge_platform_stops_publishing(self) -> None:
         lab = await self.lab.start()
         await lab.subscriber()

@@ -25,7 +25,7 @@ from sixnet.pki.store import store_from_config
 from tests.grid_harness import write_config
 
 from .support.accounts import add_accounts
-from .support.configs import config_file, localhost_config
+from .support.configs import config_file, sixnet_toml
 from .support.ports import free_port, wait_for_port
 from .support.twistd import TwistdProcess
 from .support.waiting import wait_for
@@ -46,13 +46,18 @@ class RemoteTargetBase(unittest.TestCase):
         self.pki = pki
         self.tmp = tmp_path
 
-    def bridge_config(self, remote: dict[str, Any]) -> Any:
+    def bridge_config(self, remote: dict[str, Any], external: bool = False) -> Any:
+        """The bridge's own process: no grid, the remote target, logging in with the
+        certificate of bridge@localhost (EXTERNAL) or the password in a file (SCRAM)."""
         secret = self.tmp / "bridge-password"
         secret.write_text("bridge secret\n")
-        text = localhost_config(
-            self.pki, sixnet={"state_dir": self.tmp / "bridge-state"},
+        login = {"identity": "bridge"} if external else {"password_file": secret}
+        text = sixnet_toml(
+            self.pki.root.directory, {"host": self.pki.files("host", "localhost"),
+                                      "bridge": self.pki.files("user", "bridge@localhost")},
+            sixnet={"state_dir": self.tmp / "bridge-state"},
             bridge={"enabled": True, "target": "remote", "window": 0.05,
-                    "remote": {"password_file": secret, **remote}})
+                    "remote": {**login, **remote}})
         return load_config(config_file(self.tmp / "bridge", text))
 
     def start_bridge(self, config: Any) -> BridgeService:
@@ -91,19 +96,27 @@ class SixnetRemoteTests(RemoteTargetBase):
                               listen=[f"tcp:{port}:interface=127.0.0.1"],
                               listen_tls=["tcp:0:interface=127.0.0.1"],
                               broker={"admins": ["siem@localhost"]})
-        await add_accounts(remote.path, "bridge secret", ["bridge"])
+        await add_accounts(remote.path, "bridge secret", ["bridge"])  # for SCRAM
         await add_accounts(remote.path, "siem secret", ["siem"])
-        config = self.bridge_config({"server": f"127.0.0.1:{port}", "jid": "bridge@localhost",
-                                     "service": "broker.localhost"})
+        remote_target = {"server": f"127.0.0.1:{port}", "jid": "bridge@localhost",
+                         "service": "broker.localhost"}
+        config = self.bridge_config(remote_target, external=True)
         await self.queued_while_down(config, 1, 4)
 
         grid = TwistdProcess(remote.path, plugin="sixnet-grid")
         self.addCleanup(grid.terminate)
         await grid.start()
         await wait_for(lambda: self.bridge.queue.depth == 0, timeout=20, what="delivered")
-        self.incident(5)  # live, once connected
+        assert self.bridge._session.protocol.mechanism == "EXTERNAL"
+        # the same bridge (and queue) logging in with SCRAM instead
+        await self.bridge.stopService()
+        self.bridge = self.start_bridge(self.bridge_config(remote_target))
+        await self.bridge.ready
+        self.incident(5)
         await wait_for(lambda: self.bridge.queue.depth == 0 and
-                       not self.bridge.aggregator.open_groups, what="delivered")
+                       not self.bridge.aggregator.open_groups and
+                       self.bridge._session is not None, what="delivered")
+        assert self.bridge._session.protocol.mechanism.startswith("SCRAM-SHA-256")
 
         siem = await connect(reactor, "127.0.0.1", port, "siem@localhost",
                              password="siem secret", store=store_from_config(config))

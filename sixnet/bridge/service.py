@@ -42,6 +42,10 @@ log = Logger(namespace="sixnet.bridge")
 REFUSED_FOR_GOOD = frozenset({"not-acceptable", "bad-request", "jid-malformed"})
 
 
+class SessionEnded(Exception):
+    """The target ended the session while the bridge had nothing to send."""
+
+
 class BridgeService(Service):
     """Owns the aggregator, the queue and the delivery loop."""
 
@@ -157,9 +161,10 @@ class BridgeService(Service):
         failures = 0
         while self.running:
             try:
-                self._session = await self.target.connect()
+                session = self._session = await self.target.connect()
+                session.closed.addBoth(self._session_ended)
                 failures = 0
-                await self._deliver(PubSubClient(self._session, self.target.service))
+                await self._deliver(session, PubSubClient(session, self.target.service))
             except defer.CancelledError:
                 raise
             except Exception as e:
@@ -178,7 +183,11 @@ class BridgeService(Service):
             except Exception as e:
                 log.debug("bridge: closing the session: {error}", error=e)
 
-    async def _deliver(self, client: PubSubClient) -> None:
+    def _session_ended(self, result: object) -> object:
+        self._wake_up()  # an idle loop notices, and reconnects
+        return result
+
+    async def _deliver(self, session: IXMPPSession, client: PubSubClient) -> None:
         """Publish the queue's head until the session fails (the caller reconnects).
 
         Every configured topic is made sure of first, so a SIEM can subscribe before the
@@ -192,6 +201,8 @@ class BridgeService(Service):
             if head is None:
                 self._wake = defer.Deferred()
                 await self._wake
+                if session.closed.called:
+                    raise SessionEnded("the session ended")
                 continue
             if head.topic not in ready:
                 await self._ensure_topic(client, head.topic)
