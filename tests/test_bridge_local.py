@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.application.internet import backoffPolicy
 from twisted.trial import unittest
 
 from sixnet.core.events import SecurityEvent
@@ -67,13 +68,32 @@ class LocalTargetTests(unittest.TestCase):
         assert grid_events[0].node == "grid-events"
 
     async def test_a_platform_not_allowed_to_publish_keeps_its_incidents_queued(self) -> None:
-        lab = await self.lab.start(roles={"readers": {
-            "platforms": ["sixnet-bridge@localhost"], "operations": ["subscribe"]}})
+        lab = await self.lab.start(tables={"roles": {"readers": {
+            "platforms": ["sixnet-bridge@localhost"], "operations": ["subscribe"]}}})
         self.emit("chat.mitm", subject="bob@example.test")
         await wait_for(lambda: lab.bridge.queue.depth == 1, what="queued")
         await pause(0.5)  # the broker said forbidden; the bridge waits and tries again
         assert lab.bridge.queue.depth == 1
         assert list(lab.bridge.published.samples()) == []
+
+    async def test_in_order_and_once_each_under_the_brokers_rate_limit(self) -> None:
+        lab = await self.lab.start({"window": 0.05}, tables={"rate_limits": {
+            "publishes_per_second": 10.0, "publish_burst": 3}})
+        lab.bridge.backoff = backoffPolicy(initialDelay=0.1, maxDelay=0.3)
+        got = await lab.subscriber()
+        for n in range(8):
+            self.emit("grid.hostile-input", source=f"192.0.2.{n}")
+        await wait_for(lambda: len(got) >= 8 and lab.bridge.queue.depth == 0, what="all")
+        await pause(0.2)
+        assert [summary(g)[2] for g in got] == [f"192.0.2.{n}" for n in range(8)]
+
+    async def test_a_document_refused_for_good_is_dropped_and_the_rest_go_on(self) -> None:
+        lab = await self.lab.start(max_item_bytes=1000)  # every incident is bigger
+        for n in range(3):
+            self.emit("chat.mitm", subject="bob@example.test", source=f"192.0.2.{n}")
+        await wait_for(lambda: ("refused",) in dict(lab.bridge.dropped.samples()) and
+                       dict(lab.bridge.dropped.samples())[("refused",)] == 3, what="dropped")
+        await wait_for(lambda: lab.bridge.queue.depth == 0, what="the queue emptied")
 
     async def test_a_session_ended_by_the_server_is_made_again(self) -> None:
         lab = await self.lab.start()

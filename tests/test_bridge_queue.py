@@ -24,13 +24,16 @@ class QueueTests:
         for n in range(5):
             assert await queue.put("t", f"id{n}", "irp.login-failed", b"<x%d/>" % n) == 0
         assert queue.depth == 5
-        seen = []
-        while (head := await queue.head()) is not None:
-            assert (await queue.head()) == head  # reading does not consume
-            seen.append((head.item_id, head.payload))
-            await queue.remove(head)
+        first = await queue.peek(0, 2)
+        assert await queue.peek(0, 2) == first  # reading does not consume
+        rest = await queue.peek(first[-1].id, 10)
+        seen = [(q.item_id, q.payload) for q in first + rest]
         assert seen == [(f"id{n}", b"<x%d/>" % n) for n in range(5)]
-        assert queue.depth == 0
+        await queue.remove(first)
+        assert queue.depth == 3
+        assert await queue.peek(0, 10) == rest
+        await queue.remove(rest)
+        assert queue.depth == 0 and await queue.peek() == []
 
     async def test_bounded_the_oldest_dropped(self) -> None:
         queue = IncidentQueue(self.db, 3)
@@ -38,19 +41,17 @@ class QueueTests:
         dropped = [await queue.put("t", f"id{n}", "k", b"<x/>") for n in range(5)]
         assert dropped == [0, 0, 0, 1, 1]
         assert queue.depth == 3
-        head = await queue.head()
-        assert head is not None and head.item_id == "id2"
+        assert [q.item_id for q in await queue.peek(0, 10)] == ["id2", "id3", "id4"]
 
     async def test_removing_what_was_dropped_meanwhile_is_harmless(self) -> None:
         queue = IncidentQueue(self.db, 1)
         await queue.open()
         await queue.put("t", "a", "k", b"<x/>")
-        head = await queue.head()
-        assert head is not None
+        in_flight = await queue.peek()
         await queue.put("t", "b", "k", b"<x/>")  # pushes "a" out while it is in flight
-        await queue.remove(head)
+        await queue.remove(in_flight)
         assert queue.depth == 1
-        assert (await queue.head()).item_id == "b"
+        assert [q.item_id for q in await queue.peek()] == ["b"]
 
     async def test_puts_commit_in_the_order_asked(self) -> None:
         queue = IncidentQueue(self.db, 1000)
@@ -58,10 +59,7 @@ class QueueTests:
         puts = [queue.put("t", f"id{n:03}", "k", b"<x/>") for n in range(40)]  # not awaited
         for d in puts:
             await d
-        order = []
-        while (head := await queue.head()) is not None:
-            order.append(head.item_id)
-            await queue.remove(head)
+        order = [q.item_id for q in await queue.peek(0, 100)]
         assert order == sorted(order) and len(order) == 40
 
 
@@ -81,8 +79,8 @@ class SQLiteQueueTests(QueueTests, unittest.TestCase):
         self.db = Database(f"sqlite:{self.path}")
         again = IncidentQueue(self.db, 100)
         assert await again.open() == 2
-        head = await again.head()
-        assert head is not None and (head.item_id, head.payload) == ("first", b"<a/>")
+        [head, _] = await again.peek(0, 5)
+        assert (head.item_id, head.payload) == ("first", b"<a/>")
 
 
 class PostgreSQLQueueTests(QueueTests, unittest.TestCase):

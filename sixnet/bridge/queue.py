@@ -10,7 +10,7 @@ the latest incidents than by the first ones of a long outage).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -90,25 +90,26 @@ class IncidentQueue:
 
         return self._serial(lambda: self.db.run("bridge queue put", txn))
 
-    def head(self) -> defer.Deferred[Queued | None]:
-        """The oldest incident waiting, or None."""
+    def peek(self, after: int = 0, limit: int = 1) -> defer.Deferred[list[Queued]]:
+        """The oldest `limit` incidents queued after position `after`, oldest first."""
 
-        def txn(cursor: Cursor) -> Queued | None:
-            row = cursor.execute("SELECT id, topic, item_id, kind, payload FROM bridge_queue "
-                                 "ORDER BY id LIMIT 1").fetchone()
-            if row is None:
-                return None
-            return Queued(int(row[0]), row[1], row[2], row[3], bytes(row[4]))
+        def txn(cursor: Cursor) -> list[Queued]:
+            rows = cursor.execute("SELECT id, topic, item_id, kind, payload FROM bridge_queue "
+                                  "WHERE id > ? ORDER BY id LIMIT ?", (after, limit)).fetchall()
+            return [Queued(int(r[0]), r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
-        return self._serial(lambda: self.db.run("bridge queue head", txn))
+        return self._serial(lambda: self.db.run("bridge queue peek", txn))
 
-    def remove(self, queued: Queued) -> defer.Deferred[None]:
-        """The target acknowledged `queued`: forget it."""
+    def remove(self, done: Sequence[Queued]) -> defer.Deferred[None]:
+        """The target acknowledged `done`, consecutive incidents read by `peek`: forget them.
+
+        One range: every position between the first and the last was read with them (puts
+        commit in position order), or was dropped already."""
+        first, last = done[0].id, done[-1].id
 
         def txn(cursor: Cursor) -> None:
-            if cursor.execute("DELETE FROM bridge_queue WHERE id = ?",
-                              (queued.id,)).rowcount:
-                self.depth -= 1
+            self.depth -= cursor.execute("DELETE FROM bridge_queue WHERE id >= ? AND id <= ?",
+                                         (first, last)).rowcount
 
         return self._serial(lambda: self.db.run("bridge queue remove", txn))
 

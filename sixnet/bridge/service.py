@@ -11,6 +11,7 @@ loop waits with Twisted's backoff policy and incidents keep queueing.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from lxml import etree
@@ -188,43 +189,46 @@ class BridgeService(Service):
         return result
 
     async def _deliver(self, session: IXMPPSession, client: PubSubClient) -> None:
-        """Publish the queue's head until the session fails (the caller reconnects).
+        """Publish the queue's oldest incident, wait for the target's answer, remove it, and
+        on, until the session fails (the caller then logs in again).
 
         Every configured topic is made sure of first, so a SIEM can subscribe before the
-        first incident."""
+        first incident. One publish is in flight at a time: with several, a later incident
+        could be accepted while an earlier one refused for a moment (a rate limit) waits to
+        be sent again, and the order would be lost."""
         ready: set[str] = set()
         for topic in sorted({self.config.topic_for(s) for s in EVENT_SERVICES}):
             await self._ensure_topic(client, topic)
             ready.add(topic)
         while self.running:
-            head = await self.queue.head()
-            if head is None:
+            oldest = await self.queue.peek()
+            if not oldest:
                 self._wake = defer.Deferred()
                 await self._wake
                 if session.closed.called:
                     raise SessionEnded("the session ended")
                 continue
-            if head.topic not in ready:
-                await self._ensure_topic(client, head.topic)
-                ready.add(head.topic)
-            await self._publish(client, head, ready)
+            queued = oldest[0]
+            if queued.topic not in ready:  # queued under an earlier configuration
+                await self._ensure_topic(client, queued.topic)
+                ready.add(queued.topic)
+            await self._acknowledged(queued, client.publish(
+                queued.topic, etree.fromstring(queued.payload), item_id=queued.item_id))
+            await self.queue.remove(oldest)
 
-    async def _publish(self, client: PubSubClient, head: Queued, ready: set[str]) -> None:
-        payload = etree.fromstring(head.payload)
+    async def _acknowledged(self, queued: Queued, publishing: Awaitable[str]) -> None:
+        """Wait for the target's answer to one publish; raise when it must be tried again."""
         try:
-            await client.publish(head.topic, payload, item_id=head.item_id)
+            await publishing
         except IQError as e:
-            if e.condition == "item-not-found":  # the topic was deleted under us
-                ready.discard(head.topic)
-                return
             if e.condition not in REFUSED_FOR_GOOD:
-                raise
+                raise  # item-not-found too: the topic is made again after logging in again
             log.error("bridge: {topic}: incident {id} refused ({condition}: {text}); dropped",
-                      topic=head.topic, id=head.item_id, condition=e.condition, text=e.text)
+                      topic=queued.topic, id=queued.item_id, condition=e.condition,
+                      text=e.text)
             self.dropped.inc(reason="refused")
         else:
-            self.published.inc(kind=head.kind)
-        await self.queue.remove(head)
+            self.published.inc(kind=queued.kind)
 
     async def _ensure_topic(self, client: PubSubClient, topic: str) -> None:
         """Discover the topic (disco#info); create it when it does not exist."""

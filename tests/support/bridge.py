@@ -35,13 +35,15 @@ class BridgedGrid:
         self.metrics = Registry()
 
     async def start(self, bridge: dict[str, Any] | None = None,
-                    roles: dict[str, Any] | None = None) -> BridgedGrid:
-        """Grid with ``siem@localhost`` a broker admin; the bridge with `bridge` settings."""
+                    tables: dict[str, Any] | None = None, **broker: Any) -> BridgedGrid:
+        """Grid with ``siem@localhost`` a broker admin, `broker` keys and `tables` of
+        ``[grid.broker]`` (roles, rate_limits); the bridge with `bridge` settings."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        config = write_config(self.directory, self.pki, broker={"admins": ["siem@localhost"]})
+        config = write_config(self.directory, self.pki,
+                              broker={"admins": ["siem@localhost"], **broker})
         extra: dict[str, Any] = {"bridge": {"enabled": True, "window": 0.3, **(bridge or {})}}
-        if roles:
-            extra["grid"] = {"broker": {"roles": roles}}
+        if tables:
+            extra["grid"] = {"broker": tables}
         config.path.write_text(config.path.read_text() + toml_text(extra))
         self.config = load_config(config.path)
         self.grid = await start_grid(self.config)
