@@ -121,11 +121,13 @@ class LabCommandTests(unittest.TestCase):
 
         first = await self.ok("bob", "items", "alerts", "--max", "2")
         assert [i["id"] for i in first["items"]] == ["away0", "away1"]
-        assert first["count"] == 5 and first["last"] == "away1"
+        assert first["count"] == 5 and first["last"] == "away1" and first["index"] == 0
         rest = await self.ok("bob", "items", "alerts", "--max", "10", "--after", first["last"])
         assert [i["id"] for i in rest["items"]] == ["away2", assigned, "live"]
         status, text, _ = await self.lab("bob", "items", "alerts", "--max", "1")
-        assert "next page: --after away0" in text
+        assert "(1 of 5; next page: --after away0)" in text
+        status, text, _ = await self.lab("bob", "items", "alerts", "--after", "away2")
+        assert text.endswith("(2 of 5)\n")
 
         for n in range(3):
             await self.ok("alice", "create", f"more{n}")

@@ -300,7 +300,7 @@ def login_of(args: argparse.Namespace) -> Login:
 # -- running a command -------------------------------------------------------------------------
 
 
-async def open_session(login: Login, *, presence: bool = False) -> XMPPClientSession:
+async def open_session(login: Login) -> XMPPClientSession:
     from twisted.internet import reactor
 
     try:
@@ -308,7 +308,7 @@ async def open_session(login: Login, *, presence: bool = False) -> XMPPClientSes
                              password=login.password, identity=login.identity,
                              store=login.store, direct_tls=login.direct_tls,
                              mechanisms=login.mechanisms, server_name=login.server_name,
-                             presence=presence, timeout=login.timeout,
+                             timeout=login.timeout,
                              iq_timeout=login.timeout)
     except AuthenticationError as e:
         raise CommandError(f"login as {login.jid} refused: {e}", EXIT_UNREACHABLE) from None
@@ -361,7 +361,7 @@ def run_with_reactor(args: argparse.Namespace, out: Output, work: Work) -> int:
         reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
     finally:
         signal.signal(signal.SIGINT, previous)
-    result = outcome[0] if outcome else Failure(CommandError("interrupted", EXIT_FAILED))
+    result = outcome[0]
     if isinstance(result, Failure):
         if result.check(defer.CancelledError):
             return 0
@@ -385,13 +385,15 @@ def xml_text(element: etree._Element | None) -> str | None:
 
 
 def page_json(page: Page) -> dict[str, Any]:
-    return {"first": page.first, "last": page.last, "count": page.count}
+    return {"first": page.first, "last": page.last, "count": page.count, "index": page.index}
 
 
 def page_text(page: Page, shown: int) -> str:
     if page.count is None:
         return f"({shown} shown; the service does not page)"
-    more = f"; next page: --after {page.last}" if page.last and page.count > shown else ""
+    more = ""
+    if page.last and (page.index or 0) + shown < page.count:
+        more = f"; next page: --after {page.last}"
     return f"({shown} of {page.count}{more})"
 
 
