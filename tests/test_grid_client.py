@@ -25,6 +25,7 @@ from sixnet.grid.client import (
 from sixnet.grid.client.pubsub import PubSubClientError
 from sixnet.grid.client.sasl import ScramClient, ScramError, choose
 from sixnet.grid.scram import ScramCredentials, ScramExchange
+from sixnet.pki.store import CertificateStore
 from tests.grid_harness import ports, start_grid, write_config
 from tests.support.iodef import IODEF, IODEF_NS
 from tests.support.waiting import wait_for
@@ -48,10 +49,11 @@ def test_choice_prefers_external_then_plus_then_sha256() -> None:
     # The server offers no -PLUS although we could bind: y, so it can detect a downgrade.
     plain = choose(["SCRAM-SHA-1"], password=True, certificate=False, **both)
     assert plain.flag == "y"
-    # Only tls-unique advertised (Prosody 0.12): no binding we can compute.
-    unique = choose(offered[:4], password=True, certificate=False, tls_version="TLSv1.2",
-                    advertised=["tls-unique"])
-    assert (unique.mechanism, unique.flag) == ("SCRAM-SHA-256", "n")
+    # Only tls-unique advertised, or TLS 1.2 and no list (Prosody 0.12): no binding we do.
+    for advertised in (["tls-unique"], None):
+        unique = choose(offered[:4], password=True, certificate=False,
+                        tls_version="TLSv1.2", advertised=advertised)
+        assert (unique.mechanism, unique.flag) == ("SCRAM-SHA-256", "n")
     assert choose(["PLAIN"], password=True, certificate=False, **both) is None
 
 
@@ -95,8 +97,9 @@ class GridClientTests(unittest.TestCase):
 
     async def _login(self, user: str = "alice", **options: Any) -> Any:
         options.setdefault("password", f"{user} secret")
+        options.setdefault("store", self.store)
         session = await connect(reactor, "127.0.0.1", options.pop("port", self.port),
-                                f"{user}@localhost", store=self.store, **options)
+                                f"{user}@localhost", **options)
         self.addCleanup(session.close)
         return session
 
@@ -131,6 +134,11 @@ class GridClientTests(unittest.TestCase):
             await self._login(server_name="grid.example.org")
         assert caught.value.condition == "bad-certificate"
         assert "not for host" in str(caught.value)
+        foreign = CertificateStore.from_files([self.pki.foreign.directory / "ca.pem"])
+        with pytest.raises(ClientError) as caught:
+            await self._login(store=foreign)
+        assert caught.value.condition == "tls-failed"
+        assert "certificate verify failed" in str(caught.value)
 
     async def test_nothing_listening_and_a_silent_server(self) -> None:
         from twisted.internet.protocol import Factory, Protocol

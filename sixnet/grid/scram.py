@@ -19,6 +19,10 @@ import hmac
 import os
 from dataclasses import dataclass
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
 HASHES = {"SHA-1": "sha1", "SHA-256": "sha256"}
 
 
@@ -53,6 +57,17 @@ class ScramCredentials:
         """For PLAIN: derive again with the stored salt and compare in constant time."""
         again = ScramCredentials.derive(hash_name, password, self.iterations, self.salt)
         return hmac.compare_digest(again.stored_key, self.stored_key)
+
+
+def server_end_point(certificate: x509.Certificate) -> bytes:
+    """RFC 5929 tls-server-end-point: the certificate's hash with its signature's hash
+    (SHA-256 for MD5, SHA-1, or a signature without a separate hash such as Ed25519)."""
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        name = "sha256"
+    else:
+        name = algorithm.name
+    return hashlib.new(name, certificate.public_bytes(Encoding.DER)).digest()
 
 
 def scram_keys(hash_name: str, password: str, salt: bytes,

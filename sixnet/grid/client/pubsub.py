@@ -53,11 +53,13 @@ class PubSubClientError(ClientError):
 @dataclass(frozen=True)
 class Page:
     """One page of a paged result (XEP-0059): `first`/`last` are the keys to go on from,
-    `count` the total the service reports (None when it does not page)."""
+    `count` the total the service reports (None when it does not page), `index` the
+    position of the first in the whole result."""
 
     first: str | None = None
     last: str | None = None
     count: int | None = None
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,13 @@ def read_page(parent: etree._Element | None) -> Page:
     found = parent.find(_R + "set") if parent is not None else None
     if found is None:
         return Page()
-    count = found.findtext(_R + "count")
+    def number(text: str | None) -> int | None:
+        return int(text) if text and text.strip().isdigit() else None
+
+    first = found.find(_R + "first")
     return Page(found.findtext(_R + "first"), found.findtext(_R + "last"),
-                int(count) if count and count.strip().isdigit() else None)
+                number(found.findtext(_R + "count")),
+                number(first.get("index")) if first is not None else None)
 
 
 def read_form(form: etree._Element | None) -> Form:

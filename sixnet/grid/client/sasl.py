@@ -2,9 +2,10 @@
 
 Mechanisms, strongest first: EXTERNAL (a client certificate, XEP-0178), SCRAM-SHA-256-PLUS,
 SCRAM-SHA-1-PLUS, SCRAM-SHA-256, SCRAM-SHA-1. Channel binding is ``tls-exporter`` on TLS 1.3
-(RFC 9266) and ``tls-server-end-point`` otherwise (RFC 5929), or what the server advertises
-with XEP-0440 of those. The key derivation, name escaping and attribute parsing are the
-server's own (`sixnet.grid.scram`); the password is prepared as the server prepares it.
+(RFC 9266) and ``tls-server-end-point`` (RFC 5929) on TLS 1.2 when the server lists it
+(XEP-0440); ``tls-unique`` is never used. The key derivation, name escaping and attribute
+parsing are the server's own (`sixnet.grid.scram`); the password is prepared as the server
+prepares it.
 """
 
 from __future__ import annotations
@@ -62,9 +63,12 @@ def choose(offered: Sequence[str], *, tls_version: str, advertised: Collection[s
     if advertised is not None:
         usable = [b for b in usable if b in advertised]
     elif tls_version == "TLSv1.3":
-        usable = ["tls-exporter"]
+        usable = ["tls-exporter"]  # the only binding TLS 1.3 has (RFC 9266)
     else:
-        usable = ["tls-server-end-point"]
+        # TLS 1.2 and no XEP-0440 list: the server's binding is likely tls-unique (RFC 5802's
+        # default, all Prosody 0.12 has), which this client does not do (RFC 9266 1: the
+        # triple handshake attack). Unknown, so no -PLUS.
+        usable = []
     server_plus = any(m.endswith("-PLUS") for m in offered)
     for mechanism in MECHANISMS:
         if mechanism not in offered or (allowed is not None and mechanism not in allowed):

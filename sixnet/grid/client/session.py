@@ -197,10 +197,12 @@ class XMPPClientSession:
             return
         to, d, timer = entry
         sender = iq.get("from")
+        # RFC 6120 10.1: an answer comes from whom we asked; without a 'to' the server
+        # answered for our account (no 'from', our bare or full JID, or the domain).
         if to is None:
-            allowed = sender is None or _same_jid(sender, self.jid.split("/")[0]) or \
-                _same_jid(sender, self.jid.split("@")[-1].split("/")[0]) or \
-                _same_jid(sender, self.jid)
+            bare = self.jid.split("/")[0]
+            allowed = sender is None or any(_same_jid(sender, j) for j in (
+                bare, self.jid, bare.split("@")[-1]))
         else:
             allowed = _same_jid(sender, to)
         if not allowed:

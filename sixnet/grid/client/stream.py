@@ -34,7 +34,7 @@ from sixnet.core.stream.protocol import XMLStreamProtocol
 from sixnet.grid.client.errors import AuthenticationError, ClientError
 from sixnet.grid.client.sasl import Choice, ScramClient, ScramError, choose
 from sixnet.grid.jid import JID
-from sixnet.grid.sasl import server_end_point
+from sixnet.grid.scram import server_end_point
 from sixnet.grid.xmpp import (
     NS_BIND,
     NS_CLIENT,
