@@ -11,7 +11,7 @@ loop waits with Twisted's backoff policy and incidents keep queueing.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from lxml import etree
@@ -25,9 +25,9 @@ from sixnet.bridge.aggregate import Aggregator, Incident
 from sixnet.bridge.config import EVENT_SERVICES, BridgeConfig, BridgeSettings
 from sixnet.bridge.iodef import document
 from sixnet.bridge.queue import IncidentQueue, Queued
-from sixnet.bridge.targets import Target, make_target
+from sixnet.bridge.targets import LocalGrid, Target, make_target
 from sixnet.core.errors import ConfigError
-from sixnet.core.events import EventBus
+from sixnet.core.events import EventBus, SecurityEvent
 from sixnet.core.iodef import IODEFValidator
 from sixnet.core.metrics import Registry
 from sixnet.core.runtime import report_failure
@@ -78,7 +78,7 @@ class BridgeService(Service):
         metrics.gauge("sixnet_bridge_queued", "incidents waiting to be acknowledged",
                       read=lambda: self.queue.depth)
         self.ready: defer.Deferred[None] = defer.Deferred()
-        self._unsubscribe: Any = None
+        self._unsubscribe: Callable[[], None] | None = None
         self._wake: defer.Deferred[None] | None = None
         self._loop: defer.Deferred[None] | None = None
         self._session: IXMPPSession | None = None
@@ -86,7 +86,7 @@ class BridgeService(Service):
 
     # -- events to the queue -----------------------------------------------------------------
 
-    def event(self, event: Any) -> None:
+    def event(self, event: SecurityEvent) -> None:
         self.received.inc(kind=event.kind)
         self.aggregator.receive(event)
 
@@ -251,7 +251,7 @@ def _describe(error: Exception) -> str:
 
 def make_service(config: BridgeSettings, store: CertificateStore, *,
                  events: EventBus | None = None, metrics: Registry | None = None,
-                 grid: Any = None) -> IService:
+                 grid: LocalGrid | None = None) -> IService:
     """Build the bridge; `grid` is the grid service of this process, for the local target."""
     from twisted.internet import reactor
 
