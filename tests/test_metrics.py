@@ -3,6 +3,7 @@ process metrics, the [metrics] section and the HTTP endpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,18 @@ from twisted.trial import unittest
 
 from sixnet.app.config import load_config
 from sixnet.app.root import make_root
+from sixnet.chat.directory import PeerAddress
 from sixnet.core.metrics import Registry, register_process_metrics
 from sixnet.core.metrics_http import CONTENT_TYPE, is_loopback, metrics_service
 from sixnet.core.runtime import ListeningService
+from sixnet.irp.client import IRPError
+from sixnet.irp.config import IRPConfig
+from sixnet.irp.engine.credentials import hash_password
+from sixnet.irp.service import build_service
+from sixnet.pki.keys import generate_key
 from tests.grid_harness import RawClient, ports, write_config
+from tests.test_chat_agents import ALICE, BOB, CAROL, MALLORY, AgentHarness, until
+from tests.test_irp import LabSetup, RegistryHarness, wait_for
 
 from .support.configs import config_file, localhost_config, problem
 from .support.prometheus import http_request, parse, value
@@ -274,3 +283,71 @@ class GridMetricsTests(unittest.TestCase):
         root = await self._root(metrics=False)
         assert "metrics" not in root.namedServices
         assert all(not isinstance(s, ListeningService) or s.name != "metrics" for s in root)
+
+
+class IRPMetricsTests(RegistryHarness, unittest.TestCase):
+    """The registry's counters and gauges, over a real registry's sockets."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.lab = LabSetup(Path(self.mktemp()).absolute())
+
+    async def test_requests_failures_lockouts_watches(self) -> None:
+        registry = Registry()
+        config = dataclasses.replace(
+            IRPConfig(), enabled=True, listen=["tcp:0:interface=127.0.0.1"],
+            database=self.database_url(), failure_delay=0.01, lockout_after=2)
+        service = build_service(config, self.lab.server_store(), self.lab.host,
+                                Path(self.mktemp()).absolute(), self.lab.ca, metrics=registry)
+        service.startService()
+        self.addCleanup(service.stopService)
+        await service.ready
+        await wait_for(lambda: bool(service.listening.ports))
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        anonymous = await self.client(service)
+        for _ in range(2):
+            with pytest.raises(IRPError):
+                await anonymous.enroll("erin@example.test", generate_key(), password="wrong")
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await alice.register([("192.0.2.1", 4605)], device="laptop")
+        await alice.watch("alice@example.test", lambda record: None)
+        families = parse(registry.render().decode())
+        assert value(families, "sixnet_irp_requests_total", operation="enroll",
+                     outcome="error") == 2
+        assert value(families, "sixnet_irp_requests_total", operation="register",
+                     outcome="ok") == 1
+        assert value(families, "sixnet_irp_auth_failures_total", method="password") == 2
+        assert value(families, "sixnet_irp_lockouts_total") == 1
+        assert value(families, "sixnet_irp_connections") == 2
+        assert value(families, "sixnet_irp_watches") == 1
+
+
+class ChatMetricsTests(AgentHarness):
+    """The agent's counters: handshakes by outcome, messages each way."""
+
+    async def test_handshakes_and_messages(self) -> None:
+        alice, bob = await self.agent(ALICE), await self.agent(BOB)
+        await alice.agent.send(BOB, "one")
+        await alice.agent.send(BOB, "two")
+        await until(lambda: self.delivered(ALICE) == ["one", "two"])
+        sent, received = alice.agent.counters.sent, bob.agent.counters.received
+        assert (sent.value, received.value) == (2, 2)
+        assert alice.agent.counters.handshakes["established"].value == 1
+        assert bob.agent.counters.handshakes["established"].value == 1
+        # A peer that presents someone else's certificate: refused in the handshake.
+        mallory = await self.agent(MALLORY)
+        make_session = mallory.agent._new_session
+
+        def pretend(transport: Any) -> Any:
+            session = make_session(transport)
+            session.me = CAROL
+            return session
+
+        mallory.agent._new_session = pretend  # type: ignore[method-assign]
+        self.shared.register(CAROL, [PeerAddress("127.0.0.1", self.port(mallory))], 60)
+        await alice.agent.send(CAROL, "for carol only")
+        await until(lambda: alice.agent.counters.handshakes["refused"].value >= 1)
+        await until(lambda: mallory.agent.counters.handshakes["peer-refused"].value >= 1)
+        assert mallory.agent.counters.received.value == 0
+        assert alice.agent.counters.handshakes["established"].value == 1
