@@ -93,7 +93,7 @@ def test_escaping_of_label_values_and_help() -> None:
 def test_gauges_set_or_read_when_scraped() -> None:
     registry = Registry()
     depth = [3]
-    registry.gauge("sixnet_queue", "Read when scraped.", read=lambda: depth[0])
+    queue = registry.gauge("sixnet_queue", "Read when scraped.", read=lambda: depth[0])
     registry.gauge("sixnet_sessions", "By state.", ("state",),
                    read=lambda: {("connected",): 2, ("detached",): 1})
     level = registry.gauge("sixnet_level", "Set.")
@@ -112,7 +112,7 @@ def test_gauges_set_or_read_when_scraped() -> None:
     assert value(families, "sixnet_special", v="inf") == math.inf
     assert value(families, "sixnet_special", v="half") == 0.5
     with pytest.raises(ValueError, match="read when scraped"):
-        registry._metrics["sixnet_queue"].set(1)  # type: ignore[attr-defined]
+        queue.set(1)
 
 
 def test_a_counter_read_when_scraped() -> None:
