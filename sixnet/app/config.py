@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sixnet.chat.config import ChatConfig
-from sixnet.core.config import DEFAULT_CONFIG, CoreConfig, PKIConfig, read_sections
+from sixnet.core.config import (
+    DEFAULT_CONFIG,
+    CoreConfig,
+    MetricsConfig,
+    PKIConfig,
+    read_sections,
+)
 from sixnet.core.errors import ConfigError
 from sixnet.core.settings import ServiceConfig
 from sixnet.grid.config import GridConfig
@@ -26,6 +32,7 @@ class Config:
     irp: IRPConfig
     chat: ChatConfig
     grid: GridConfig
+    metrics: MetricsConfig
 
     def service(self, name: str) -> ServiceConfig:
         return typing.cast(ServiceConfig, getattr(self, name))
@@ -37,6 +44,7 @@ SECTIONS: dict[str, type] = {
     "irp": IRPConfig,
     "chat": ChatConfig,
     "grid": GridConfig,
+    "metrics": MetricsConfig,
 }
 SERVICES = ("irp", "chat", "grid")
 

@@ -26,6 +26,7 @@ from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database
 from sixnet.grid.config import GridSettings
+from sixnet.grid.metrics import GridCounters, register_gauges
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
@@ -73,6 +74,7 @@ class GridService(MultiService):
         super().__init__()
         self.events: IEventSink = events if events is not None else EventBus()
         self.metrics = metrics if metrics is not None else MetricsRegistry()
+        self.counters = GridCounters(self.metrics)
         if clock is None:
             from twisted.internet import reactor
 
@@ -97,7 +99,8 @@ class GridService(MultiService):
                                            self.platform_revoked, self.platform_restored)
         sasl = SaslPolicy(grid.domain, self.accounts, store, self.lockout, self.audit, clock,
                           load_secret(state_dir), grid.scram_iterations,
-                          grid.failure_delay, grid.allow_plain, self.revocations.revoked)
+                          grid.failure_delay, grid.allow_plain, self.revocations.revoked,
+                          counters=self.counters)
         limits = Limits(
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
@@ -107,7 +110,7 @@ class GridService(MultiService):
             unauthenticated_timeout=grid.unauthenticated_timeout,
             idle_timeout=grid.idle_timeout, resume_timeout=grid.resume_timeout)
         self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
-                                clock)
+                                clock, self.counters)
         self.starttls_port = ListeningService(
             "grid", grid.listen, ClientStreamFactory(self.server, direct_tls=False), owner=self)
         self.direct_tls_port = ListeningService(
@@ -115,6 +118,7 @@ class GridService(MultiService):
             TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)),
             owner=self)
         self.broker = self._make_broker()
+        self.offline_count = register_gauges(self)
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.store = store
         self._crl_generation = store.generation
@@ -177,6 +181,7 @@ class GridService(MultiService):
         await prepare_broker(self.broker_db, self.revocations.store)
         self.router.attach_component(self.broker)  # it reads the revoked platforms too
         await self.revocations.start()
+        self.offline_count.refresh()
         for jid in self.revocations.revoked:  # revoked while the broker was reading
             self.broker.revoke(jid)
         for port in (self.starttls_port, self.direct_tls_port):
