@@ -36,10 +36,11 @@ from sixnet.chat.policy import OPEN_POLICY, PeerPolicy
 from sixnet.chat.protocol import SessionFactory, SessionProtocol
 from sixnet.chat.session import Session, SessionTransport, own_user_id
 from sixnet.chat.store import MessageStore, StoredMessage
+from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.metrics import Registry
 from sixnet.core.timefmt import parse_rfc3339
 from sixnet.pki.identity import normalize_user_id
-from sixnet.pki.store import CertificateStore, NodeIdentity, VerifiedPeer
+from sixnet.pki.store import CertificateStore, NodeIdentity, VerifiedPeer, certificate_facts
 
 log = Logger(namespace="sixnet.chat")
 
@@ -108,9 +109,12 @@ class Agent:
     def __init__(self, identity: NodeIdentity, store: CertificateStore,
                  messages: MessageStore, directory: IPeerDirectory, reactor: Any,
                  settings: AgentSettings | None = None,
-                 counters: ChatCounters | None = None) -> None:
+                 counters: ChatCounters | None = None, *,
+                 events: IEventSink | None = None) -> None:
         self.identity = identity
         self.counters = counters if counters is not None else ChatCounters(Registry())
+        #: Where the security events of this agent's sessions go (`_detected`).
+        self.events = events if events is not None else EventBus()
         self.store = store
         self.messages = messages
         self.directory = IPeerDirectory(directory)
@@ -222,7 +226,9 @@ class Agent:
             raise Alert("access-denied", f"{peer.identity} is not allowed by [chat] allow/deny")
         if fingerprint(peer) in self.revoked:
             raise Alert("certificate-revoked",
-                        f"the registry said this certificate of {peer.identity} is revoked")
+                        f"the registry said this certificate of {peer.identity} is revoked",
+                        event="chat.certificate-revoked",
+                        facts={"check": "registry", **certificate_facts(peer.certificate)})
 
     async def send(self, to: str, text: str) -> StoredMessage:
         """Queue a message (committed to disk when this returns) and try to deliver it."""
@@ -361,10 +367,11 @@ class Agent:
         self.deliver(peer)
 
     async def _confirm(self, session: Session) -> bool:
-        """Ask the directory whether the session's certificate is revoked; end it if so.
+        """Ask the directory whether the session's certificate is revoked, or not the one
+        it publishes for that person (a man in the middle); end it if so.
 
-        When the directory cannot say (unreachable, slow, the certificate unknown to it),
-        the session goes on: the CRLs the handshake checked still apply.
+        When the directory cannot say (unreachable, slow, the person unknown to it), the
+        session goes on: the CRLs the handshake checked still apply.
         """
         peer = session.peer
         assert peer is not None
@@ -376,12 +383,22 @@ class Agent:
             log.warn("cannot ask the directory about {peer}'s certificate: {error}",
                      peer=peer.identity, error=e)
             status = None
+        if status == "unknown":
+            log.warn("the directory does not publish this certificate of {peer}: ending the "
+                     "session", peer=peer.identity)
+            session.handle(session.refuse, Alert(
+                "bad-certificate", f"the registry publishes other certificates for "
+                f"{peer.identity}", event="chat.mitm",
+                facts={"check": "directory", **certificate_facts(peer.certificate)}))
+            return False
         if status != "revoked":
             return True
         self.revoked.add(fingerprint(peer))
         log.warn("the directory says {peer}'s certificate is revoked: ending the session",
                  peer=peer.identity)
-        session.handle(session.refuse, Alert("certificate-revoked", "revoked in the registry"))
+        session.handle(session.refuse, Alert(
+            "certificate-revoked", "revoked in the registry", event="chat.certificate-revoked",
+            facts={"check": "registry", **certificate_facts(peer.certificate)}))
         return False
 
     async def _first_confirm(self, session: Session) -> None:
@@ -459,7 +476,10 @@ class Agent:
             defer.Deferred.fromCoroutine(self._first_confirm(session))
 
     def session_ended(self, session: Session, reason: str) -> None:
-        self._protocols.pop(session, None)
+        proto = self._protocols.pop(session, None)
+        alert = session.end_alert
+        if alert is not None and alert.event is not None:
+            self._detected(session, alert, proto)
         self._sent.pop(session, None)
         self._unconfirmed.pop(session, None)
         waiter = self._waiters.pop(session, None)
@@ -475,6 +495,21 @@ class Agent:
             log.info("session with {peer} ended: {reason}", peer=peer, reason=reason)
             if not self._stopping and peer in self._watches:
                 defer.Deferred.fromCoroutine(self._after_session(peer))
+
+    def _detected(self, session: Session, alert: Alert, proto: SessionProtocol | None) -> None:
+        """A session ended on a detection: one security event, with the peer's address and
+        the person (the one verified, else the one dialled)."""
+        assert alert.event is not None
+        address = getattr(proto.transport, "getPeer", lambda: None)() if proto else None
+        facts = {"alert": alert.condition, "role": session.role, **alert.facts}
+        if session.method is not None:
+            facts.setdefault("method", session.method)
+        if session.cipher is not None:
+            facts.setdefault("cipher", session.cipher)
+        self.events.emit(SecurityEvent(
+            alert.event, subject=session.peer_id or session.wanted,
+            source=getattr(address, "host", None),
+            detail=f"session {session.role} {self.me}: {alert.text[:200]}", facts=facts))
 
     async def _after_session(self, peer: str) -> None:
         """Retry a person who still has queued messages; stop watching one who has none."""

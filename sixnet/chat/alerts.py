@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from sixnet.core.errors import ConditionError
-from sixnet.pki.store import VerificationError
+from sixnet.core.events import CATALOGUE
+from sixnet.pki.store import VerificationError, certificate_facts
 
 ALERTS = frozenset({
     "close-notify", "unexpected-message", "bad-record-mac", "record-overflow", "decode-error",
@@ -27,10 +30,40 @@ _CERTIFICATE_ALERTS = {
 
 class Alert(ConditionError):
     """Ends a session; the condition (an alert name) goes on the wire, the text only to the
-    local log."""
+    local log.
+
+    An alert that is a detection (a man in the middle, a tampered record...) names its
+    security event `event` (a `CATALOGUE` kind) and short `facts`; the agent emits it when
+    the session ends, with the peer's address and person, which only the agent knows.
+    """
 
     conditions = ALERTS
 
+    def __init__(self, condition: str, text: str = "", *, event: str | None = None,
+                 facts: Mapping[str, str] | None = None) -> None:
+        super().__init__(condition, text)
+        if event is not None and event not in CATALOGUE:
+            raise ValueError(f"Alert: unknown security event kind {event!r}")
+        self.event = event
+        self.facts: Mapping[str, str] = facts or {}
 
-def certificate_alert(error: VerificationError) -> Alert:
-    return Alert(_CERTIFICATE_ALERTS.get(error.check, "bad-certificate"), str(error))
+
+#: The security event a refused certificate is, by check: a certificate for another person
+#: than the one dialled, or for no one or several, is an identity mismatch. (An unknown or
+#: expired certificate is refused too, but is no event of the catalogue.)
+_CERTIFICATE_EVENTS = {"revoked": "chat.certificate-revoked",
+                       "identity-mismatch": "chat.identity-mismatch",
+                       "no-identity": "chat.identity-mismatch"}
+
+
+def certificate_alert(error: VerificationError, chain: tuple = (),
+                      expected: str | None = None) -> Alert:
+    """The alert for a refused peer certificate; `expected` is the person dialled, if any."""
+    event = _CERTIFICATE_EVENTS.get(error.check)
+    facts: dict[str, str] = {"check": error.check}
+    if event is not None and chain:
+        facts.update(certificate_facts(chain[0]))
+        if expected is not None:
+            facts["dialled"] = expected
+    return Alert(_CERTIFICATE_ALERTS.get(error.check, "bad-certificate"), str(error),
+                 event=event, facts=facts)

@@ -67,7 +67,9 @@ class IPeerDirectory(Interface):
 
     def certificate_status(user_id: str, certificate: Any) -> defer.Deferred[str | None]:
         """What the directory says of this certificate of the person now: ``valid``,
-        ``revoked`` or ``expired``; None when it does not know the certificate."""
+        ``revoked`` or ``expired``; ``unknown`` when it publishes certificates for the person
+        and this is not one of them (a man in the middle); None when it cannot say (it does
+        not know the person, or cannot be asked)."""
 
     def close() -> defer.Deferred[None]:
         """Stop: no more watcher calls, no more connections; fires when they are closed."""

@@ -98,8 +98,10 @@ def verify_signature(certificate: x509.Certificate, role: str, transcript_hash: 
     try:
         signing.verify(public, signature, _signed_content(role, transcript_hash))
     except InvalidSignature:
+        # The two transcripts differ: an offer or a choice was changed on the way.
         raise Alert("decrypt-error", f"the {role}'s signature over the transcript does not "
-                                     "verify") from None
+                                     "verify", event="chat.downgrade",
+                    facts={"check": "certificate-verify"}) from None
 
 
 # -- key agreement ----------------------------------------------------------------------------
@@ -156,4 +158,5 @@ def receive_transported_secret(key: PrivateKey, ciphertext: bytes) -> bytes:
 
 def check_finished(traffic_secret: bytes, transcript_hash: bytes, mac: bytes, role: str) -> None:
     if not hmac.compare_digest(finished_mac(traffic_secret, transcript_hash), mac):
-        raise Alert("decrypt-error", f"the {role}'s Finished MAC is wrong")
+        raise Alert("decrypt-error", f"the {role}'s Finished MAC is wrong",
+                    event="chat.downgrade", facts={"check": "finished"})

@@ -211,17 +211,24 @@ class IRPDirectory:
         try:
             known = await client.certificates(serial=format(certificate.serial_number, "X"))
         except IRPError as e:
-            if e.condition == "item-not-found":
-                return None
-            raise
+            if e.condition != "item-not-found":
+                raise
+            known = []
         for info in known:  # the serial of the registry's CA: check it is this certificate
             if info.certificate == certificate:
                 return info.status
-        return None
+        try:  # not this certificate: does the registry publish others for the person?
+            published = await client.certificates(user=user_id)
+        except IRPError as e:
+            if e.condition == "item-not-found":
+                return None
+            raise
+        return "unknown" if published else None
 
     def certificate_status(self, user_id: str,
                            certificate: x509.Certificate) -> defer.Deferred[str | None]:
-        """The registry's ``certificates serial=...`` answer for this exact certificate."""
+        """The registry's ``certificates serial=...`` answer for this exact certificate; when
+        it has none, ``unknown`` if the registry publishes other certificates for the person."""
         return defer.Deferred.fromCoroutine(self._certificate_status(user_id, certificate))
 
     def watch(self, user_id: str, watcher: Watcher) -> Callable[[], None]:

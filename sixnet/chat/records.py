@@ -131,8 +131,7 @@ class RecordLayer:
                 plaintext = direction.aead.decrypt(direction.nonce(),
                                                    bytes(buffer[offset + 4:stop]), header)
             except InvalidTag:
-                raise Alert("bad-record-mac",
-                            f"record {direction.seq - 1} does not authenticate") from None
+                raise _unauthentic(direction, bytes(buffer[offset + 4:stop]), header) from None
             offset = stop
             if record_type == KEY_UPDATE:
                 if plaintext not in (b"\x00", b"\x01"):
@@ -141,3 +140,30 @@ class RecordLayer:
             out.append((record_type, plaintext))
         if offset:
             del buffer[:offset]
+
+
+#: How far from the expected sequence number a failed record is tried again, to tell a
+#: replayed or a missing record from a tampered one (only ever done once, as a session ends).
+SEQUENCE_WINDOW = 32
+
+
+def _unauthentic(direction: _Direction, ciphertext: bytes, header: bytes) -> Alert:
+    """The alert for a record that fails to authenticate as record `seq`: it opens as an
+    earlier record (replayed), as a later one (records dropped), or not at all (tampered)."""
+    expected = direction.seq - 1
+    for offset in range(1, SEQUENCE_WINDOW + 1):
+        for seq, event in ((expected - offset, "chat.record-replayed"),
+                           (expected + offset, "chat.record-dropped")):
+            if seq < 0:
+                continue
+            try:
+                direction.aead.decrypt((direction.iv ^ seq).to_bytes(12, "big"), ciphertext,
+                                       header)
+            except InvalidTag:
+                continue
+            what = "replayed" if seq < expected else f"{seq - expected} missing before it"
+            return Alert("bad-record-mac", f"record {expected} does not authenticate: it is "
+                                           f"record {seq} ({what})", event=event,
+                         facts={"expected": str(expected), "found": str(seq)})
+    return Alert("bad-record-mac", f"record {expected} does not authenticate",
+                 event="chat.record-tampered", facts={"expected": str(expected)})

@@ -142,7 +142,8 @@ class Registration:
 class ChatService(MultiService):
     def __init__(self, chat: ChatConfig, identity: NodeIdentity, store: CertificateStore,
                  db: Database, directory: IPeerDirectory, control_path: Path,
-                 reactor: Any = None, counters: ChatCounters | None = None) -> None:
+                 reactor: Any = None, counters: ChatCounters | None = None, *,
+                 events: IEventSink | None = None) -> None:
         super().__init__()
         self.setName("chat")
         if reactor is None:
@@ -163,7 +164,7 @@ class ChatService(MultiService):
             policy=HandshakePolicy(tuple(chat.key_agreement), tuple(chat.ciphers)),
             peers=PeerPolicy.from_lists(chat.allow, chat.deny))
         self.agent = Agent(identity, store, MessageStore(db), directory, reactor, settings,
-                           counters)
+                           counters, events=events)
         self.ports: list[IListeningPort] = []
         self.control_port: IListeningPort | None = None
         self.registration = Registration(
@@ -269,6 +270,6 @@ def make_service(config: ChatSettings, store: CertificateStore, *,
         raise ConfigError(str(config.path), "chat.database", str(e)) from None
     counters = ChatCounters(metrics if metrics is not None else MetricsRegistry())
     service = ChatService(chat, identity, store, db, directory, control_socket_path(config),
-                          reactor, counters)
+                          reactor, counters, events=events)
     counters.register_gauges(lambda: len(service.agent.sessions))
     return service

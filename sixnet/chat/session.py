@@ -41,7 +41,13 @@ from sixnet.chat.keyschedule import KeySchedule, finished_mac
 from sixnet.chat.records import ALERT, APPLICATION, KEY_UPDATE, RecordLayer
 from sixnet.core.stream.parser import StreamClosed, StreamOpened, StreamParser, XMLStreamError
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id, user_ids_in
-from sixnet.pki.store import CertificateStore, NodeIdentity, VerificationError, VerifiedPeer
+from sixnet.pki.store import (
+    CertificateStore,
+    NodeIdentity,
+    VerificationError,
+    VerifiedPeer,
+    certificate_facts,
+)
 
 log = Logger(namespace="sixnet.chat")
 
@@ -102,6 +108,8 @@ class Session:
         #: The agent's check of a verified peer (policy, revocations it heard of): raises
         #: `Alert` to refuse the handshake.
         self.admit = admit
+        #: The alert that ended the session, if one did (from either side's check).
+        self.end_alert: Alert | None = None
         #: The records this side seals once its XML stream has ended (set before `records`
         #: on the responder, which ends its stream first).
         self._sealer: RecordLayer | None = None
@@ -359,7 +367,7 @@ class Session:
         try:
             peer = self.store.verify(list(chain), "client", expected)
         except VerificationError as e:
-            raise certificate_alert(e) from None
+            raise certificate_alert(e, chain, expected) from None
         if self.admit is not None:
             self.admit(peer)
         return peer
@@ -372,6 +380,7 @@ class Session:
         except IdentitySyntaxError:
             wanted = None
         if wanted != self.me:
+            # No event: a caller with an address that is no longer that person's says so.
             raise Alert("unknown-identity", f"the caller wants {message.to[:80]!r}")
         self.peer = self._verify_peer(message.chain, None)
         offered = {o.method: o for o in message.offers}
@@ -407,10 +416,16 @@ class Session:
     def _accept_hello(self, message: m.ResponderHello, element: etree._Element) -> None:
         self._transcript.add(element)
         if message.method not in self._offered or message.cipher not in self.policy.ciphers:
-            raise Alert("handshake-failure", "the responder chose what was not offered")
+            raise Alert("handshake-failure", "the responder chose what was not offered",
+                        event="chat.downgrade",
+                        facts={"check": "choice", "chosen-method": message.method[:40],
+                               "chosen-cipher": message.cipher[:40]})
         self.peer = self._verify_peer(message.chain, self.wanted)
         if message.to != self.me:
-            raise Alert("handshake-failure", "the responder names another initiator")
+            # It verified another initiator's certificate: a relay swapped ours for its own.
+            raise Alert("handshake-failure", "the responder names another initiator",
+                        event="chat.mitm", facts={"check": "hello-to",
+                                                  **certificate_facts(self.peer.certificate)})
         self.method, self.cipher = message.method, message.cipher
         if message.method == "x25519":
             assert self._share is not None and message.share is not None
@@ -495,6 +510,8 @@ class Session:
 
     @_machine.output()
     def _report_alert(self, alert: Alert) -> None:
+        if self.end_reason is None:
+            self.end_alert = alert
         self._report(alert.condition)
 
     @_machine.output()

@@ -22,7 +22,8 @@ from twisted.internet import task, threads
 from twisted.internet.interfaces import IReactorTime
 
 from sixnet.core.audit import AuditLog
-from sixnet.core.lockout import Failures
+from sixnet.core.events import EventBus, IEventSink, SecurityEvent
+from sixnet.core.lockout import Failures, source_of
 from sixnet.core.metrics import Registry
 from sixnet.grid.jid import JID, JIDError, parse_jid
 from sixnet.grid.metrics import GridCounters
@@ -35,7 +36,7 @@ from sixnet.grid.storage.accounts import (
     prepare_password,
 )
 from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
-from sixnet.pki.store import CertificateStore, VerificationError
+from sixnet.pki.store import CertificateStore, VerificationError, certificate_facts
 
 SCRAM_MECHANISMS = {
     "SCRAM-SHA-256-PLUS": ("SHA-256", True),
@@ -87,8 +88,10 @@ class SaslPolicy:
                  lockout: LockoutStore, audit: AuditLog, clock: IReactorTime, secret: bytes,
                  iterations: int, failure_delay: float, allow_plain: bool,
                  revoked: Collection[str] = frozenset(),
-                 counters: GridCounters | None = None) -> None:
+                 counters: GridCounters | None = None, *,
+                 events: IEventSink | None = None) -> None:
         self.domain = domain
+        self.events = events if events is not None else EventBus()
         #: Bare JIDs refused whatever their credentials (`sixnet grid revoke`).
         self.revoked = revoked
         self.accounts = accounts
@@ -310,8 +313,39 @@ class SaslExchange:
             self.policy.counters.lockouts.inc()
             self.policy.audit.record("account-locked", user=self._user, address=self.address,
                                      seconds=self.policy.lockout.policy.seconds)
+        self._report(failure, locked)
         if self.policy.failure_delay > 0:
             await task.deferLater(self.policy.clock, self.policy.failure_delay, lambda: None)
+
+    def _report(self, failure: SaslFailure, locked: bool) -> None:
+        """One grid.login-failed event per failure, and grid.locked-out when it locked."""
+        policy = self.policy
+        user = self._user
+        if user is not None:
+            subject: str | None = (user if "@" in user else f"{user}@{policy.domain}")[:128]
+        else:
+            subject = None
+        facts = {"mechanism": (self._mechanism or "")[:40], "condition": failure.condition,
+                 "network": source_of(self.address)}
+        why = ""
+        if self._mechanism == "EXTERNAL" and self.tls.peer_chain:
+            facts.update(certificate_facts(self.tls.peer_chain[0]))
+            why = f" ({failure.text[:160]})"  # about the certificate, which is public
+            named = facts.get("names", "")
+            if subject is None and named and "," not in named:
+                subject = named  # refused before it became the account: who it claims
+        # Never a password exchange's text: a malformed SCRAM message may quote a proof.
+        policy.events.emit(SecurityEvent(
+            "grid.login-failed", subject=subject, source=self.address,
+            detail=f"SASL {facts['mechanism']} login failed: {failure.condition}{why}",
+            facts=facts, time=policy.clock.seconds()))
+        if locked:
+            seconds = policy.lockout.policy.seconds
+            policy.events.emit(SecurityEvent(
+                "grid.locked-out", subject=subject, source=self.address,
+                detail=f"logins to {subject} from {facts['network']} locked for {seconds} s",
+                facts={**facts, "limit": "lockout_after", "seconds": str(seconds)},
+                time=policy.clock.seconds()))
 
 
 def decode_payload(text: str | None) -> bytes | None:

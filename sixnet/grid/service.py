@@ -20,7 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
-from sixnet.core.events import EventBus, IEventSink
+from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.lockout import LockoutPolicy
 from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
@@ -35,7 +35,7 @@ from sixnet.grid.storage.offline import OfflineStore
 from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
 from sixnet.grid.storage.schema import prepare_broker, prepare_grid
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
-from sixnet.pki.store import CertificateStore, VerificationError
+from sixnet.pki.store import CertificateStore, VerificationError, certificate_facts
 from sixnet.pki.tls import ServerTLS
 
 log = Logger(namespace="sixnet.grid")
@@ -100,7 +100,7 @@ class GridService(MultiService):
         sasl = SaslPolicy(grid.domain, self.accounts, store, self.lockout, self.audit, clock,
                           load_secret(state_dir), grid.scram_iterations,
                           grid.failure_delay, grid.allow_plain, self.revocations.revoked,
-                          counters=self.counters)
+                          counters=self.counters, events=self.events)
         limits = Limits(
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
@@ -110,7 +110,7 @@ class GridService(MultiService):
             unauthenticated_timeout=grid.unauthenticated_timeout,
             idle_timeout=grid.idle_timeout, resume_timeout=grid.resume_timeout)
         self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
-                                clock, self.counters)
+                                clock, self.counters, events=self.events)
         self.starttls_port = ListeningService(
             "grid", grid.listen, ClientStreamFactory(self.server, direct_tls=False), owner=self)
         self.direct_tls_port = ListeningService(
@@ -140,13 +140,25 @@ class GridService(MultiService):
                 self.store.verify(list(session.certificate_chain), "client")
             except VerificationError as e:
                 self.audit.record("session-revoked", user=session.full, reason=str(e))
+                self.events.emit(SecurityEvent(
+                    "grid.platform-revoked", subject=session.bare,
+                    source=getattr(session.connection, "address", None),
+                    detail=f"session {session.full} ended: client certificate refused ({e.check})",
+                    facts={"check": e.check, **certificate_facts(session.certificate_chain[0])},
+                    time=self.clock.seconds()))
                 self.router.revoke_session(session, f"client certificate refused: {e}")
 
     def platform_revoked(self, jid: str) -> None:
         """`sixnet grid revoke` (read from the database): end the platform's sessions, remove
         its subscriptions and affiliations; SASL refuses it from now on."""
         self.audit.record("platform-revoked", user=jid)
-        for session in self.router.sessions_of(jid):
+        sessions = self.router.sessions_of(jid)
+        self.events.emit(SecurityEvent(
+            "grid.platform-revoked", subject=jid, detail=f"{jid} revoked by the operator; "
+            f"{len(sessions)} sessions ended", facts={"by": "operator",
+                                                     "sessions": str(len(sessions))},
+            time=self.clock.seconds()))
+        for session in sessions:
             self.audit.record("session-revoked", user=session.full, reason="platform revoked")
             self.router.revoke_session(session, "this platform's access has been revoked",
                                        "policy-violation")
@@ -163,7 +175,8 @@ class GridService(MultiService):
         self.broker_db = Database(grid.broker.database, base=state_dir)
         try:
             return PubSubBroker(grid.broker, grid.domain, self.broker_db,
-                                state_dir / grid.broker.audit_log, self.revocations.store)
+                                state_dir / grid.broker.audit_log, self.revocations.store,
+                                events=self.events)
         except ConfigError as e:
             # The broker checks keys together but knows only its section: name the file.
             self.broker_db.close()

@@ -35,9 +35,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.metrics import Registry
 from sixnet.core.stream.limits import AddressLimiter, TokenBucket
-from sixnet.core.stream.parser import HeaderInStream, StreamOpened, StreamParser
+from sixnet.core.stream.parser import (
+    HeaderInStream,
+    StreamOpened,
+    StreamParser,
+    XMLStreamError,
+)
 from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol, escape_text
 from sixnet.grid.jid import JIDError, parse_jid
 from sixnet.grid.metrics import GridCounters
@@ -87,6 +93,14 @@ ACK_REQUEST_BATCH = 32
 SLOW_CONSUMER_BYTES = 8 * 1024 * 1024
 
 
+#: Stream errors that answer input breaking the protocol (RFC 6120 4.9.3), reported as
+#: ``grid.hostile-input``; what the parser refuses is reported by `ClientStream.malformed`.
+#: Limits, revocations, timeouts, conflicts and shutdowns are not among them.
+HOSTILE_INPUT = frozenset({"bad-format", "bad-namespace-prefix", "invalid-from",
+                           "invalid-namespace", "invalid-xml", "not-well-formed",
+                           "restricted-xml", "unsupported-stanza-type"})
+
+
 class State(enum.Enum):
     """The machine's states, as `ClientStream.state` reports them."""
 
@@ -123,8 +137,10 @@ class C2SServer:
 
     def __init__(self, domain: str, identity: NodeIdentity, tls: ServerTLS, sasl: SaslPolicy,
                  router: Router, limits: Limits, clock: IReactorTime,
-                 counters: GridCounters | None = None) -> None:
+                 counters: GridCounters | None = None, *,
+                 events: IEventSink | None = None) -> None:
         self.domain = domain
+        self.events = events if events is not None else EventBus()
         self.identity = identity
         self.tls = tls
         self.sasl = sasl
@@ -255,6 +271,7 @@ class ClientStream(XMLStreamProtocol):
         elif not server.unauthenticated.acquire(self.address):
             log.warn("connection from {address} refused: {limit} from one address are not "
                      "authenticated yet", address=self.address, limit=server.unauthenticated.limit)
+            self._limited("max_unauthenticated_per_address", server.unauthenticated.limit)
             self._refuse("policy-violation", "too many unauthenticated connections from your "
                                              "address")
         else:
@@ -276,6 +293,7 @@ class ClientStream(XMLStreamProtocol):
         if not server.per_address.acquire(self.address):
             log.warn("{address}: login refused: {limit} authenticated connections from one "
                      "address", address=self.address, limit=server.per_address.limit)
+            self._limited("max_connections_per_address", server.per_address.limit)
             raise StreamError("policy-violation", "too many connections from your address")
         if self._slot is not None:
             self._slot.release(self.address)
@@ -364,6 +382,31 @@ class ClientStream(XMLStreamProtocol):
         self._ack_timer = None
         if self.state is State.SESSION:
             self.send(f"<r xmlns='{NS_SM}'/>".encode())
+
+    # -- security events (only built when something was detected) ----------------------------
+
+    def _event(self, kind: str, detail: str, facts: dict[str, str]) -> None:
+        self.server.events.emit(SecurityEvent(
+            kind, subject=str(self.jid) if self.jid is not None else None,
+            source=self.address, detail=detail, facts=facts, time=self.server.clock.seconds()))
+
+    def _limited(self, limit: str, value: float, **facts: str) -> None:
+        self._event("grid.rate-limited", f"{limit} ({value:g}) exceeded; stream closed",
+                    {"limit": limit, "value": f"{value:g}", **facts})
+
+    def _hostile(self, condition: str, text: str) -> None:
+        self._event("grid.hostile-input", f"stream closed: {condition}: {text[:160]}",
+                    {"condition": condition})
+
+    def malformed(self, error: XMLStreamError) -> None:
+        """The parser refused the input (malformed XML, DTD or entities, too big, too deep)."""
+        self._hostile(error.condition, error.text)
+        super().send_stream_error(error.condition, error.text)
+
+    def send_stream_error(self, condition: str, text: str = "", extra: bytes = b"") -> None:
+        if condition in HOSTILE_INPUT and not self.closed:
+            self._hostile(condition, text)
+        super().send_stream_error(condition, text, extra)
 
     def close_with_error(self, condition: str, text: str = "", extra: bytes = b"") -> None:
         """The router's name for ending the stream with a stream error."""
@@ -856,6 +899,8 @@ class ClientStream(XMLStreamProtocol):
             self.server.counters.rate_limited.inc()
             log.warn("{jid}: more than {rate} stanzas per second; closing", jid=self.jid,
                      rate=limits.stanzas_per_second)
+            self._limited("stanzas_per_second", limits.stanzas_per_second,
+                          burst=f"{limits.stanza_burst:g}")
             raise StreamError("policy-violation",
                               f"more than {limits.stanzas_per_second:g} stanzas per second")
 

@@ -22,6 +22,7 @@ from twisted.internet.error import ConnectError
 from sixnet.core.audit import AuditLog
 from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError, ConfigError
+from sixnet.core.events import EventSpool
 from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.client import DEFAULT_PORT, IRPClient, IRPConnectionError, connect, find_registry
@@ -29,6 +30,7 @@ from sixnet.irp.config import IRPSettings
 from sixnet.irp.engine.access import Caller
 from sixnet.irp.engine.credentials import hash_password, invite_hash, new_invite_code
 from sixnet.irp.engine.registry import Registry
+from sixnet.irp.service import EVENT_SPOOL
 from sixnet.irp.storage import MIGRATIONS, SQLRegistryStore
 from sixnet.irp.wire import IRPError, PersonRecord
 from sixnet.pki.ca import CAError, LabCA
@@ -412,7 +414,9 @@ def run_user_remove(args: argparse.Namespace, out: Output) -> int:
     async def body(store: SQLRegistryStore, config: IRPSettings, audit: AuditLog) -> list[str]:
         ca = LabCA.open(config.pki.lab_ca) if config.pki.lab_ca is not None else None
         certificates = CertificateStore.from_files(config.pki.trust_anchors, config.pki.crls)
-        registry = Registry(store, certificates, config.irp, audit, ca)
+        # This process has no bridge: the running registry emits the events (EventSpool).
+        spool = EventSpool(config.sixnet.state_dir / EVENT_SPOOL)
+        registry = Registry(store, certificates, config.irp, audit, ca, events=spool)
         try:
             return await registry.remove(COMMAND_LINE, user)
         except IRPError as e:

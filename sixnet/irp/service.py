@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
-from sixnet.core.events import EventBus, IEventSink
+from sixnet.core.events import EventBus, EventSpool, IEventSink
 from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database, DatabaseURLError
@@ -37,6 +37,11 @@ from sixnet.pki.tls import ServerTLS
 log = Logger(namespace="sixnet.irp")
 
 PURGE_INTERVAL = 60.0
+#: Where the registry's commands (``sixnet irp user remove``) leave their security events,
+#: under the state directory, for the running registry to emit (`EventSpool`).
+EVENT_SPOOL = "irp-events"
+#: Seconds between looks at the spool.
+SPOOL_INTERVAL = 1.0
 
 
 def host_name(identity: NodeIdentity) -> str:
@@ -57,13 +62,15 @@ class IRPService(MultiService):
     """Owns the registry's database, audit log, purge timer and listening ports."""
 
     def __init__(self, registry: Registry, factory: IRPServerFactory,
-                 listen: list[str]) -> None:
+                 listen: list[str], spool: EventSpool | None = None) -> None:
         super().__init__()
         self.setName("irp")
         self.registry = registry
         self.factory = factory
         self.listening = ListeningService("irp", listen, factory, owner=self)
         self._purge = task.LoopingCall(self._purge_expired)
+        self.spool = spool
+        self._spooled = task.LoopingCall(self._deliver_spooled)
         self.ready: defer.Deferred[None] = defer.Deferred()
 
     def startService(self) -> None:
@@ -77,6 +84,8 @@ class IRPService(MultiService):
             return
         self.listening.setServiceParent(self)
         self._purge.start(PURGE_INTERVAL, now=False)
+        if self.spool is not None:
+            self._spooled.start(SPOOL_INTERVAL, now=True)
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
@@ -87,9 +96,15 @@ class IRPService(MultiService):
         d.addErrback(lambda f: log.failure("purging expired registrations", f))
         return d
 
+    def _deliver_spooled(self) -> None:
+        assert self.spool is not None
+        self.spool.deliver(self.registry.events)
+
     async def _stop(self) -> None:
         if self._purge.running:
             self._purge.stop()
+        if self._spooled.running:
+            self._spooled.stop()
         await defer.maybeDeferred(super().stopService)
         for protocol in list(self.factory.protocols):
             protocol.transport.loseConnection()
@@ -140,9 +155,9 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
         section = dataclasses.replace(section, answer_cache=0)
     audit = AuditLog(state_dir / section.audit_log)
     registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor,
-                        counters=IRPCounters(metrics))
+                        counters=IRPCounters(metrics), events=events)
     signer = ResponseSigner(identity.key, identity.certificate)
     factory = IRPServerFactory(registry, ServerTLS(store, identity, "requested"), signer,
                                host_name(identity), reactor=reactor)
     register_gauges(metrics, lambda: len(factory.protocols), lambda: len(registry.watches))
-    return IRPService(registry, factory, section.listen)
+    return IRPService(registry, factory, section.listen, EventSpool(state_dir / EVENT_SPOOL))

@@ -66,6 +66,19 @@ class VerificationError(ConditionError):
         return self.text
 
 
+def certificate_facts(cert: x509.Certificate) -> dict[str, str]:
+    """What a security event says of a certificate: serial (hex, as openssl prints it),
+    issuer, and the people it names (public: certificates travel in the clear)."""
+    facts = {"serial": serial_hex(cert.serial_number), "issuer": cert.issuer.rfc4514_string()}
+    try:
+        names = user_ids_in(cert)
+    except ValueError:  # a malformed extension: the certificate is refused anyway
+        names = set()
+    if names:
+        facts["names"] = ",".join(sorted(names))[:200]
+    return facts
+
+
 @dataclass(frozen=True)
 class VerifiedPeer:
     """What a successful verification proves: who the peer is and the path that shows it."""

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
+from sixnet.core.events import IEventSink
 from sixnet.core.storage.database import Database
 from sixnet.grid.component import IComponent, IRouter
 from sixnet.grid.pubsub.config import BrokerConfig
@@ -62,12 +63,13 @@ class PubSubBroker:
 
     def __init__(self, config: BrokerConfig, domain: str, database: Database,
                  audit_log: Path, revocations: RevocationStore, *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 events: IEventSink | None = None) -> None:
         if config.default_access_model == "open" and not config.open_access:
             raise ConfigError("[grid.broker]", "default_access_model",
                               "'open' needs open_access = true")
         self.domain = f"{config.subdomain}.{domain}"
-        self.engine = PubSubEngine(self.domain, config, clock=clock)
+        self.engine = PubSubEngine(self.domain, config, clock=clock, events=events)
         self.database = database
         self.revocations = revocations
         self.store: IPubSubStore = SQLPubSubStore(database, revocations)

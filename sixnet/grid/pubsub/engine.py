@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 from twisted.logger import Logger
 
+from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.timefmt import rfc3339
 from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.config import BrokerConfig
@@ -209,8 +210,11 @@ class PubSubEngine:
 
     def __init__(self, service: str, config: BrokerConfig, *,
                  clock: Callable[[], float] = time.time,
-                 rate_limits: RateLimits | None = None) -> None:
+                 rate_limits: RateLimits | None = None,
+                 events: IEventSink | None = None) -> None:
         self.service = service
+        #: Where refusals worth a security team's attention go (a sink never blocks).
+        self.events = events if events is not None else EventBus()
         self.config = config
         self.clock = clock
         models = ("authorize", "whitelist") + (("open",) if config.open_access else ())
@@ -311,6 +315,12 @@ class PubSubEngine:
                     log.warn("rate limit: platform {platform} exceeded its {kind} rate",
                              platform=bare(request.sender), kind=operation,
                              alert="rate-limit")
+                rate, burst = self.rate_limits.limit(operation)
+                self.events.emit(SecurityEvent(
+                    "grid.rate-limited", subject=bare(request.sender),
+                    detail=f"{operation} rate limit of the broker exceeded",
+                    facts={"limit": f"{operation}-rate", "operation": operation,
+                           "value": f"{rate:g}", "burst": f"{burst:g}"}, time=self.clock()))
                 raise PubSubError("policy-violation", text=f"{operation} rate limit exceeded")
 
     # -- dispatch ----------------------------------------------------------------------------

@@ -133,6 +133,10 @@ class RateLimits:
         self.refusals[kind] += 1
         return False, first
 
+    def limit(self, kind: str) -> tuple[float, float]:
+        """The (rate per second, burst) of `kind`."""
+        return self._limits[kind]
+
     def forget_idle(self) -> None:
         """Drop full buckets (platforms idle long enough to have their whole burst back)."""
         now = self._clock()

@@ -21,6 +21,7 @@ from twisted.internet import task, threads
 from twisted.logger import Logger
 
 from sixnet.core.audit import AuditLog
+from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.lockout import source_of
 from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.timefmt import rfc3339
@@ -60,9 +61,14 @@ from sixnet.irp.wire import (
     element,
     person_payload,
 )
-from sixnet.pki.ca import CAError, LabCA
+from sixnet.pki.ca import CAError, LabCA, serial_hex
 from sixnet.pki.keys import certificates_pem
-from sixnet.pki.store import CertificateStore, VerificationError, VerifiedPeer
+from sixnet.pki.store import (
+    CertificateStore,
+    VerificationError,
+    VerifiedPeer,
+    certificate_facts,
+)
 
 log = Logger(namespace="sixnet.irp")
 
@@ -76,7 +82,8 @@ class Registry:
     def __init__(self, store: IRegistryStore, certificates: CertificateStore,
                  config: IRPConfig, audit: AuditLog, ca: LabCA | None = None,
                  clock: Callable[[], float] = time.time, reactor: Any = None,
-                 counters: IRPCounters | None = None) -> None:
+                 counters: IRPCounters | None = None, *,
+                 events: IEventSink | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -85,6 +92,8 @@ class Registry:
         self.certificates = certificates
         self.config = config
         self.audit = audit
+        #: Where what the registry detects goes (`_event`); a private bus by default.
+        self.events = events if events is not None else EventBus()
         self.ca = ca
         self.counters = counters if counters is not None else IRPCounters(MetricsRegistry())
         self.clock = clock
@@ -121,6 +130,11 @@ class Registry:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def _event(self, kind: str, caller: Caller, subject: str | None, detail: str,
+               **facts: str) -> None:
+        self.events.emit(SecurityEvent(kind, subject=subject, source=caller.peer,
+                                       detail=detail, facts=facts, time=self.clock()))
+
     # -- authentication ---------------------------------------------------------------------
 
     async def authenticate(self, chain: list[x509.Certificate], peer: str) -> Caller:
@@ -131,6 +145,11 @@ class Registry:
             self.counters.certificate_refused.inc()
             self.audit.record("authenticate", outcome="refused", actor=ANONYMOUS, peer=peer,
                               check=e.check, detail=e.detail)
+            if chain:
+                facts = certificate_facts(chain[0])
+                self._event("irp.certificate-refused", Caller(peer), _named(facts),
+                            f"client certificate refused: {e.detail}"[:200], check=e.check,
+                            **facts)
             raise
         serial = format(verified.certificate.serial_number, "X")
         row = await self.store.certificate(serial)
@@ -139,6 +158,9 @@ class Registry:
             self.counters.certificate_refused.inc()
             self.audit.record("authenticate", outcome="refused", actor=verified.identity,
                               peer=peer, check="revoked", serial=serial)
+            self._event("irp.certificate-refused", Caller(peer), verified.identity,
+                        f"client certificate {serial} of {verified.identity} was revoked",
+                        check="revoked", **certificate_facts(verified.certificate))
             raise VerificationError("revoked", f"certificate {serial} was revoked")
         if row is None:
             # A certificate from the CA but not through this registry: the registry learns it,
@@ -180,7 +202,7 @@ class Registry:
         """Slow down a refused credential so guessing is expensive."""
         await task.deferLater(self.reactor, self.lockout.delay, lambda: None)
 
-    async def _check_password(self, caller: Caller, user: str, password: str) -> None:
+    async def _check_password(self, caller: Caller, user: str, password: str, op: str) -> None:
         """Check `user`'s password, counting failures per user id and source network: the
         same reads, hash, writes and answers whether or not `user` has an account."""
         source = source_of(caller.peer)
@@ -202,8 +224,18 @@ class Registry:
         self.counters.password_refused.inc()
         self.audit.record("password", outcome="refused", actor=caller.actor, peer=caller.peer,
                           target=user, source=source, failures=failures.count)
+        locked = self.lockout.refuses(failures, now)
+        self._event("irp.login-failed", caller, user, f"wrong password for {user} ({op})",
+                    operation=op, credential="password", network=source,
+                    failures=str(failures.count))
+        if locked:
+            self._event("irp.locked-out", caller, user,
+                        f"logins to {user} from {source} locked for "
+                        f"{self.lockout.seconds} s after {failures.count} failures",
+                        operation=op, network=source, failures=str(failures.count),
+                        limit="lockout_after", seconds=str(self.lockout.seconds))
         await self._delay()
-        if self.lockout.refuses(failures, now):
+        if locked:
             self.counters.lockouts.inc()
             raise IRPError("locked", f"logins to {user} from this network are locked after "
                                      f"{failures.count} failures")
@@ -232,18 +264,24 @@ class Registry:
         self.answers.forget(user)
         self.audit.record(event, outcome="ok", actor=caller.identity or user, peer=caller.peer,
                           target=user, serial=serial)
+        self._event("irp.certificate-issued", caller, user,
+                    f"certificate {serial} issued to {user} ({event})", operation=event,
+                    not_after=rfc3339(leaf.not_valid_after_utc), **certificate_facts(leaf))
         return [certificate_element(c) for c in chain]
 
     async def op_enroll(self, caller: Caller, request: EnrollRequest) -> list[etree._Element]:
         self._require_ca()
         _check_key(request.csr.public_key())
         if request.password is not None:
-            await self._check_password(caller, request.user, request.password)
+            await self._check_password(caller, request.user, request.password, "enroll")
         else:
             assert request.code is not None
             if not await self.store.consume_invite(invite_hash(request.code), request.user,
                                                    self.now_ms()):
                 self.counters.password_refused.inc()
+                self._event("irp.login-failed", caller, request.user,
+                            f"wrong enrollment code for {request.user}", operation="enroll",
+                            credential="code", network=source_of(caller.peer))
                 await self._delay()  # audited by handle() with the other refusals
                 raise IRPError("not-authorized", "the enrollment code is wrong, expired or "
                                                  "used already")
@@ -272,12 +310,12 @@ class Registry:
             raise IRPError("forbidden", f"certificate {serial} belongs to someone else")
         if row.revoked is not None:
             raise IRPError("conflict", f"certificate {serial} is revoked already")
-        await self._revoke_row(row, "IRP revoke")
+        await self._revoke_row(caller, row, "IRP revoke")
         self.audit.record("revoke", outcome="ok", actor=caller.actor, peer=caller.peer,
                           target=row.person, serial=serial)
         return [element("revoked", {"serial": serial, "user": row.person})]
 
-    async def _revoke_row(self, row: CertificateRow, reason: str) -> None:
+    async def _revoke_row(self, caller: Caller, row: CertificateRow, reason: str) -> None:
         if self.ca is not None:
             ca = self.ca
             try:
@@ -288,6 +326,13 @@ class Registry:
         await self.store.mark_revoked(row.serial, self.now_ms())
         self.answers.forget(row.person)
         self.certificates.reload_crls()
+        facts = {"serial": serial_hex(int(row.serial, 16)), "reason": reason, "by": caller.actor}
+        try:
+            facts["issuer"] = x509.load_pem_x509_certificate(row.chain_pem).issuer.rfc4514_string()
+        except ValueError:
+            pass  # a row without a readable chain: the serial says which
+        self._event("irp.certificate-revoked", caller, row.person,
+                    f"certificate {row.serial} of {row.person} revoked ({reason})", **facts)
 
     async def op_certificates(self, caller: Caller,
                               request: CertificatesRequest) -> list[etree._Element]:
@@ -393,7 +438,7 @@ class Registry:
                             request: BackupGetRequest) -> list[etree._Element]:
         if request.password is not None:
             assert request.user is not None
-            await self._check_password(caller, request.user, request.password)
+            await self._check_password(caller, request.user, request.password, "backup-get")
             person = request.user
         elif caller.identity is None:
             raise IRPError("not-authorized", "backup-get needs a client certificate or the "
@@ -435,12 +480,16 @@ class Registry:
         revoked = []
         for row in view.certificates:
             if row.revoked is None:
-                await self._revoke_row(row, "IRP user removed")
+                await self._revoke_row(caller, row, "IRP user removed")
                 revoked.append(row.serial)
         await self.store.remove_person(person)
         self.answers.forget(person)
         self.audit.record("remove", outcome="ok", actor=caller.actor, peer=caller.peer,
                           target=person, revoked=revoked)
+        self._event("irp.user-removed", caller, person,
+                    f"{person} removed by {caller.actor}; {len(revoked)} certificates revoked",
+                    by=caller.actor, certificates=str(len(revoked)),
+                    revoked=",".join(revoked)[:300])
         return revoked
 
 
@@ -451,3 +500,9 @@ def _check_key(public: object) -> None:
             raise IRPError("bad-request", "RSA keys must be at least 2048 bits")
     elif not isinstance(public, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
         raise IRPError("bad-request", "only RSA, ECDSA and Ed25519 keys can be certified")
+
+
+def _named(facts: dict[str, str]) -> str | None:
+    """The one person a (refused) certificate names, if it names exactly one."""
+    names = facts.get("names", "")
+    return names if names and "," not in names else None
