@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sixnet.grid.client.stream import ClientStream as GridClientStream
 from sixnet.grid.stream import ClientStream, State
 from sixnet.irp.client import _ClientProtocol
 from sixnet.irp.protocol import IRPServerProtocol
@@ -151,8 +152,50 @@ def irp_client_expected() -> dict:
     return rows
 
 
+GRID_CLIENT_ELEMENTS = ("got_features", "got_proceed", "got_tls_failure", "got_challenge",
+                        "got_success", "got_sasl_failure", "got_stanza", "got_other")
+GRID_CLIENT_INPUTS = (*GRID_CLIENT_ELEMENTS, "got_stream_error", "go_direct", "tls_verified",
+                      "bound", "needs_session", "end")
+GRID_CLIENT_ALLOWED = {
+    ("clear", "go_direct"): ("tls-handshake", ("_start_direct",)),
+    ("clear", "got_features"): ("starttls", ("_ask_starttls",)),
+    ("starttls", "got_proceed"): ("tls-handshake", ("_start_tls",)),
+    ("starttls", "got_tls_failure"): ("closed", ("_tls_refused",)),
+    ("tls-handshake", "tls_verified"): ("tls-features", ("_send_header",)),
+    ("tls-features", "got_features"): ("sasl", ("_authenticate",)),
+    ("sasl", "got_challenge"): ("sasl", ("_respond",)),
+    ("sasl", "got_success"): ("bound-features", ("_authenticated",)),
+    ("sasl", "got_sasl_failure"): ("closed", ("_sasl_refused",)),
+    ("bound-features", "got_features"): ("binding", ("_bind",)),
+    ("binding", "got_stanza"): ("binding", ("_bind_answer",)),
+    ("binding", "bound"): ("ready", ("_ready",)),
+    ("binding", "needs_session"): ("session-iq", ()),
+    ("session-iq", "got_stanza"): ("session-iq", ("_session_answer",)),
+    ("session-iq", "bound"): ("ready", ("_ready",)),
+    ("ready", "got_stanza"): ("ready", ("_deliver",)),
+    ("ready", "got_other"): ("ready", ("_ignore",)),
+}
+GRID_CLIENT_ACCEPTED = {
+    "clear": ("got_features",), "starttls": ("got_proceed", "got_tls_failure"),
+    "tls-handshake": (), "tls-features": ("got_features",),
+    "sasl": ("got_challenge", "got_success", "got_sasl_failure"),
+    "bound-features": ("got_features",), "binding": ("got_stanza",),
+    "session-iq": ("got_stanza",), "ready": ("got_stanza", "got_other"),
+}
+
+
+def grid_client_expected() -> dict:
+    refused = {state: ("_unexpected", tuple(n for n in GRID_CLIENT_ELEMENTS if n not in names))
+               for state, names in GRID_CLIENT_ACCEPTED.items()}
+    rows = expected(GRID_CLIENT_ALLOWED, refused, "closed", GRID_CLIENT_INPUTS, ("end",))
+    for state in GRID_CLIENT_ACCEPTED:
+        rows[state, "got_stream_error"] = ("closed", ("_server_error",))
+    return rows
+
+
 MACHINES = {
     "grid c2s": (ClientStream, grid_expected),
+    "grid client": (GridClientStream, grid_client_expected),
     "IRP server": (IRPServerProtocol, irp_server_expected),
     "IRP client": (_ClientProtocol, irp_client_expected),
 }
@@ -176,6 +219,14 @@ IMPOSSIBLE = {
     },
     "IRP client": {
         *((s, "server_verified") for s in ("clear", "starttls", "open")),
+    },
+    "grid client": {
+        # go_direct only right after connecting; tls_verified only after the handshake;
+        # bound and needs_session only from the bind (or session) answer.
+        *((s, "go_direct") for s in GRID_CLIENT_ACCEPTED if s != "clear"),
+        *((s, "tls_verified") for s in GRID_CLIENT_ACCEPTED if s != "tls-handshake"),
+        *((s, "bound") for s in GRID_CLIENT_ACCEPTED if s not in ("binding", "session-iq")),
+        *((s, "needs_session") for s in GRID_CLIENT_ACCEPTED if s != "binding"),
     },
 }
 

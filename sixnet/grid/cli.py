@@ -25,6 +25,7 @@ from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError
 from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 from sixnet.core.timefmt import rfc3339
+from sixnet.grid.client import cli as lab_cli
 from sixnet.grid.config import GridSettings
 from sixnet.grid.storage.accounts import (
     AccountError,
@@ -74,6 +75,7 @@ def register(commands: Any) -> None:
     what.add_argument("--undo", action="store_true",
                       help="lift the revocation (removed subscriptions stay removed)")
     what.add_argument("--list", action="store_true", help="list the revoked platforms")
+    lab_cli.register(grid)  # the lab client: topics, publish, follow... (docs/gridclient.rst)
 
 
 def checked_name(name: str) -> str:

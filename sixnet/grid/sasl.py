@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import task, threads
 from twisted.internet.interfaces import IReactorTime
 
@@ -46,17 +43,6 @@ SCRAM_MECHANISMS = {
 }
 #: A stream may fail this many times; the next failure closes it (RFC 6120 6.4.5).
 MAX_FAILURES_PER_STREAM = 3
-
-
-def server_end_point(certificate: x509.Certificate) -> bytes:
-    """RFC 5929 tls-server-end-point: the certificate's hash with its signature's hash
-    (SHA-256 for MD5, SHA-1, or a signature without a separate hash such as Ed25519)."""
-    algorithm = certificate.signature_hash_algorithm
-    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
-        name = "sha256"
-    else:
-        name = algorithm.name
-    return hashlib.new(name, certificate.public_bytes(Encoding.DER)).digest()
 
 
 @dataclass(frozen=True)

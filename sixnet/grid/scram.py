@@ -6,7 +6,9 @@ hash, a salt, an iteration count, StoredKey = H(HMAC(SaltedPassword, "Client Key
 ServerKey = HMAC(SaltedPassword, "Server Key"). Proofs are compared in constant time.
 
 `ScramExchange` is a pure object: it is fed the client's messages and returns the server's,
-or raises `SaslFailure` with the RFC 6120 section 6.5 condition the stream must send.
+or raises `SaslFailure` with the RFC 6120 section 6.5 condition the stream must send. The
+client side (`sixnet.grid.client.sasl`) uses the same key derivation (`scram_keys`), name
+escaping and attribute parsing.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 
 HASHES = {"SHA-1": "sha1", "SHA-256": "sha256"}
 
@@ -42,17 +48,39 @@ class ScramCredentials:
     def derive(cls, hash_name: str, password: str, iterations: int,
                salt: bytes | None = None) -> ScramCredentials:
         """Derive the stored keys from a (SASLprep-normalised) password."""
-        algo = HASHES[hash_name]
         salt = salt if salt is not None else os.urandom(16)
-        salted = hashlib.pbkdf2_hmac(algo, password.encode("utf-8"), salt, iterations)
-        client_key = hmac.digest(salted, b"Client Key", algo)
-        return cls(salt, iterations, hashlib.new(algo, client_key).digest(),
-                   hmac.digest(salted, b"Server Key", algo))
+        client_key, server_key = scram_keys(hash_name, password, salt, iterations)
+        return cls(salt, iterations, hashlib.new(HASHES[hash_name], client_key).digest(),
+                   server_key)
 
     def check_password(self, hash_name: str, password: str) -> bool:
         """For PLAIN: derive again with the stored salt and compare in constant time."""
         again = ScramCredentials.derive(hash_name, password, self.iterations, self.salt)
         return hmac.compare_digest(again.stored_key, self.stored_key)
+
+
+def server_end_point(certificate: x509.Certificate) -> bytes:
+    """RFC 5929 tls-server-end-point: the certificate's hash with its signature's hash
+    (SHA-256 for MD5, SHA-1, or a signature without a separate hash such as Ed25519)."""
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None or isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        name = "sha256"
+    else:
+        name = algorithm.name
+    return hashlib.new(name, certificate.public_bytes(Encoding.DER)).digest()
+
+
+def scram_keys(hash_name: str, password: str, salt: bytes,
+               iterations: int) -> tuple[bytes, bytes]:
+    """RFC 5802 3: ClientKey and ServerKey from a (SASLprep-normalised) password."""
+    algo = HASHES[hash_name]
+    salted = hashlib.pbkdf2_hmac(algo, password.encode("utf-8"), salt, iterations)
+    return hmac.digest(salted, b"Client Key", algo), hmac.digest(salted, b"Server Key", algo)
+
+
+def encode_saslname(value: str) -> str:
+    """RFC 5802 5.1: ',' is written ``=2C`` and '=' is written ``=3D``."""
+    return value.replace("=", "=3D").replace(",", "=2C")
 
 
 def decode_saslname(value: str) -> str:
@@ -77,7 +105,7 @@ def decode_saslname(value: str) -> str:
     return "".join(out)
 
 
-def _attributes(message: str, expected: str) -> list[tuple[str, str]]:
+def parse_attributes(message: str, expected: str) -> list[tuple[str, str]]:
     """Split ``a=1,b=2`` into pairs and check the leading attribute names."""
     pairs = []
     for part in message.split(","):
@@ -148,7 +176,7 @@ class ScramExchange:
                 raise SaslFailure("malformed-request", "bad authzid in the GS2 header")
             self.authzid = decode_saslname(authz[2:])
         self.gs2_header = f"{flag},{authz},".encode()
-        attrs = _attributes(bare, "nr")
+        attrs = parse_attributes(bare, "nr")
         if attrs[0][1] == "" or attrs[1][1] == "":
             raise SaslFailure("malformed-request", "empty user name or nonce")
         if any(n == "m" for n, _ in attrs):
@@ -186,7 +214,7 @@ class ScramExchange:
         without_proof, sep, proof_attr = text.rpartition(",p=")
         if not sep:
             raise SaslFailure("malformed-request", "no proof")
-        attrs = _attributes(without_proof, "cr")
+        attrs = parse_attributes(without_proof, "cr")
         if attrs[1][1] != self.nonce:
             raise SaslFailure("not-authorized", "nonce mismatch")
         expected_cb = self.gs2_header

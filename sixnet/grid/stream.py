@@ -56,9 +56,8 @@ from sixnet.grid.sasl import (
     Success,
     TLSFacts,
     decode_payload,
-    server_end_point,
 )
-from sixnet.grid.scram import SaslFailure
+from sixnet.grid.scram import SaslFailure, server_end_point
 from sixnet.grid.xmpp import (
     NS_BIND,
     NS_CLIENT,
