@@ -43,7 +43,7 @@ def test_defaults_and_relative_paths(tmp_path: Path, base: str) -> None:
     ('[grid]\nenabled = "yes"\n', "FILE: grid.enabled: expected true or false, got string 'yes'"),
     ('[sixnet]\nlog_format = "xml"\n', "FILE: sixnet.log_format: 'xml' is not one of text, json"),
     ("[nonsense]\n", "FILE: nonsense: unknown section (known: sixnet, pki, irp, chat, grid, "
-                     "bridge)"),
+                     "bridge, metrics)"),
     ('[grid]\nenabled = true\nidentity = "nobody"\n',
      "FILE: grid.identity: no [pki.identities.nobody] table defines it"),
     ('[grid.broker]\nsubdomian = "b"\n', "FILE: grid.broker.subdomian: unknown key"),

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from sixnet.bridge.config import BridgeConfig
 from sixnet.chat.config import ChatConfig
-from sixnet.core.config import DEFAULT_CONFIG, CoreConfig, PKIConfig, read_sections
+from sixnet.core.config import (
+    DEFAULT_CONFIG,
+    CoreConfig,
+    MetricsConfig,
+    PKIConfig,
+    read_sections,
+)
 from sixnet.core.errors import ConfigError
 from sixnet.core.settings import ServiceConfig
 from sixnet.grid.config import GridConfig
@@ -28,6 +34,7 @@ class Config:
     chat: ChatConfig
     grid: GridConfig
     bridge: BridgeConfig
+    metrics: MetricsConfig
 
     def service(self, name: str) -> ServiceConfig:
         return typing.cast(ServiceConfig, getattr(self, name))
@@ -40,6 +47,7 @@ SECTIONS: dict[str, type] = {
     "chat": ChatConfig,
     "grid": GridConfig,
     "bridge": BridgeConfig,
+    "metrics": MetricsConfig,
 }
 #: In the order they are built: a service comes after those it is handed (`root.NEEDS`).
 SERVICES = ("irp", "chat", "grid", "bridge")

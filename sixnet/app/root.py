@@ -21,7 +21,8 @@ from sixnet.app.config import SERVICES, Config
 from sixnet.bridge.service import make_service as make_bridge
 from sixnet.chat.service import make_service as make_chat
 from sixnet.core.events import EventBus
-from sixnet.core.metrics import Registry
+from sixnet.core.metrics import Registry, register_process_metrics
+from sixnet.core.metrics_http import metrics_service
 from sixnet.grid.service import make_service as make_grid
 from sixnet.irp.service import make_service as make_irp
 from sixnet.pki.store import CertificateStore, store_from_config
@@ -57,6 +58,7 @@ class SixnetService(MultiService):
         self.store = store
         self.events = EventBus()
         self.metrics = Registry()
+        register_process_metrics(self.metrics)
         self._previous_handlers: dict[int, Any] = {}
         # CRLs change under a running process (sixnet pki revoke, a CA's cron job): look.
         TimerService(config.pki.crl_refresh, self.refresh_crls).setServiceParent(self)
@@ -120,7 +122,8 @@ class SixnetService(MultiService):
 
 
 def make_root(config: Config, only: str | None = None) -> SixnetService:
-    """Build the root service with the enabled services (or just `only`)."""
+    """Build the root service with the enabled services (or just `only`), and the metrics
+    endpoint when ``[metrics]`` enables it."""
     store = store_from_config(config)
     root = SixnetService(config, store)
     names = [only] if only else [n for n in SERVICES if config.service(n).enabled]
@@ -133,4 +136,6 @@ def make_root(config: Config, only: str | None = None) -> SixnetService:
             child.setName(name)
         child.setServiceParent(root)
         built[name] = child
+    if config.metrics.enabled:
+        metrics_service(config.metrics.listen, root.metrics).setServiceParent(root)
     return root

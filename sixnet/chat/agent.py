@@ -31,11 +31,13 @@ from sixnet.chat.alerts import Alert
 from sixnet.chat.directory import IPeerDirectory, PeerAddress, PeerRecord
 from sixnet.chat.handshake import DEFAULT_POLICY, HandshakePolicy
 from sixnet.chat.messages import NS
+from sixnet.chat.metrics import ChatCounters, handshake_outcome
 from sixnet.chat.policy import OPEN_POLICY, PeerPolicy
 from sixnet.chat.protocol import SessionFactory, SessionProtocol
 from sixnet.chat.session import Session, SessionTransport, own_user_id
 from sixnet.chat.store import MessageStore, StoredMessage
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
+from sixnet.core.metrics import Registry
 from sixnet.core.timefmt import parse_rfc3339
 from sixnet.pki.identity import normalize_user_id
 from sixnet.pki.store import CertificateStore, NodeIdentity, VerifiedPeer, certificate_facts
@@ -106,9 +108,11 @@ class Agent:
 
     def __init__(self, identity: NodeIdentity, store: CertificateStore,
                  messages: MessageStore, directory: IPeerDirectory, reactor: Any,
-                 settings: AgentSettings | None = None, *,
+                 settings: AgentSettings | None = None,
+                 counters: ChatCounters | None = None, *,
                  events: IEventSink | None = None) -> None:
         self.identity = identity
+        self.counters = counters if counters is not None else ChatCounters(Registry())
         #: Where the security events of this agent's sessions go (`_detected`).
         self.events = events if events is not None else EventBus()
         self.store = store
@@ -432,6 +436,7 @@ class Agent:
                 continue
             if not session.send_stanza(encode_message(message)):
                 return
+            self.counters.sent.inc()
             sent.add(message.id)
 
     # -- SessionOwner ------------------------------------------------------------------------
@@ -446,6 +451,7 @@ class Agent:
     def session_established(self, session: Session) -> None:
         peer = session.peer_id
         assert peer is not None
+        self.counters.handshakes["established"].inc()
         log.info("session with {peer} ({role}, {method}, {cipher})", peer=peer,
                  role=session.role, method=session.method, cipher=session.cipher)
         waiter = self._waiters.pop(session, None)
@@ -479,6 +485,8 @@ class Agent:
         waiter = self._waiters.pop(session, None)
         if waiter is not None:
             waiter.callback(False)
+        if session.records is None:  # ended in the handshake
+            self.counters.handshakes[handshake_outcome(reason)].inc()
         peer = session.peer_id
         if peer is None:
             return
@@ -553,6 +561,7 @@ class Agent:
         def stored(result: tuple[StoredMessage, bool]) -> None:
             message, new = result
             if new:
+                self.counters.received.inc()
                 self._notify("received", message)
             session.send_stanza(encode_receipt(message_id))
 

@@ -26,6 +26,7 @@ from sixnet.chat.config import ChatConfig, ChatSettings
 from sixnet.chat.control import ControlFactory
 from sixnet.chat.directory import IPeerDirectory, PeerAddress
 from sixnet.chat.handshake import HandshakePolicy
+from sixnet.chat.metrics import ChatCounters
 from sixnet.chat.policy import PeerPolicy
 from sixnet.chat.session import own_user_id
 from sixnet.chat.store import MessageStore
@@ -141,7 +142,8 @@ class Registration:
 class ChatService(MultiService):
     def __init__(self, chat: ChatConfig, identity: NodeIdentity, store: CertificateStore,
                  db: Database, directory: IPeerDirectory, control_path: Path,
-                 reactor: Any = None, *, events: IEventSink | None = None) -> None:
+                 reactor: Any = None, counters: ChatCounters | None = None, *,
+                 events: IEventSink | None = None) -> None:
         super().__init__()
         self.setName("chat")
         if reactor is None:
@@ -162,7 +164,7 @@ class ChatService(MultiService):
             policy=HandshakePolicy(tuple(chat.key_agreement), tuple(chat.ciphers)),
             peers=PeerPolicy.from_lists(chat.allow, chat.deny))
         self.agent = Agent(identity, store, MessageStore(db), directory, reactor, settings,
-                           events=events)
+                           counters, events=events)
         self.ports: list[IListeningPort] = []
         self.control_port: IListeningPort | None = None
         self.registration = Registration(
@@ -266,5 +268,8 @@ def make_service(config: ChatSettings, store: CertificateStore, *,
         db = Database(chat.database, base=config.sixnet.state_dir)
     except DatabaseURLError as e:
         raise ConfigError(str(config.path), "chat.database", str(e)) from None
-    return ChatService(chat, identity, store, db, directory, control_socket_path(config),
-                       reactor, events=events)
+    counters = ChatCounters(metrics if metrics is not None else MetricsRegistry())
+    service = ChatService(chat, identity, store, db, directory, control_socket_path(config),
+                          reactor, counters, events=events)
+    counters.register_gauges(lambda: len(service.agent.sessions))
+    return service

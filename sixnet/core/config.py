@@ -6,8 +6,8 @@ returning a problem or None), ``must_exist`` for files, and ``doc``. Paths are r
 directory of the configuration file. Every problem is reported as one `ConfigError` line naming
 the file, the key and what is wrong.
 
-This module knows the process-wide sections (``[sixnet]`` and ``[pki]``) and how to read any
-section; the aggregate of every service's section lives in the composition root
+This module knows the process-wide sections (``[sixnet]``, ``[pki]`` and ``[metrics]``) and
+how to read any section; the aggregate of every service's section lives in the composition root
 (`sixnet.app.config`).
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sixnet.core.errors import ConfigError
-from sixnet.core.settings import one_of, positive, setting
+from sixnet.core.settings import endpoint_check, one_of, positive, setting
 
 DEFAULT_CONFIG = Path("etc/sixnet.toml")
 
@@ -37,6 +37,18 @@ class CoreConfig:
 
     state_dir: Path = setting(Path("../state"), doc="where databases and generated keys live")
     log_format: str = setting("text", check=one_of("text", "json"))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint (``GET /metrics``), off by default.
+
+    It has no authentication: it listens on loopback unless told otherwise.
+    """
+
+    enabled: bool = setting(False)
+    listen: str = setting("tcp:9464:interface=127.0.0.1", check=endpoint_check,
+                          doc="a twistd server endpoint string")
 
 
 @dataclass(frozen=True)

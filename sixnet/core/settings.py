@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _endpoint_problem(value: str) -> str | None:
+def endpoint_check(value: str) -> str | None:
     """Check a twistd server endpoint string, as `serverFromString` would read it."""
     from twisted.internet import endpoints
 
@@ -32,7 +32,7 @@ def _endpoint_problem(value: str) -> str | None:
 
 def endpoints_check(values: list[str]) -> str | None:
     for value in values:
-        problem = _endpoint_problem(value)
+        problem = endpoint_check(value)
         if problem:
             return problem
     return None

@@ -562,6 +562,11 @@ class Router:
         d.addErrback(lambda f: log.failure("routing failed", failure=f))
         d.addBoth(lambda _: self._pending.discard(d))
 
+    @property
+    def pending(self) -> int:
+        """Offline writes (and reads) in flight."""
+        return len(self._pending)
+
     def drain(self) -> defer.Deferred[Any]:
         """Wait for offline writes in flight (the service calls this before closing storage)."""
         return defer.DeferredList(list(self._pending))

@@ -21,7 +21,9 @@ from twisted.internet.interfaces import IReactorTime
 from sixnet.core.audit import AuditLog
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.lockout import Failures, source_of
+from sixnet.core.metrics import Registry
 from sixnet.grid.jid import JID, JIDError, parse_jid
+from sixnet.grid.metrics import GridCounters
 from sixnet.grid.scram import SaslFailure, ScramExchange
 from sixnet.grid.storage.accounts import (
     AccountError,
@@ -71,7 +73,8 @@ class SaslPolicy:
     def __init__(self, domain: str, accounts: AccountStore, store: CertificateStore,
                  lockout: LockoutStore, audit: AuditLog, clock: IReactorTime, secret: bytes,
                  iterations: int, failure_delay: float, allow_plain: bool,
-                 revoked: Collection[str] = frozenset(), *,
+                 revoked: Collection[str] = frozenset(),
+                 counters: GridCounters | None = None, *,
                  events: IEventSink | None = None) -> None:
         self.domain = domain
         self.events = events if events is not None else EventBus()
@@ -86,6 +89,7 @@ class SaslPolicy:
         self.iterations = iterations
         self.failure_delay = failure_delay
         self.allow_plain = allow_plain
+        self.counters = counters if counters is not None else GridCounters(Registry())
 
     def mechanisms(self, tls: TLSFacts) -> list[str]:
         offered = []
@@ -273,6 +277,7 @@ class SaslExchange:
     async def _succeeded(self, jid: JID, data: bytes, binding: str | None) -> Success:
         if self._failures is None or self._failures.count:
             await self.policy.lockout.succeeded(jid.local or "", self.address)
+        self.policy.counters.login(self._mechanism, True)
         self.policy.audit.record("auth-success", user=str(jid), mechanism=self._mechanism,
                                  channel_binding=binding, tls=self.tls.version,
                                  address=self.address)
@@ -286,10 +291,12 @@ class SaslExchange:
                 failure.condition == "not-authorized":
             lockout = self.policy.lockout
             locked = lockout.locked(await lockout.failed(self._user, self.address))
+        self.policy.counters.login(self._mechanism, False)
         self.policy.audit.record("auth-failure", user=self._user, mechanism=self._mechanism,
                                  condition=failure.condition, reason=failure.text,
                                  address=self.address)
         if locked:
+            self.policy.counters.lockouts.inc()
             self.policy.audit.record("account-locked", user=self._user, address=self.address,
                                      seconds=self.policy.lockout.policy.seconds)
         self._report(failure, locked)

@@ -29,6 +29,7 @@ from sixnet.grid.client.errors import ClientError
 from sixnet.grid.config import GridSettings
 from sixnet.grid.jid import parse_jid
 from sixnet.grid.local import LocalSession
+from sixnet.grid.metrics import GridCounters, register_gauges
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
@@ -76,6 +77,7 @@ class GridService(MultiService):
         super().__init__()
         self.events: IEventSink = events if events is not None else EventBus()
         self.metrics = metrics if metrics is not None else MetricsRegistry()
+        self.counters = GridCounters(self.metrics)
         if clock is None:
             from twisted.internet import reactor
 
@@ -101,7 +103,7 @@ class GridService(MultiService):
         sasl = SaslPolicy(grid.domain, self.accounts, store, self.lockout, self.audit, clock,
                           load_secret(state_dir), grid.scram_iterations,
                           grid.failure_delay, grid.allow_plain, self.revocations.revoked,
-                          events=self.events)
+                          counters=self.counters, events=self.events)
         limits = Limits(
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
@@ -111,7 +113,7 @@ class GridService(MultiService):
             unauthenticated_timeout=grid.unauthenticated_timeout,
             idle_timeout=grid.idle_timeout, resume_timeout=grid.resume_timeout)
         self.server = C2SServer(grid.domain, identity, self.tls, sasl, self.router, limits,
-                                clock, events=self.events)
+                                clock, self.counters, events=self.events)
         self.starttls_port = ListeningService(
             "grid", grid.listen, ClientStreamFactory(self.server, direct_tls=False), owner=self)
         self.direct_tls_port = ListeningService(
@@ -119,6 +121,7 @@ class GridService(MultiService):
             TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)),
             owner=self)
         self.broker = self._make_broker()
+        self.offline_count = register_gauges(self)
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.store = store
         self._crl_generation = store.generation
@@ -214,6 +217,7 @@ class GridService(MultiService):
         await prepare_broker(self.broker_db, self.revocations.store)
         self.router.attach_component(self.broker)  # it reads the revoked platforms too
         await self.revocations.start()
+        self.offline_count.refresh()
         for jid in self.revocations.revoked:  # revoked while the broker was reading
             self.broker.revoke(jid)
         for port in (self.starttls_port, self.direct_tls_port):

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
+from sixnet.core.metrics import Registry
 from sixnet.core.stream.limits import AddressLimiter, TokenBucket
 from sixnet.core.stream.parser import (
     HeaderInStream,
@@ -45,6 +46,7 @@ from sixnet.core.stream.parser import (
 )
 from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol, escape_text
 from sixnet.grid.jid import JIDError, parse_jid
+from sixnet.grid.metrics import GridCounters
 from sixnet.grid.router import Router, Session
 from sixnet.grid.sasl import (
     MAX_FAILURES_PER_STREAM,
@@ -133,7 +135,8 @@ class C2SServer:
     """What every client stream shares: domain, TLS, SASL policy, router, limits, counters."""
 
     def __init__(self, domain: str, identity: NodeIdentity, tls: ServerTLS, sasl: SaslPolicy,
-                 router: Router, limits: Limits, clock: IReactorTime, *,
+                 router: Router, limits: Limits, clock: IReactorTime,
+                 counters: GridCounters | None = None, *,
                  events: IEventSink | None = None) -> None:
         self.domain = domain
         self.events = events if events is not None else EventBus()
@@ -150,6 +153,7 @@ class C2SServer:
         self.per_address = AddressLimiter(limits.max_connections_per_address)
         self.unauthenticated = AddressLimiter(limits.max_unauthenticated_per_address)
         self.stopping = False
+        self.counters = counters if counters is not None else GridCounters(Registry())
 
     def check_idle(self) -> None:
         """Ping sessions that have been silent for `idle_timeout`; close those that stay
@@ -367,6 +371,11 @@ class ClientStream(XMLStreamProtocol):
         if session is not None and session.sm is not None and self._ack_timer is None:
             delay = 0 if len(session.sm.unacked) >= ACK_REQUEST_BATCH else ACK_REQUEST_DELAY
             self._ack_timer = self.server.clock.callLater(delay, self._request_ack)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes written since the client stopped reading (0 while it reads)."""
+        return self._unsent or 0
 
     def _request_ack(self) -> None:
         self._ack_timer = None
@@ -860,6 +869,7 @@ class ClientStream(XMLStreamProtocol):
         assert session is not None
         self._throttle()
         self._count_inbound()
+        self.server.counters.received[stanza.tag].inc()
         claimed = stanza.get("from")
         if claimed is not None and claimed not in (session.full, session.bare):
             try:
@@ -885,6 +895,7 @@ class ClientStream(XMLStreamProtocol):
         """Token bucket: `stanza_burst` stanzas at once, `stanzas_per_second` sustained."""
         limits = self.server.limits
         if not self._stanzas.take(self.server.clock.seconds()):
+            self.server.counters.rate_limited.inc()
             log.warn("{jid}: more than {rate} stanzas per second; closing", jid=self.jid,
                      rate=limits.stanzas_per_second)
             self._limited("stanzas_per_second", limits.stanzas_per_second,

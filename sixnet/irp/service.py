@@ -25,6 +25,7 @@ from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database, DatabaseURLError
 from sixnet.irp.config import IRPConfig, IRPSettings
 from sixnet.irp.engine.registry import Registry
+from sixnet.irp.metrics import IRPCounters, register_gauges
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
 from sixnet.irp.wire import ResponseSigner
@@ -154,8 +155,9 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
         section = dataclasses.replace(section, answer_cache=0)
     audit = AuditLog(state_dir / section.audit_log)
     registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor,
-                        events=events)
+                        counters=IRPCounters(metrics), events=events)
     signer = ResponseSigner(identity.key, identity.certificate)
     factory = IRPServerFactory(registry, ServerTLS(store, identity, "requested"), signer,
                                host_name(identity), reactor=reactor)
+    register_gauges(metrics, lambda: len(factory.protocols), lambda: len(registry.watches))
     return IRPService(registry, factory, section.listen, EventSpool(state_dir / EVENT_SPOOL))

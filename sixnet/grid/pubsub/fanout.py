@@ -47,6 +47,8 @@ class Delivery:
         self.service = service
         self.router: IRouter | None = None
         self.sent = 0
+        #: Copies handed to the router, one per recipient (the metrics read it).
+        self.delivered = 0
         self._queue: deque[Notification] = deque()
         self._task: task.CooperativeTask | None = None
         self._idle: list[defer.Deferred[None]] = []
@@ -64,6 +66,11 @@ class Delivery:
         if self._task is None:
             self._task = self._cooperator.cooperate(self._drain())
             self._task.whenDone().addBoth(self._finished)
+
+    @property
+    def queued(self) -> int:
+        """Notifications waiting behind the one being delivered."""
+        return len(self._queue)
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once every queued notification has been handed to the router."""
@@ -95,6 +102,7 @@ class Delivery:
                 chunk = recipients[start:start + CHUNK]
                 if notification.only_available:
                     chunk = [r for r in chunk if router.is_available(r)]
+                self.delivered += len(chunk)
                 try:
                     router.route_fanout(template, chunk)
                 except Exception:

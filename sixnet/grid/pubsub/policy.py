@@ -110,6 +110,8 @@ class RateLimits:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         #: Buckets refused since they last allowed one (one alert per burst of refusals).
         self._refused: set[tuple[str, str]] = set()
+        #: Refusals of each kind since start (the metrics read it).
+        self.refusals = dict.fromkeys(self._limits, 0)
 
     def take(self, jid: str, kind: str) -> tuple[bool, bool]:
         """Spend one token; return (allowed, first refusal since the platform was last allowed).
@@ -128,6 +130,7 @@ class RateLimits:
             return True, False
         first = key not in self._refused
         self._refused.add(key)
+        self.refusals[kind] += 1
         return False, first
 
     def limit(self, kind: str) -> tuple[float, float]:

@@ -8,10 +8,12 @@ but it exists, so messages to it are stored while it is offline.
 
 from __future__ import annotations
 
+import os
 import time
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -24,6 +26,11 @@ from sixnet.grid.scram import HASHES, ScramCredentials
 from sixnet.grid.storage.schema import prepare_grid
 
 _HASH_COLUMNS = {"SHA-1": "sha1", "SHA-256": "sha256"}
+#: Names per ``IN (...)`` query (SQLite allows 999 parameters in old versions).
+_NAMES_PER_QUERY = 500
+#: What `AccountStore.add_many` does with a name that has an account already.
+EXISTING = ("error", "skip", "update")
+
 
 class AccountError(Exception):
     """An account operation was refused (exists already, does not exist, bad name)."""
@@ -54,6 +61,53 @@ class Account:
     created: str
 
 
+Keys = dict[str, ScramCredentials]
+
+
+def derive_keys(password: str, iterations: int) -> Keys:
+    """The SCRAM keys of every hash for one prepared password."""
+    return {h: ScramCredentials.derive(h, password, iterations) for h in HASHES}
+
+
+def derive_many(passwords: Sequence[str], iterations: int,
+                workers: int | None = None) -> list[Keys]:
+    """`derive_keys` for many passwords, in order, on a thread per CPU: PBKDF2 is all the
+    cost, and ``hashlib.pbkdf2_hmac`` releases the GIL while it runs."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(passwords) < 2:
+        return [derive_keys(p, iterations) for p in passwords]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda p: derive_keys(p, iterations), passwords))
+
+
+def _key_columns(keys: Keys) -> list[Any]:
+    values: list[Any] = []
+    for h in HASHES:
+        k = keys[h]
+        values += [k.salt, k.iterations, k.stored_key, k.server_key]
+    return values
+
+
+def _existing(cursor: Cursor, names: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(names), _NAMES_PER_QUERY):
+        chunk = list(names[start:start + _NAMES_PER_QUERY])
+        marks = ", ".join("?" * len(chunk))
+        found.update(row[0] for row in cursor.execute(
+            f"SELECT username FROM grid_accounts WHERE username IN ({marks})",  # noqa: S608
+            chunk).fetchall())
+    return found
+
+
+@dataclass
+class BulkResult:
+    """What `AccountStore.add_many` did, by name."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
 def _now() -> str:
     return rfc3339(precision="seconds")
 
@@ -71,8 +125,7 @@ class AccountStore:
     def add(self, username: str, password: str, *, replace: bool = False) -> defer.Deferred[None]:
         """Create a password account (or set a new password when `replace`)."""
         name = normalize_username(username)
-        password = prepare_password(password)
-        keys = {h: ScramCredentials.derive(h, password, self.iterations) for h in HASHES}
+        keys = derive_keys(prepare_password(password), self.iterations)
 
         def txn(cursor: Cursor) -> None:
             row = cursor.execute("SELECT kind FROM grid_accounts WHERE username = ?",
@@ -81,16 +134,55 @@ class AccountStore:
                 raise AccountError(f"no account {name!r}")
             if row is not None and not replace:
                 raise AccountError(f"account {name!r} exists already")
-            values: list[Any] = []
-            for h in HASHES:
-                k = keys[h]
-                values += [k.salt, k.iterations, k.stored_key, k.server_key]
             cursor.execute("DELETE FROM grid_accounts WHERE username = ?", (name,))
             cursor.execute(
                 "INSERT INTO grid_accounts VALUES (?, 'password', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [name, _now(), *values])
+                [name, _now(), *_key_columns(keys)])
 
         return self.db.run("grid add account", txn)
+
+    def existing(self, names: Sequence[str]) -> defer.Deferred[set[str]]:
+        """Which of `names` (normalised) have an account, password or certificate."""
+        return self.db.run("grid accounts existing", _existing, names)
+
+    def add_many(self, accounts: Sequence[tuple[str, Keys]],
+                 existing: str = "error") -> defer.Deferred[BulkResult]:
+        """Create many password accounts (normalised names, derived keys) in one transaction.
+
+        A name with an account already: `existing` "error" (AccountError naming every such
+        name; nothing is created), "skip" (left as it is) or "update" (its password is set,
+        and a certificate account becomes a password account).
+        """
+        if existing not in EXISTING:
+            raise ValueError(f"existing must be one of {EXISTING}")
+
+        def txn(cursor: Cursor) -> BulkResult:
+            found = _existing(cursor, [name for name, _ in accounts])
+            if found and existing == "error":
+                raise AccountError(f"{len(found)} account(s) exist already: "
+                                   f"{', '.join(sorted(found))}")
+            result = BulkResult()
+            now = _now()
+            rows = []
+            for name, keys in accounts:
+                if name in found:
+                    if existing == "skip":
+                        result.skipped.append(name)
+                        continue
+                    result.updated.append(name)
+                else:
+                    result.created.append(name)
+                rows.append([name, now, *_key_columns(keys)])
+            if result.updated:
+                cursor.executemany("DELETE FROM grid_accounts WHERE username = ?",
+                                   [(name,) for name in result.updated])
+            if rows:
+                cursor.executemany(
+                    "INSERT INTO grid_accounts VALUES (?, 'password', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows)
+            return result
+
+        return self.db.run("grid add accounts", txn)
 
     def remove(self, username: str) -> defer.Deferred[None]:
         """Delete an account and its stored offline messages."""

@@ -75,3 +75,13 @@ class OfflineStore:
             return int(row[0]) if row else 0
 
         return self.db.run("grid offline count", txn)
+
+    def totals(self) -> defer.Deferred[tuple[int, int]]:
+        """Messages stored, and accounts that have any (one scan of the index; the metrics
+        read it at most every few seconds, never per scrape)."""
+        def txn(cursor: Cursor) -> tuple[int, int]:
+            row = cursor.execute("SELECT COUNT(*), COUNT(DISTINCT username) "
+                                 "FROM grid_offline").fetchone()
+            return (int(row[0]), int(row[1])) if row else (0, 0)
+
+        return self.db.run("grid offline totals", txn)

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from sixnet.core.audit import AuditLog
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
 from sixnet.core.lockout import source_of
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine.access import ANONYMOUS, Caller, may_see, own, refusal
@@ -34,6 +35,7 @@ from sixnet.irp.engine.credentials import (
     invite_hash,
 )
 from sixnet.irp.engine.watches import Watcher, Watches
+from sixnet.irp.metrics import IRPCounters
 from sixnet.irp.storage import CertificateRow, IRegistryStore, TooManyDevices
 from sixnet.irp.wire import (
     BackupGetRequest,
@@ -79,7 +81,8 @@ class Registry:
 
     def __init__(self, store: IRegistryStore, certificates: CertificateStore,
                  config: IRPConfig, audit: AuditLog, ca: LabCA | None = None,
-                 clock: Callable[[], float] = time.time, reactor: Any = None, *,
+                 clock: Callable[[], float] = time.time, reactor: Any = None,
+                 counters: IRPCounters | None = None, *,
                  events: IEventSink | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -92,6 +95,7 @@ class Registry:
         #: Where what the registry detects goes (`_event`); a private bus by default.
         self.events = events if events is not None else EventBus()
         self.ca = ca
+        self.counters = counters if counters is not None else IRPCounters(MetricsRegistry())
         self.clock = clock
         self.reactor = reactor
         self.operators = {o.lower() for o in config.operators}
@@ -138,6 +142,7 @@ class Registry:
         try:
             verified: VerifiedPeer = self.certificates.verify(chain, "client")
         except VerificationError as e:
+            self.counters.certificate_refused.inc()
             self.audit.record("authenticate", outcome="refused", actor=ANONYMOUS, peer=peer,
                               check=e.check, detail=e.detail)
             if chain:
@@ -150,6 +155,7 @@ class Registry:
         row = await self.store.certificate(serial)
         if row is not None and row.revoked is not None:
             # Revoked through another registry process whose CRL this one has not read yet.
+            self.counters.certificate_refused.inc()
             self.audit.record("authenticate", outcome="refused", actor=verified.identity,
                               peer=peer, check="revoked", serial=serial)
             self._event("irp.certificate-refused", Caller(peer), verified.identity,
@@ -173,14 +179,17 @@ class Registry:
         """Run one request; return the canonical payload for ``<data>`` or raise IRPError."""
         error = refusal(caller.role, request.op)
         if error is not None:
+            self.counters.error[request.op].inc()
             self._refused(caller, request, error)
             raise error
         try:
             payload = await self.operations[type(request)](caller, request)
         except IRPError as error:
+            self.counters.error[request.op].inc()
             if error.condition in ("not-authorized", "forbidden", "locked"):
                 self._refused(caller, request, error)
             raise
+        self.counters.ok[request.op].inc()
         return payload if isinstance(payload, bytes) else canonical_payload(payload)
 
     def _refused(self, caller: Caller, request: Request, error: IRPError) -> None:
@@ -212,6 +221,7 @@ class Registry:
                 await self.store.clear_failures(user, source)
             return
         failures = await self.store.record_failure(user, source, self.lockout, now)
+        self.counters.password_refused.inc()
         self.audit.record("password", outcome="refused", actor=caller.actor, peer=caller.peer,
                           target=user, source=source, failures=failures.count)
         locked = self.lockout.refuses(failures, now)
@@ -226,6 +236,7 @@ class Registry:
                         limit="lockout_after", seconds=str(self.lockout.seconds))
         await self._delay()
         if locked:
+            self.counters.lockouts.inc()
             raise IRPError("locked", f"logins to {user} from this network are locked after "
                                      f"{failures.count} failures")
         raise IRPError("not-authorized", "wrong user id or password")
@@ -267,6 +278,7 @@ class Registry:
             assert request.code is not None
             if not await self.store.consume_invite(invite_hash(request.code), request.user,
                                                    self.now_ms()):
+                self.counters.password_refused.inc()
                 self._event("irp.login-failed", caller, request.user,
                             f"wrong enrollment code for {request.user}", operation="enroll",
                             credential="code", network=source_of(caller.peer))

@@ -37,6 +37,10 @@ class Watches:
         self._expiries: list[tuple[int, str]] = []
         self._timer: Any = None
 
+    def __len__(self) -> int:
+        """Watchers in all (a person watched on two connections counts twice)."""
+        return sum(len(w) for w in self._watchers.values())
+
     def add(self, person: str, watcher: Watcher) -> None:
         self._watchers.setdefault(person, []).append(watcher)
 
