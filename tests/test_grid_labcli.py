@@ -78,6 +78,25 @@ class LabCommandTests(unittest.TestCase):
         assert status == 0, err
         return json.loads(out)
 
+    async def test_follow_names_what_it_took_and_does_not_show(self) -> None:
+        for topic in ("t1", "t2"):
+            await self.ok("alice", "create", topic, "--access-model", "authorize")
+            await self.ok("bob", "subscribe", topic)
+            await self.ok("alice", "approve", topic, "bob@localhost")
+        await self.ok("alice", "publish", "t2", str(self.iodef), "--id", "two")
+        await self.ok("alice", "publish", "t1", str(self.iodef), "--id", "one")
+        await self.grid.broker.idle()
+        status, out, err = await self.lab("bob", "follow", "t1", "--count", "1", "--json")
+        assert status == 0, err
+        assert [json.loads(line)["id"] for line in out.splitlines()] == ["one"]
+        assert "not shown: item two of topic t2" in err
+        await self.ok("alice", "publish", "t2", str(self.iodef), "--id", "three")
+        await self.grid.broker.idle()
+        status, out, err = await self.lab("bob", "follow", "--count", "1", "--json")
+        assert status == 0, err
+        assert [(n["node"], n["id"]) for n in map(json.loads, out.splitlines())] == [
+            ("t2", "three")]
+
     async def test_round_trip(self) -> None:
         created = await self.ok("alice", "create", "alerts", "--access-model", "authorize",
                                 "--option", f"type={IODEF_NS}", "--option",

@@ -87,9 +87,10 @@ def register(grid: CommandGroup) -> None:
     _topic(p)
     p = _command(grid, "unsubscribe", _unsubscribe, "end your subscription to a topic")
     _topic(p)
-    p = _command(grid, "follow", _follow, "print each notification of a topic as it "
-                                             "arrives, those stored while offline first")
-    p.add_argument("topics", nargs="+", metavar="TOPIC")
+    p = _command(grid, "follow", _follow, "print each notification of the topics (all, when "
+                                             "none is named) as it arrives, those stored "
+                                             "while offline first")
+    p.add_argument("topics", nargs="*", metavar="TOPIC")
     p.add_argument("--count", type=int, default=0,
                    help="stop after this many notifications (default: run until Ctrl-C)")
     p = _command(grid, "pending", _pending, "subscription requests waiting for approval "
@@ -574,10 +575,11 @@ def _follow(args: argparse.Namespace) -> Work:
         def on_message(message: etree._Element) -> None:
             nonlocal printed
             for n in Notification.parse(message):
-                if done.called:
-                    return
-                if n.node not in wanted:
-                    print(f"sixnet: skipped a notification of topic {n.node}", file=sys.stderr)
+                if done.called or (wanted and n.node not in wanted):
+                    # The server hands over an account's whole offline store at once: say
+                    # what was taken and not shown, so it can be fetched with `items`.
+                    print(f"sixnet: not shown: item {n.item_id} of topic {n.node}",
+                          file=sys.stderr)
                     continue
                 print(json.dumps(notification_json(n), sort_keys=True) if out.as_json
                       else notification_xml(n), flush=True)
