@@ -13,7 +13,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.trial import unittest
 
 from sixnet.core.events import SecurityEvent
-from sixnet.core.iodef import IODEFValidator
+from sixnet.core.iodef import IODEF_NS, IODEFValidator
 
 from .support.bridge import TOPIC, BridgedGrid, summary
 from .support.waiting import pause, wait_for
@@ -53,6 +53,8 @@ class LocalTargetTests(unittest.TestCase):
         await wait_for(lambda: got, what="the incident")
         assert summary(got[0]) == ("chat.mitm", 1, "2001:db8::5", "bob@example.test")
         assert got[0].sender == "broker.localhost"
+        config = lab.grid.broker.engine.nodes[TOPIC].config  # typed by payload (RFC 8600 7.1)
+        assert (config.type, config.title) == (IODEF_NS, "sixnet security incidents")
         audit = lab.config.sixnet.state_dir / "grid-broker-audit.jsonl"
         await wait_for(lambda: '"publish"' in audit.read_text(), what="publish audited")
         records = [json.loads(line) for line in audit.read_text().splitlines()]

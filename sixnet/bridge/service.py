@@ -28,7 +28,7 @@ from sixnet.bridge.queue import IncidentQueue, Queued
 from sixnet.bridge.targets import LocalGrid, Target, make_target
 from sixnet.core.errors import ConfigError
 from sixnet.core.events import EventBus, SecurityEvent
-from sixnet.core.iodef import IODEFValidator
+from sixnet.core.iodef import IODEF_NS, IODEFValidator
 from sixnet.core.metrics import Registry
 from sixnet.core.runtime import report_failure
 from sixnet.core.storage.database import Database, DatabaseURLError
@@ -238,7 +238,10 @@ class BridgeService(Service):
         except IQError as e:
             if e.condition != "item-not-found":
                 raise
-        await client.create(topic, access_model=self.config.access_model or None)
+        # Typed by payload (RFC 8600 section 7.1), so a platform can find it by what it holds.
+        await client.create(topic, access_model=self.config.access_model or None,
+                            options={"pubsub#type": IODEF_NS,
+                                     "pubsub#title": "sixnet security incidents"})
         log.info("bridge: created topic {topic} at {service}", topic=topic,
                  service=self.target.service)
 
