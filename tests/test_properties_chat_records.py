@@ -44,9 +44,9 @@ def receive(layer: RecordLayer, chunks: list[bytes]) -> tuple[list[tuple[int, by
     """Feed every chunk until an alert; what was opened, and the alert."""
     opened: list[tuple[int, bytes]] = []
     for chunk in chunks:
-        started = time.perf_counter()
+        started = time.process_time()
         records, alert = layer.feed(chunk)
-        assert time.perf_counter() - started < MAX_SECONDS
+        assert time.process_time() - started < MAX_SECONDS
         assert len(layer._buffer) < HEADER.size + MAX_CIPHERTEXT
         opened += records
         if alert is not None:

@@ -80,7 +80,7 @@ def run(chunks: list[bytes], **limits: int) -> tuple[list[object], XMLStreamErro
     parser = StreamParser(max_element_bytes=LIMIT, max_depth=DEPTH, **limits)
     events: list[object] = []
     for chunk in chunks:
-        started = time.perf_counter()
+        started = time.process_time()
         try:
             events += parser.feed(chunk)
         except XMLStreamError as e:
@@ -93,7 +93,7 @@ def run(chunks: list[bytes], **limits: int) -> tuple[list[object], XMLStreamErro
                 raise AssertionError("a failed parser accepted more") from None
             return events, e
         finally:
-            assert time.perf_counter() - started < MAX_SECONDS
+            assert time.process_time() - started < MAX_SECONDS
         root = parser._root
         assert root is None or len(root) <= 1
     return events, None
