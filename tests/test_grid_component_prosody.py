@@ -17,23 +17,27 @@ from typing import Any
 import pytest
 from lxml import etree
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 import tests.test_pubsub_conversations as conversations
 from sixnet.core.storage.database import Database
 from sixnet.grid.client import PubSubClient, connect
 from sixnet.grid.client.session import XMPPClientSession
-from sixnet.grid.external import HostRouter, component_service
+from sixnet.grid.external import ComponentStream, HostRouter, component_service
 from sixnet.grid.jid import parse_jid
 from sixnet.grid.pubsub.component import PubSubBroker
+from sixnet.grid.service import GridService
 from sixnet.grid.storage.revocations import RevocationStore
 from sixnet.grid.xmpp import NS_CLIENT, XML_LANG
+from sixnet.pki.store import store_from_config
+from tests.grid_harness import write_config
 from tests.support.conversation import run_conversation
 from tests.support.iodef import IODEF
 from tests.support.prosody import ProsodyHost, password, prosody  # noqa: F401 (fixture)
 from tests.support.pubsub import CONSUMER, PROVIDER
 from tests.support.waiting import pause, wait_for
+from tests.test_grid_component import RecordingComponent
 
 SERVICE = "broker.example.test"
 _IQ, _MESSAGE = f"{{{NS_CLIENT}}}iq", f"{{{NS_CLIENT}}}message"
@@ -322,6 +326,127 @@ class RFC8600ThroughProsodyTests(unittest.TestCase):
         audit = (self.tmp / "audit.jsonl").read_text()
         assert '"revoke"' in audit and '"approve"' in audit
         await self.stop_broker()
+
+
+class HostLinkTests(unittest.TestCase):
+    """The component connection itself against Prosody: a wrong secret, presence learnt
+    through a roster subscription and after a reconnect, and the grid service's
+    component mode from its configuration."""
+
+    @pytest.fixture(autouse=True)
+    def _setup(self, prosody: ProsodyHost, pki: Any, tmp_path: Path) -> None:  # noqa: F811
+        self.prosody = prosody
+        self.pki = pki
+        self.tmp = tmp_path
+
+    def endpoint(self) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(reactor, "127.0.0.1", self.prosody.component_port)
+
+    async def test_a_wrong_secret_is_refused_by_the_host(self) -> None:
+        router = HostRouter("example.test", SERVICE)
+        stream = ComponentStream(router, "not the secret", reactor)
+        await connectProtocol(self.endpoint(), stream)
+        await wait_for(lambda: stream.closed, timeout=10, what="the host ends the stream")
+        assert stream.failure is not None and stream.failure.condition == "not-authorized"
+        assert router.stream is None
+
+    async def test_presence_through_a_subscription_and_after_a_reconnect(self) -> None:
+        router = HostRouter("example.test", SERVICE)
+        seen: list[tuple[str, str]] = []
+
+        class Watcher(RecordingComponent):
+            def session_available(self, full_jid: str) -> None:
+                seen.append(("available", full_jid))
+
+            def session_unavailable(self, full_jid: str) -> None:
+                seen.append(("unavailable", full_jid))
+
+        router.attach(Watcher())
+        link = component_service(router, self.endpoint(), self.prosody.secret, reactor)
+        link.startService()
+        self.addCleanup(lambda: link.stopService() if link.running else None)
+        await router.when_connected()
+        # The owner adds the broker to its roster once; the broker asks back, it agrees.
+        owner = await connect(reactor, "127.0.0.1", self.prosody.c2s_port,
+                              "root@example.test/console", password=password("root"),
+                              store=self.pki.store(), keepalive=0, timeout=10)
+        inbox: list[etree._Element] = []
+        original = owner._stanza
+        owner._stanza = lambda s: (inbox.append(s), original(s))  # type: ignore[method-assign]
+        owner.send(etree.fromstring("<presence xmlns='jabber:client'/>"))
+        owner.send(etree.fromstring(
+            f"<presence xmlns='jabber:client' type='subscribe' to='{SERVICE}'/>"))
+        await wait_for(lambda: any(p.get("type") == "subscribe" for p in inbox),
+                       what="the broker asks back")
+        owner.send(etree.fromstring(
+            f"<presence xmlns='jabber:client' type='subscribed' to='{SERVICE}'/>"))
+        # The host now sends the broker the owner's presence, no directed presence needed.
+        await wait_for(lambda: router.is_available("root@example.test/console"),
+                       what="the broker learns the owner's presence")
+        await owner.close()
+        await wait_for(lambda: not router.is_available("root@example.test"),
+                       what="logout seen")
+        owner = await connect(reactor, "127.0.0.1", self.prosody.c2s_port,
+                              "root@example.test/console", password=password("root"),
+                              store=self.pki.store(), keepalive=0, timeout=10, presence=True)
+        await wait_for(lambda: router.is_available("root@example.test/console"),
+                       what="the next login is seen from a plain initial presence")
+        # The host goes away and comes back: the broker probes, the host answers.
+        assert router.stream is not None
+        router.stream.transport.loseConnection()
+        await wait_for(lambda: ("unavailable", "root@example.test/console") in seen)
+        await wait_for(lambda: router.stream is not None, timeout=10, what="reconnected")
+        await wait_for(lambda: router.is_available("root@example.test/console"),
+                       what="the probe answered")
+        await owner.close()
+        await wait_for(lambda: not router.is_available("root@example.test"),
+                       what="logout seen")
+        # Leave the roster as it was for the other tests.
+        cleanup = await connect(reactor, "127.0.0.1", self.prosody.c2s_port,
+                                "root@example.test/console", password=password("root"),
+                                store=self.pki.store(), keepalive=0, timeout=10)
+        remove = etree.fromstring(
+            "<iq xmlns='jabber:client' type='set'><query xmlns='jabber:iq:roster'>"
+            f"<item jid='{SERVICE}' subscription='remove'/></query></iq>")
+        await cleanup.iq(remove)
+        await cleanup.close()
+        router.close()
+        await link.stopService()
+
+    async def test_the_grid_service_in_component_mode(self) -> None:
+        secret = self.tmp / "component-secret"
+        secret.write_text(self.prosody.secret + "\n")
+        config = write_config(self.tmp, self.pki, domain="example.test", mode="component",
+                              component_host=f"127.0.0.1:{self.prosody.component_port}",
+                              component_secret_file=str(secret))
+        grid = GridService(config, store_from_config(config))
+        grid.startService()
+        self.addCleanup(lambda: grid.stopService() if grid.running else None)
+        await grid.ready
+        assert grid.host_router is not None
+        await wait_for(lambda: grid.host_router.stream is not None, timeout=10,
+                       what="the service's component connection")
+        session = await connect(reactor, "127.0.0.1", self.prosody.c2s_port,
+                                "other@example.test/o", password=password("other"),
+                                store=self.pki.store(), keepalive=0, timeout=10)
+        client = PubSubClient(session, grid.pubsub_service)
+        await client.create("from-the-service", access_model="whitelist")
+        assert [t.node for t in (await client.topics()).topics] == ["from-the-service"]
+        # The host lists the component among its services (RFC 8600 8.1 discovery).
+        query = etree.fromstring(
+            "<iq xmlns='jabber:client' type='get' to='example.test'>"
+            "<query xmlns='http://jabber.org/protocol/disco#items'/></iq>")
+        items = await session.iq(query)
+        assert SERVICE in {i.get("jid") for i in items.iter("{*}item")}
+        # `sixnet grid revoke` writes the table; the service's watch tells the broker.
+        await grid.revocations.store.revoke("other@example.test", "2026-01-01T00:00:00Z", "t")
+        await wait_for(lambda: "other@example.test" in grid.broker.engine.revoked,
+                       timeout=10, what="the revocation reaches the broker")
+        with pytest.raises(Exception, match="forbidden"):
+            await client.create("after-revocation")
+        await session.close()
+        await grid.stopService()
+        assert grid.host_router.stream is None
 
 
 def _items(messages: list[etree._Element]) -> list[str]:
