@@ -370,5 +370,8 @@ class ComponentModeServiceTests(unittest.TestCase):
             assert service.component_link is not None and service.component_link.running
             with pytest.raises(ClientError, match="component mode"):
                 await service.local_session("bridge")
+            text = service.metrics.render().decode()
+            assert "sixnet_grid_component_connected 0" in text  # nothing at that port
+            assert "sixnet_grid_component_backlog 0" in text
         finally:
             await service.stopService()

@@ -429,6 +429,7 @@ class HostLinkTests(unittest.TestCase):
         session = await connect(reactor, "127.0.0.1", self.prosody.c2s_port,
                                 "other@example.test/o", password=password("other"),
                                 store=self.pki.store(), keepalive=0, timeout=10)
+        assert b"sixnet_grid_component_connected 1" in grid.metrics.render()
         client = PubSubClient(session, grid.pubsub_service)
         await client.create("from-the-service", access_model="whitelist")
         assert [t.node for t in (await client.topics()).topics] == ["from-the-service"]
