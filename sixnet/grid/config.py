@@ -98,8 +98,11 @@ class GridConfig(ServiceConfig):
 
     @property
     def service_name(self) -> str:
-        """The broker's JID: the component's name in component mode."""
-        return self.component_name or f"{self.broker.subdomain}.{self.domain}"
+        """The broker's JID: ``component_name`` in component mode when set, else
+        ``<broker.subdomain>.<domain>``."""
+        if self.mode == "component" and self.component_name:
+            return self.component_name
+        return f"{self.broker.subdomain}.{self.domain}"
 
     def problem(self) -> tuple[str, str] | None:
         """What the keys say together that no key says alone: (key, problem) or None."""
