@@ -47,13 +47,11 @@ QUIET = 0.15
 AFTER = 0.04
 
 
-def local_only(why: str) -> Any:
-    """A conversation test that cannot run through a host, and why."""
-
-    def test(self: Any) -> None:
-        raise unittest.SkipTest(f"in-memory only: {why}")
-
-    return test
+def local_only(why: str) -> None:
+    """A conversation test that cannot run through a host, for the reason given: it is left
+    out of the hosted class (unittest collects no attribute that is None), not skipped, so
+    the suite's summary counts only tests that ran. It runs in memory in its own module."""
+    assert why
 
 
 class HostedBroker:
