@@ -374,6 +374,7 @@ listen:
     module: ejabberd_c2s
     starttls_required: true
     max_stanza_size: 262144
+    backlog: 1024
 auth_method: internal
 auth_password_format: scram
 auth_scram_hash: {"sha256" if scram_hash == "SHA-256" else "sha"}

@@ -183,7 +183,9 @@ class XMLStreamProtocol(Protocol):
         #: A TLS handshake is under way (direct TLS from the start, or after STARTTLS).
         self.tls_pending = direct_tls
         self.last_received = clock.seconds()
-        self._events: deque[Any] = deque()
+        #: Parsed events not handled yet; None while there are none (an empty deque is
+        #: 600 bytes, on every idle stream).
+        self._events: deque[Any] | None = None
         self._held = False
         #: Received bytes not parsed yet (beyond this turn's `feed_slice`).
         self._unparsed = b""
@@ -289,7 +291,11 @@ class XMLStreamProtocol(Protocol):
                 _cancel(self._stall)
             else:
                 self._arm_stall()
-        self._events.extend(events)
+        if events:
+            if self._events is None:
+                self._events = deque(events)
+            else:
+                self._events.extend(events)
         self._pump()
         self._schedule_slice()
 
@@ -308,6 +314,15 @@ class XMLStreamProtocol(Protocol):
         if self._next_slice is None:
             self._next_slice = self.clock.callLater(0, self._parse_slice)
 
+    def release_parser(self) -> bool:
+        """Give back the parser's memory on a stream gone quiet (see `StreamParser.release`);
+        False when something waits to be parsed or handled, so it must stay."""
+        if self.closed:
+            return True
+        if self._events or self._unparsed or self._held:
+            return False
+        return self.parser.release()
+
     def hold(self) -> None:
         """Keep further events queued until `release` (an asynchronous step is running)."""
         self._held = True
@@ -321,6 +336,8 @@ class XMLStreamProtocol(Protocol):
     def _pump(self) -> None:
         while self._events and not self._held and not self.closed:
             event = self._events.popleft()
+            if not self._events:
+                self._events = None
             try:
                 if isinstance(event, StreamOpened):
                     self.peer_header = event
@@ -404,7 +421,7 @@ class XMLStreamProtocol(Protocol):
     def restart_stream(self) -> None:
         """A new stream starts (after STARTTLS or SASL success); queued events are void."""
         self.parser.reset()
-        self._events.clear()
+        self._events = None
         self._unparsed = b""
         self.header_sent = False
         self.peer_header = None
@@ -431,7 +448,7 @@ class XMLStreamProtocol(Protocol):
         if self.closed:
             return
         self.closed = True
-        self._events.clear()
+        self._events = None
         self._unparsed = b""
         for timer in (self._stall, self._deadline, self._idle, self._next_slice):
             _cancel(timer)
