@@ -176,8 +176,9 @@ class XMLStreamProtocol(Protocol):
         self.idle_timeout = idle_timeout
         #: Our header was written on the current stream.
         self.header_sent = False
-        #: The peer's header of the current stream (None until it arrived).
-        self.peer_header: StreamOpened | None = None
+        #: The peer's header of the current stream arrived (what it said went to
+        #: `stream_opened`; keeping it would cost every idle stream its attribute dicts).
+        self.header_received = False
         #: The stream is over: nothing more is read or written.
         self.closed = False
         #: A TLS handshake is under way (direct TLS from the start, or after STARTTLS).
@@ -203,7 +204,7 @@ class XMLStreamProtocol(Protocol):
         return ()
 
     def stream_opened(self, header: StreamOpened) -> None:
-        """The peer's header arrived (`peer_header` is set)."""
+        """The peer's header arrived (`header_received` is set)."""
 
     def element_received(self, element: etree._Element) -> None:
         """A whole top-level element arrived."""
@@ -340,7 +341,7 @@ class XMLStreamProtocol(Protocol):
                 self._events = None
             try:
                 if isinstance(event, StreamOpened):
-                    self.peer_header = event
+                    self.header_received = True
                     self.stream_opened(event)
                 elif isinstance(event, HeaderInStream):
                     self.header_in_stream(event)
@@ -424,7 +425,7 @@ class XMLStreamProtocol(Protocol):
         self._events = None
         self._unparsed = b""
         self.header_sent = False
-        self.peer_header = None
+        self.header_received = False
 
     # -- timers ----------------------------------------------------------------------------------
 
