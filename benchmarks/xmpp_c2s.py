@@ -334,6 +334,7 @@ def start_prosody(work: Path, host: Path, scram_hash: str) -> subprocess.Popen[b
     config = base / "prosody.cfg.lua"
     config.write_text(f"""
 pidfile = "{base}/prosody.pid"
+run_as_root = true -- (when it is root, as on CI) or mod_posix shuts it down
 data_path = "{base}/data"
 log = {{ warn = "{base}/prosody.log" }}
 c2s_ports = {{ {PROSODY_PORT} }}
@@ -412,11 +413,17 @@ def our_beam_processes() -> list[int]:
 
 
 def server_pid(process: subprocess.Popen[bytes], name: str) -> int:
-    """The process whose memory and CPU are measured: ejabberd's is its Erlang VM."""
+    """The process whose memory and CPU are measured: ejabberd's is its Erlang VM, which
+    ``su`` started with the default fd limit (1024): it gets ours, as the others inherit it."""
     if name != "ejabberd":
         return process.pid
     for pid in our_beam_processes():
         if Path(f"/proc/{pid}/comm").read_text().strip().startswith("beam"):
+            limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+            try:
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+            except OSError as e:
+                print(f"ejabberd keeps its fd limit: {e}", file=sys.stderr)
             return pid
     raise RuntimeError("ejabberd's Erlang VM is not running")
 
