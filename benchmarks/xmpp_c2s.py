@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import os
+import pwd
 import re
 import resource
 import shutil
@@ -391,11 +392,18 @@ modules:
 """)
     subprocess.run(["chown", "-R", "ejabberd", str(base)], check=False)
     os.chmod(work, 0o755)
+    # Run by root, ejabberdctl starts the VM through `su`, which gives it the default fd limit
+    # (1024): started as the ejabberd user it inherits ours.
+    as_ejabberd: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        as_ejabberd = {"user": "ejabberd", "group": "ejabberd",
+                       "env": dict(os.environ, HOME=pwd.getpwnam("ejabberd").pw_dir)}
     return subprocess.Popen(
         ["ejabberdctl", "--config", str(base / "ejabberd.yml"),
          "--ctl-config", str(base / "ejabberdctl.cfg"), "--logs", str(base),
          "--spool", str(base / "spool"), "--node", NODE, "foreground"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        **as_ejabberd)
 
 
 def our_beam_processes() -> list[int]:
@@ -413,17 +421,11 @@ def our_beam_processes() -> list[int]:
 
 
 def server_pid(process: subprocess.Popen[bytes], name: str) -> int:
-    """The process whose memory and CPU are measured: ejabberd's is its Erlang VM, which
-    ``su`` started with the default fd limit (1024): it gets ours, as the others inherit it."""
+    """The process whose memory and CPU are measured: ejabberd's is its Erlang VM."""
     if name != "ejabberd":
         return process.pid
     for pid in our_beam_processes():
         if Path(f"/proc/{pid}/comm").read_text().strip().startswith("beam"):
-            limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-            try:
-                resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
-            except OSError as e:
-                print(f"ejabberd keeps its fd limit: {e}", file=sys.stderr)
             return pid
     raise RuntimeError("ejabberd's Erlang VM is not running")
 
