@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/xmpp_c2s.py [--servers sixnet,prosody,ejabberd]
         [--clients 100] [--messages 200] [--login-seconds 10] [--login-concurrency 8]
+    .venv/bin/python benchmarks/xmpp_c2s.py --idle 5000 [--servers ...] [--clients 100]
 
 Measures, for each server, with the same load generator (Twisted + pyOpenSSL, one process):
 
@@ -14,7 +15,16 @@ Measures, for each server, with the same load generator (Twisted + pyOpenSSL, on
 sixnet is also measured with SCRAM-SHA-256-PLUS (tls-exporter). Prosody and ejabberd (Debian
 packages) are configured by this script in a temporary directory, on free loopback ports;
 accounts there are made with in-band registration. Each server runs alone while measured.
-The JSON has the figures and sixnet's ratios to the others (above 1: sixnet is faster).
+The JSON has the figures and sixnet's ratios to the others (above 1: sixnet is faster; for
+memory and CPU, below 1: sixnet needs less).
+
+With ``--idle N`` the script measures what idle sessions cost instead: a canary client logs
+in, then N sessions log in (TLS 1.3, SCRAM-SHA-256, resource binding; spread over `--clients`
+accounts, distinct resources) and stay connected saying nothing. It reports, for the server
+process only (ejabberd: its Erlang VM), the resident memory grown per session (RSS delta / N,
+read after the sessions have idled a few seconds), the CPU per login (utime + stime delta /
+N, from /proc) and the canary's XEP-0199 ping round trip (p50/p99) while the N sessions
+idle. The fd limit is raised to the hard limit for the client and the servers.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ import hashlib
 import hmac
 import json
 import os
+import pwd
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,6 +57,7 @@ from tests.support import accounts
 from tests.support.configs import config_file, sixnet_toml
 from tests.support.pki import IdentityFiles
 from tests.support.ports import free_port, wait_for_port
+from tests.support.procfs import cpu_seconds, rss_kib
 from tests.support.twistd import ROOT, twistd_command
 
 PASSWORD = "bench password"
@@ -55,6 +68,9 @@ SIXNET_PORT, PROSODY_PORT, EJABBERD_PORT = free_port(), free_port(), free_port()
 HEADER = ("<?xml version='1.0'?><stream:stream to='localhost' version='1.0' "
           "xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
+#: Logins under way at once while the idle sessions connect.
+IDLE_CONCURRENCY = 32
+IDLE_MECHANISM = "SCRAM-SHA-256"
 
 
 @lru_cache(maxsize=64)
@@ -113,7 +129,7 @@ class Client(protocol.Protocol):
 
 
 async def login(port: int, user: str, mechanism: str = "SCRAM-SHA-1",
-                register: bool = False) -> Client:
+                register: bool = False, resource: str | None = None) -> Client:
     client = Client()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
     client.send(HEADER)
@@ -130,7 +146,9 @@ async def login(port: int, user: str, mechanism: str = "SCRAM-SHA-1",
     await scram(client, user, mechanism)
     client.send(HEADER)
     await client.until(rb"</stream:features>")
-    client.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    wanted = f"<resource>{resource}</resource>" if resource else ""
+    client.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+                f"{wanted}</bind></iq>")
     await client.until(rb"</iq>")
     return client
 
@@ -217,16 +235,87 @@ async def measure_messages(port: int, count: int, per_client: int,
     return count * per_client / elapsed, errors
 
 
+async def register_accounts(port: int, count: int, mechanism: str) -> None:
+    """In-band registration of bench0..bench{count-1} (Prosody, ejabberd), one at a time."""
+    for i in range(count):
+        await close(await login(port, f"bench{i}", mechanism, register=True))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def ping_round_trips(client: Client, seconds: float, interval: float) -> list[float]:
+    """XEP-0199 pings to the server, one at a time, every `interval`; round trips in ms."""
+    trips = []
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        started = time.monotonic()
+        client.send(f"<iq type='get' id='ping{n}' to='localhost'>"
+                    "<ping xmlns='urn:xmpp:ping'/></iq>")
+        await client.until(rf"id=.ping{n}.".encode())
+        trips.append((time.monotonic() - started) * 1000)
+        await task.deferLater(reactor, interval, lambda: None)
+    return trips
+
+
+async def measure_idle(port: int, pid: int, sessions: int, accounts: int, concurrency: int,
+                       settle: float, canary_seconds: float) -> dict[str, Any]:
+    """Hold `sessions` idle logged-in streams; what they cost the server process `pid`."""
+    mechanism = IDLE_MECHANISM
+    canary = await login(port, "bench0", mechanism, resource="canary")
+    await task.deferLater(reactor, settle, lambda: None)
+    rss_before, cpu_before = rss_kib(pid), cpu_seconds(pid)
+    clients: list[Client] = []
+    queue = iter(range(sessions))
+    started = time.monotonic()
+
+    async def worker() -> None:
+        for i in queue:
+            clients.append(await login(port, f"bench{i % accounts}", mechanism,
+                                       resource=f"idle{i}"))
+
+    await defer.gatherResults([defer.Deferred.fromCoroutine(worker())
+                               for _ in range(concurrency)])
+    login_seconds = time.monotonic() - started
+    cpu_after = cpu_seconds(pid)
+    await task.deferLater(reactor, settle, lambda: None)
+    rss_after = rss_kib(pid)
+    trips = await ping_round_trips(canary, canary_seconds, 0.01)
+    alive = sum(1 for c in clients if not c.closed.called)
+    return {
+        "sessions": sessions, "sessions_alive_at_end": alive, "mechanism": mechanism,
+        "rss_before_mib": round(rss_before / 1024, 1), "rss_after_mib": round(rss_after / 1024, 1),
+        "kib_per_session": round((rss_after - rss_before) / sessions, 1),
+        "cpu_ms_per_login": round((cpu_after - cpu_before) * 1000 / sessions, 2),
+        "logins_per_s": round(sessions / login_seconds, 1),
+        "canary_pings": len(trips), "canary_ping_p50_ms": round(percentile(trips, 0.5), 2),
+        "canary_ping_p99_ms": round(percentile(trips, 0.99), 2),
+    }
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 # -- the servers --------------------------------------------------------------------------------
 
 
-def start_sixnet(work: Path, host: Path, ca: Path, clients: int) -> subprocess.Popen[bytes]:
+def start_sixnet(work: Path, host: Path, ca: Path, clients: int,
+                 sessions: int = 0) -> subprocess.Popen[bytes]:
     config = config_file(work, sixnet_toml(
         ca, {"host": IdentityFiles("localhost", host / "cert.pem", host / "key.pem")},
         sixnet={"state_dir": work / "sixnet-state", "log_format": "json"},
         grid={"enabled": True, "domain": "localhost",
               "listen": [f"tcp:{SIXNET_PORT}:interface=127.0.0.1"], "listen_tls": [],
-              "max_connections_per_address": 1000}))
+              # Every benchmark client comes from 127.0.0.1.
+              "max_connections_per_address": max(1000, sessions + 10),
+              "max_unauthenticated_per_address": IDLE_CONCURRENCY + 10}))
     # The first account through the command, to check it works; the others straight into
     # the database (one `sixnet grid user add` per account would take a minute).
     subprocess.run([sys.executable, "-m", "sixnet", "grid", "user", "add", "bench0",
@@ -238,7 +327,7 @@ def start_sixnet(work: Path, host: Path, ca: Path, clients: int) -> subprocess.P
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_prosody(work: Path, host: Path) -> subprocess.Popen[bytes]:
+def start_prosody(work: Path, host: Path, scram_hash: str) -> subprocess.Popen[bytes]:
     base = work / "prosody"
     (base / "data").mkdir(parents=True, exist_ok=True)
     shutil.copy(host / "cert.pem", base / "cert.pem")
@@ -246,6 +335,7 @@ def start_prosody(work: Path, host: Path) -> subprocess.Popen[bytes]:
     config = base / "prosody.cfg.lua"
     config.write_text(f"""
 pidfile = "{base}/prosody.pid"
+run_as_root = true -- (when it is root, as on CI) or mod_posix shuts it down
 data_path = "{base}/data"
 log = {{ warn = "{base}/prosody.log" }}
 c2s_ports = {{ {PROSODY_PORT} }}
@@ -261,6 +351,7 @@ allow_registration = true
 min_seconds_between_registrations = 0
 c2s_require_encryption = true
 authentication = "internal_hashed"
+password_hash = "{scram_hash}"
 storage = "internal"
 ssl = {{ certificate = "{base}/cert.pem", key = "{base}/key.pem" }}
 VirtualHost "localhost"
@@ -269,7 +360,7 @@ VirtualHost "localhost"
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_ejabberd(work: Path, host: Path) -> subprocess.Popen[bytes]:
+def start_ejabberd(work: Path, host: Path, scram_hash: str) -> subprocess.Popen[bytes]:
     base = work / "ejabberd"
     (base / "spool").mkdir(parents=True, exist_ok=True)
     (base / "host.pem").write_bytes((host / "cert.pem").read_bytes()
@@ -285,9 +376,10 @@ listen:
     module: ejabberd_c2s
     starttls_required: true
     max_stanza_size: 262144
+    backlog: 1024
 auth_method: internal
 auth_password_format: scram
-auth_scram_hash: sha
+auth_scram_hash: {"sha256" if scram_hash == "SHA-256" else "sha"}
 registration_timeout: infinity
 access_rules:
   register: {{allow: all}}
@@ -300,11 +392,18 @@ modules:
 """)
     subprocess.run(["chown", "-R", "ejabberd", str(base)], check=False)
     os.chmod(work, 0o755)
+    # Run by root, ejabberdctl starts the VM through `su`, which gives it the default fd limit
+    # (1024): started as the ejabberd user it inherits ours.
+    as_ejabberd: dict[str, Any] = {}
+    if os.geteuid() == 0:
+        as_ejabberd = {"user": "ejabberd", "group": "ejabberd",
+                       "env": dict(os.environ, HOME=pwd.getpwnam("ejabberd").pw_dir)}
     return subprocess.Popen(
         ["ejabberdctl", "--config", str(base / "ejabberd.yml"),
          "--ctl-config", str(base / "ejabberdctl.cfg"), "--logs", str(base),
          "--spool", str(base / "spool"), "--node", NODE, "foreground"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        **as_ejabberd)
 
 
 def our_beam_processes() -> list[int]:
@@ -319,6 +418,16 @@ def our_beam_processes() -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def server_pid(process: subprocess.Popen[bytes], name: str) -> int:
+    """The process whose memory and CPU are measured: ejabberd's is its Erlang VM."""
+    if name != "ejabberd":
+        return process.pid
+    for pid in our_beam_processes():
+        if Path(f"/proc/{pid}/comm").read_text().strip().startswith("beam"):
+            return pid
+    raise RuntimeError("ejabberd's Erlang VM is not running")
 
 
 def stop(process: subprocess.Popen[bytes], name: str) -> None:
@@ -354,15 +463,30 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--login-seconds", type=float, default=10.0)
     parser.add_argument("--login-concurrency", type=int, default=8)
+    parser.add_argument("--idle", type=int, default=0, metavar="N",
+                        help="measure N idle sessions instead of throughput")
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds of quiet before each memory reading (--idle)")
+    parser.add_argument("--canary-seconds", type=float, default=10.0,
+                        help="seconds of canary pings while the sessions idle (--idle)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    raise_fd_limit()  # before anything is spawned: the servers inherit it
     if args.measure:
         outcome: dict[str, Any] = {}
 
         async def run() -> None:
             try:
-                outcome.update(await run_one(args.measure, args.port, args))
+                if args.idle:
+                    if args.measure != "sixnet":
+                        await register_accounts(args.port, args.clients, IDLE_MECHANISM)
+                    outcome.update(await measure_idle(
+                        args.port, args.pid, args.idle, args.clients, IDLE_CONCURRENCY,
+                        args.settle, args.canary_seconds))
+                else:
+                    outcome.update(await run_one(args.measure, args.port, args))
             except Exception as e:
                 outcome["error"] = f"{type(e).__name__}: {e}"
             print(json.dumps(outcome), flush=True)
@@ -371,16 +495,26 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="xmpp-bench-"))
     ca = LabCA.init(work / "ca")
     ca.issue("host", "localhost", out=work / "host")
-    results: dict[str, Any] = {
-        "clients": args.clients, "messages_per_client": args.messages,
-        "login_concurrency": args.login_concurrency, "mechanism": "SCRAM-SHA-1", "tls": "1.3",
-    }
+    if args.idle:
+        results: dict[str, Any] = {
+            "idle_sessions": args.idle, "accounts": args.clients, "tls": "1.3",
+            "login_concurrency": IDLE_CONCURRENCY, "mechanism": IDLE_MECHANISM,
+        }
+    else:
+        results = {
+            "clients": args.clients, "messages_per_client": args.messages,
+            "login_concurrency": args.login_concurrency, "mechanism": "SCRAM-SHA-1",
+            "tls": "1.3",
+        }
+    scram_hash = "SHA-256" if args.idle else "SHA-1"
     starters = {
         "sixnet": (SIXNET_PORT, "twistd",
-                   lambda: start_sixnet(work, work / "host", work / "ca", args.clients)),
-        "prosody": (PROSODY_PORT, "prosody", lambda: start_prosody(work, work / "host")),
+                   lambda: start_sixnet(work, work / "host", work / "ca", args.clients,
+                                        args.idle)),
+        "prosody": (PROSODY_PORT, "prosody",
+                    lambda: start_prosody(work, work / "host", scram_hash)),
         "ejabberd": (EJABBERD_PORT, "ejabberdctl",
-                     lambda: start_ejabberd(work, work / "host")),
+                     lambda: start_ejabberd(work, work / "host", scram_hash)),
     }
     for name in [n for n in args.servers.split(",") if n]:
         port, program, start = starters[name]
@@ -401,9 +535,12 @@ def main() -> None:
             time.sleep(1.0)
             child = subprocess.run(
                 [sys.executable, __file__, "--measure", name, "--port", str(port),
+                 "--pid", str(server_pid(process, name)),
                  "--clients", str(args.clients), "--messages", str(args.messages),
                  "--login-seconds", str(args.login_seconds),
-                 "--login-concurrency", str(args.login_concurrency)],
+                 "--login-concurrency", str(args.login_concurrency),
+                 "--idle", str(args.idle), "--settle", str(args.settle),
+                 "--canary-seconds", str(args.canary_seconds)],
                 capture_output=True, text=True, check=False)
             lines = child.stdout.strip().splitlines()
             results[name] = json.loads(lines[-1]) if lines else {"error": child.stderr[-500:]}
@@ -411,7 +548,8 @@ def main() -> None:
             stop(process, name)
     for other in ("prosody", "ejabberd"):
         mine, theirs = results.get("sixnet", {}), results.get(other, {})
-        for key in ("logins_per_s", "messages_per_s"):
+        # Memory and CPU: below 1 means sixnet needs less.
+        for key in ("logins_per_s", "messages_per_s", "kib_per_session", "cpu_ms_per_login"):
             if mine.get(key) and theirs.get(key):
                 results.setdefault("ratios", {})[f"{key}_vs_{other}"] = round(
                     mine[key] / theirs[key], 2)

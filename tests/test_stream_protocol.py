@@ -109,7 +109,7 @@ def test_starttls_restarts_the_stream() -> None:
     protocol, transport, _ = connect()
     protocol.dataReceived(HEADER + b"<starttls/>")
     assert transport.tls == "context" and protocol.tls_pending
-    assert not protocol.header_sent and protocol.peer_header is None
+    assert not protocol.header_sent and not protocol.header_received
     protocol.handshakeCompleted()
     transport.clear()
     protocol.dataReceived(HEADER + b"<a/>")  # a new stream, inside TLS

@@ -253,7 +253,7 @@ class CountingParser:
 
 def test_ten_megabyte_stanza_in_one_feed_is_refused_early() -> None:
     parser = StreamParser()
-    counting = CountingParser(parser._parser)
+    counting = CountingParser(parser._live_parser())
     parser._parser = counting  # type: ignore[assignment]
     parser.feed(HEADER)
     with pytest.raises(XMLStreamError) as info:
@@ -397,3 +397,56 @@ def test_a_header_inside_the_stream_is_reported_when_it_starts() -> None:
     assert not parser.idle
     child, closed = parser.feed(b"<m/></s:stream></s:stream>")  # an ordinary child
     assert child.tag == "{urn:s}stream" and len(child) == 1 and isinstance(closed, StreamClosed)
+
+
+# -- releasing the libxml2 parser of a quiet stream -------------------------------------------
+
+
+def test_released_parser_goes_on_with_the_same_namespaces_and_close_tag() -> None:
+    parser = StreamParser()
+    assert not parser.holding  # made by the first feed, not by reset()
+    assert isinstance(parser.feed(HEADER)[0], StreamOpened)
+    assert parser.release() and not parser.holding
+    assert parser.feed(b"  \n ") == [] and not parser.holding  # keepalives parse nothing
+    (message,) = parser.feed(SMALL)
+    assert parser.holding
+    assert message.tag == "{jabber:client}message" and message.findtext(
+        "{jabber:client}body") == "hi"
+    assert parser.release()
+    (iq,) = parser.feed(b"<iq type='get' id='i1'><query xmlns='jabber:iq:roster'/></iq>")
+    assert iq[0].tag == "{jabber:iq:roster}query"
+    assert parser.release()
+    assert parser.feed(CLOSE) == [StreamClosed()]
+
+
+def test_release_waits_for_a_half_parsed_stanza() -> None:
+    parser = StreamParser()
+    parser.feed(HEADER[:20])
+    assert not parser.release() and parser.holding  # the header is not complete
+    parser.feed(HEADER[20:] + b"<message to='a@b'><bo")
+    assert not parser.release() and parser.holding
+    (message,) = parser.feed(b"dy>hi</body></message>")
+    assert message.findtext("{jabber:client}body") == "hi"
+    assert parser.release()
+
+
+def test_released_parser_keeps_refusing_what_it_refused() -> None:
+    parser = StreamParser(max_element_bytes=1000)
+    parser.feed(HEADER)
+    parser.release()
+    assert describe(parser.feed(b"<p:x xmlns:p='urn:p'/>"))  # prefixes declared anew: fine
+    parser.release()
+    with pytest.raises(XMLStreamError) as info:
+        parser.feed(b"<message><body>" + b"x" * 2000 + b"</body></message>")
+    assert info.value.condition == "policy-violation"
+    parser = StreamParser()
+    parser.feed(HEADER)
+    parser.release()
+    with pytest.raises(XMLStreamError) as info:
+        parser.feed(b"text between stanzas<a/>")
+    assert info.value.condition == "bad-format"
+    parser = StreamParser()
+    parser.feed(HEADER)
+    parser.release()
+    header_inside = parser.feed(HEADER)
+    assert [type(e).__name__ for e in header_inside] == ["HeaderInStream"]

@@ -65,6 +65,11 @@ class Connection(Protocol):
 class Session:
     """A bound resource; outlives its TCP connection while stream management may resume it."""
 
+    # One per platform online: slots instead of a dict of attributes per session.
+    __slots__ = ("jid", "full", "bare", "connection", "available", "priority", "presence",
+                 "directed", "sm", "held", "resume_timer", "ended", "certificate_chain",
+                 "overflow")
+
     def __init__(self, jid: JID, connection: Connection | None) -> None:
         self.jid = jid
         self.full = str(jid)
@@ -73,8 +78,9 @@ class Session:
         self.available = False
         self.priority = 0
         self.presence: etree._Element | None = None
-        #: Entities (not our own resources) that got directed available presence from us.
-        self.directed: set[str] = set()
+        #: Entities (not our own resources) that got directed available presence from us;
+        #: None while there are none (most platforms never send any).
+        self.directed: set[str] | None = None
         self.sm: StreamManagement | None = None
         #: Stanzas held back while stored offline messages are being delivered first.
         self.held: list[bytes] | None = None
@@ -470,7 +476,7 @@ class Router:
             own = [s for s in self.sessions.get(session.bare, {}).values() if s.available]
             for s in own:
                 s.send(data)
-            for target in list(session.directed):
+            for target in list(session.directed or ()):
                 self._send_presence_to(target, stanza)
             if initial:
                 for other in own:
@@ -496,9 +502,9 @@ class Router:
             if s.available or s is session:
                 if not s.ended:
                     s.send(data)
-        for target in list(session.directed):
+        for target in list(session.directed or ()):
             self._send_presence_to(target, stanza)
-        session.directed.clear()
+        session.directed = None
         for component in list(self.components.values()):
             component.session_unavailable(session.full)
 
@@ -516,8 +522,10 @@ class Router:
             return  # subscriptions and probes: no rosters here
         if str(to.bare) != session.bare:
             if presence_type is None:
+                if session.directed is None:
+                    session.directed = set()
                 session.directed.add(str(to))
-            else:
+            elif session.directed is not None:
                 session.directed.discard(str(to))
         self._deliver(stanza, to)
 

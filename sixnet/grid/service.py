@@ -53,6 +53,9 @@ AUDIT_FILE = "grid-audit.jsonl"
 FAKE_SALT_KEY_FILE = "grid-secret"
 #: Seconds between checks whether the CRLs changed (the check itself is one comparison).
 REVOCATION_CHECK_INTERVAL = 1.0
+#: Seconds between sweeps that free the parsers of streams gone quiet: a stream silent for
+#: one to two intervals gives its parser back (see `C2SServer.release_parsers`).
+PARSER_RELEASE_INTERVAL = 2.0
 #: Seconds streams get to flush their closing stream error when the service stops.
 STOP_GRACE = 2.0
 
@@ -140,6 +143,8 @@ class GridService(MultiService):
         self._revocation_check.clock = clock
         self._idle_check = task.LoopingCall(self.server.check_idle)
         self._idle_check.clock = clock
+        self._parser_release = task.LoopingCall(self.server.release_parsers)
+        self._parser_release.clock = clock
 
     def check_revocations(self) -> None:
         """When the CRLs changed, end the sessions whose client certificate is now refused
@@ -275,6 +280,7 @@ class GridService(MultiService):
                 port.setServiceParent(self)
         self._revocation_check.start(REVOCATION_CHECK_INTERVAL, now=False)
         self._idle_check.start(self.config.grid.idle_timeout / 4, now=False)
+        self._parser_release.start(PARSER_RELEASE_INTERVAL, now=False)
         self.ready.callback(None)
 
     def _failed(self, failure: Any) -> None:
@@ -286,7 +292,7 @@ class GridService(MultiService):
 
     async def _stop(self) -> None:
         self.server.stopping = True
-        for check in (self._revocation_check, self._idle_check):
+        for check in (self._revocation_check, self._idle_check, self._parser_release):
             if check.running:
                 check.stop()
         if self.host_router is not None:  # answers in flight reach the host first

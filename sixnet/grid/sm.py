@@ -15,6 +15,8 @@ _MOD = 2**32
 
 
 class StreamManagement:
+    __slots__ = ("resume_id", "max_resume", "handled_in", "acked_out", "unacked")
+
     def __init__(self, resume_id: str | None, max_resume: int) -> None:
         #: Set when the client asked for resumption; the key to `<resume previd=...>`.
         self.resume_id = resume_id

@@ -154,6 +154,20 @@ class C2SServer:
         self.unauthenticated = AddressLimiter(limits.max_unauthenticated_per_address)
         self.stopping = False
         self.counters = counters if counters is not None else GridCounters(Registry())
+        #: Streams that received data since the last `release_parsers`, and those that had
+        #: at the one before: a stream in the second and not the first has been quiet for a
+        #: whole interval.
+        self.fed: set[ClientStream] = set()
+        self.recently_fed: set[ClientStream] = set()
+
+    def release_parsers(self) -> None:
+        """Free the parser state of the streams that received nothing since the last call
+        (one shared sweep, not a timer per stream; it visits only streams that spoke)."""
+        fed, self.fed = self.fed, set()
+        for stream in self.recently_fed - fed:
+            if not stream.release_parser():
+                fed.add(stream)  # mid-stanza: try again next time
+        self.recently_fed = fed
 
     def check_idle(self) -> None:
         """Ping sessions that have been silent for `idle_timeout`; close those that stay
@@ -311,6 +325,8 @@ class ClientStream(XMLStreamProtocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         server = self.server
         server.connections.discard(self)
+        server.fed.discard(self)
+        server.recently_fed.discard(self)
         if self._slot is not None:
             self._slot.release(self.address)
             self._slot = None
@@ -448,6 +464,7 @@ class ClientStream(XMLStreamProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._pinged = False
+        self.server.fed.add(self)
         super().dataReceived(data)
 
     def stream_opened(self, header: StreamOpened) -> None:

@@ -176,14 +176,17 @@ class XMLStreamProtocol(Protocol):
         self.idle_timeout = idle_timeout
         #: Our header was written on the current stream.
         self.header_sent = False
-        #: The peer's header of the current stream (None until it arrived).
-        self.peer_header: StreamOpened | None = None
+        #: The peer's header of the current stream arrived (what it said went to
+        #: `stream_opened`; keeping it would cost every idle stream its attribute dicts).
+        self.header_received = False
         #: The stream is over: nothing more is read or written.
         self.closed = False
         #: A TLS handshake is under way (direct TLS from the start, or after STARTTLS).
         self.tls_pending = direct_tls
         self.last_received = clock.seconds()
-        self._events: deque[Any] = deque()
+        #: Parsed events not handled yet; None while there are none (an empty deque is
+        #: 600 bytes, on every idle stream).
+        self._events: deque[Any] | None = None
         self._held = False
         #: Received bytes not parsed yet (beyond this turn's `feed_slice`).
         self._unparsed = b""
@@ -201,7 +204,7 @@ class XMLStreamProtocol(Protocol):
         return ()
 
     def stream_opened(self, header: StreamOpened) -> None:
-        """The peer's header arrived (`peer_header` is set)."""
+        """The peer's header arrived (`header_received` is set)."""
 
     def element_received(self, element: etree._Element) -> None:
         """A whole top-level element arrived."""
@@ -289,7 +292,11 @@ class XMLStreamProtocol(Protocol):
                 _cancel(self._stall)
             else:
                 self._arm_stall()
-        self._events.extend(events)
+        if events:
+            if self._events is None:
+                self._events = deque(events)
+            else:
+                self._events.extend(events)
         self._pump()
         self._schedule_slice()
 
@@ -308,6 +315,15 @@ class XMLStreamProtocol(Protocol):
         if self._next_slice is None:
             self._next_slice = self.clock.callLater(0, self._parse_slice)
 
+    def release_parser(self) -> bool:
+        """Give back the parser's memory on a stream gone quiet (see `StreamParser.release`);
+        False when something waits to be parsed or handled, so it must stay."""
+        if self.closed:
+            return True
+        if self._events or self._unparsed or self._held:
+            return False
+        return self.parser.release()
+
     def hold(self) -> None:
         """Keep further events queued until `release` (an asynchronous step is running)."""
         self._held = True
@@ -321,9 +337,11 @@ class XMLStreamProtocol(Protocol):
     def _pump(self) -> None:
         while self._events and not self._held and not self.closed:
             event = self._events.popleft()
+            if not self._events:
+                self._events = None
             try:
                 if isinstance(event, StreamOpened):
-                    self.peer_header = event
+                    self.header_received = True
                     self.stream_opened(event)
                 elif isinstance(event, HeaderInStream):
                     self.header_in_stream(event)
@@ -404,10 +422,10 @@ class XMLStreamProtocol(Protocol):
     def restart_stream(self) -> None:
         """A new stream starts (after STARTTLS or SASL success); queued events are void."""
         self.parser.reset()
-        self._events.clear()
+        self._events = None
         self._unparsed = b""
         self.header_sent = False
-        self.peer_header = None
+        self.header_received = False
 
     # -- timers ----------------------------------------------------------------------------------
 
@@ -431,7 +449,7 @@ class XMLStreamProtocol(Protocol):
         if self.closed:
             return
         self.closed = True
-        self._events.clear()
+        self._events = None
         self._unparsed = b""
         for timer in (self._stall, self._deadline, self._idle, self._next_slice):
             _cancel(timer)
