@@ -217,6 +217,7 @@ class GridService(MultiService):
         await prepare_broker(self.broker_db, self.revocations.store)
         self.router.attach_component(self.broker)  # it reads the revoked platforms too
         await self.revocations.start()
+        await self.offline.watch(self.router.relay_offline)
         self.offline_count.refresh()
         for jid in self.revocations.revoked:  # revoked while the broker was reading
             self.broker.revoke(jid)
