@@ -61,6 +61,9 @@ def load_config(path: Path = DEFAULT_CONFIG, *, check_files: bool = True) -> Con
         if service.enabled and service.identity not in config.pki.identities:
             raise ConfigError(str(path), f"{name}.identity",
                               f"no [pki.identities.{service.identity}] table defines it")
+    problem = config.grid.problem() if config.grid.enabled else None
+    if problem is not None:
+        raise ConfigError(str(path), *problem)
     problem = config.bridge.problem(config.pki.identities, config.grid.enabled)
     if problem is not None:
         raise ConfigError(str(path), *problem)

@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Protocol
 
 from sixnet.core.config import Settings
-from sixnet.core.settings import ServiceConfig, database_url, endpoints_check, positive, setting
+from sixnet.core.settings import (
+    ServiceConfig,
+    database_url,
+    endpoints_check,
+    one_of,
+    positive,
+    setting,
+)
 from sixnet.grid.pubsub.config import BrokerConfig
+
+
+def host_port(value: str) -> str | None:
+    """``host:port`` (``[v6-address]:port`` too), or empty."""
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"{value!r} is not host:port (e.g. xmpp.example.org:5347)"
+    return None
 
 
 def at_least(low: float) -> Callable[[float], str | None]:
@@ -63,6 +82,45 @@ class GridConfig(ServiceConfig):
     resume_timeout: float = setting(300.0, check=positive,
                                     doc="seconds a cut stream-management session waits")
     broker: BrokerConfig = setting(BrokerConfig(), doc="the [grid.broker] table")
+    mode: str = setting("server", check=one_of("server", "component"),
+                        doc="server: the grid's own c2s on listen/listen_tls; component: "
+                            "the broker attaches to another XMPP server (XEP-0114) and "
+                            "nothing listens for clients")
+    component_host: str = setting("", check=host_port,
+                                  doc="component mode: host:port of the XMPP server's "
+                                      "component port (e.g. Prosody's component_ports)")
+    component_name: str = setting("", doc="component mode: the component's domain as the "
+                                          "host knows it; default <broker.subdomain>.<domain>")
+    component_secret_file: Path | None = setting(None, must_exist=True,
+                                                 doc="component mode: file holding the "
+                                                     "shared secret (never the secret "
+                                                     "inline)")
+
+    @property
+    def service_name(self) -> str:
+        """The broker's JID: ``component_name`` in component mode when set, else
+        ``<broker.subdomain>.<domain>``."""
+        if self.mode == "component" and self.component_name:
+            return self.component_name
+        return f"{self.broker.subdomain}.{self.domain}"
+
+    def problem(self) -> tuple[str, str] | None:
+        """What the keys say together that no key says alone: (key, problem) or None."""
+        if self.mode != "component":
+            return None
+        if not self.component_host:
+            return ("grid.component_host", "component mode needs host:port of the XMPP "
+                                           "server's component port")
+        if self.component_secret_file is None:
+            return ("grid.component_secret_file", "component mode needs the file holding "
+                                                  "the component's secret")
+        name = self.service_name
+        if not name.endswith("." + self.domain) or name.startswith(".") or "@" in name \
+                or "/" in name:
+            return ("grid.component_name", f"{name!r} must be a subdomain of the host's "
+                                           f"domain {self.domain!r} (e.g. pubsub."
+                                           f"{self.domain})")
+        return None
 
     #: Keys of earlier releases, and the key that replaced each (named in the error).
     RENAMED: ClassVar[dict[str, str]] = {"failed_login_delay": "failure_delay",

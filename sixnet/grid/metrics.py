@@ -144,4 +144,18 @@ def register_gauges(service: GridService) -> CachedCount:
                      "Publishes and subscription requests refused by the broker's "
                      "per-platform rate limits.", ("operation",),
                      read=lambda: {(k,): v for k, v in rate_limits.refusals.items()})
+    host = service.host_router
+    if host is not None:  # component mode: the link to the host server
+        registry.gauge("sixnet_grid_component_connected",
+                       "1 while the host server has accepted the broker's component stream.",
+                       read=lambda: 1.0 if host.stream is not None else 0.0)
+        registry.gauge("sixnet_grid_component_backlog",
+                       "Stanzas waiting for the component connection to come back.",
+                       read=lambda: len(host.backlog))
+        registry.gauge("sixnet_grid_component_platforms_online",
+                       "Platform resources the host's presence says are online.",
+                       read=lambda: sum(len(j) for j in host.presence.values()))
+        registry.counter("sixnet_grid_component_dropped_total",
+                         "Stanzas dropped because the backlog was full while the host "
+                         "was away.", read=lambda: host.dropped)
     return offline

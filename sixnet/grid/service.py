@@ -4,10 +4,15 @@ Start: the database schema is brought up to date, components are attached, then 
 listen (STARTTLS on ``[grid] listen``, direct TLS on ``[grid] listen_tls``). Stop: every stream
 gets the system-shutdown stream error, sessions end (unacknowledged messages go to offline
 storage), components finish their work, then storage closes.
+
+In component mode (``[grid] mode = "component"``) nothing listens: the broker is attached to
+a `sixnet.grid.external.HostRouter` and reaches its platforms through another XMPP server's
+component port (XEP-0114), kept connected by a reconnecting client service.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from sixnet.core.runtime import ListeningService, report_failure
 from sixnet.core.storage.database import Database
 from sixnet.grid.client.errors import ClientError
 from sixnet.grid.config import GridSettings
+from sixnet.grid.external import HostRouter, component_service
 from sixnet.grid.jid import parse_jid
 from sixnet.grid.local import LocalSession
 from sixnet.grid.metrics import GridCounters, register_gauges
@@ -121,6 +127,11 @@ class GridService(MultiService):
             TLSMemoryBIOFactory(self.tls, False, ClientStreamFactory(self.server, True)),
             owner=self)
         self.broker = self._make_broker()
+        self.host_router: HostRouter | None = None
+        self.component_link: IService | None = None
+        if grid.mode == "component":
+            self.host_router = HostRouter(grid.domain, grid.service_name)
+            self.component_link = self._make_link(self.host_router)
         self.offline_count = register_gauges(self)
         self.ready: defer.Deferred[None] = defer.Deferred()
         self.store = store
@@ -162,6 +173,9 @@ class GridService(MultiService):
 
         async def bind() -> LocalSession:
             await self.ready
+            if self.host_router is not None:
+                raise ClientError("component mode: platforms are on the host server; use "
+                                  "the bridge's remote target", "service-unavailable")
             jid = parse_jid(f"{localpart}@{self.config.grid.domain}")
             if str(jid) in self.revocations.revoked:
                 raise ClientError(f"{jid} is revoked", "not-authorized")
@@ -196,8 +210,12 @@ class GridService(MultiService):
         grid = self.config.grid
         state_dir = self.config.sixnet.state_dir
         self.broker_db = Database(grid.broker.database, base=state_dir)
+        broker = grid.broker
+        if grid.mode == "component":  # the broker's JID is the component's name
+            broker = dataclasses.replace(
+                broker, subdomain=grid.service_name[:-len(grid.domain) - 1])
         try:
-            return PubSubBroker(grid.broker, grid.domain, self.broker_db,
+            return PubSubBroker(broker, grid.domain, self.broker_db,
                                 state_dir / grid.broker.audit_log, self.revocations.store,
                                 events=self.events)
         except ConfigError as e:
@@ -205,6 +223,32 @@ class GridService(MultiService):
             self.broker_db.close()
             self.db.close()
             raise ConfigError(str(self.config.path), f"grid.broker.{e.key}", e.problem) from None
+
+    def _make_link(self, router: HostRouter) -> IService:
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import HostnameEndpoint
+
+        grid = self.config.grid
+        path = grid.component_secret_file
+        assert path is not None  # GridConfig.problem() said so
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            self._close_storage()
+            raise ConfigError(str(self.config.path), "grid.component_secret_file",
+                              f"cannot read {path} ({getattr(e, 'strerror', None) or e})"
+                              ) from None
+        if not secret:
+            self._close_storage()
+            raise ConfigError(str(self.config.path), "grid.component_secret_file",
+                              f"{path} is empty")
+        host, _, port = grid.component_host.rpartition(":")
+        endpoint = HostnameEndpoint(reactor, host.strip("[]"), int(port))
+        return component_service(router, endpoint, secret, self.clock)
+
+    def _close_storage(self) -> None:
+        self.broker_db.close()
+        self.db.close()
 
     def startService(self) -> None:
         # The ports listen only once the schema is ready, so no login meets a missing table.
@@ -215,14 +259,21 @@ class GridService(MultiService):
         await prepare_grid(self.db)
         # Before the revoked set is read: an old broker database's revocations move in.
         await prepare_broker(self.broker_db, self.revocations.store)
-        self.router.attach_component(self.broker)  # it reads the revoked platforms too
+        # Attaching reads the revoked platforms too.
+        if self.host_router is not None:
+            self.host_router.attach(self.broker)
+        else:
+            self.router.attach_component(self.broker)
         await self.revocations.start()
         await self.offline.watch(self.router.relay_offline)
         self.offline_count.refresh()
         for jid in self.revocations.revoked:  # revoked while the broker was reading
             self.broker.revoke(jid)
-        for port in (self.starttls_port, self.direct_tls_port):
-            port.setServiceParent(self)
+        if self.component_link is not None:
+            self.component_link.setServiceParent(self)
+        else:
+            for port in (self.starttls_port, self.direct_tls_port):
+                port.setServiceParent(self)
         self._revocation_check.start(REVOCATION_CHECK_INTERVAL, now=False)
         self._idle_check.start(self.config.grid.idle_timeout / 4, now=False)
         self.ready.callback(None)
@@ -239,6 +290,9 @@ class GridService(MultiService):
         for check in (self._revocation_check, self._idle_check):
             if check.running:
                 check.stop()
+        if self.host_router is not None:  # answers in flight reach the host first
+            await self.broker.idle()
+            self.host_router.close()
         await super().stopService()
         await self.revocations.stop()
         streams = list(self.server.connections)
