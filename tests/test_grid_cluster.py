@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from twisted.trial import unittest
 
 from sixnet.core.storage.database import Database
+from sixnet.grid.pubsub import changes as ch
+from sixnet.grid.pubsub.config import BrokerConfig
+from sixnet.grid.pubsub.engine import PubSubEngine
+from sixnet.grid.pubsub.request import parse_iq
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 from tests.support.databases import postgres_schema_url, postgres_unavailable
 from tests.support.iodef import IODEF, IODEF_NS
@@ -25,6 +30,49 @@ from tests.support.waiting import wait_for
 PS = "http://jabber.org/protocol/pubsub"
 BROKER = "broker.localhost"
 AUTH = "http://jabber.org/protocol/pubsub#subscribe_authorization"
+
+
+def test_announcements_round_trip_under_the_size_limit() -> None:
+    small = ch.PutItem("t", "i", 3, "p@x", b"<a/>", "2026-12-02T00:00:00Z")
+    large = ch.PutItem("t", "big", 4, "p@x", b"x" * (ch.INLINE_PAYLOAD + 1), "2026")
+    many = [ch.PutAffiliation("t", f"member{n}@x", "member") for n in range(400)]
+    messages = ch.encode("origin", [small, large, *many, ch.DeleteNode("t")], 7)
+    assert len(messages) > 1 and all(len(m) <= ch.MAX_NOTIFICATION for m in messages)
+    assert len(set(messages)) == len(messages)  # PostgreSQL folds identical payloads
+    heard = [ch.decode(m) for m in messages]
+    assert {h.origin for h in heard} == {"origin"}
+    changes = [c for h in heard for c in h.changes]
+    assert changes[0] == small and changes[2:] == [*many, ch.DeleteNode("t")]
+    assert heard[0].missing == [changes[1]] and changes[1].payload == b""
+
+
+def test_another_engine_applies_what_one_decided() -> None:
+    """The changes of every kind, applied elsewhere, give the same state (twice: idempotent)."""
+    def request(body: str, sender: str = "owner@localhost/d") -> Any:
+        return parse_iq(etree_iq(f"<iq type='set' from='{sender}' to='{BROKER}' id='x'>"
+                                 f"<pubsub xmlns='{PS}'>{body}</pubsub></iq>"))
+
+    here, there = (PubSubEngine(BROKER, BrokerConfig()) for _ in range(2))
+    decided: list[ch.Change] = []
+    for body, sender in [
+            ("<create node='t'/>", "owner@localhost/d"),
+            ("<subscribe node='t' jid='reader@localhost'/>", "reader@localhost/d"),
+            (f"<publish node='t'><item id='i'><n xmlns='{IODEF_NS}'/></item></publish>",
+             "owner@localhost/d")]:
+        decided += here.handle(request(body, sender)).changes
+    sub = next(iter(here.nodes["t"].subscriptions.values()))
+    asked = there.apply(decided)
+    assert [n.recipients for n in asked] == [["owner@localhost"]]  # the pending request
+    there.apply(decided)
+    node = there.nodes["t"]
+    assert node.subscriptions[sub.subid].state == "pending" and list(node.items) == ["i"]
+    assert node.affiliations == {"owner@localhost": "owner"}
+    there.apply([ch.DeleteNode("t")])
+    assert there.nodes == {} and there.names == []
+
+
+def etree_iq(text: str) -> Any:
+    return etree.fromstring(text.replace("<iq ", "<iq xmlns='jabber:client' ", 1))
 
 
 class ChannelScopeTests(unittest.TestCase):
