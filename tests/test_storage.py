@@ -8,7 +8,7 @@ from twisted.trial import unittest
 
 from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 
-from .support.databases import postgres_database, postgres_unavailable
+from .support.databases import postgres_database, postgres_schema_url, postgres_unavailable
 from .support.waiting import wait_for
 
 MIGRATIONS = {
@@ -133,11 +133,14 @@ class PostgreSQLNotificationTests(NotificationTests, unittest.TestCase):
     skip = postgres_unavailable()
 
     def setUp(self) -> None:
-        self.db = postgres_database(self)
+        self.url = postgres_schema_url(self)
+        self.db = Database(self.url)
+        self.addCleanup(self.db.close)
 
     async def test_reaches_another_process(self) -> None:
-        """A second Database on the same server (another process's view) hears it."""
-        other = postgres_database(self)
+        """A second Database on the same schema (another process's view) hears it."""
+        other = Database(self.url)
+        self.addCleanup(other.close)
         got: list[str] = []
         await other.listen("note_changes", got.append)
         await self.db.run("n", lambda c: c.notify("note_changes", "across"))

@@ -554,6 +554,27 @@ class Router:
         for data in held:
             session.write(data)
 
+    def relay_offline(self, username: str) -> None:
+        """A message for `username` was stored (here or by another grid process on this
+        database): hand it to the account's available sessions here, if it has any."""
+        if self._live(f"{username}@{self.domain}"):
+            self._spawn(self._relay_offline(username))
+
+    def _live(self, bare: str) -> list[Session]:
+        return [s for s in self.sessions.get(bare, {}).values()
+                if s.available and s.priority >= 0 and not s.ended]
+
+    async def _relay_offline(self, username: str) -> None:
+        stored = await self.offline.take(username)
+        live = self._live(f"{username}@{self.domain}")
+        for stamp, data in stored:
+            if not live:  # gone meanwhile: kept for the next login
+                await self.offline.store(username, stamp, data)
+                continue
+            delayed = self._with_delay(data, stamp)
+            for session in live:
+                session.send(delayed)
+
     def _with_delay(self, data: bytes, stamp: str) -> bytes:
         stanza = etree.fromstring(data)
         delay = etree.SubElement(stanza, f"{{{NS_DELAY}}}delay", nsmap={None: NS_DELAY})

@@ -270,6 +270,8 @@ class GridService(MultiService):
         else:
             self.router.attach_component(self.broker)
         await self.revocations.start()
+        if self.host_router is None:  # messages other grid processes stored for our sessions
+            await self.offline.watch(self.router.relay_offline)
         self.offline_count.refresh()
         for jid in self.revocations.revoked:  # revoked while the broker was reading
             self.broker.revoke(jid)

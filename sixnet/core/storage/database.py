@@ -13,7 +13,10 @@ Notifications: a transaction may call ``cursor.notify(channel, payload)``; once 
 every `Database.listen` callback for that channel gets the payload. On PostgreSQL this is
 ``NOTIFY``/``LISTEN``, so it reaches every process using the database (the listening
 connection is watched by the reactor, no polling); on SQLite it reaches the listeners of this
-process. A rolled-back transaction notifies nobody.
+process. A rolled-back transaction notifies nobody. PostgreSQL's channel names are
+database-wide, so each channel is scoped to the schema the connection works in (its
+``search_path``): two installations, or two test suites, in schemas of one database do not
+hear each other.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ class PostgreSQLEngine(Engine):
         return sql.replace("%", "%%").replace("?", "%s")
 
     def notify(self, cursor: Any, channel: str, payload: str) -> bool:
-        cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        cursor.execute(f"SELECT pg_notify(%s || {_SCOPE}, %s)", (channel, payload))
         return True
 
     def lock_migrations(self, cursor: Any) -> None:
@@ -108,6 +111,10 @@ class PostgreSQLEngine(Engine):
                  gap: Callable[[], None]) -> _PostgresListener:
         return _PostgresListener(target, deliver, gap)
 
+
+#: SQL for the suffix that scopes a PostgreSQL channel to the connection's schema: ``_`` and
+#: ten hex digits of the schema name's MD5 (channel names are at most 63 bytes).
+_SCOPE = "'_' || left(md5(coalesce(current_schema(), '')), 10)"
 
 ENGINES: dict[str, Engine] = {e.name: e for e in (SQLiteEngine(), PostgreSQLEngine())}
 
@@ -141,7 +148,7 @@ class Cursor:
     def notify(self, channel: str, payload: str) -> None:
         """Send `payload` to the listeners of `channel` when this transaction commits."""
         if not _CHANNEL.fullmatch(channel):
-            raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 63)")
+            raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 52)")
         if not self.engine.notify(self._cursor, channel, payload):
             self.notifications.append((channel, payload))
 
@@ -164,7 +171,8 @@ class Cursor:
         return int(self._cursor.rowcount)
 
 
-_CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: A channel's name, short enough for PostgreSQL once scoped (`_SCOPE` adds 11 characters).
+_CHANNEL = re.compile(r"[a-z_][a-z0-9_]{0,51}")
 
 
 def _sqlite_connected(connection: Any) -> None:
@@ -224,7 +232,7 @@ class Database:
         notifications sent while it was down are lost.
         """
         if not _CHANNEL.fullmatch(channel):
-            raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 63)")
+            raise ValueError(f"{channel!r} is not a channel name (a-z 0-9 _, at most 52)")
         first = channel not in self._listeners
         self._listeners.setdefault(channel, []).append(callback)
         if on_gap is not None:
@@ -310,10 +318,12 @@ class _PostgresListener:
     def __init__(self, target: str, deliver: Callable[[str, str], None],
                  gap: Callable[[], None]) -> None:
         self.target = target
-        self.deliver = deliver
+        self._deliver = deliver
         self.gap = gap
         self.channels: list[str] = []
         self.connection: Any = None
+        #: The suffix that scopes this schema's channels (read once connected).
+        self.scope = ""
         self._reader: _SocketReader | None = None
         self._lock = defer.DeferredLock()
         self._retry: Any = None
@@ -337,8 +347,10 @@ class _PostgresListener:
                 # LISTEN) reach this handler; idle ones are read by _SocketReader.
                 connection.add_notify_handler(
                     lambda n: reactor.callFromThread(self.deliver, n.channel, n.payload))
+                self.scope = connection.execute(f"SELECT {_SCOPE}").fetchone()[0]
             for channel in channels:
-                connection.execute(f'LISTEN "{channel}"')  # names checked by Database.listen
+                # Names checked by Database.listen; the suffix is hex digits.
+                connection.execute(f'LISTEN "{channel}{self.scope}"')
             return connection
 
         def connected(connection: Any) -> None:
@@ -348,10 +360,24 @@ class _PostgresListener:
             if self.connection is None:
                 self.connection = connection
                 self._reader = _SocketReader(connection, self.deliver, self._broken)
-                reactor.addReader(self._reader)  # type: ignore[attr-defined]
+            reactor.addReader(self._reader)  # type: ignore[attr-defined]
             self._reader.drain()  # type: ignore[union-attr]
 
-        return threads.deferToThread(blocking).addCallback(connected)
+        # While psycopg waits for LISTEN's answer in the thread, the reactor must not read
+        # the same socket (it would take the answer, and LISTEN would wait forever).
+        def failed(failure: Failure) -> Failure:
+            if self.connection is not None and not self._closed:
+                self._broken()  # in an unknown state, and no longer read: made again
+            return failure
+
+        if self._reader is not None:
+            reactor.removeReader(self._reader)  # type: ignore[attr-defined]
+        return threads.deferToThread(blocking).addCallbacks(connected, failed)
+
+    def deliver(self, channel: str, payload: str) -> None:
+        """A notification heard: passed on under the channel's unscoped name."""
+        if self.scope and channel.endswith(self.scope):
+            self._deliver(channel[:-len(self.scope)], payload)
 
     def _broken(self) -> None:
         """The connection failed: drop it and make it again later."""

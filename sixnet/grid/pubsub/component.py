@@ -17,6 +17,12 @@ is answered only after its changes are committed, so an acknowledged publish, su
 configuration survives a crash. Item notifications go out as soon as the engine has accepted
 the publish, while the commit runs (a disk flush must not add to delivery latency); every
 other message (subscription states, deletions, approvals) only once it is durable.
+
+Several instances may share one PostgreSQL database (several grid processes, or several
+components behind one XMPP server): each holds the whole state in memory, and each applies
+the change lists the others commit as they are announced (`IPubSubStore.watch`), so any
+instance can answer any request. Notifications are sent by the instance that handled the
+request; see docs/pubsub.rst for how they reach subscribers connected elsewhere.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from sixnet.core.errors import ConfigError
 from sixnet.core.events import IEventSink
 from sixnet.core.storage.database import Database
 from sixnet.grid.component import IComponent, IRouter
+from sixnet.grid.pubsub import changes as ch
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import Outcome, PubSubEngine
 from sixnet.grid.pubsub.errors import PubSubError
@@ -77,6 +84,8 @@ class PubSubBroker:
         self.delivery = Delivery(self.domain)
         self.router: IRouter | None = None
         self._ready: defer.Deferred[None] | None = None
+        #: Change lists heard from other instances while the snapshot is being read.
+        self._early: list[list[ch.Change]] | None = None
         self._in_flight: set[defer.Deferred[None]] = set()
         self._sweeper = task.LoopingCall(self.engine.rate_limits.forget_idle)
 
@@ -90,13 +99,39 @@ class PubSubBroker:
 
     async def _load(self) -> None:
         await self.store.open()
+        # Listening starts before the snapshot is read, so nothing committed by another
+        # instance in between is missed; what is heard meanwhile is applied after it.
+        self._early = []
+        await self.store.watch(self._heard, self._resync)
         self.engine.load(await self.store.load())
+        early, self._early = self._early, None
+        for changes in early:
+            self._heard(changes)
         for jid in sorted(await self.revocations.jids()):
             outcome = self.engine.revoke(jid)
             if outcome.changes:  # revoked while the broker was down: carried out now
                 await self._commit(outcome)
         log.info("broker {domain}: {nodes} topics loaded", domain=self.domain,
                  nodes=len(self.engine.nodes))
+
+    def _heard(self, changes: list[ch.Change]) -> None:
+        """Another broker instance on this database committed `changes`."""
+        if self._early is not None:
+            self._early.append(changes)
+            return
+        for notification in self.engine.apply(changes):
+            self.delivery.enqueue(notification)
+
+    def _resync(self) -> None:
+        """Other instances' changes may have been missed: read the whole state again."""
+        async def reload() -> None:
+            assert self._ready is not None
+            await self._ready
+            self.engine.reload(await self.store.load())
+            log.info("broker {domain}: state read again after a notification gap",
+                     domain=self.domain)
+
+        self._track(defer.Deferred.fromCoroutine(reload()))
 
     def receive(self, stanza: etree._Element) -> None:
         self._track(defer.Deferred.fromCoroutine(self._receive(stanza)))

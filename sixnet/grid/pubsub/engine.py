@@ -253,6 +253,70 @@ class PubSubEngine:
                     i.item_id, i.position, i.publisher, i.payload, i.published)
             self.position = max(self.position, i.position)
 
+    def reload(self, snapshot: ch.Snapshot) -> None:
+        """Replace the state with the store's (after notifications may have been missed)."""
+        self.nodes.clear()
+        self.names.clear()
+        self.load(snapshot)
+
+    def apply(self, changes: Sequence[ch.Change]) -> list[Notification]:
+        """Take in a change list another broker instance on the same database committed.
+
+        The changes are already decided and stored: they are applied as they are (each one
+        is idempotent, so one also contained in a snapshot does no harm). Returned: the
+        approval requests of new pending subscriptions, for owners with a session here.
+        """
+        requests: list[Notification] = []
+        for change in changes:
+            match change:
+                case ch.PutNode(name, config, created, creator):
+                    node = self.nodes.get(name)
+                    if node is None:
+                        self._add_node(Node(name, NodeConfig.from_json(config), created,
+                                            creator))
+                    else:
+                        node.config = NodeConfig.from_json(config)
+                        node.recipients_cache = None
+                case ch.DeleteNode(name):
+                    if self.nodes.pop(name, None) is not None:
+                        self.names.pop(bisect.bisect_left(self.names, name))
+                case ch.PutAffiliation(name, jid, affiliation) if name in self.nodes:
+                    if affiliation == "none":
+                        self.nodes[name].affiliations.pop(jid, None)
+                    else:
+                        self.nodes[name].affiliations[jid] = affiliation
+                case ch.PutSubscription(name, subid, jid, state, deliver, position) \
+                        if name in self.nodes:
+                    node = self.nodes[name]
+                    sub = node.subscriptions.get(subid)
+                    self.position = max(self.position, position)
+                    if sub is None:
+                        sub = Subscription(subid, jid, state, deliver, position)
+                        node.add(sub)
+                        if state == "pending":
+                            owners = [j for j, a in node.affiliations.items() if a == "owner"]
+                            requests.append(Notification(
+                                authorization_form(name, jid, subid), owners,
+                                only_available=True))
+                    else:
+                        sub.state, sub.deliver = state, deliver
+                        node.refresh(sub)
+                case ch.DeleteSubscription(name, subid) if name in self.nodes:
+                    sub = self.nodes[name].subscriptions.get(subid)
+                    if sub is not None:
+                        self.nodes[name].remove(sub)
+                case ch.PutItem(name, item_id, position, publisher, payload, published) \
+                        if name in self.nodes:
+                    items = self.nodes[name].items
+                    items.pop(item_id, None)
+                    items[item_id] = Item(item_id, position, publisher, payload, published)
+                    self.position = max(self.position, position)
+                case ch.DeleteItem(name, item_id) if name in self.nodes:
+                    self.nodes[name].items.pop(item_id, None)
+                case ch.PurgeItems(name) if name in self.nodes:
+                    self.nodes[name].items.clear()
+        return requests
+
     def _add_node(self, node: Node) -> None:
         self.nodes[node.name] = node
         bisect.insort(self.names, node.name)

@@ -3,6 +3,11 @@ resource, kept in the grid database and handed out in order at the next initial 
 
 Operations on one account are chained, so a message stored just before the account comes
 online is either in the batch being delivered or stored after it, never overtaken.
+
+Every stored message is announced on `CHANNEL` (the account's name) once committed. Several
+grid processes on one PostgreSQL database each hold their own sessions: a process with no
+session of the account stores the message, and the process that has one hears it and hands
+it over (`watch`, `Router.relay_offline`); taking is atomic, so it is delivered once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from twisted.internet import defer
 from sixnet.core.storage.database import Cursor, Database
 
 T = TypeVar("T")
+#: Where stored messages are announced, with the account's name as payload.
+CHANNEL = "grid_offline"
 
 
 class OfflineStore:
@@ -51,9 +58,15 @@ class OfflineStore:
                 return "full"
             cursor.execute("INSERT INTO grid_offline (username, stamp, stanza) VALUES (?, ?, ?)",
                            (username, stamp, stanza))
+            cursor.notify(CHANNEL, username)
             return "stored"
 
         return self._chained(username, lambda: self.db.run("grid offline store", txn))
+
+    def watch(self, stored: Callable[[str], object]) -> defer.Deferred[None]:
+        """Call ``stored(username)`` whenever a message for an account has been stored, by
+        this process or by another on the same database."""
+        return self.db.listen(CHANNEL, stored)
 
     def take(self, username: str) -> defer.Deferred[list[tuple[str, bytes]]]:
         """Remove and return every stored message of an account, oldest first."""
