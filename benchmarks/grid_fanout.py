@@ -28,7 +28,9 @@ processes), so a subscriber process measures the latency itself.
 Usage: python benchmarks/grid_fanout.py [--servers sixnet,prosody,ejabberd]
            [--subscribers 10,100,1000] [--notifications 20000] [--fixed-rate 1000]
            [--processes 0] [--notification-type normal]
-Prints one JSON document (results and ratios sixnet/other) on standard output.
+Prints one JSON document (results and ratios sixnet/other) on standard output. With
+``GRID_FANOUT_PROFILE=FILE`` in the environment, sixnet runs under cProfile and saves its
+statistics to FILE when it stops.
 """
 
 from __future__ import annotations
@@ -202,6 +204,7 @@ class Sixnet(Server):
                   "allow_plain": True, "scram_iterations": 4096,
                   "stanzas_per_second": 1000000.0, "stanza_burst": 1000000,
                   "max_connections_per_address": 100000,
+                  "max_unauthenticated_per_address": 100000,
                   "broker": {"open_access": True, "default_access_model": "open",
                              "notification_type": self.notification_type,
                              "rate_limits": {"publishes_per_second": 1000000.0,
@@ -214,7 +217,10 @@ class Sixnet(Server):
             raise RuntimeError("creating sixnet accounts failed")
 
     def command(self) -> list[str]:
-        return twistd_command("sixnet-grid", self.config)
+        profile = os.environ.get("GRID_FANOUT_PROFILE")  # cProfile statistics of the broker
+        options = ["--profiler=cprofile", "--savestats", f"--profile={profile}"] \
+            if profile else []
+        return twistd_command("sixnet-grid", self.config, twistd_options=options)
 
 
 class Prosody(Server):
@@ -709,7 +715,8 @@ async def worker(spec: dict[str, Any]) -> None:
     context = ssl.create_default_context(cafile=spec["ca"])
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     tally = Tally()
-    subscribers = [Subscriber(u, tally) for u in spec["users"]]
+    subscribers = [Subscriber(f"sub{i}", tally)
+                   for i in range(spec["first"], spec["first"] + spec["count"])]
 
     async def one(s: Subscriber) -> None:
         await s.login(spec["port"], context, spec["register"])
@@ -784,12 +791,12 @@ async def run_large(server: Server, publisher: Client, n: int, args: argparse.Na
         "</pubsub></iq>", f"create{n}")
     if b"type='result'" not in answer and b'type="result"' not in answer:
         raise RuntimeError(f"{server.name}: create failed: {answer[-400:]!r}")
-    users = [f"sub{i}" for i in range(n)]
     share = -(-n // args.processes)
     workers = []
     started = time.perf_counter()
     for part in range(args.processes):
-        spec = {"users": users[part * share:(part + 1) * share], "port": server.port,
+        spec = {"first": part * share, "count": min(share, n - part * share),
+                "port": server.port,
                 "ca": str(ca), "register": server.register_in_band,
                 "service": server.pubsub, "node": node}
         process = await asyncio.create_subprocess_exec(
