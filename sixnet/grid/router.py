@@ -287,8 +287,10 @@ class Router:
         available session gets its copy without parsing its JID: at 10,000 subscribers that
         lookup is most of what a copy costs here. Anyone else takes `_fanout_one`.
         """
-        template = deepcopy(stanza)
-        template.attrib.pop("to", None)
+        template = stanza
+        if "to" in stanza.attrib:  # the broker's templates have none: no copy to make
+            template = deepcopy(stanza)
+            del template.attrib["to"]
         head, tail = split_for_to(serialize(template))
         sessions = self.sessions
         for recipient in recipients:

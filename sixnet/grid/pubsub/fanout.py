@@ -38,6 +38,8 @@ CHUNK = 64
 #: Most notifications delivered together to the same recipients: about 48 KB of 1 KB items
 #: per recipient, under the 64 KB Twisted's TLS transport writes out at once.
 BATCH = 32
+#: Fewest recipients per step of a batch: each call to the router serialises its template.
+MIN_STEP = 8
 #: How long delivery keeps the reactor before letting it run (which is when the TLS layer
 #: flushes what was written). With nothing queued behind the notification being sent, short
 #: slices get the first subscribers of a large fan-out their copy sooner; with a backlog,
@@ -106,7 +108,7 @@ class Delivery:
             recipients, only_available = batch[0].recipients, batch[0].only_available
             # Each recipient gets every notification of the batch in one step, so its stream
             # writes them out together (one TLS record, one send) at the next reactor turn.
-            step = max(1, CHUNK // len(templates))
+            step = max(MIN_STEP, CHUNK // len(templates))
             for start in range(0, len(recipients), step):
                 chunk = recipients[start:start + step]
                 if only_available:
