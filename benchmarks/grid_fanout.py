@@ -18,9 +18,19 @@ its ``pubsub`` component, ejabberd (Debian package ``ejabberd``) with ``mod_pubs
 that are not installed are skipped. Every server keeps its own default node configuration,
 except the access model, which is ``open`` everywhere (sixnet: ``open_access = true``).
 
+At the large end (``--processes P``, e.g. 10,000 subscribers) the subscribers live in P
+child processes of this script (``--worker``), each multiplexing its share of the sessions on
+one asyncio loop with plain `asyncio.Protocol` objects, so the load generator is not what
+limits the run; every subscriber counts the distinct items it got, and an item it missed is
+reported as lost. Each item's id carries its publish time (``CLOCK_MONOTONIC``, shared by the
+processes), so a subscriber process measures the latency itself.
+
 Usage: python benchmarks/grid_fanout.py [--servers sixnet,prosody,ejabberd]
            [--subscribers 10,100,1000] [--notifications 20000] [--fixed-rate 1000]
-Prints one JSON document (results and ratios sixnet/other) on standard output.
+           [--processes 0] [--notification-type normal]
+Prints one JSON document (results and ratios sixnet/other) on standard output. With
+``GRID_FANOUT_PROFILE=FILE`` in the environment, sixnet runs under cProfile and saves its
+statistics to FILE when it stops.
 """
 
 from __future__ import annotations
@@ -66,6 +76,8 @@ PAYLOAD = (
     "</Incident></IODEF-Document>"
 )
 ITEM_ID = re.compile(rb"<item[^>]*? id=['\"]b(\d+)['\"]")
+#: An item id of the multi-process run: b<sequence>-<publish time in ns>.
+STAMPED_ID = re.compile(rb"<item[^>]*? id=['\"]b(\d+)-(\d+)['\"]")
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -131,6 +143,8 @@ class Server:
     process: asyncio.subprocess.Process | None = None
     pubsub: ClassVar[str] = "pubsub." + DOMAIN
     register_in_band: ClassVar[bool] = False
+    #: pubsub#notification_type of the benchmark's topics (sixnet and ejabberd).
+    notification_type: str = "normal"
 
     def available(self) -> bool:
         return True
@@ -190,7 +204,9 @@ class Sixnet(Server):
                   "allow_plain": True, "scram_iterations": 4096,
                   "stanzas_per_second": 1000000.0, "stanza_burst": 1000000,
                   "max_connections_per_address": 100000,
+                  "max_unauthenticated_per_address": 100000,
                   "broker": {"open_access": True, "default_access_model": "open",
+                             "notification_type": self.notification_type,
                              "rate_limits": {"publishes_per_second": 1000000.0,
                                              "publish_burst": 1000000,
                                              "subscriptions_per_second": 1000000.0,
@@ -201,7 +217,10 @@ class Sixnet(Server):
             raise RuntimeError("creating sixnet accounts failed")
 
     def command(self) -> list[str]:
-        return twistd_command("sixnet-grid", self.config)
+        profile = os.environ.get("GRID_FANOUT_PROFILE")  # cProfile statistics of the broker
+        options = ["--profiler=cprofile", "--savestats", f"--profile={profile}"] \
+            if profile else []
+        return twistd_command("sixnet-grid", self.config, twistd_options=options)
 
 
 class Prosody(Server):
@@ -284,10 +303,15 @@ modules:
   mod_register:
     access: register
     ip_access: all
+  mod_offline: {{}}
   mod_pubsub:
     host: "pubsub.@HOST@"
     access_createnode: local
     plugins: ["flat"]
+    default_node_config:
+      notification_type: {self.notification_type}
+      persist_items: true
+      max_items: 100
 """)
         # The Debian ejabberdctl.cfg names /etc/ejabberd/ejabberd.yml; this one names ours.
         self.ctl_config = self.directory / "ejabberdctl.cfg"
@@ -540,6 +564,7 @@ async def bench_server(name: str, args: argparse.Namespace, certs: tuple[Path, P
     server = SERVERS[name](name, directory, *certs)
     if not server.available():
         return {"skipped": f"{name} is not installed"}
+    server.notification_type = args.notification_type
     most = max(args.subscribers)
     users = ["publisher"] + [f"sub{i}" for i in range(most)]
     await server.prepare(users)
@@ -548,6 +573,10 @@ async def bench_server(name: str, args: argparse.Namespace, certs: tuple[Path, P
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     clients: list[Client] = []
     try:
+        if args.processes:
+            clients = await connect_all(server, users[:1], context)
+            return {"runs": [await run_large(server, clients[0], n, args, certs[0])
+                             for n in args.subscribers]}
         started = time.perf_counter()
         clients = await connect_all(server, users, context)
         print(f"{name}: {len(clients)} clients logged in in "
@@ -562,6 +591,302 @@ async def bench_server(name: str, args: argparse.Namespace, certs: tuple[Path, P
         for c in clients:
             await c.close()
         await server.stop()
+
+
+# -- the large end: subscribers in worker processes ----------------------------------------------
+
+
+class Subscriber(asyncio.Protocol):
+    """One subscriber's stream, negotiated by hand, then counting stamped items."""
+
+    def __init__(self, user: str, tally: Tally) -> None:
+        self.user = user
+        self.tally = tally
+        self.buffer = b""
+        self.pattern: re.Pattern[bytes] | None = None
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.counting = False
+        self.items: set[int] = set()
+        self.transport: asyncio.Transport
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"{self.user}: closed; "
+                                                      f"got {self.buffer[-300:]!r}"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.counting:
+            now = time.monotonic_ns()
+            buffer = self.buffer + data
+            last = 0
+            for match in STAMPED_ID.finditer(buffer):
+                number = int(match.group(1))
+                if number not in self.items:
+                    self.items.add(number)
+                    self.tally.latencies.append(now - int(match.group(2)))
+                    self.tally.last_ns = now
+                last = match.end()
+            self.buffer = buffer[max(last, len(buffer) - 300):]
+            return
+        self.buffer += data
+        self._check()
+
+    def _check(self) -> None:
+        if self.pattern is not None and self.pattern.search(self.buffer):
+            found, self.buffer, self.pattern = self.buffer, b"", None
+            assert self.waiter is not None
+            self.waiter.set_result(found)
+
+    async def until(self, pattern: bytes, timeout: float = 120.0) -> bytes:
+        self.pattern = re.compile(pattern, re.S)
+        self.waiter = asyncio.get_running_loop().create_future()
+        self._check()
+        return await asyncio.wait_for(self.waiter, timeout)
+
+    def send(self, data: str) -> None:
+        self.transport.write(data.encode())
+
+    async def open_stream(self) -> bytes:
+        self.send(f"<?xml version='1.0'?><stream:stream to='{DOMAIN}' version='1.0' "
+                  "xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
+        return await self.until(rb"</stream:features>")
+
+    async def login(self, port: int, context: ssl.SSLContext, register: bool) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: self, "127.0.0.1", port)
+        await self.open_stream()
+        self.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await self.until(rb"<proceed")
+        transport = await loop.start_tls(self.transport, self, context, server_hostname=DOMAIN)
+        assert transport is not None
+        self.transport = transport  # type: ignore[assignment]
+        await self.open_stream()
+        if register:
+            self.send(f"<iq type='set' id='reg'><query xmlns='jabber:iq:register'>"
+                      f"<username>{self.user}</username><password>{PASSWORD}</password>"
+                      "</query></iq>")
+            answer = await self.until(rb"<iq[^>]*id=.reg.[^>]*>.*?</iq>|<iq[^>]*id=.reg.[^>]*/>")
+            if b"type='error'" in answer and b"conflict" not in answer:
+                raise RuntimeError(f"registration of {self.user} failed: {answer[-300:]!r}")
+        token = base64.b64encode(f"\0{self.user}\0{PASSWORD}".encode()).decode()
+        self.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+                  f"{token}</auth>")
+        answer = await self.until(rb"<success|</failure>")
+        if b"<success" not in answer:
+            raise RuntimeError(f"login of {self.user} failed: {answer!r}")
+        await self.open_stream()
+        self.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+                  "<resource>bench</resource></bind></iq>")
+        await self.until(rb"</jid>")
+        self.send("<iq type='set' id='sess'><session "
+                  "xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
+        await self.until(rb"id=.sess.")
+        self.send("<presence/>")
+
+    async def subscribe(self, service: str, node: str) -> None:
+        self.send(f"<iq type='set' to='{service}' id='sub'>"
+                  "<pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+                  f"<subscribe node='{node}' jid='{self.user}@{DOMAIN}'/></pubsub></iq>")
+        answer = await self.until(rb"<iq[^>]*id=['\"]sub['\"][^>]*(/>|>.*?</iq>)")
+        if b"subscribed" not in answer:
+            raise RuntimeError(f"subscribe of {self.user} failed: {answer[-300:]!r}")
+
+
+@dataclass
+class Tally:
+    """What one worker process measured in one phase."""
+
+    latencies: list[int] = field(default_factory=list)
+    #: When the latest copy arrived (CLOCK_MONOTONIC ns).
+    last_ns: int = 0
+
+
+async def worker(spec: dict[str, Any]) -> None:
+    """A child process: log in and subscribe its users, then count on command.
+
+    Commands on standard input, one a line: ``count`` (forget what was counted),
+    ``report ITEMS TIMEOUT`` (wait until every subscriber has ITEMS items or TIMEOUT seconds
+    passed, then print the tally as one JSON line), ``quit``.
+    """
+    _many_files()
+    context = ssl.create_default_context(cafile=spec["ca"])
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    tally = Tally()
+    subscribers = [Subscriber(f"sub{i}", tally)
+                   for i in range(spec["first"], spec["first"] + spec["count"])]
+
+    async def one(s: Subscriber) -> None:
+        await s.login(spec["port"], context, spec["register"])
+        await s.subscribe(spec["service"], spec["node"])
+
+    for start in range(0, len(subscribers), 50):
+        await asyncio.gather(*(one(s) for s in subscribers[start:start + 50]))
+    for s in subscribers:
+        s.buffer, s.counting = b"", True
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def answer(data: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(data) + "\n")
+        sys.stdout.flush()
+
+    answer({"ready": len(subscribers)})
+    while line := (await reader.readline()).decode().split():
+        if line[0] == "count":
+            tally.latencies.clear()
+            tally.last_ns = 0
+            for s in subscribers:
+                s.items.clear()
+            answer({"counting": True})
+        elif line[0] == "report":
+            items, deadline = int(line[1]), time.monotonic() + float(line[2])
+            while time.monotonic() < deadline and \
+                    any(len(s.items) < items for s in subscribers):
+                await asyncio.sleep(0.02)
+            missing = [items - len(s.items) for s in subscribers if len(s.items) < items]
+            answer({"received": sum(len(s.items) for s in subscribers),
+                    "incomplete_subscribers": len(missing), "lost": sum(missing),
+                    "latencies_us": [x // 1000 for x in tally.latencies],
+                    "last_ns": tally.last_ns,
+                    "cpu_seconds": time.process_time()})
+        elif line[0] == "quit":
+            break
+    for s in subscribers:
+        with contextlib.suppress(Exception):
+            s.send("</stream:stream>")
+            s.transport.close()
+
+
+class Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    async def ask(self, command: str | None) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        if command is not None:
+            self.process.stdin.write(command.encode() + b"\n")
+            await self.process.stdin.drain()
+        line = await self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a subscriber process ended (exit {await self.process.wait()})")
+        return json.loads(line)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.process.pid)
+
+
+async def run_large(server: Server, publisher: Client, n: int, args: argparse.Namespace,
+                    ca: Path) -> dict[str, Any]:
+    """N subscribers in args.processes worker processes; saturation, then a fixed rate."""
+    node = f"large{n}"
+    answer = await publisher.iq(
+        f"<iq type='set' to='{server.pubsub}' id='create{n}'>"
+        f"<pubsub xmlns='http://jabber.org/protocol/pubsub'><create node='{node}'/>"
+        "</pubsub></iq>", f"create{n}")
+    if b"type='result'" not in answer and b'type="result"' not in answer:
+        raise RuntimeError(f"{server.name}: create failed: {answer[-400:]!r}")
+    share = -(-n // args.processes)
+    workers = []
+    started = time.perf_counter()
+    for part in range(args.processes):
+        spec = {"first": part * share, "count": min(share, n - part * share),
+                "port": server.port,
+                "ca": str(ca), "register": server.register_in_band,
+                "service": server.pubsub, "node": node}
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--worker", json.dumps(spec),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 30)
+        workers.append(Worker(process))
+    try:
+        ready = await asyncio.wait_for(asyncio.gather(*(w.ask(None) for w in workers)),
+                                       args.timeout * 5)
+        print(f"{server.name}: {sum(r['ready'] for r in ready)} subscribers logged in and "
+              f"subscribed in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        sequence = [0]
+
+        async def publish_run(items: int, interval: float | None) -> dict[str, Any]:
+            await asyncio.gather(*(w.ask("count") for w in workers))
+            outstanding = asyncio.Semaphore(args.window)
+            acked = [0]
+            done = asyncio.Event()
+
+            async def read_acks() -> None:
+                tail = b""
+                while acked[0] < items:
+                    data = await publisher.reader.read(65536)
+                    if not data:
+                        raise ConnectionError("publisher closed")
+                    buffer = tail + data
+                    ends = [m.end() for m in re.finditer(rb"<iq[^>]*id=['\"]p\d+['\"]", buffer)]
+                    tail = buffer[max(ends[-1] if ends else 0, len(buffer) - 200):]
+                    for _ in ends:
+                        acked[0] += 1
+                        outstanding.release()
+                done.set()
+
+            reader_task = asyncio.get_running_loop().create_task(read_acks())
+            server_cpu = server.cpu()
+            loadgen_cpu = [w.cpu() for w in workers]
+            began, began_ns = time.perf_counter(), time.monotonic_ns()
+            for i in range(items):
+                await outstanding.acquire()
+                if interval is not None:
+                    await asyncio.sleep(max(0.0, began + i * interval - time.perf_counter()))
+                sequence[0] += 1
+                publisher.send(
+                    f"<iq type='set' to='{server.pubsub}' id='p{sequence[0]}'>"
+                    f"<pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'>"
+                    f"<item id='b{sequence[0]}-{time.monotonic_ns()}'>{PAYLOAD}</item>"
+                    "</publish></pubsub></iq>")
+            await asyncio.wait_for(done.wait(), args.timeout)
+            reports = await asyncio.gather(*(w.ask(f"report {items} {args.timeout}")
+                                             for w in workers))
+            elapsed = time.perf_counter() - began
+            reader_task.cancel()
+            latencies = [x / 1000 for r in reports for x in r["latencies_us"]]
+            received = sum(r["received"] for r in reports)
+            # Throughput over the time until the last copy arrived, not the polling's end.
+            last = max((r["last_ns"] for r in reports if r["last_ns"]), default=0)
+            span = (last - began_ns) / 1e9 if last else elapsed
+            return {
+                "items": items, "notifications": received, "lost": items * n - received,
+                "incomplete_subscribers": sum(r["incomplete_subscribers"] for r in reports),
+                "seconds": round(span, 3),
+                "notifications_per_second": round(received / span, 1),
+                "latency_p50_ms": round(percentile(latencies, 50), 2) if latencies else None,
+                "latency_p99_ms": round(percentile(latencies, 99), 2) if latencies else None,
+                "latency_max_ms": round(max(latencies), 2) if latencies else None,
+                "server_cpu_seconds": round(server.cpu() - server_cpu, 2),
+                "loadgen_cpu_seconds": [round(w.cpu() - c, 2)
+                                        for w, c in zip(workers, loadgen_cpu, strict=True)],
+            }
+
+        result: dict[str, Any] = {"subscribers": n, "processes": args.processes}
+        result["saturation"] = await publish_run(max(2, args.notifications // n), None)
+        print(f"{server.name} N={n} saturation: {json.dumps(result['saturation'])}",
+              file=sys.stderr)
+        rate = args.fixed_rate / n  # items per second
+        result["fixed_rate"] = {"notifications_per_second_target": args.fixed_rate,
+                                **await publish_run(max(3, int(rate * args.fixed_seconds)),
+                                                    1.0 / rate)}
+        print(f"{server.name} N={n} fixed rate: {json.dumps(result['fixed_rate'])}",
+              file=sys.stderr)
+        return result
+    finally:
+        for w in workers:
+            with contextlib.suppress(Exception):
+                assert w.process.stdin is not None
+                w.process.stdin.write(b"quit\n")
+                await asyncio.wait_for(w.process.wait(), 20)
+            if w.process.returncode is None:
+                w.process.kill()
+                await w.process.wait()
 
 
 def ratios(results: dict[str, Any]) -> dict[str, Any]:
@@ -600,8 +925,17 @@ async def main() -> None:
     parser.add_argument("--fixed-seconds", type=float, default=5.0)
     parser.add_argument("--window", type=int, default=32, help="publishes in flight")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="hold the subscribers in this many child processes (0: in this "
+                             "one); for thousands of subscribers")
+    parser.add_argument("--notification-type", default="normal", choices=("normal", "headline"),
+                        help="pubsub#notification_type of the topics (sixnet and ejabberd)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
+    if args.worker:
+        await worker(json.loads(args.worker))
+        return
     base = Path(tempfile.mkdtemp(prefix="grid-fanout-"))
     os.chmod(base, 0o755)
     try:

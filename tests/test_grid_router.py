@@ -151,6 +151,21 @@ class RouterTests(unittest.TestCase):
         errors = [s for s in self.component.received if s.get("type") == "error"]
         assert [e.get("from") for e in errors] == ["nobody@localhost"]
 
+    async def test_fanout_to_full_and_uncanonical_jids_and_a_template_with_a_to(self) -> None:
+        """Recipients that are not a canonical bare JID of a session take the general path;
+        a template's own 'to' is neither sent nor removed from the caller's element."""
+        router = await self._router()
+        _, alice = await self._session("alice", "a")
+        message = stanza("<message from='echo.localhost' to='someone@localhost' "
+                         "type='normal'><event xmlns='urn:example'>x</event></message>")
+        router.route_fanout(message, ["Alice@LOCALHOST", "alice@localhost/a",
+                                      "alice@localhost"])
+        await self._settle()
+        assert [d.count(b" to=") for d in alice.sent] == [1, 1, 1]
+        assert [d.split(b'to="')[1].split(b'"')[0] for d in alice.sent] == [
+            b"Alice@LOCALHOST", b"alice@localhost/a", b"alice@localhost"]
+        assert message.get("to") == "someone@localhost"
+
     async def test_offline_order_and_full_storage(self) -> None:
         router = await self._router()
         alice, _ = await self._session("alice", "a")

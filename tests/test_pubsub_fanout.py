@@ -30,13 +30,16 @@ class CountingRouter:
         self.cost = cost_per_recipient
         self.deliveries: list[tuple[str, str]] = []
         self.templates: list[etree._Element] = []
+        #: (message id, recipients) of every call, in order.
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
 
     def route(self, stanza: etree._Element) -> None:
         self.deliveries.append((stanza.get("to"), stanza.get("id")))
 
     def route_fanout(self, stanza: etree._Element, recipients: Sequence[str]) -> None:
-        if not self.templates or self.templates[-1] is not stanza:
+        if all(t is not stanza for t in self.templates):
             self.templates.append(stanza)
+        self.calls.append((stanza.get("id"), tuple(recipients)))
         self.deliveries.extend((r, stanza.get("id")) for r in recipients)
         # Stand-in for writing to each recipient's stream.
         until = time.perf_counter() + self.cost * len(recipients)
@@ -103,6 +106,38 @@ class FanoutTests(unittest.TestCase):
         # The reactor ran between chunks (many ticks during a 0.6 s fan-out), never held for
         # anything near the whole fan-out (the margin is for a loaded machine).
         assert len(gaps) > 20 and max(gaps) < 0.3, (len(gaps), max(gaps))
+
+    async def test_queued_notifications_of_a_topic_reach_each_recipient_together(self) -> None:
+        """Three publishes queued for one topic: each chunk of recipients gets all three
+        before the next chunk gets any (one write per subscriber stream, not three)."""
+        engine = engine_with_subscribers(300)
+        router = CountingRouter()
+        delivery = Delivery("broker.example.test")
+        delivery.router = router
+        for item_id in ("first", "second", "third"):
+            for notification in engine.handle(publish_request(item_id)).messages:
+                delivery.enqueue(notification)
+        await delivery.idle()
+        ids = [t.get("id") for t in router.templates]
+        assert len(ids) == 3
+        first_chunk = router.calls[0][1]
+        assert router.calls[:3] == [(i, first_chunk) for i in ids]
+        assert len(router.calls) > 3 and router.calls[3][1] != first_chunk
+
+    async def test_a_subscription_change_ends_a_batch(self) -> None:
+        engine = engine_with_subscribers(3)
+        router = CountingRouter()
+        delivery = Delivery("broker.example.test")
+        delivery.router = router
+        for notification in engine.handle(publish_request("before")).messages:
+            delivery.enqueue(notification)
+        engine.handle(PubSubRequest("unsubscribe", "s0@example.test/r", node="big",
+                                    jid="s0@example.test"))
+        for notification in engine.handle(publish_request("after")).messages:
+            delivery.enqueue(notification)
+        await delivery.idle()
+        assert [len(recipients) for _, recipients in router.calls] == [3, 2]
+        assert all(r != "s0@example.test" for r in router.calls[1][1])
 
     def test_recipient_list_is_cached_until_subscriptions_change(self) -> None:
         engine = engine_with_subscribers(3)

@@ -34,7 +34,8 @@ from sixnet.grid.xmpp import (
     error_reply,
     result_reply,
     serialize,
-    splice_to,
+    split_for_to,
+    to_attribute,
 )
 
 log = Logger(namespace="sixnet.grid")
@@ -286,33 +287,51 @@ class Router:
             self._bounce(stanza, e.condition, e.text)
 
     def route_fanout(self, stanza: etree._Element, recipients: Sequence[str]) -> None:
-        """Send one stanza to many recipients, serialising it once (see IRouter)."""
-        template = deepcopy(stanza)
-        template.attrib.pop("to", None)
-        body = serialize(template)
+        """Send one stanza to many recipients, serialising it once (see IRouter).
+
+        A recipient that is a key of `sessions` (a bare JID of ours in canonical form) with an
+        available session gets its copy without parsing its JID: at 10,000 subscribers that
+        lookup is most of what a copy costs here. Anyone else takes `_fanout_one`.
+        """
+        template = stanza
+        if "to" in stanza.attrib:  # the broker's templates have none: no copy to make
+            template = deepcopy(stanza)
+            del template.attrib["to"]
+        head, tail = split_for_to(serialize(template))
+        sessions = self.sessions
         for recipient in recipients:
-            try:
-                to = parse_jid(recipient)
-            except JIDError:
-                log.warn("fan-out to invalid JID {jid!r} dropped", jid=recipient)
-                continue
-            data = splice_to(body, recipient)
-            if to.domain != self.domain or to.local is None:
-                single = etree.fromstring(data)
-                self.route(single)
-                continue
-            resources = self.sessions.get(str(to.bare), {})
-            if to.resource is not None:
-                target = resources.get(to.resource)
-                if target is not None:
-                    target.send(data)
+            data = head + to_attribute(recipient) + tail
+            resources = sessions.get(recipient)
+            if resources is not None:
+                live = [s for s in resources.values() if s.available and s.priority >= 0]
+                if live:
+                    for s in live:
+                        s.send(data)
                     continue
-            live = [s for s in resources.values() if s.available and s.priority >= 0]
-            if live:
-                for s in live:
-                    s.send(data)
-            else:
-                self.route(etree.fromstring(data))
+            self._fanout_one(recipient, data)
+
+    def _fanout_one(self, recipient: str, data: bytes) -> None:
+        """One copy of a fan-out by the general rules: a full JID, another domain, offline."""
+        try:
+            to = parse_jid(recipient)
+        except JIDError:
+            log.warn("fan-out to invalid JID {jid!r} dropped", jid=recipient)
+            return
+        if to.domain != self.domain or to.local is None:
+            self.route(etree.fromstring(data))
+            return
+        resources = self.sessions.get(str(to.bare), {})
+        if to.resource is not None:
+            target = resources.get(to.resource)
+            if target is not None:
+                target.send(data)
+                return
+        live = [s for s in resources.values() if s.available and s.priority >= 0]
+        if live:
+            for s in live:
+                s.send(data)
+        else:
+            self.route(etree.fromstring(data))
 
     # -- delivery ----------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ splices each recipient's address into the bytes (so 1,000 subscribers cost 16
 serialisations, not 1,000). Every notification goes through one FIFO queue drained by one
 cooperative task (a `twisted.internet.task.Cooperator`), so a 100,000-subscriber fan-out is
 interleaved with other work and two publishes reach every subscriber in publish order.
+Notifications of one topic queued behind each other are delivered as a batch, recipient by
+recipient, so a subscriber's stream sends the batch as one write instead of one per item:
+under load the cost per copy falls as the queue grows, instead of the queue growing.
 
 Notifications are ``type="normal"`` messages: the core stores them for an offline subscriber
 and delivers them at its next login with a delay stamp (RFC 8600 section 6, XEP-0160). A topic
@@ -32,6 +35,11 @@ log = Logger(namespace="sixnet.grid.pubsub")
 _MESSAGE = "{jabber:client}message"
 #: Messages handed to the router in one step of the delivery task.
 CHUNK = 64
+#: Most notifications delivered together to the same recipients: about 48 KB of 1 KB items
+#: per recipient, under the 64 KB Twisted's TLS transport writes out at once.
+BATCH = 32
+#: Fewest recipients per step of a batch: each call to the router serialises its template.
+MIN_STEP = 8
 #: How long delivery keeps the reactor before letting it run (which is when the TLS layer
 #: flushes what was written). With nothing queued behind the notification being sent, short
 #: slices get the first subscribers of a large fan-out their copy sooner; with a backlog,
@@ -95,20 +103,37 @@ class Delivery:
         router = self.router
         assert router is not None  # attach() comes before any stanza
         while self._queue:
-            notification = self._queue.popleft()
-            template = self._template(notification)
-            recipients = notification.recipients
-            for start in range(0, len(recipients), CHUNK):
-                chunk = recipients[start:start + CHUNK]
-                if notification.only_available:
+            batch = self._batch()
+            templates = [self._template(n) for n in batch]
+            recipients, only_available = batch[0].recipients, batch[0].only_available
+            # Each recipient gets every notification of the batch in one step, so its stream
+            # writes them out together (one TLS record, one send) at the next reactor turn.
+            step = max(MIN_STEP, CHUNK // len(templates))
+            for start in range(0, len(recipients), step):
+                chunk = recipients[start:start + step]
+                if only_available:
                     chunk = [r for r in chunk if router.is_available(r)]
-                self.delivered += len(chunk)
-                try:
-                    router.route_fanout(template, chunk)
-                except Exception:
-                    log.failure("routing a notification to {count} recipients failed",
-                                count=len(chunk))
+                for template in templates:
+                    self.delivered += len(chunk)
+                    try:
+                        router.route_fanout(template, chunk)
+                    except Exception:
+                        log.failure("routing a notification to {count} recipients failed",
+                                    count=len(chunk))
                 yield None
+
+    def _batch(self) -> list[Notification]:
+        """The next notification and those queued right behind it for the same recipients
+        (the same topic with no subscription change between: the engine's cached tuple)."""
+        first = self._queue.popleft()
+        batch = [first]
+        while self._queue and len(batch) < BATCH:
+            following = self._queue[0]
+            if following.recipients is not first.recipients or \
+                    following.only_available != first.only_available:
+                break
+            batch.append(self._queue.popleft())
+        return batch
 
     def _template(self, notification: Notification) -> etree._Element:
         """The message every recipient gets, without its 'to'."""
