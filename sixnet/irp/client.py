@@ -58,6 +58,8 @@ from sixnet.core.stream.parser import StreamOpened, StreamParser
 from sixnet.core.stream.protocol import XMLStreamProtocol
 from sixnet.irp.wire import (
     CONDITIONS,
+    RECORD_OPERATIONS,
+    RECORDS_VERSION,
     ROOT,
     STREAM,
     CertificateInfo,
@@ -66,6 +68,7 @@ from sixnet.irp.wire import (
     answer_subject,
     b64,
     b64decode,
+    check_record,
     check_statement,
     element,
     parse_serial,
@@ -77,6 +80,7 @@ from sixnet.irp.wire import (
     serialize,
     signed_parts,
     verify_signature,
+    version_of,
 )
 from sixnet.pki.keys import PrivateKey
 from sixnet.pki.store import CertificateStore, NodeIdentity, VerificationError
@@ -157,6 +161,7 @@ class _ClientProtocol(XMLStreamProtocol):
     def stream_opened(self, header: StreamOpened) -> None:
         if header.tag != ROOT:
             self._fail("the server does not speak IRP")
+        self.client.registry_version = version_of(header.attrib.get("version"))
 
     def stream_closed(self) -> None:
         self._fail("the registry closed the stream")
@@ -331,6 +336,11 @@ class IRPClient:
         #: Per request id: the person and serial the request named (normalized).
         self._asked: dict[str, tuple[str | None, str | None]] = {}
         self._watches: dict[str, tuple[str, Callable[[PersonRecord], object]]] = {}
+        #: The version of the registry's stream (1.2 and later: lookups and watches are
+        #: answered with signed records).
+        self.registry_version: tuple[int, int] = (0, 0)
+        #: Per person, the highest record version accepted (a later one must not be older).
+        self.versions: dict[str, int] = {}
         self._closed: IRPConnectionError | None = None
         self._keepalive: task.LoopingCall | None = None
         #: Fires (with the IRPConnectionError saying why) when the connection has ended.
@@ -368,12 +378,27 @@ class IRPClient:
             d.errback(error)
         self.lost.callback(error)
 
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
+
     def _verified(self, node: etree._Element, op: str, request: str, subject: str | None,
                   serial: str | None) -> etree._Element:
         """The ``<data>`` of a result or notification, once its signature verifies and it
-        is the statement answering this request of ours, still valid."""
+        is the statement answering this request of ours, still valid; for a lookup or a
+        watch of a 1.2 registry, the ``<record>`` of the person asked, checked as such."""
         data, signature = signed_parts(node)
         assert self.server_certificate is not None
+        if self.registry_version >= RECORDS_VERSION and op in RECORD_OPERATIONS:
+            if data.tag != q("record"):
+                raise IRPError("bad-request", f"the answer to {op} is not a signed record")
+            assert subject is not None
+            verify_signature(data, signature, self.server_certificate)
+            version = check_record(data, subject=subject, now=self._now(),
+                                   seen=self.versions.get(subject))
+            self.versions[subject] = version
+            return data
+        if data.tag != q("data"):
+            raise IRPError("bad-request", f"the answer to {op} is not a signed <data>")
         verify_signature(data, signature, self.server_certificate)
         check_statement(data, op=op, request=request, requester=self.user, subject=subject,
                         serial=serial, now=datetime.datetime.fromtimestamp(self.clock(),
@@ -405,6 +430,8 @@ class IRPClient:
             entry = self._watches.get(subject)
             if entry is None:
                 raise IRPError("bad-request", f"a notification for {subject!r}, not watched")
+            if data.tag == q("record") and node.get("request") != entry[0]:
+                raise IRPError("bad-request", "a notification for another watch request")
             self._verified(node, "watch", entry[0], subject, None)
             person = data.find(q("person"))
             if person is None:
@@ -420,17 +447,24 @@ class IRPClient:
     def request(self, op: str, attrib: dict[str, str] | None = None,
                 children: Sequence[etree._Element] = (), text: str | None = None
                 ) -> defer.Deferred[etree._Element]:
-        """Send one request; the Deferred fires with the verified ``<data>`` element."""
-        if self._closed is not None:
-            return defer.fail(self._closed)
-        assert self.protocol is not None
+        """Send one request; the Deferred fires with the verified ``<data>`` element (or,
+        for a 1.2 lookup or watch, the verified ``<record>``)."""
+        return self._request(op, attrib, children, text)[1]
+
+    def _request(self, op: str, attrib: dict[str, str] | None = None,
+                 children: Sequence[etree._Element] = (), text: str | None = None
+                 ) -> tuple[str, defer.Deferred[etree._Element]]:
+        """`request`, and the id it was sent with."""
         rid = str(next(self._ids))
+        if self._closed is not None:
+            return rid, defer.fail(self._closed)
+        assert self.protocol is not None
         d: defer.Deferred[etree._Element] = defer.Deferred()
         self._pending[rid] = (op, d)
         self._asked[rid] = _asked(op, attrib or {}, self.user)
         self.protocol.send(serialize(element(op, {"id": rid, **(attrib or {})}, text,
                                              children)))
-        return d
+        return rid, d
 
     def close(self) -> None:
         """End the stream politely and close the connection."""
@@ -460,11 +494,11 @@ class IRPClient:
 
         Fires with the current record; notifications arrive until `unwatch` or close.
         """
-        d = self.request("watch", {"user": user})
+        rid, d = self._request("watch", {"user": user})
 
         def started(data: etree._Element) -> PersonRecord:
             record = _person(data)
-            self._watches[record.person] = (data.get("request", ""), callback)
+            self._watches[record.person] = (rid, callback)
             return record
 
         return d.addCallback(started)

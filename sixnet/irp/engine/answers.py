@@ -37,6 +37,8 @@ class Answer:
     changes_at: int  # ms: the earliest address or certificate expiry in it (or NEVER)
     crls: int  # the certificate store's CRL generation it was computed with
     stamp: int = 0  # the workers' change counters it was read under (`IChangeBoard`)
+    version: int = 0  # the record's version (`PersonView.version`)
+    person: str = ""
 
 
 class CertificateStatus:
@@ -127,7 +129,7 @@ class AnswerCache:
                          [t for r in view.certificates if r.revoked is None
                           and (t := self.statuses.chain(r)[1]) > now], default=NEVER)
         answer = Answer(view.exists, person_payload(self.record(view)), changes_at, crls,
-                        stamp)
+                        stamp, view.version, person)
         if mine and view.exists and self.size > 0:
             self._answers.pop(person, None)
             if len(self._answers) >= self.size:

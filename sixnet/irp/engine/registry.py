@@ -27,7 +27,7 @@ from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine.access import ANONYMOUS, Caller, may_see, own, refusal
-from sixnet.irp.engine.answers import AnswerCache, CertificateStatus, IChangeBoard
+from sixnet.irp.engine.answers import Answer, AnswerCache, CertificateStatus, IChangeBoard
 from sixnet.irp.engine.credentials import (
     DUMMY_HASH,
     PasswordLockout,
@@ -72,8 +72,9 @@ from sixnet.pki.store import (
 
 log = Logger(namespace="sixnet.irp")
 
-#: What an operation returns: canonical payload bytes, or the payload's elements.
-Payload = bytes | list[etree._Element]
+#: What an operation returns: canonical payload bytes, the payload's elements, or (lookup,
+#: watch) a person's `Answer`, which a 1.2 caller gets as the record's signed statement.
+Payload = bytes | list[etree._Element] | Answer
 
 
 class Registry:
@@ -176,8 +177,9 @@ class Registry:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    async def handle(self, caller: Caller, request: Request) -> bytes:
-        """Run one request; return the canonical payload for ``<data>`` or raise IRPError."""
+    async def handle(self, caller: Caller, request: Request) -> bytes | Answer:
+        """Run one request; return the canonical payload for ``<data>`` (or the person's
+        `Answer`, for a lookup or a watch) or raise IRPError."""
         error = refusal(caller.role, request.op)
         if error is not None:
             self.counters.error[request.op].inc()
@@ -191,7 +193,7 @@ class Registry:
                 self._refused(caller, request, error)
             raise
         self.counters.ok[request.op].inc()
-        return payload if isinstance(payload, bytes) else canonical_payload(payload)
+        return payload if isinstance(payload, bytes | Answer) else canonical_payload(payload)
 
     def _refused(self, caller: Caller, request: Request, error: IRPError) -> None:
         self.audit.record(request.op, outcome="refused", actor=caller.actor, peer=caller.peer,
@@ -384,23 +386,23 @@ class Registry:
                           device=request.device, removed=count)
         return (await self.answers.answer(person)).payload
 
-    async def op_lookup(self, caller: Caller, request: LookupRequest) -> bytes:
+    async def op_lookup(self, caller: Caller, request: LookupRequest) -> Answer:
         may_see(caller, request.user, self.config.lookup_access, "look up")
         answer = await self.answers.answer(request.user)
         if not answer.exists:
             raise IRPError("item-not-found", f"{request.user} is not registered")
-        return answer.payload
+        return answer
 
     # -- watches ----------------------------------------------------------------------------------
 
-    async def op_watch(self, caller: Caller, request: WatchRequest) -> bytes:
+    async def op_watch(self, caller: Caller, request: WatchRequest) -> Answer:
         """Check the policy and return the current record; the session then calls watch()."""
         may_see(caller, request.user, self.config.watch_access, "watch")
         answer = await self.answers.answer(request.user)
         if not answer.exists:
             raise IRPError("item-not-found", f"{request.user} is not registered")
         self.watches.expire_at(request.user, answer.changes_at)
-        return answer.payload
+        return answer
 
     async def op_unwatch(self, caller: Caller, request: UnwatchRequest) -> list[etree._Element]:
         return [element("unwatched", {"user": request.user})]
