@@ -38,6 +38,7 @@ Then `renew`, `revoke`, `ca_certificates`, `certificates`, `put_backup`/`get_bac
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import time
@@ -58,10 +59,12 @@ from sixnet.core.stream.parser import StreamOpened, StreamParser
 from sixnet.core.stream.protocol import XMLStreamProtocol
 from sixnet.irp.wire import (
     CONDITIONS,
+    NS,
     RECORD_OPERATIONS,
     RECORDS_VERSION,
     ROOT,
     STREAM,
+    VERSION,
     CertificateInfo,
     IRPError,
     PersonRecord,
@@ -93,6 +96,8 @@ log = Logger(namespace="sixnet.irp")
 
 DEFAULT_PORT = 4604
 MAX_MESSAGE_BYTES = 1 << 20
+#: The versions a client may ask for: 1.1 (per-request statements only) and 1.2.
+CLIENT_VERSIONS = ("1.1", VERSION)
 
 
 class IRPConnectionError(Exception):
@@ -126,6 +131,9 @@ class _ClientProtocol(XMLStreamProtocol):
         super().__init__(StreamParser(max_element_bytes=MAX_MESSAGE_BYTES, max_depth=16),
                          reactor)
         self.client = client
+        if client.version != VERSION:
+            self.format = dataclasses.replace(STREAM, fixed=(("xmlns", NS),
+                                                             ("version", client.version)))
 
     @property
     def state(self) -> str:
@@ -315,8 +323,10 @@ class IRPClient:
     """One connection to a registry. Make it with `connect`."""
 
     def __init__(self, store: CertificateStore, identity: NodeIdentity | None,
-                 server_name: str) -> None:
+                 server_name: str, version: str = VERSION) -> None:
         self.store = store
+        #: The protocol version this client asks for in its stream header.
+        self.version = version
         self.identity = identity
         self.server_name = server_name
         self.tls = ClientTLS(store, identity)
@@ -378,6 +388,11 @@ class IRPClient:
             d.errback(error)
         self.lost.callback(error)
 
+    @property
+    def agreed_version(self) -> tuple[int, int]:
+        """The version both speak (the lower of the two headers')."""
+        return min(self.registry_version, version_of(self.version))
+
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
 
@@ -388,7 +403,7 @@ class IRPClient:
         watch of a 1.2 registry, the ``<record>`` of the person asked, checked as such."""
         data, signature = signed_parts(node)
         assert self.server_certificate is not None
-        if self.registry_version >= RECORDS_VERSION and op in RECORD_OPERATIONS:
+        if self.agreed_version >= RECORDS_VERSION and op in RECORD_OPERATIONS:
             if data.tag != q("record"):
                 raise IRPError("bad-request", f"the answer to {op} is not a signed record")
             assert subject is not None
@@ -604,12 +619,12 @@ def _certificates(data: etree._Element) -> list[x509.Certificate]:
 async def _connect(host: str, port: int, store: CertificateStore,
                    identity: NodeIdentity | None, server_name: str | None,
                    reactor: Any, timeout: float, keepalive: float,
-                   source: str | None) -> IRPClient:
+                   source: str | None, version: str) -> IRPClient:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    client = IRPClient(store, identity, server_name or host)
+    client = IRPClient(store, identity, server_name or host, version)
     endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout,
                                           bindAddress=(source, 0) if source else None)
     client.protocol = _ClientProtocol(client, reactor)
@@ -633,16 +648,21 @@ async def _connect(host: str, port: int, store: CertificateStore,
 def connect(host: str, port: int, store: CertificateStore, *,
             identity: NodeIdentity | None = None, server_name: str | None = None,
             reactor: Any = None, timeout: float = 10.0, keepalive: float = 60.0,
-            source: str | None = None) -> defer.Deferred[IRPClient]:
+            source: str | None = None, version: str = VERSION) -> defer.Deferred[IRPClient]:
     """Connect, upgrade to TLS, check the registry is `server_name`; fires when ready.
+
+    `version` is the protocol version asked for (one of `CLIENT_VERSIONS`): ``1.1`` gets
+    lookups and watches as per-request statements, as from a 1.1 registry.
 
     A space is sent every `keepalive` seconds (0: never) so that a connection that only
     waits for watch notifications is not closed by the registry's idle timeout. With
     `source`, the connection comes from that local address.
     """
+    if version not in CLIENT_VERSIONS:
+        raise ValueError(f"IRP version {version!r} is not one of {', '.join(CLIENT_VERSIONS)}")
     return defer.Deferred.fromCoroutine(
         _connect(host, port, store, identity, server_name, reactor, timeout, keepalive,
-                 source))
+                 source, version))
 
 
 async def _find(domain: str, resolver: Any) -> list[tuple[str, int]]:
