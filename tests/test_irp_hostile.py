@@ -13,7 +13,14 @@ from twisted.trial import unittest
 
 from sixnet.core.timefmt import parse_rfc3339, rfc3339
 from sixnet.irp.client import IRPConnectionError, IRPError, connect
-from sixnet.irp.wire import ResponseSigner, Statement, q, signed_data, verify_signature
+from sixnet.irp.wire import (
+    ResponseSigner,
+    Statement,
+    q,
+    signed_data,
+    signed_parts,
+    verify_signature,
+)
 
 from .test_irp import HOST, LabSetup, RegistryHarness, _address, _fails
 
@@ -188,9 +195,10 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         await client.register([("2001:db8::1", 4605)])
         captured = await self.capture(client)
         d = defer.Deferred()
-        client._pending["dup"] = ("lookup", d)
+        client._pending["dup"] = ("certificates", d)
         client._asked["dup"] = ("alice@example.test", None)
-        client.protocol.transport.write(b'<lookup id="dup" user="alice@example.test"/>' * 2)
+        client.protocol.transport.write(
+            b'<certificates id="dup" user="alice@example.test"/>' * 2)
         data = await d
         assert data.get("request") == "dup"
         await client.lookup("alice@example.test")  # answered after both
@@ -198,9 +206,9 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         assert [(e.get("id"), e.get("condition")) for e in errors] == [(None, "bad-request")]
         assert [n.get("id") for n in captured if n.tag == q("result")].count("dup") == 1
         # once answered, the id may be used again
-        client._pending["dup"] = ("lookup", d := defer.Deferred())
+        client._pending["dup"] = ("certificates", d := defer.Deferred())
         client._asked["dup"] = ("alice@example.test", None)
-        client.protocol.transport.write(b'<lookup id="dup" user="alice@example.test"/>')
+        client.protocol.transport.write(b'<certificates id="dup" user="alice@example.test"/>')
         assert (await d).get("request") == "dup"
 
     async def test_second_watch_of_a_person_is_a_conflict(self) -> None:
@@ -231,15 +239,15 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         client = await self.client(service, self.lab.person("alice@example.test"))
         await client.register([("2001:db8::1", 4605)])
         captured = await self.capture(client)
-        await client.lookup("alice@example.test")
+        await client.certificates("alice@example.test")
         data = captured[-1].find(q("data"))
         assert (data.get("requester"), data.get("subject"), data.get("op")) == \
-            ("alice@example.test", "alice@example.test", "lookup")
+            ("alice@example.test", "alice@example.test", "certificates")
         assert parse_rfc3339(data.get("not-after")) - parse_rfc3339(data.get("time")) == \
             datetime.timedelta(seconds=60)
         signer = ResponseSigner(self.lab.host.key, self.lab.host.certificate)
         now = datetime.datetime.now(datetime.UTC)
-        good = {"op": "lookup", "registry": HOST, "time": rfc3339(now),
+        good = {"op": "certificates", "registry": HOST, "time": rfc3339(now),
                 "not_after": rfc3339(now + datetime.timedelta(seconds=60)),
                 "requester": "alice@example.test", "subject": "bob@example.test"}
         payload = b'<person id="bob@example.test"></person>'
@@ -248,7 +256,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
                                 ({"op": "watch"}, "its op"),
                                 ({"not_after": rfc3339(now - datetime.timedelta(seconds=1))},
                                  "expired")):
-            answer = client.lookup("bob@example.test")
+            answer = client.certificates("bob@example.test")
             rid = max(client._pending, key=int)
             data_bytes = signed_data(Statement(request=rid, **{**good, **change}), payload)
             client._response(etree.fromstring(
@@ -258,7 +266,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
             assert error.condition == "bad-request" and refused in error.text, (change, error)
         # the registry's own answer, judged by a clock past its window
         client.clock = lambda: service.registry.clock() + 61
-        error = await _fails(client.lookup("alice@example.test"), IRPError)
+        error = await _fails(client.certificates("alice@example.test"), IRPError)
         assert "expired" in error.text
 
     async def test_signature_verifies_and_fails_when_a_byte_changes(self) -> None:
@@ -276,7 +284,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         await client.lookup("alice@example.test")
         node = captured[-1]
         server_cert = self.lab.host.certificate
-        verify_signature(node.find(q("data")), node.find(q("signature")), server_cert)
+        verify_signature(*signed_parts(node), server_cert)
         wire = etree.tostring(node)
         assert b'port="4605"' in wire
         for original_bytes, changed in ((b'port="4605"', b'port="4606"'),
@@ -284,8 +292,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
             tampered = etree.fromstring(wire.replace(original_bytes, changed, 1))
             error = None
             try:
-                verify_signature(tampered.find(q("data")), tampered.find(q("signature")),
-                                 server_cert)
+                verify_signature(*signed_parts(tampered), server_cert)
             except IRPError as e:
                 error = e
             assert error is not None and "does not verify" in error.text
@@ -294,8 +301,7 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         cert = tampered.find(f".//{q('certificate')}")
         cert.text = cert.text[:-8] + ("A" if cert.text[-8] != "A" else "B") + cert.text[-7:]
         try:
-            verify_signature(tampered.find(q("data")), tampered.find(q("signature")),
-                             server_cert)
+            verify_signature(*signed_parts(tampered), server_cert)
         except IRPError:
             return
         raise AssertionError("a changed certificate byte verified")

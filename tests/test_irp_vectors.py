@@ -20,13 +20,16 @@ from sixnet.irp.wire import (
     DeviceRecord,
     IRPError,
     PersonRecord,
+    RecordStatement,
     ResponseSigner,
     Statement,
+    check_record,
     check_statement,
     person_payload,
     q,
     signed_data,
     signed_parts,
+    signed_record,
     verify_signature,
 )
 
@@ -40,8 +43,28 @@ ASKED = {"op": "lookup", "request": "7", "requester": "alice@example.test",
          "subject": "bob@example.test", "serial": None}
 
 
+RECORD = RecordStatement(subject="bob@example.test", version=1795309263456,
+                         registry="irp.example.test", time="2026-11-22T01:02:03.456Z",
+                         not_after="2026-11-22T01:07:03.456Z")
+
+
 def vector() -> tuple[str, bytes]:
     """The registry certificate (PEM) and the signed ``<result>``, from the real code."""
+    pem, key, certificate, payload = _parts()
+    data = signed_data(STATEMENT, payload)
+    signature = ResponseSigner(key, certificate).signature(data)
+    return pem, b'<result xmlns="urn:sixnet:irp:1" id="7">' + data + signature + b"</result>"
+
+
+def record_vector() -> bytes:
+    """The 1.2 answer to the same lookup: bob's signed record, the same for every caller."""
+    _, key, certificate, payload = _parts()
+    record = signed_record(RECORD, payload)
+    signature = ResponseSigner(key, certificate).signature(record)
+    return b'<result xmlns="urn:sixnet:irp:1" id="7">' + record + signature + b"</result>"
+
+
+def _parts() -> tuple[str, ed25519.Ed25519PrivateKey, x509.Certificate, bytes]:
     key = ed25519.Ed25519PrivateKey.from_private_bytes(SEED)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "irp.example.test")])
     certificate = (
@@ -56,10 +79,8 @@ def vector() -> tuple[str, bytes]:
     record = PersonRecord("bob@example.test", (DeviceRecord(
         "phone", (Address.parse("2001:db8::7", 4605),), registered,
         registered + datetime.timedelta(hours=1)),))
-    data = signed_data(STATEMENT, person_payload(record))
-    signature = ResponseSigner(key, certificate).signature(data)
     pem = certificate.public_bytes(serialization.Encoding.PEM).decode()
-    return pem, b'<result xmlns="urn:sixnet:irp:1" id="7">' + data + signature + b"</result>"
+    return pem, key, certificate, person_payload(record)
 
 
 def spec_block(marker: str) -> str:
@@ -113,3 +134,33 @@ def test_an_answer_without_a_validity_window_is_refused() -> None:
     del data.attrib["not-after"]
     with pytest.raises(IRPError, match="no not-after"):
         check_statement(data, now=SIGNED_AT, **ASKED)
+
+
+def test_the_spec_shows_the_record_vector_the_code_makes() -> None:
+    result = record_vector()
+    assert spec_block("record").replace("\n", "") == result.decode()
+    assert spec_block("record") == result.decode().replace("><", ">\n<") + "\n"
+
+
+def test_the_record_vector_passes_every_check_a_1_2_client_must_make() -> None:
+    certificate = x509.load_pem_x509_certificate(spec_block("certificate").encode())
+    node = etree.fromstring(spec_block("record").replace("\n", "").encode())
+    record, signature = signed_parts(node)
+    assert record.tag == q("record")
+    verify_signature(record, signature, certificate)
+    now = SIGNED_AT + datetime.timedelta(seconds=1)
+    assert check_record(record, subject="bob@example.test", now=now,
+                        seen=RECORD.version) == RECORD.version
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"subject": "carol@example.test"}, "subject is 'bob@example.test'"),
+    ({"seen": RECORD.version + 1}, f"older than version {RECORD.version + 1}"),
+    ({"now": SIGNED_AT + datetime.timedelta(minutes=5)}, "expired at 2026-11-22T01:07:03.456Z"),
+    ({"now": SIGNED_AT - datetime.timedelta(minutes=6)}, "in the future"),
+])
+def test_a_record_of_another_person_older_or_too_old_is_refused(change, message) -> None:
+    record = etree.fromstring(record_vector()).find(q("record"))
+    asked = {"subject": "bob@example.test", "now": SIGNED_AT, "seen": None, **change}
+    with pytest.raises(IRPError, match=re.escape(message)):
+        check_record(record, **asked)

@@ -38,6 +38,7 @@ Then `renew`, `revoke`, `ca_certificates`, `certificates`, `put_backup`/`get_bac
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import time
@@ -58,14 +59,19 @@ from sixnet.core.stream.parser import StreamOpened, StreamParser
 from sixnet.core.stream.protocol import XMLStreamProtocol
 from sixnet.irp.wire import (
     CONDITIONS,
+    NS,
+    RECORD_OPERATIONS,
+    RECORDS_VERSION,
     ROOT,
     STREAM,
+    VERSION,
     CertificateInfo,
     IRPError,
     PersonRecord,
     answer_subject,
     b64,
     b64decode,
+    check_record,
     check_statement,
     element,
     parse_serial,
@@ -77,6 +83,7 @@ from sixnet.irp.wire import (
     serialize,
     signed_parts,
     verify_signature,
+    version_of,
 )
 from sixnet.pki.keys import PrivateKey
 from sixnet.pki.store import CertificateStore, NodeIdentity, VerificationError
@@ -89,6 +96,8 @@ log = Logger(namespace="sixnet.irp")
 
 DEFAULT_PORT = 4604
 MAX_MESSAGE_BYTES = 1 << 20
+#: The versions a client may ask for: 1.1 (per-request statements only) and 1.2.
+CLIENT_VERSIONS = ("1.1", VERSION)
 
 
 class IRPConnectionError(Exception):
@@ -122,6 +131,9 @@ class _ClientProtocol(XMLStreamProtocol):
         super().__init__(StreamParser(max_element_bytes=MAX_MESSAGE_BYTES, max_depth=16),
                          reactor)
         self.client = client
+        if client.version != VERSION:
+            self.format = dataclasses.replace(STREAM, fixed=(("xmlns", NS),
+                                                             ("version", client.version)))
 
     @property
     def state(self) -> str:
@@ -157,6 +169,7 @@ class _ClientProtocol(XMLStreamProtocol):
     def stream_opened(self, header: StreamOpened) -> None:
         if header.tag != ROOT:
             self._fail("the server does not speak IRP")
+        self.client.registry_version = version_of(header.attrib.get("version"))
 
     def stream_closed(self) -> None:
         self._fail("the registry closed the stream")
@@ -310,8 +323,10 @@ class IRPClient:
     """One connection to a registry. Make it with `connect`."""
 
     def __init__(self, store: CertificateStore, identity: NodeIdentity | None,
-                 server_name: str) -> None:
+                 server_name: str, version: str = VERSION) -> None:
         self.store = store
+        #: The protocol version this client asks for in its stream header.
+        self.version = version
         self.identity = identity
         self.server_name = server_name
         self.tls = ClientTLS(store, identity)
@@ -331,6 +346,11 @@ class IRPClient:
         #: Per request id: the person and serial the request named (normalized).
         self._asked: dict[str, tuple[str | None, str | None]] = {}
         self._watches: dict[str, tuple[str, Callable[[PersonRecord], object]]] = {}
+        #: The version of the registry's stream (1.2 and later: lookups and watches are
+        #: answered with signed records).
+        self.registry_version: tuple[int, int] = (0, 0)
+        #: Per person, the highest record version accepted (a later one must not be older).
+        self.versions: dict[str, int] = {}
         self._closed: IRPConnectionError | None = None
         self._keepalive: task.LoopingCall | None = None
         #: Fires (with the IRPConnectionError saying why) when the connection has ended.
@@ -368,12 +388,32 @@ class IRPClient:
             d.errback(error)
         self.lost.callback(error)
 
+    @property
+    def agreed_version(self) -> tuple[int, int]:
+        """The version both speak (the lower of the two headers')."""
+        return min(self.registry_version, version_of(self.version))
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
+
     def _verified(self, node: etree._Element, op: str, request: str, subject: str | None,
                   serial: str | None) -> etree._Element:
         """The ``<data>`` of a result or notification, once its signature verifies and it
-        is the statement answering this request of ours, still valid."""
+        is the statement answering this request of ours, still valid; for a lookup or a
+        watch of a 1.2 registry, the ``<record>`` of the person asked, checked as such."""
         data, signature = signed_parts(node)
         assert self.server_certificate is not None
+        if self.agreed_version >= RECORDS_VERSION and op in RECORD_OPERATIONS:
+            if data.tag != q("record"):
+                raise IRPError("bad-request", f"the answer to {op} is not a signed record")
+            assert subject is not None
+            verify_signature(data, signature, self.server_certificate)
+            version = check_record(data, subject=subject, now=self._now(),
+                                   seen=self.versions.get(subject))
+            self.versions[subject] = version
+            return data
+        if data.tag != q("data"):
+            raise IRPError("bad-request", f"the answer to {op} is not a signed <data>")
         verify_signature(data, signature, self.server_certificate)
         check_statement(data, op=op, request=request, requester=self.user, subject=subject,
                         serial=serial, now=datetime.datetime.fromtimestamp(self.clock(),
@@ -405,6 +445,8 @@ class IRPClient:
             entry = self._watches.get(subject)
             if entry is None:
                 raise IRPError("bad-request", f"a notification for {subject!r}, not watched")
+            if data.tag == q("record") and node.get("request") != entry[0]:
+                raise IRPError("bad-request", "a notification for another watch request")
             self._verified(node, "watch", entry[0], subject, None)
             person = data.find(q("person"))
             if person is None:
@@ -420,17 +462,24 @@ class IRPClient:
     def request(self, op: str, attrib: dict[str, str] | None = None,
                 children: Sequence[etree._Element] = (), text: str | None = None
                 ) -> defer.Deferred[etree._Element]:
-        """Send one request; the Deferred fires with the verified ``<data>`` element."""
-        if self._closed is not None:
-            return defer.fail(self._closed)
-        assert self.protocol is not None
+        """Send one request; the Deferred fires with the verified ``<data>`` element (or,
+        for a 1.2 lookup or watch, the verified ``<record>``)."""
+        return self._request(op, attrib, children, text)[1]
+
+    def _request(self, op: str, attrib: dict[str, str] | None = None,
+                 children: Sequence[etree._Element] = (), text: str | None = None
+                 ) -> tuple[str, defer.Deferred[etree._Element]]:
+        """`request`, and the id it was sent with."""
         rid = str(next(self._ids))
+        if self._closed is not None:
+            return rid, defer.fail(self._closed)
+        assert self.protocol is not None
         d: defer.Deferred[etree._Element] = defer.Deferred()
         self._pending[rid] = (op, d)
         self._asked[rid] = _asked(op, attrib or {}, self.user)
         self.protocol.send(serialize(element(op, {"id": rid, **(attrib or {})}, text,
                                              children)))
-        return d
+        return rid, d
 
     def close(self) -> None:
         """End the stream politely and close the connection."""
@@ -460,11 +509,11 @@ class IRPClient:
 
         Fires with the current record; notifications arrive until `unwatch` or close.
         """
-        d = self.request("watch", {"user": user})
+        rid, d = self._request("watch", {"user": user})
 
         def started(data: etree._Element) -> PersonRecord:
             record = _person(data)
-            self._watches[record.person] = (data.get("request", ""), callback)
+            self._watches[record.person] = (rid, callback)
             return record
 
         return d.addCallback(started)
@@ -570,12 +619,12 @@ def _certificates(data: etree._Element) -> list[x509.Certificate]:
 async def _connect(host: str, port: int, store: CertificateStore,
                    identity: NodeIdentity | None, server_name: str | None,
                    reactor: Any, timeout: float, keepalive: float,
-                   source: str | None) -> IRPClient:
+                   source: str | None, version: str) -> IRPClient:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    client = IRPClient(store, identity, server_name or host)
+    client = IRPClient(store, identity, server_name or host, version)
     endpoint = endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout,
                                           bindAddress=(source, 0) if source else None)
     client.protocol = _ClientProtocol(client, reactor)
@@ -599,16 +648,21 @@ async def _connect(host: str, port: int, store: CertificateStore,
 def connect(host: str, port: int, store: CertificateStore, *,
             identity: NodeIdentity | None = None, server_name: str | None = None,
             reactor: Any = None, timeout: float = 10.0, keepalive: float = 60.0,
-            source: str | None = None) -> defer.Deferred[IRPClient]:
+            source: str | None = None, version: str = VERSION) -> defer.Deferred[IRPClient]:
     """Connect, upgrade to TLS, check the registry is `server_name`; fires when ready.
+
+    `version` is the protocol version asked for (one of `CLIENT_VERSIONS`): ``1.1`` gets
+    lookups and watches as per-request statements, as from a 1.1 registry.
 
     A space is sent every `keepalive` seconds (0: never) so that a connection that only
     waits for watch notifications is not closed by the registry's idle timeout. With
     `source`, the connection comes from that local address.
     """
+    if version not in CLIENT_VERSIONS:
+        raise ValueError(f"IRP version {version!r} is not one of {', '.join(CLIENT_VERSIONS)}")
     return defer.Deferred.fromCoroutine(
         _connect(host, port, store, identity, server_name, reactor, timeout, keepalive,
-                 source))
+                 source, version))
 
 
 async def _find(domain: str, resolver: Any) -> list[tuple[str, int]]:

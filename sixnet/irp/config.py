@@ -57,6 +57,9 @@ class IRPConfig(ServiceConfig):
                                    doc="seconds a signed answer is valid (its not-after)")
     answer_cache: int = setting(100_000, check=_not_negative,
                                 doc="persons whose lookup answer is kept in memory (0: none)")
+    workers: int = setting(1, check=_at_least_one,
+                           doc="processes serving the registry on this host, sharing its ports "
+                               "and database (1: this process alone)")
     answer_cache_shared: bool = setting(
         False, doc="keep answers also on a shared (PostgreSQL) database: faster lookups, but "
                    "a change made through another registry shows after its notification")

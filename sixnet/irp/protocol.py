@@ -32,14 +32,17 @@ from sixnet.core.stream.parser import Event, StreamOpened, StreamParser, XMLStre
 from sixnet.core.stream.protocol import StreamError, XMLStreamProtocol
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.engine.access import ANONYMOUS, Caller
+from sixnet.irp.engine.answers import Answer
 from sixnet.irp.engine.registry import Registry
 from sixnet.irp.wire import (
     NS,
+    RECORDS_VERSION,
     ROOT,
     STREAM,
     VERSION,
     IRPError,
     Limits,
+    RecordStatement,
     Request,
     ResponseSigner,
     RevokeRequest,
@@ -54,6 +57,8 @@ from sixnet.irp.wire import (
     request_id,
     serialize,
     signed_data,
+    signed_record,
+    version_of,
 )
 from sixnet.pki.store import VerificationError
 from sixnet.pki.tls import ServerTLS, peer_chain
@@ -102,6 +107,49 @@ class MessageGapParser(StreamParser):
         self.gap: TextBetweenMessages | None = None
 
 
+class SignedRecords:
+    """Each person's record signed once (1.2's ``<record>``) and kept with its signature
+    until the record changes (another version or payload) or its window ends.
+
+    The window is ``[irp] answer_validity`` from the signing, and never past the record's
+    first expiry (an address or a certificate in it), so a kept statement never vouches for
+    what has expired. A statement is signed again once less than a tenth of its window is
+    left, so an answer leaves with time to be used.
+    """
+
+    def __init__(self, signer: ResponseSigner, hostname: str, validity: int,
+                 clock: Any, size: int) -> None:
+        self.signer = signer
+        self.hostname = hostname
+        self.validity_ms = validity * 1000
+        self.clock = clock
+        self.size = max(size, 1)
+        self.signatures = 0
+        #: person -> (version, payload, not-after in ms, re-sign from (ms), signed bytes)
+        self._kept: dict[str, tuple[int, bytes, int, int, bytes]] = {}
+
+    def statement(self, answer: Answer) -> bytes:
+        """The signed ``<record>`` and ``<signature>`` of `answer`'s record."""
+        now = int(self.clock() * 1000)
+        kept = self._kept.get(answer.person)
+        if kept is not None and now < kept[3] and kept[0] == answer.version and \
+                (kept[1] is answer.payload or kept[1] == answer.payload):
+            return kept[4]
+        not_after = min(now + self.validity_ms, answer.changes_at)
+        at = datetime.datetime.fromtimestamp(now / 1000, datetime.UTC)
+        until = datetime.datetime.fromtimestamp(not_after / 1000, datetime.UTC)
+        record = signed_record(RecordStatement(answer.person, answer.version, self.hostname,
+                                               rfc3339(at), rfc3339(until)), answer.payload)
+        signed = record + self.signer.signature(record)
+        self.signatures += 1
+        self._kept.pop(answer.person, None)
+        if len(self._kept) >= self.size:
+            self._kept.pop(next(iter(self._kept)))
+        self._kept[answer.person] = (answer.version, answer.payload, not_after,
+                                     not_after - (not_after - now) // 10, signed)
+        return signed
+
+
 class IRPServerFactory(Factory):
     """Builds one protocol per connection and counts connections per peer address."""
 
@@ -120,6 +168,8 @@ class IRPServerFactory(Factory):
         self.limits = Limits(self.config.max_addresses, self.config.max_lifetime,
                              self.config.default_lifetime, self.config.max_backup_bytes)
         self.per_address = AddressLimiter(self.config.max_connections_per_address)
+        self.records = SignedRecords(signer, hostname, self.config.answer_validity,
+                                     lambda: registry.clock(), self.config.answer_cache)
         self.protocols: set[IRPServerProtocol] = set()
         registry.revocation_listeners.append(self._revoked)
 
@@ -158,6 +208,8 @@ class IRPServerProtocol(XMLStreamProtocol):
         self.watches: dict[str, tuple[str, Any]] = {}
         #: Persons whose watch request is being answered.
         self.watching: set[str] = set()
+        #: The client speaks 1.2: lookups and watches get the person's signed record.
+        self.records = False
 
     @property
     def state(self) -> str:
@@ -218,6 +270,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         version = header.attrib.get("version", "")
         if version.split(".")[0] != VERSION.split(".")[0]:
             raise StreamError("unsupported-version", f"this registry speaks IRP {VERSION}")
+        self.records = version_of(version) >= RECORDS_VERSION
         self.got_header()
 
     def element_received(self, node: etree._Element | TextBetweenMessages) -> None:
@@ -340,10 +393,16 @@ class IRPServerProtocol(XMLStreamProtocol):
                                request, caller, payload))
 
     def _signed(self, head: str, tail: bytes, request: Request, caller: Caller,
-                payload: bytes) -> bytes:
+                payload: bytes | Answer) -> bytes:
         """A result or notification: the canonical ``<data>`` around `payload` (canonical
         bytes, possibly the registry's kept answer), signed now as the statement that
-        answers this request of this caller, valid for ``answer_validity`` seconds."""
+        answers this request of this caller, valid for ``answer_validity`` seconds; or, for
+        a 1.2 client's lookup or watch, the person's record as signed once (`SignedRecords`),
+        the request bound by the TLS channel and the unsigned id."""
+        if isinstance(payload, Answer):
+            if self.records:
+                return head.encode() + self.factory.records.statement(payload) + tail
+            payload = payload.payload
         now = datetime.datetime.fromtimestamp(self.registry.clock(), datetime.UTC)
         statement = Statement(
             op=request.op, request=request.id, registry=self.factory.hostname,
@@ -365,10 +424,10 @@ class IRPServerProtocol(XMLStreamProtocol):
     def _start_watch(self, request: WatchRequest) -> None:
         user = request.user
 
-        def changed(payload: bytes) -> None:
+        def changed(answer: Answer) -> None:
             if self.state == OPEN:
-                self.send(self._signed(f'<notify xmlns="{NS}">', b"</notify>", request,
-                                       self.caller, payload))
+                self.send(self._signed(f'<notify xmlns="{NS}" request="{request.id}">',
+                                       b"</notify>", request, self.caller, answer))
 
         self.watches[user] = (request.id, changed)
         self.registry.watch(user, changed)

@@ -8,13 +8,14 @@ then the database and the audit log.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.application.service import MultiService
-from twisted.internet import defer, task
+from twisted.internet import defer, stdio, task
 from twisted.logger import Logger
 
 from sixnet.core.audit import AuditLog
@@ -22,13 +23,22 @@ from sixnet.core.errors import ConfigError
 from sixnet.core.events import EventBus, EventSpool, IEventSink
 from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService, report_failure
-from sixnet.core.storage.database import Database, DatabaseURLError
+from sixnet.core.storage.database import Database, DatabaseURLError, parse_url
 from sixnet.irp.config import IRPConfig, IRPSettings
 from sixnet.irp.engine.registry import Registry
 from sixnet.irp.metrics import IRPCounters, register_gauges
 from sixnet.irp.protocol import IRPServerFactory
 from sixnet.irp.storage import SQLRegistryStore
 from sixnet.irp.wire import ResponseSigner
+from sixnet.irp.workers import (
+    FEED_IN,
+    FEED_OUT,
+    FIRST_PORT,
+    AdoptedPorts,
+    VersionBoard,
+    WorkerFeed,
+    WorkerSupervisor,
+)
 from sixnet.pki.ca import CAError, LabCA
 from sixnet.pki.keys import KeyFileError
 from sixnet.pki.store import CertificateStore, NodeIdentity
@@ -62,12 +72,17 @@ class IRPService(MultiService):
     """Owns the registry's database, audit log, purge timer and listening ports."""
 
     def __init__(self, registry: Registry, factory: IRPServerFactory,
-                 listen: list[str], spool: EventSpool | None = None) -> None:
+                 listen: list[str] | AdoptedPorts, spool: EventSpool | None = None,
+                 board: VersionBoard | None = None) -> None:
         super().__init__()
         self.setName("irp")
         self.registry = registry
         self.factory = factory
-        self.listening = ListeningService("irp", listen, factory, owner=self)
+        #: Its own ports, or (a worker) the main process's, adopted.
+        self.listening: ListeningService | AdoptedPorts = \
+            listen if isinstance(listen, AdoptedPorts) else \
+            ListeningService("irp", listen, factory, owner=self)
+        self.board = board
         self._purge = task.LoopingCall(self._purge_expired)
         self.spool = spool
         self._spooled = task.LoopingCall(self._deliver_spooled)
@@ -111,15 +126,29 @@ class IRPService(MultiService):
         self.registry.stop()
         self.registry.store.close()
         self.registry.audit.close()
+        if self.board is not None:
+            self.board.close()
 
     def stopService(self) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._stop())
 
 
+#: What a worker runs (``python -m ...``): the composition root's entry for one worker.
+WORKER_MODULE = "sixnet.app.worker"
+#: The workers' shared change counters (`VersionBoard`), under the state directory.
+BOARD_FILE = "irp-workers.board"
+
+
 def make_service(config: IRPSettings, store: CertificateStore, *,
                  events: IEventSink | None = None,
-                 metrics: MetricsRegistry | None = None) -> IRPService:
-    """Build the registry from the configuration (errors are ConfigErrors naming the key)."""
+                 metrics: MetricsRegistry | None = None,
+                 worker: int | None = None) -> IRPService | WorkerSupervisor:
+    """Build the registry from the configuration (errors are ConfigErrors naming the key).
+
+    With ``[irp] workers`` above 1 this is the main process's `WorkerSupervisor`, which
+    runs ``python -m sixnet.app.worker CONFIG INDEX`` for each worker; that command builds
+    worker `worker`'s registry here, on the sockets the main process passed it.
+    """
     section = config.irp
     try:
         identity = store.identity(section.identity)
@@ -132,8 +161,10 @@ def make_service(config: IRPSettings, store: CertificateStore, *,
         except (CAError, KeyFileError) as e:
             raise ConfigError(str(config.path), "pki.lab_ca", str(e)) from None
     try:
+        if section.workers > 1 and worker is None:
+            return supervisor(config)
         return build_service(section, store, identity, config.sixnet.state_dir, ca,
-                             events=events, metrics=metrics)
+                             events=events, metrics=metrics, worker=worker)
     except DatabaseURLError as e:
         raise ConfigError(str(config.path), "irp.database", str(e)) from None
     except OSError as e:  # the state directory or the audit log cannot be written
@@ -141,11 +172,29 @@ def make_service(config: IRPSettings, store: CertificateStore, *,
                           f"{e.filename}: {e.strerror}") from None
 
 
+def supervisor(config: IRPSettings) -> WorkerSupervisor:
+    """The main process of a registry with workers, once what a worker would refuse at
+    start-up (the database setting, the state directory) has been checked here."""
+    state_dir = config.sixnet.state_dir
+    parse_url(config.irp.database, state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    AuditLog(state_dir / config.irp.audit_log).close()
+    path = str(Path(config.path).resolve())
+    return WorkerSupervisor(
+        lambda index: [sys.executable, "-m", WORKER_MODULE, path, str(index)],
+        config.irp.listen, config.irp.workers, state_dir / BOARD_FILE)
+
+
 def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIdentity,
                   state_dir: Path, ca: LabCA | None, reactor: Any = None, *,
                   events: IEventSink | None = None,
-                  metrics: MetricsRegistry | None = None) -> IRPService:
-    """The registry from its parts (what `make_service` reads from the configuration)."""
+                  metrics: MetricsRegistry | None = None,
+                  worker: int | None = None) -> IRPService:
+    """The registry from its parts (what `make_service` reads from the configuration).
+
+    `worker` (0 to ``workers - 1``): the registry is that worker of the main process that
+    spawned it (`sixnet.irp.workers`).
+    """
     events = events if events is not None else EventBus()
     metrics = metrics if metrics is not None else MetricsRegistry()
     db = Database(section.database, base=state_dir)
@@ -154,10 +203,30 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
         # acknowledged there is visible here at once.
         section = dataclasses.replace(section, answer_cache=0)
     audit = AuditLog(state_dir / section.audit_log)
+    board = None
+    if worker is not None:
+        board = VersionBoard(state_dir / BOARD_FILE, section.workers, worker)
     registry = Registry(SQLRegistryStore(db), store, section, audit, ca, reactor=reactor,
-                        counters=IRPCounters(metrics), events=events)
+                        counters=IRPCounters(metrics), events=events, board=board)
     signer = ResponseSigner(identity.key, identity.certificate)
     factory = IRPServerFactory(registry, ServerTLS(store, identity, "requested"), signer,
                                host_name(identity), reactor=reactor)
     register_gauges(metrics, lambda: len(factory.protocols), lambda: len(registry.watches))
-    return IRPService(registry, factory, section.listen, EventSpool(state_dir / EVENT_SPOOL))
+    if worker is None:
+        return IRPService(registry, factory, section.listen, EventSpool(state_dir / EVENT_SPOOL))
+    ports = AdoptedPorts([FIRST_PORT + i for i in range(len(section.listen))], factory)
+    feed = WorkerFeed(db.hear, _orphaned)
+    if not db.engine.shared:
+        db.relay = feed.send
+    stdio.StandardIO(feed, stdin=FEED_IN, stdout=FEED_OUT)
+    # Worker 0 alone delivers the commands' spooled events (each once).
+    return IRPService(registry, factory, ports,
+                      EventSpool(state_dir / EVENT_SPOOL) if worker == 0 else None, board)
+
+
+def _orphaned() -> None:
+    """The main process is gone (its end of the feed closed): this worker stops."""
+    from twisted.internet import reactor
+
+    if reactor.running:
+        reactor.stop()

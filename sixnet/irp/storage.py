@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,6 +62,11 @@ MIGRATIONS = {
         "ALTER TABLE irp_account DROP COLUMN failures",
         "ALTER TABLE irp_account DROP COLUMN locked_until",
     ],
+    3: [
+        # The record's version (docs/irp.rst, "Signed records"): raised by every change, to
+        # the change's time in ms or one more than before, whichever is larger.
+        "ALTER TABLE irp_person ADD COLUMN version {bigint} NOT NULL DEFAULT 0",
+    ],
 }
 
 #: Lockout records kept; the oldest beyond it are dropped, so guessing random user ids
@@ -104,6 +110,9 @@ class PersonView:
     exists: bool
     devices: tuple[DeviceRow, ...]  # most recently registered first, unexpired only
     certificates: tuple[CertificateRow, ...]  # newest first
+    #: Raised by every change of the record (`_OwnChanges.notify`); for a person who does
+    #: not exist (removed), the time of the read, above any version the record had.
+    version: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +212,9 @@ class _OwnChanges:
         """Notify a change inside the write's transaction; its number goes to `numbers`."""
         number = next(self._numbers)
         numbers.append(number)
+        now = int(time.time() * 1000)
+        cursor.execute("UPDATE irp_person SET version = CASE WHEN version + 1 > ? THEN"
+                       " version + 1 ELSE ? END WHERE id = ?", (now, now, person))
         cursor.notify(CHANGE_CHANNEL, json.dumps({"person": person, "kind": kind,
                                                   "origin": self.origin, "change": number}))
 
@@ -477,8 +489,9 @@ def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonVi
     """A read batch: the views of the ``(person, now)`` items, three queries in all."""
     persons = sorted({person for person, _ in items})
     marks = ",".join("?" * len(persons))  # placeholders only: the ids are parameters
-    exists = {row[0] for row in cursor.execute(
-        f"SELECT id FROM irp_person WHERE id IN ({marks})", persons).fetchall()}  # noqa: S608
+    versions = {row[0]: row[1] for row in cursor.execute(
+        f"SELECT id, version FROM irp_person WHERE id IN ({marks})",  # noqa: S608
+        persons).fetchall()}
     devices: dict[str, list[Any]] = {}
     for row in cursor.execute(
             f"SELECT person, device, registered, expires, addresses FROM irp_device"  # noqa: S608
@@ -492,15 +505,14 @@ def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonVi
             f" WHERE person IN ({marks}) ORDER BY person, issued DESC, serial",
             persons).fetchall():
         certificates.setdefault(row[1], []).append(_certificate(row))
-    return [PersonView(person, person in exists,
+    return [PersonView(person, person in versions,
                        tuple(_device(r) for r in devices.get(person, ()) if r[2] > now),
-                       tuple(certificates.get(person, ())))
+                       tuple(certificates.get(person, ())), versions.get(person, now))
             for person, now in items]
 
 
 def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:
-    exists = cursor.execute("SELECT 1 FROM irp_person WHERE id = ?",
-                            (person,)).fetchone() is not None
+    row = cursor.execute("SELECT version FROM irp_person WHERE id = ?", (person,)).fetchone()
     devices = cursor.execute(
         "SELECT device, registered, expires, addresses FROM irp_device"
         " WHERE person = ? AND expires > ? ORDER BY registered DESC, seq DESC",
@@ -508,8 +520,8 @@ def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:
     certs = cursor.execute(
         "SELECT serial, person, issued, not_after, chain, revoked FROM irp_certificate"
         " WHERE person = ? ORDER BY issued DESC, serial", (person,)).fetchall()
-    return PersonView(person, exists, tuple(_device(r) for r in devices),
-                      tuple(_certificate(r) for r in certs))
+    return PersonView(person, row is not None, tuple(_device(r) for r in devices),
+                      tuple(_certificate(r) for r in certs), row[0] if row else now)
 
 
 def _get_account(cursor: Cursor, person: str) -> Account | None:

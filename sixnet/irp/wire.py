@@ -36,7 +36,11 @@ from sixnet.pki.identity import IdentitySyntaxError, normalize_user_id
 
 NS = "urn:sixnet:irp:1"
 #: The protocol version this module speaks (``major.minor``; a different major is refused).
-VERSION = "1.1"
+VERSION = "1.2"
+#: The first version whose lookup and watch answers are signed records (docs/irp.rst).
+RECORDS_VERSION = (1, 2)
+#: The operations whose answers (and notifications) are signed records from 1.2 on.
+RECORD_OPERATIONS = frozenset({"lookup", "watch"})
 ROOT = f"{{{NS}}}irp"
 
 #: Error conditions a request can get (docs/irp.rst, "Errors").
@@ -733,6 +737,72 @@ def check_statement(data: etree._Element, *, op: str, request: str, requester: s
         raise IRPError("bad-request", f"the signed answer expired at {rfc3339(not_after)}")
 
 
+def version_of(text: str | None) -> tuple[int, int]:
+    """``MAJOR.MINOR`` of a stream header as numbers; (0, 0) when it is not one."""
+    major, _, minor = (text or "").partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        return (0, 0)
+    return (int(major), int(minor))
+
+
+@dataclass(frozen=True)
+class RecordStatement:
+    """What a signed ``<record>`` (1.2) says besides its payload: whose record, which
+    version of it, signed by which registry, when and until when (docs/irp.rst, "Signed
+    records"). It names no request and no requester: one signature serves every caller."""
+
+    subject: str
+    version: int
+    registry: str
+    time: str
+    not_after: str
+
+    def attributes(self) -> dict[str, str]:
+        """The ``<record>`` attributes, in canonical (alphabetical) order."""
+        return {"not-after": self.not_after, "registry": self.registry,
+                "subject": self.subject, "time": self.time, "version": str(self.version)}
+
+
+def signed_record(statement: RecordStatement, payload: bytes) -> bytes:
+    """The canonical ``<record>`` element around a person's canonical payload (as
+    `signed_data`): the bytes the registry signs once and sends to every caller."""
+    attrs = "".join(f' {k}="{_c14n_attr(v)}"' for k, v in statement.attributes().items())
+    return f'<record xmlns="{NS}"{attrs}>'.encode() + payload + b"</record>"
+
+
+def check_record(record: etree._Element, *, subject: str, now: datetime.datetime,
+                 seen: int | None = None, skew: float = 300.0) -> int:
+    """What a client MUST check of a verified ``<record>`` (docs/irp.rst, "Signed records"):
+    it is the record of `subject` (its ``subject`` and its ``<person id>``), fresh (``time``
+    at most `skew` seconds after `now`, `now` before ``not-after``) and not older than the
+    version `seen` it accepted before. Its version; IRPError ("bad-request") if not."""
+    got = record.get("subject")
+    if got != subject:
+        raise IRPError("bad-request", f"the signed record is not the one asked for: its "
+                                      f"subject is {got!r}, not {subject!r}")
+    person = record.find(q("person"))
+    if person is None or person.get("id") != subject:
+        raise IRPError("bad-request", f"the signed record does not hold {subject}'s <person>")
+    version_text = record.get("version", "")
+    if not version_text.isdigit():
+        raise IRPError("bad-request", f"the signed record's version {version_text!r} is not "
+                                      "a number")
+    version = int(version_text)
+    if seen is not None and version < seen:
+        raise IRPError("bad-request", f"the signed record of {subject} is version {version}, "
+                                      f"older than version {seen} seen already")
+    if record.get("not-after") is None:
+        raise IRPError("bad-request", "the signed record has no not-after")
+    signed = parse_timestamp(record.get("time"))
+    not_after = parse_timestamp(record.get("not-after"))
+    if signed > now + datetime.timedelta(seconds=skew):
+        raise IRPError("bad-request", f"the signed record is dated {rfc3339(signed)}, "
+                                      "in the future")
+    if now >= not_after:
+        raise IRPError("bad-request", f"the signed record expired at {rfc3339(not_after)}")
+    return version
+
+
 class ResponseSigner:
     """Signs canonical ``<data>`` bytes with the registry's host key."""
 
@@ -773,8 +843,12 @@ def verify_signature(data: etree._Element, signature: etree._Element,
 
 
 def signed_parts(node: etree._Element) -> tuple[etree._Element, etree._Element]:
-    """The ``<data>`` and ``<signature>`` children of a result or notification."""
-    data, signature = node.find(q("data")), node.find(q("signature"))
+    """The signed ``<data>`` (or, 1.2, ``<record>``) and the ``<signature>`` children of a
+    result or notification."""
+    data = node.find(q("data"))
+    if data is None:
+        data = node.find(q("record"))
+    signature = node.find(q("signature"))
     if data is None or signature is None:
         raise IRPError("bad-request", f"<{etree.QName(node).localname}> is not signed")
     return data, signature

@@ -193,6 +193,9 @@ class Database:
         self._listeners: dict[str, list[Callable[[str], object]]] = {}
         self._gap_callbacks: list[Callable[[], object]] = []
         self._listener: _PostgresListener | None = None
+        #: Also gets every notification delivered here after a commit (SQLite): how a
+        #: registry's workers pass their notifications to each other (`hear`).
+        self.relay: Callable[[str, str], object] | None = None
 
     def sql(self, text: str) -> str:
         """Fill the ``{blob}``, ``{serial}`` and ``{bigint}`` type names for this dialect."""
@@ -216,6 +219,8 @@ class Database:
             result, notifications = outcome
             for channel, payload in notifications:
                 self._deliver(channel, payload)
+                if self.relay is not None:
+                    self.relay(channel, payload)
             return result
 
         return self.pool.runInteraction(body).addCallback(committed)
@@ -254,6 +259,10 @@ class Database:
         callbacks = self._listeners.get(channel, [])
         if callback in callbacks:
             callbacks.remove(callback)
+
+    def hear(self, channel: str, payload: str) -> None:
+        """A notification another process committed (relayed to this one): deliver it."""
+        self._deliver(channel, payload)
 
     def _deliver(self, channel: str, payload: str) -> None:
         for callback in list(self._listeners.get(channel, ())):

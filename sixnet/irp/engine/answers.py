@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography import x509
 
@@ -35,6 +36,9 @@ class Answer:
     payload: bytes  # the canonical <person> element, as inside the signed <data>
     changes_at: int  # ms: the earliest address or certificate expiry in it (or NEVER)
     crls: int  # the certificate store's CRL generation it was computed with
+    stamp: int = 0  # the workers' change counters it was read under (`IChangeBoard`)
+    version: int = 0  # the record's version (`PersonView.version`)
+    person: str = ""
 
 
 class CertificateStatus:
@@ -76,12 +80,26 @@ class CertificateStatus:
         return cached
 
 
+class IChangeBoard(Protocol):
+    """Change counters shared by the registry's workers (`sixnet.irp.workers.VersionBoard`)."""
+
+    def stamp(self, person: str) -> int: ...
+
+    def bump(self, person: str | None) -> None: ...
+
+
 class AnswerCache:
-    """The answers of up to `size` persons (oldest dropped first; 0 keeps none)."""
+    """The answers of up to `size` persons (oldest dropped first; 0 keeps none).
+
+    With a `board` (workers), a kept answer is used only while the counters of its person
+    are those it was read under: a change committed through another worker is seen at once,
+    before its notification arrives.
+    """
 
     def __init__(self, store: IRegistryStore, statuses: CertificateStatus, size: int,
-                 now_ms: Callable[[], int]) -> None:
+                 now_ms: Callable[[], int], board: IChangeBoard | None = None) -> None:
         self.store = store
+        self.board = board
         self.statuses = statuses
         self.size = size
         self.now_ms = now_ms
@@ -94,8 +112,10 @@ class AnswerCache:
         """The person's answer, from memory while that is still exact."""
         now = self.now_ms()
         crls = self.statuses.certificates.generation
+        stamp = self.board.stamp(person) if self.board is not None else 0
         kept = self._answers.get(person)
-        if kept is not None and now < kept.changes_at and kept.crls == crls:
+        if kept is not None and now < kept.changes_at and kept.crls == crls \
+                and kept.stamp == stamp:
             return kept
         token = self._reading[person] = object()
         try:
@@ -108,7 +128,8 @@ class AnswerCache:
         changes_at = min([d.expires for d in view.devices] +
                          [t for r in view.certificates if r.revoked is None
                           and (t := self.statuses.chain(r)[1]) > now], default=NEVER)
-        answer = Answer(view.exists, person_payload(self.record(view)), changes_at, crls)
+        answer = Answer(view.exists, person_payload(self.record(view)), changes_at, crls,
+                        stamp, view.version, person)
         if mine and view.exists and self.size > 0:
             self._answers.pop(person, None)
             if len(self._answers) >= self.size:
@@ -125,8 +146,11 @@ class AnswerCache:
         current = next((i for i in infos if i.status == "valid"), infos[0] if infos else None)
         return PersonRecord(view.person, devices, current, removed=not view.exists)
 
-    def forget(self, person: str | None) -> None:
-        """The record of `person` (None: of anyone) changed or may have changed."""
+    def forget(self, person: str | None, *, here: bool = False) -> None:
+        """The record of `person` (None: of anyone) changed or may have changed; `here`:
+        by a write of this process, which has committed (the other workers are told)."""
+        if here and self.board is not None:
+            self.board.bump(person)
         if person is None:
             self._answers.clear()
             self._reading.clear()

@@ -27,7 +27,7 @@ from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine.access import ANONYMOUS, Caller, may_see, own, refusal
-from sixnet.irp.engine.answers import AnswerCache, CertificateStatus
+from sixnet.irp.engine.answers import Answer, AnswerCache, CertificateStatus, IChangeBoard
 from sixnet.irp.engine.credentials import (
     DUMMY_HASH,
     PasswordLockout,
@@ -72,8 +72,9 @@ from sixnet.pki.store import (
 
 log = Logger(namespace="sixnet.irp")
 
-#: What an operation returns: canonical payload bytes, or the payload's elements.
-Payload = bytes | list[etree._Element]
+#: What an operation returns: canonical payload bytes, the payload's elements, or (lookup,
+#: watch) a person's `Answer`, which a 1.2 caller gets as the record's signed statement.
+Payload = bytes | list[etree._Element] | Answer
 
 
 class Registry:
@@ -83,7 +84,7 @@ class Registry:
                  config: IRPConfig, audit: AuditLog, ca: LabCA | None = None,
                  clock: Callable[[], float] = time.time, reactor: Any = None,
                  counters: IRPCounters | None = None, *,
-                 events: IEventSink | None = None) -> None:
+                 events: IEventSink | None = None, board: IChangeBoard | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -102,7 +103,8 @@ class Registry:
         self.lockout = PasswordLockout(config.lockout_after, config.lockout_seconds,
                                        config.failure_delay)
         self.statuses = CertificateStatus(certificates, self.now_ms)
-        self.answers = AnswerCache(store, self.statuses, config.answer_cache, self.now_ms)
+        self.answers = AnswerCache(store, self.statuses, config.answer_cache, self.now_ms,
+                                   board)
         self.watches = Watches(self.answers, self.now_ms, reactor)
         self._last_registration = 0
         #: Called with a person (None: anyone) whose certificate may have been revoked, so
@@ -170,13 +172,14 @@ class Registry:
             await self.store.add_certificate(CertificateRow(
                 serial, verified.identity, self.now_ms(),
                 int(leaf.not_valid_after_utc.timestamp() * 1000), certificates_pem(path), None))
-            self.answers.forget(verified.identity)
+            self.answers.forget(verified.identity, here=True)
         return Caller(peer, verified.identity, serial, verified.identity in self.operators)
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    async def handle(self, caller: Caller, request: Request) -> bytes:
-        """Run one request; return the canonical payload for ``<data>`` or raise IRPError."""
+    async def handle(self, caller: Caller, request: Request) -> bytes | Answer:
+        """Run one request; return the canonical payload for ``<data>`` (or the person's
+        `Answer`, for a lookup or a watch) or raise IRPError."""
         error = refusal(caller.role, request.op)
         if error is not None:
             self.counters.error[request.op].inc()
@@ -190,7 +193,7 @@ class Registry:
                 self._refused(caller, request, error)
             raise
         self.counters.ok[request.op].inc()
-        return payload if isinstance(payload, bytes) else canonical_payload(payload)
+        return payload if isinstance(payload, bytes | Answer) else canonical_payload(payload)
 
     def _refused(self, caller: Caller, request: Request, error: IRPError) -> None:
         self.audit.record(request.op, outcome="refused", actor=caller.actor, peer=caller.peer,
@@ -261,7 +264,7 @@ class Registry:
         await self.store.add_certificate(CertificateRow(
             serial, user, self.now_ms(), int(leaf.not_valid_after_utc.timestamp() * 1000),
             certificates_pem(chain), None))
-        self.answers.forget(user)
+        self.answers.forget(user, here=True)
         self.audit.record(event, outcome="ok", actor=caller.identity or user, peer=caller.peer,
                           target=user, serial=serial)
         self._event("irp.certificate-issued", caller, user,
@@ -324,7 +327,7 @@ class Registry:
             except CAError as e:  # issued by an earlier CA: the registry's record still counts
                 log.warn("revoking {serial} in the CA: {error}", serial=row.serial, error=e)
         await self.store.mark_revoked(row.serial, self.now_ms())
-        self.answers.forget(row.person)
+        self.answers.forget(row.person, here=True)
         self.certificates.reload_crls()
         facts = {"serial": serial_hex(int(row.serial, 16)), "reason": reason, "by": caller.actor}
         try:
@@ -369,7 +372,7 @@ class Registry:
         except TooManyDevices:
             raise IRPError("policy-violation", f"at most {self.config.max_devices} devices "
                                                "per person; unregister one first") from None
-        self.answers.forget(person)
+        self.answers.forget(person, here=True)
         self.audit.record("register", outcome="ok", actor=person, peer=caller.peer,
                           device=request.device, lifetime=request.lifetime,
                           addresses=[f"[{a.ip}]:{a.port}" for a in addresses])
@@ -378,28 +381,28 @@ class Registry:
     async def op_unregister(self, caller: Caller, request: UnregisterRequest) -> bytes:
         person = own(caller, request.user)
         count = await self.store.unregister(person, request.device)
-        self.answers.forget(person)
+        self.answers.forget(person, here=True)
         self.audit.record("unregister", outcome="ok", actor=person, peer=caller.peer,
                           device=request.device, removed=count)
         return (await self.answers.answer(person)).payload
 
-    async def op_lookup(self, caller: Caller, request: LookupRequest) -> bytes:
+    async def op_lookup(self, caller: Caller, request: LookupRequest) -> Answer:
         may_see(caller, request.user, self.config.lookup_access, "look up")
         answer = await self.answers.answer(request.user)
         if not answer.exists:
             raise IRPError("item-not-found", f"{request.user} is not registered")
-        return answer.payload
+        return answer
 
     # -- watches ----------------------------------------------------------------------------------
 
-    async def op_watch(self, caller: Caller, request: WatchRequest) -> bytes:
+    async def op_watch(self, caller: Caller, request: WatchRequest) -> Answer:
         """Check the policy and return the current record; the session then calls watch()."""
         may_see(caller, request.user, self.config.watch_access, "watch")
         answer = await self.answers.answer(request.user)
         if not answer.exists:
             raise IRPError("item-not-found", f"{request.user} is not registered")
         self.watches.expire_at(request.user, answer.changes_at)
-        return answer.payload
+        return answer
 
     async def op_unwatch(self, caller: Caller, request: UnwatchRequest) -> list[etree._Element]:
         return [element("unwatched", {"user": request.user})]
@@ -483,7 +486,7 @@ class Registry:
                 await self._revoke_row(caller, row, "IRP user removed")
                 revoked.append(row.serial)
         await self.store.remove_person(person)
-        self.answers.forget(person)
+        self.answers.forget(person, here=True)
         self.audit.record("remove", outcome="ok", actor=caller.actor, peer=caller.peer,
                           target=person, revoked=revoked)
         self._event("irp.user-removed", caller, person,

@@ -1,6 +1,7 @@
 """Watches: who gets a person's record whenever it changes, and the one expiry timer.
 
-A watcher gets the canonical ``<person>`` payload (`person_payload`) when the record changes
+A watcher gets the person's `Answer` (its canonical ``<person>`` payload, `person_payload`,
+and its version) when the record changes
 in this process or (on PostgreSQL) any other, and when one of its addresses or certificates
 expires. One timer serves the whole process: it is armed for the earliest next expiry among
 watched persons and re-armed as their records change; nothing is polled per person.
@@ -15,12 +16,12 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from sixnet.irp.engine.answers import NEVER, AnswerCache
+from sixnet.irp.engine.answers import NEVER, Answer, AnswerCache
 
 log = Logger(namespace="sixnet.irp")
 
-#: Gets the canonical ``<person>`` payload of a changed record.
-Watcher = Callable[[bytes], object]
+#: Gets the `Answer` of a changed record.
+Watcher = Callable[[Answer], object]
 
 
 class Watches:
@@ -110,4 +111,4 @@ class Watches:
         if person in self._watchers:
             self.expire_at(person, answer.changes_at)
         for watcher in list(self._watchers.get(person, ())):
-            watcher(answer.payload)
+            watcher(answer)

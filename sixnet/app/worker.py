@@ -1,0 +1,50 @@
+"""One worker of a registry with ``[irp] workers`` above 1: ``python -m sixnet.app.worker
+CONFIG INDEX``, spawned by the main process's `sixnet.irp.workers.WorkerSupervisor` with the
+listening sockets and the change feed as inherited file descriptors (not for people to run).
+
+The worker is a root service of its own (the CRL timer, the signal handling, the exit
+policy) with the one registry child; it logs to the standard output it shares with the
+main process, and stops when the main process's end of the feed closes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from sixnet.app.config import load_config
+from sixnet.app.root import SixnetService
+from sixnet.core.errors import EXIT_USAGE, ConfigError
+from sixnet.core.logs import json_observer
+from sixnet.irp.service import make_service
+from sixnet.pki.store import store_from_config
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m sixnet.app.worker CONFIG INDEX", file=sys.stderr)
+        return EXIT_USAGE
+    from twisted.internet import reactor
+
+    try:
+        config = load_config(Path(argv[0]))
+        store = store_from_config(config)
+        root = SixnetService(config, store)
+        make_service(config, store, events=root.events, metrics=root.metrics,
+                     worker=int(argv[1])).setServiceParent(root)
+    except ConfigError as e:
+        print(f"sixnet: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    observer = json_observer(sys.stdout) if config.sixnet.log_format == "json" else \
+        textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    reactor.callWhenRunning(root.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,275 @@
+"""The registry on N worker processes of one host (``[irp] workers``, docs/irp.rst).
+
+The main (twistd) process binds every ``listen`` endpoint, never accepts on them, and
+hands the listening sockets to N workers it spawns (``childFDs``); each worker adopts them
+(``adoptStreamPort``), so the kernel queues connections once and whichever worker is free
+accepts the next. A worker that dies leaves the queue to the others and is spawned again;
+stopping the main process stops every worker first.
+
+Coherence between workers, besides the database itself:
+
+* **change feed**: PostgreSQL's ``NOTIFY`` already reaches every process. SQLite delivers a
+  notification only in the process that committed it, so each worker also writes it on a
+  pipe to the main process, which hands it to every other worker (`FeedRelay`,
+  `WorkerFeed`): watches fire for changes made through any worker.
+* **kept answers**: a notification arrives a little after the writer acknowledged its
+  client, so a lookup through another worker at once could still see the kept answer. The
+  `VersionBoard`, a small file every worker maps into memory, closes that gap: a worker
+  bumps the person's counter (in its own row of the board) after a change commits and before
+  it answers; a kept answer is used only while the counters it was read under are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from sixnet.core.runtime import ListeningService
+
+log = Logger(namespace="sixnet.irp")
+
+#: Counters per worker on the board (one more: the "anyone may have changed" counter).
+SLOTS = 1 << 16
+_ANYONE = SLOTS
+#: File descriptors of a worker: 0 the feed from the main process, 3 the feed to it, 4...
+#: the listening sockets, in the order of ``listen``.
+FEED_IN, FEED_OUT, FIRST_PORT = 0, 3, 4
+#: Seconds before a dead worker is spawned again; doubled (up to `RESTART_MAX`) while
+#: workers die within `RESTART_SETTLED` seconds of starting (a crash loop).
+RESTART_DELAY, RESTART_MAX, RESTART_SETTLED = 0.5, 30.0, 10.0
+#: Seconds a worker has to stop on SIGTERM before it gets SIGKILL.
+STOP_TIMEOUT = 10.0
+
+
+class VersionBoard:
+    """Per-worker change counters of persons (hashed to `SLOTS`), in a shared file.
+
+    Only worker `index` writes its row, so no counter has two writers; a reader sums the
+    rows. Counters only grow, so an unchanged sum means no worker changed the slot.
+    """
+
+    def __init__(self, path: Path, workers: int, index: int) -> None:
+        self.workers, self.index = workers, index
+        size = workers * (SLOTS + 1) * 8
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._counters = memoryview(self._map).cast("Q")
+        self._rows = [w * (SLOTS + 1) for w in range(workers)]
+
+    @staticmethod
+    def slot(person: str) -> int:
+        return int.from_bytes(hashlib.blake2b(person.encode(), digest_size=4).digest()) % SLOTS
+
+    def stamp(self, person: str) -> int:
+        """The sum of the counters `person`'s answer depends on."""
+        slot, counters = self.slot(person), self._counters
+        return sum(counters[row + slot] + counters[row + _ANYONE] for row in self._rows)
+
+    def bump(self, person: str | None) -> None:
+        """`person`'s record (None: anyone's) changed here and committed."""
+        at = self._rows[self.index] + (_ANYONE if person is None else self.slot(person))
+        self._counters[at] += 1
+
+    def close(self) -> None:
+        self._counters.release()
+        self._map.close()
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+
+
+class WorkerFeed(LineOnlyReceiver):
+    """A worker's end of the change feed: its own notifications go to the main process,
+    the other workers' come from it (``CHANNEL SP PAYLOAD`` lines). The main process
+    closing the feed means it is gone: the worker stops."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 1 << 20
+
+    def __init__(self, hear: Callable[[str, str], None], orphaned: Callable[[], None]) -> None:
+        self.hear = hear
+        self.orphaned = orphaned
+
+    def send(self, channel: str, payload: str) -> None:
+        if self.transport is not None:
+            self.sendLine(f"{channel} {payload}".encode())
+
+    def lineReceived(self, line: bytes) -> None:
+        channel, _, payload = line.decode().partition(" ")
+        self.hear(channel, payload)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.orphaned()
+
+
+class AdoptedPorts(Service):
+    """A worker's listening ports: the sockets the main process bound, adopted."""
+
+    def __init__(self, fds: list[int], factory: IProtocolFactory) -> None:
+        self.setName("irp-ports")
+        self.fds = fds
+        self.factory = factory
+        self.ports: list[IListeningPort] = []
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        super().startService()
+        for fd in self.fds:
+            family = socket.socket(fileno=os.dup(fd))
+            try:
+                kind = family.family
+            finally:
+                family.close()
+            self.ports.append(reactor.adoptStreamPort(fd, kind, self.factory))
+            os.close(fd)  # adoptStreamPort keeps its own duplicate
+
+    def stopService(self) -> defer.Deferred[object]:
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+
+
+# -- the main process's side ---------------------------------------------------------------------
+
+
+class _Worker(protocol.ProcessProtocol):
+    """One worker as the main process sees it: its feed, and its end."""
+
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.started = 0.0
+        self.ended: defer.Deferred[None] = defer.Deferred()
+        self._partial = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.supervisor.relay(self, line + b"\n")
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(None)
+        self.supervisor.ended(self, reason)
+
+
+class WorkerSupervisor(MultiService):
+    """The main process of a registry with workers: binds the ports, spawns, relays, restarts
+    and stops the workers. It opens no database and answers no request itself."""
+
+    def __init__(self, command: Callable[[int], list[str]], listen: list[str], workers: int,
+                 board: Path, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        super().__init__()
+        self.setName("irp")
+        self.command = command
+        self.count = workers
+        self.board = board
+        self.reactor = reactor
+        # Bound like any service's ports (before twistd sheds privileges), never read here.
+        self.listening = ListeningService("irp", listen, protocol.Factory(), owner=self)
+        self.listening.setServiceParent(self)
+        self.workers: dict[int, _Worker] = {}
+        self.transports: dict[int, Any] = {}
+        self.restarts = 0
+        self._delays: dict[int, float] = {}
+        self._pending: dict[int, Any] = {}
+        self.ready: defer.Deferred[None] = defer.Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        for port in self.listening.ports:
+            port.stopReading()  # type: ignore[attr-defined]  # the workers accept, not us
+        VersionBoard(self.board, self.count, 0).close()  # create it at its size
+        for index in range(self.count):
+            self.spawn(index)
+        self.ready.callback(None)
+
+    def spawn(self, index: int) -> None:
+        self._pending.pop(index, None)
+        worker = _Worker(self, index)
+        fds: dict[int, int | str] = {FEED_IN: "w", 1: 1, 2: 2, FEED_OUT: "r"}
+        for i, port in enumerate(self.listening.ports):
+            fds[FIRST_PORT + i] = port.fileno()  # type: ignore[attr-defined]
+        worker.started = self.reactor.seconds()
+        self.workers[index] = worker
+        self.transports[index] = self.reactor.spawnProcess(
+            worker, sys.executable, self.command(index), env=os.environ.copy(), childFDs=fds)
+        log.info("irp worker {index} started (pid {pid})", index=index,
+                 pid=self.transports[index].pid)
+
+    def relay(self, source: _Worker, line: bytes) -> None:
+        """A worker's notification: to every other worker."""
+        for index, transport in self.transports.items():
+            if index != source.index and self.workers.get(index) is not None:
+                transport.writeToChild(FEED_IN, line)
+
+    def ended(self, worker: _Worker, reason: Failure) -> None:
+        index = worker.index
+        if self.workers.get(index) is not worker:
+            return
+        del self.workers[index]
+        del self.transports[index]
+        if not self.running:
+            return
+        lived = self.reactor.seconds() - worker.started
+        delay = RESTART_DELAY if lived >= RESTART_SETTLED else \
+            min(RESTART_MAX, self._delays.get(index, RESTART_DELAY / 2) * 2)
+        self._delays[index] = delay
+        self.restarts += 1
+        log.warn("irp worker {index} ended ({why}); starting it again in {delay:.1f}s",
+                 index=index, why=reason.getErrorMessage(), delay=delay)
+        self._pending[index] = self.reactor.callLater(delay, self.spawn, index)
+
+    async def _stop(self) -> None:
+        for call in self._pending.values():
+            call.cancel()
+        self._pending.clear()
+        ending = []
+        for index, transport in list(self.transports.items()):
+            ending.append(self.workers[index].ended)
+            try:
+                transport.signalProcess(signal.SIGTERM)
+            except OSError:
+                continue  # gone already
+        if ending:
+            killer = self.reactor.callLater(STOP_TIMEOUT, self._kill)
+            await defer.DeferredList(ending)
+            if killer.active():
+                killer.cancel()
+        await defer.maybeDeferred(super().stopService)
+
+    def _kill(self) -> None:
+        for index, transport in list(self.transports.items()):
+            log.warn("irp worker {index} did not stop: killing it", index=index)
+            try:
+                transport.signalProcess(signal.SIGKILL)
+            except OSError:
+                pass
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.running = False  # no restarts from here on
+        return defer.Deferred.fromCoroutine(self._stop())

@@ -1,0 +1,135 @@
+"""The registry as ``twistd sixnet-irp`` with ``[irp] workers = 2``, on SQLite and on
+PostgreSQL: what one worker commits is seen through the other at once (lookups, kept answers,
+watches), a killed worker is started again, and stopping the main process stops them all.
+
+Which worker accepts a connection is the kernel's choice; a test stops the other worker
+(SIGSTOP) while it connects, so the connection is the one it wants.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+
+from sixnet.irp.client import connect
+from sixnet.pki.store import NodeIdentity
+
+from .support.configs import config_file, sixnet_toml
+from .support.databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
+from .support.pki import IdentityFiles
+from .support.ports import free_port
+from .support.twistd import TwistdProcess
+from .test_irp import HOST, LabSetup, wait_for
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return sorted(int(p) for p in f.read().split())
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class WorkersHarness:
+    lab: LabSetup
+
+    def database_url(self, base: Path) -> str:
+        return f"sqlite:{base / 'irp.sqlite3'}"
+
+    async def start_registry(self) -> tuple[TwistdProcess, int]:
+        base = Path(self.mktemp()).absolute()  # type: ignore[attr-defined]
+        self.lab = LabSetup(base)
+        port = free_port()
+        config = config_file(base, sixnet_toml(
+            self.lab.ca.directory, {"host": IdentityFiles(HOST, base / "host" / "cert.pem",
+                                                          base / "host" / "key.pem")},
+            lab_ca=True, sixnet={"state_dir": base / "state"},
+            irp={"enabled": True, "listen": [f"tcp:{port}:interface=127.0.0.1"],
+                 "workers": 2, "database": self.database_url(base)}))
+        process = TwistdProcess(config, plugin="sixnet-irp")
+        self.addCleanup(process.kill)  # type: ignore[attr-defined]
+        await process.start()
+        assert process.transport is not None
+        await wait_for(lambda: len(children(process.transport.pid)) == 2, timeout=20)
+        return process, port
+
+    async def client_on(self, pid: int, others: list[int], port: int, identity: NodeIdentity):
+        """A client whose connection worker `pid` accepted (the `others` are stopped)."""
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            client = await connect("127.0.0.1", port, self.lab.client_store(),
+                                   identity=identity, server_name=HOST)
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+        self.addCleanup(client.close)  # type: ignore[attr-defined]
+        return client
+
+    async def test_changes_through_one_worker_are_seen_through_the_other(self) -> None:
+        process, port = await self.start_registry()
+        one, two = children(process.transport.pid)
+        # workers adopt the sockets after opening the database: wait until both answer
+        alice = await self.client_on(one, [two], port, self.lab.person("alice@example.test"))
+        bob = await self.client_on(two, [one], port, self.lab.person("bob@example.test"))
+        await bob.register([("2001:db8::1", 4605)], device="phone")
+        assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::1"
+        # the first worker keeps that answer; the change through the other is seen at once,
+        # before any notification can arrive (the main process, which relays them on
+        # SQLite, is stopped meanwhile)
+        os.kill(process.transport.pid, signal.SIGSTOP)
+        try:
+            await bob.register([("2001:db8::2", 4605)], device="phone")
+            assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::2"
+        finally:
+            os.kill(process.transport.pid, signal.SIGCONT)
+        seen = []
+        await alice.watch("bob@example.test", seen.append)
+        started = time.monotonic()
+        await bob.register([("2001:db8::3", 4605)], device="phone")
+        await wait_for(lambda: seen, timeout=2.0)
+        assert time.monotonic() - started < 2.0
+        assert seen[-1].addresses[0][0] == "2001:db8::3"
+
+    async def test_a_killed_worker_is_started_again_and_stop_stops_all(self) -> None:
+        process, port = await self.start_registry()
+        one, two = children(process.transport.pid)
+        carol = await self.client_on(one, [two], port, self.lab.person("carol@example.test"))
+        await carol.register([("2001:db8::7", 4605)])
+        os.kill(one, signal.SIGKILL)
+        await carol.lost
+        # the other worker serves meanwhile
+        dave = await self.client_on(two, [], port, self.lab.person("dave@example.test"))
+        assert (await dave.lookup("carol@example.test")).addresses[0][0] == "2001:db8::7"
+        await wait_for(lambda: len(children(process.transport.pid)) == 2
+                       and one not in children(process.transport.pid), timeout=20)
+        three = next(p for p in children(process.transport.pid) if p != two)
+        await sleep(0.5)  # let the new worker open the database and adopt the ports
+        again = await self.client_on(three, [two], port, self.lab.person("carol@example.test"))
+        assert (await again.lookup("carol@example.test")).addresses[0][0] == "2001:db8::7"
+        assert any("irp worker 0 ended" in line for line in process.output)
+        workers = children(process.transport.pid)
+        assert await process.terminate() == 0
+        for pid in workers:
+            assert not os.path.exists(f"/proc/{pid}/status") or \
+                "zombie" in open(f"/proc/{pid}/status").read()
+
+
+class SQLiteWorkersTests(WorkersHarness, unittest.TestCase):
+    timeout = 60
+
+
+class PostgreSQLWorkersTests(WorkersHarness, unittest.TestCase):
+    skip = postgres_unavailable()
+    timeout = 60
+
+    def database_url(self, base: Path) -> str:
+        url, schema = fresh_postgres_schema()
+        self.addCleanup(drop_postgres_schema, schema)
+        return url
