@@ -90,6 +90,7 @@ class FanoutTests(unittest.TestCase):
                 delivery.enqueue(notification)
         publish_cost = (time.perf_counter() - started) / 3
         await delivery.idle()
+        elapsed = time.perf_counter() - started
         ticker.stop()
         assert len(router.deliveries) == 3 * N
         # One template per publish, whatever N is.
@@ -103,9 +104,14 @@ class FanoutTests(unittest.TestCase):
         assert all(seen == ["first", "second", "third"] for seen in order.values())
         # The engine's share of a publish does not grow with N (cached recipients).
         assert publish_cost < 0.05, publish_cost
-        # The reactor ran between chunks (many ticks during a 0.6 s fan-out), never held for
-        # anything near the whole fan-out (the margin is for a loaded machine).
-        assert len(gaps) > 20 and max(gaps) < 0.3, (len(gaps), max(gaps))
+        # The reactor ran between chunks (many ticks during a 0.6 s fan-out; a gap is about
+        # 10 ms), never held for anything near the whole fan-out. One long pause is allowed:
+        # a full suite's process saw a single 0.33 s gap once, something other than delivery
+        # (the collector, the machine); a fan-out holding the reactor shows a gap of nearly
+        # `elapsed`, a fan-out in a few long pieces several gaps over 0.1 s.
+        assert len(gaps) > 20, len(gaps)
+        longest, second = sorted(gaps)[-1], sorted(gaps)[-2]
+        assert second < 0.1 and longest < elapsed * 0.6, (second, longest, elapsed)
 
     async def test_queued_notifications_of_a_topic_reach_each_recipient_together(self) -> None:
         """Three publishes queued for one topic: each chunk of recipients gets all three
