@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sixnet.grid.client.errors import ClientError, IQError, IQTimeout
-from sixnet.grid.client.session import IXMPPSession
+from sixnet.grid.client.session import IXMPPSession, MessageHandlers
 from sixnet.grid.jid import JID
 from sixnet.grid.router import Router
 from sixnet.grid.xmpp import NS_CLIENT, StanzaError, error_reply
@@ -50,7 +50,7 @@ class LocalSession:
         self.closed: defer.Deferred[ClientError | None] = defer.Deferred()
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[defer.Deferred[etree._Element], IDelayedCall]] = {}
-        self._handlers: list[Callable[[etree._Element], object]] = []
+        self._handlers = MessageHandlers()
         self._inbox: deque[bytes] = deque()
         self._flush: IDelayedCall | None = None
         self.session = router.bind(self, bare, None)
@@ -78,13 +78,7 @@ class LocalSession:
 
     def add_message_handler(self, handler: Callable[[etree._Element], object]
                             ) -> Callable[[], None]:
-        self._handlers.append(handler)
-
-        def remove() -> None:
-            if handler in self._handlers:
-                self._handlers.remove(handler)
-
-        return remove
+        return self._handlers.add(handler)
 
     def close(self) -> defer.Deferred[None]:
         if not self.closed.called:
@@ -138,11 +132,7 @@ class LocalSession:
         if stanza.tag == _IQ:
             self._iq(stanza)
         elif stanza.tag == _MESSAGE:
-            for handler in list(self._handlers):
-                try:
-                    handler(stanza)
-                except Exception:
-                    log.failure("{jid}: message handler failed", jid=self.jid)
+            self._handlers.deliver(stanza, self.jid)
 
     def _iq(self, iq: etree._Element) -> None:
         kind = iq.get("type")

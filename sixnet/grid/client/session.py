@@ -68,6 +68,30 @@ class IXMPPSession(Interface):
         """End the session; fires when it has ended."""
 
 
+class MessageHandlers:
+    """The ``add_message_handler`` registry an `IXMPPSession` keeps: each handler gets every
+    message, in the order added; one that raises is logged and the others still run."""
+
+    def __init__(self) -> None:
+        self._handlers: list[Callable[[etree._Element], object]] = []
+
+    def add(self, handler: Callable[[etree._Element], object]) -> Callable[[], None]:
+        self._handlers.append(handler)
+
+        def remove() -> None:
+            if handler in self._handlers:
+                self._handlers.remove(handler)
+
+        return remove
+
+    def deliver(self, message: etree._Element, jid: str) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler(message)
+            except Exception:
+                log.failure("{jid}: a message handler failed", jid=jid)
+
+
 def _same_jid(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return a == b
@@ -94,7 +118,7 @@ class XMPPClientSession:
         self._ids = itertools.count(1)
         self._pending: dict[str, tuple[str | None, defer.Deferred[etree._Element],
                                        IDelayedCall]] = {}
-        self._handlers: list[Callable[[etree._Element], object]] = []
+        self._handlers = MessageHandlers()
         self._keepalive: task.LoopingCall | None = None
 
     # -- IXMPPSession ----------------------------------------------------------------------
@@ -119,13 +143,7 @@ class XMPPClientSession:
 
     def add_message_handler(self, handler: Callable[[etree._Element], object]
                             ) -> Callable[[], None]:
-        self._handlers.append(handler)
-
-        def remove() -> None:
-            if handler in self._handlers:
-                self._handlers.remove(handler)
-
-        return remove
+        return self._handlers.add(handler)
 
     def close(self) -> defer.Deferred[None]:
         if self.protocol is not None and not self.closed.called:
@@ -177,11 +195,7 @@ class XMPPClientSession:
         if stanza.tag == _IQ:
             self._iq(stanza)
         elif stanza.tag == _MESSAGE:
-            for handler in list(self._handlers):
-                try:
-                    handler(stanza)
-                except Exception:
-                    log.failure("a message handler failed")
+            self._handlers.deliver(stanza, self.jid)
 
     def _iq(self, iq: etree._Element) -> None:
         kind = iq.get("type")
