@@ -370,6 +370,40 @@ class RegistryTests(RegistryHarness):
         refused = [e for e in self.audit(service) if e["event"] == "password"]
         assert [e["failures"] for e in refused] == [1, 2, 3]
 
+    async def test_parallel_guesses_count_one_each(self) -> None:
+        """Wrong passwords sent at once on several connections are counted before their hash
+        is checked: the first ``lockout_after`` are checked and counted, the rest are refused
+        as locked without a check, however the hashes interleave."""
+        service = await self.start(lockout_after=3)
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        guessers = [await self.client(service, source="127.0.0.2") for _ in range(8)]
+        errors = await defer.gatherResults([defer.Deferred.fromCoroutine(
+            _fails(g.enroll("erin@example.test", generate_key(), password="wrong"), IRPError))
+            for g in guessers])
+        assert sorted(e.condition for e in errors) == ["locked"] * 6 + ["not-authorized"] * 2
+        checked = [e for e in self.audit(service) if e["event"] == "password"]
+        assert sorted(e["failures"] for e in checked) == [1, 2, 3]
+        error = await _fails(guessers[0].enroll("erin@example.test", generate_key(),
+                                                password="right"), IRPError)
+        assert error.condition == "locked"
+
+    async def test_a_right_password_takes_its_count_back(self) -> None:
+        """The attempt that reaches ``lockout_after`` is still checked, and a right password
+        clears the count its own attempt reserved with the earlier ones."""
+        service = await self.start(lockout_after=3)
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        anonymous = await self.client(service)
+        for _ in range(2):
+            await _fails(anonymous.enroll("erin@example.test", generate_key(),
+                                          password="wrong"), IRPError)
+        assert await anonymous.enroll("erin@example.test", generate_key(), password="right")
+        for _ in range(2):
+            error = await _fails(anonymous.enroll("erin@example.test", generate_key(),
+                                                  password="wrong"), IRPError)
+            assert error.condition == "not-authorized"
+        assert [e["failures"] for e in self.audit(service) if e["event"] == "password"] == \
+            [1, 2, 1, 2]
+
     async def test_a_stranger_cannot_lock_the_owner_out(self) -> None:
         """Failures lock the user id for the guesser's address only: the owner's right
         password from another address is accepted, and the guesser stays locked out."""
@@ -421,10 +455,10 @@ class RegistryTests(RegistryHarness):
         store, policy = service.registry.store, service.registry.lockout
         store.lockout.size = 3
         for now, user in enumerate(["a", "b", "c", "d", "e"]):
-            await store.record_failure(f"{user}@example.test", "192.0.2.1", policy, now)
-        await store.record_failure("c@example.test", "192.0.2.1", policy, 9)
-        kept = [(await store.failures(f"{user}@example.test", "192.0.2.1")).count
-                for user in ["a", "b", "c", "d", "e"]]
+            await store.reserve_attempt(f"{user}@example.test", "192.0.2.1", policy, now)
+        await store.reserve_attempt("c@example.test", "192.0.2.1", policy, 9)
+        kept = [(await store.db.run("read", store.lockout.read, f"{user}@example.test",
+                                    "192.0.2.1")).count for user in ["a", "b", "c", "d", "e"]]
         assert kept == [0, 0, 2, 1, 1]  # the oldest went; counting again is no new record
 
     async def test_a_version_1_database_keeps_its_accounts_not_their_counters(self) -> None:

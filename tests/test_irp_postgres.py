@@ -6,12 +6,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
+from sixnet.irp.client import IRPError
+from sixnet.irp.engine.credentials import hash_password
 from sixnet.irp.service import IRPService
+from sixnet.pki.keys import generate_key
 
 from .support.databases import drop_postgres_schema, fresh_postgres_schema, postgres_unavailable
-from .test_irp import LabSetup, RegistryHarness, RegistryTests, wait_for
+from .test_irp import LabSetup, RegistryHarness, RegistryTests, _fails, wait_for
 
 
 class OnPostgreSQL(RegistryHarness):
@@ -54,6 +58,22 @@ class TwoRegistriesTests(OnPostgreSQL, unittest.TestCase):
         await wait_for(lambda: seen, timeout=1.0)
         assert time.monotonic() - started < 1.0
         assert seen[-1].addresses == [("2001:db8::2", 4605, "phone")]
+
+    async def test_parallel_guesses_through_both_count_one_each(self) -> None:
+        """Guesses sent at once through two registries on one database are counted once
+        each (no count lost between the processes' transactions) and stop at the lock."""
+        url = self.database_url()
+        registries = [await self.start(database=url, lockout_after=4) for _ in range(2)]
+        await registries[0].registry.store.set_password("erin@example.test",
+                                                        hash_password("right"), 0)
+        guessers = [await self.client(r, source="127.0.0.2") for r in registries * 5]
+        errors = await defer.gatherResults([defer.Deferred.fromCoroutine(
+            _fails(g.enroll("erin@example.test", generate_key(), password="wrong"), IRPError))
+            for g in guessers])
+        assert sorted(e.condition for e in errors) == ["locked"] * 7 + ["not-authorized"] * 3
+        checked = [e["failures"] for r in registries for e in self.audit(r)
+                   if e["event"] == "password"]
+        assert sorted(checked) == [1, 2, 3, 4]
 
     async def test_kept_answer_on_the_other_follows_a_registration(self) -> None:
         url = self.database_url()

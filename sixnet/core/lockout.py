@@ -89,24 +89,54 @@ class LockoutTable:
     def failed(self, cursor: Cursor, account: str, source: str, policy: LockoutPolicy,
                now_ms: int) -> Failures:
         """Count one more failure (inside the caller's transaction); return the new record."""
-        before = self.read(cursor, account, source)
-        after = policy.failed(before, now_ms)
-        # An upsert, so that two processes counting at once cannot fail each other's insert.
-        cursor.execute(
-            f"INSERT INTO {self.table} ({self.key}, source, failures, locked_until, updated)"  # noqa: S608
-            f" VALUES (?, ?, ?, ?, ?) ON CONFLICT ({self.key}, source) DO UPDATE SET"
-            " failures = excluded.failures, locked_until = excluded.locked_until,"
-            " updated = excluded.updated",
-            (account, source, after.count, after.locked_until, now_ms))
-        if not before.count:
-            row = cursor.execute(f"SELECT count(*) FROM {self.table}").fetchone()  # noqa: S608
-            excess = int(row[0]) - self.size if row else 0
-            if excess > 0:
-                cursor.execute(
-                    f"DELETE FROM {self.table} WHERE ({self.key}, source) IN"  # noqa: S608
-                    f" (SELECT {self.key}, source FROM {self.table} ORDER BY updated LIMIT ?)",
-                    (excess,))
-        return after
+        while True:
+            before = self.read(cursor, account, source)
+            after = policy.failed(before, now_ms)
+            if self._swap(cursor, account, source, before, after, now_ms):
+                return after
+
+    def reserve(self, cursor: Cursor, account: str, source: str, policy: LockoutPolicy,
+                now_ms: int) -> tuple[Failures, bool]:
+        """Count an attempt as a failure *before* its password is checked, unless the record is
+        locked (inside the caller's transaction): the record and whether it was counted.
+
+        Checking the lock and counting in one step means that guesses sent at once on several
+        connections count one each, and the one after the threshold is refused without a
+        hash; a right password then takes its count back with `clear`.
+        """
+        while True:
+            before = self.read(cursor, account, source)
+            if policy.locked(before, now_ms):
+                return before, False
+            after = policy.failed(before, now_ms)
+            if self._swap(cursor, account, source, before, after, now_ms):
+                return after, True
+
+    def _swap(self, cursor: Cursor, account: str, source: str, before: Failures,
+              after: Failures, now_ms: int) -> bool:
+        """Write `after` if the row still holds `before`; False when another transaction
+        changed it since it was read (PostgreSQL: read it again), so no count is lost."""
+        if cursor.execute(
+                f"UPDATE {self.table} SET failures = ?, locked_until = ?, updated = ?"  # noqa: S608
+                f" WHERE {self.key} = ? AND source = ? AND failures = ? AND locked_until = ?",
+                (after.count, after.locked_until, now_ms, account, source, before.count,
+                 before.locked_until)).rowcount:
+            return True
+        if before != Failures():
+            return False
+        if not cursor.execute(
+                f"INSERT INTO {self.table} ({self.key}, source, failures, locked_until, updated)"  # noqa: S608
+                f" VALUES (?, ?, ?, ?, ?) ON CONFLICT ({self.key}, source) DO NOTHING",
+                (account, source, after.count, after.locked_until, now_ms)).rowcount:
+            return False
+        row = cursor.execute(f"SELECT count(*) FROM {self.table}").fetchone()  # noqa: S608
+        excess = int(row[0]) - self.size if row else 0
+        if excess > 0:
+            cursor.execute(
+                f"DELETE FROM {self.table} WHERE ({self.key}, source) IN"  # noqa: S608
+                f" (SELECT {self.key}, source FROM {self.table} ORDER BY updated LIMIT ?)",
+                (excess,))
+        return True
 
     def clear(self, cursor: Cursor, account: str, source: str) -> None:
         cursor.execute(f"DELETE FROM {self.table} WHERE {self.key} = ?"  # noqa: S608

@@ -148,14 +148,12 @@ class IRegistryStore(Interface):
 
     def set_password(person: str, password_hash: str, now: int) -> defer.Deferred[None]: ...
 
-    def failures(person: str, source: str) -> defer.Deferred[Failures]:
-        """The failed logins to user id `person` from the network `source` (``source_of``),
-        account or not."""
-
-    def record_failure(person: str, source: str, policy: LockoutPolicy,
-                       now: int) -> defer.Deferred[Failures]:
-        """Count a wrong password for `person` from `source` as `policy` says (whether or not
-        there is such an account); the record after it."""
+    def reserve_attempt(person: str, source: str, policy: LockoutPolicy,
+                        now: int) -> defer.Deferred[tuple[Failures, bool]]:
+        """Count a password attempt for `person` from `source` as a failure before it is
+        checked, as `policy` says, unless the record is locked (whether or not there is such
+        an account), in one transaction: the record and whether the attempt was counted.
+        A right password takes the count back with `clear_failures`."""
 
     def clear_failures(person: str, source: str) -> defer.Deferred[None]:
         """Forget the failures from `source` only (a success there)."""
@@ -339,12 +337,9 @@ class SQLRegistryStore:
 
         return self.db.run("irp set password", write)
 
-    def failures(self, person: str, source: str) -> defer.Deferred[Failures]:
-        return self.db.run("irp failures", self.lockout.read, person, source)
-
-    def record_failure(self, person: str, source: str, policy: LockoutPolicy,
-                       now: int) -> defer.Deferred[Failures]:
-        return self.db.run("irp record failure", self.lockout.failed, person, source,
+    def reserve_attempt(self, person: str, source: str, policy: LockoutPolicy,
+                        now: int) -> defer.Deferred[tuple[Failures, bool]]:
+        return self.db.run("irp reserve attempt", self.lockout.reserve, person, source,
                            policy, now)
 
     def clear_failures(self, person: str, source: str) -> defer.Deferred[None]:

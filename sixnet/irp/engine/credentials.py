@@ -63,8 +63,9 @@ class PasswordLockout(LockoutPolicy):
     A record belongs to a user id and the network a login comes from (`source_of`), and is
     kept for any user id tried, account or not: a stranger's guesses lock out the stranger's
     network only, and an unknown user id is answered exactly like a real one, ``locked``
-    included. The registry reads the record, asks `refuses` before checking the password and
-    `failed` after a wrong one, and stores what `failed` returns.
+    included. The registry counts an attempt before checking its password, in the same
+    transaction that asks whether the record is locked (``reserve_attempt``), so guesses sent
+    at once on several connections count one each; a right password clears the count.
     """
 
     def __init__(self, after: int, seconds: int, delay: float) -> None:
@@ -72,5 +73,5 @@ class PasswordLockout(LockoutPolicy):
         self.delay = delay
 
     def refuses(self, failures: Failures, now_ms: int) -> bool:
-        """Whether a login is refused before its password is checked."""
+        """Whether `failures` locks logins at `now_ms`."""
         return self.locked(failures, now_ms)

@@ -210,9 +210,9 @@ class Registry:
         same reads, hash, writes and answers whether or not `user` has an account."""
         source = source_of(caller.peer)
         account = await self.store.get_account(user)
-        before = await self.store.failures(user, source)
         now = self.now_ms()
-        if self.lockout.refuses(before, now):
+        failures, counted = await self.store.reserve_attempt(user, source, self.lockout, now)
+        if not counted:
             await self._delay()
             raise IRPError("locked", f"logins to {user} from this network are locked after "
                                      "repeated failures; try again later")
@@ -220,10 +220,8 @@ class Registry:
         ok = await threads.deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(), check_password, password, stored)
         if ok and account is not None:
-            if before.count:
-                await self.store.clear_failures(user, source)
+            await self.store.clear_failures(user, source)
             return
-        failures = await self.store.record_failure(user, source, self.lockout, now)
         self.counters.password_refused.inc()
         self.audit.record("password", outcome="refused", actor=caller.actor, peer=caller.peer,
                           target=user, source=source, failures=failures.count)
