@@ -210,6 +210,16 @@ def test_handshakes_are_limited_per_address_and_in_all() -> None:
     assert factory.refused == 0
 
 
+
+def test_handshakes_from_one_ipv6_64_count_together() -> None:
+    """An IPv6 host has a whole /64 to pick source addresses from: one allowance for it."""
+    factory = SessionFactory(lambda _: SessionProtocol(lambda t: None, Clock()),  # type: ignore[arg-type,return-value]
+                             max_handshakes_per_address=2, max_handshakes=10)
+    assert factory.buildProtocol(_Addr("2001:db8:0:1::1")) is not None
+    assert factory.buildProtocol(_Addr("2001:db8:0:1::2")) is not None
+    assert factory.buildProtocol(_Addr("2001:db8:0:1:abcd::3")) is None
+    assert factory.buildProtocol(_Addr("2001:db8:0:2::1")) is not None  # another /64
+
 # -- between two agents -----------------------------------------------------------------------
 
 

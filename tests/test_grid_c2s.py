@@ -489,6 +489,20 @@ class LimitTests(GridTestCase):
                                                  ClientTLS(self.grid.tls.store)), c)
         await self._refused(c, "policy-violation")
 
+    async def test_ipv4_mapped_counts_with_its_ipv4_address(self) -> None:
+        """127.0.0.1 on the IPv4 port and IPv4-mapped on an IPv6 port is one address."""
+        await self._grid(max_unauthenticated_per_address=1,
+                         listen_tls=[r"tcp6:0:interface=\:\:ffff\:127.0.0.1"])
+        from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+        from sixnet.pki.tls import ClientTLS
+
+        await (await self._connect()).open_stream()
+        c = RawClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.tls_port,
+                                                 ClientTLS(self.grid.tls.store)), c)
+        await self._refused(c, "policy-violation")
+
     async def test_client_streams_have_no_nagle_delay(self) -> None:
         """TCP_NODELAY on both ports, as the kernel reports it for the server's sockets."""
         await self._grid()

@@ -72,10 +72,10 @@ class RegistryHarness:
                     clock: task.Clock | None = None, **settings: object) -> IRPService:
         """A running registry; with `clock`, its own timers and time follow that clock."""
         state = Path(self.mktemp()).absolute()  # type: ignore[attr-defined]
-        config = dataclasses.replace(
-            IRPConfig(), enabled=True, listen=["tcp:0:interface=127.0.0.1"],
-            database=database or self.database_url(), failure_delay=0.05,
-            operators=["root@example.test"], **settings)
+        config = dataclasses.replace(IRPConfig(), **{
+            "enabled": True, "listen": ["tcp:0:interface=127.0.0.1"],
+            "database": database or self.database_url(), "failure_delay": 0.05,
+            "operators": ["root@example.test"], **settings})
         service = build_service(config, self.lab.server_store(), self.lab.host, state,
                                 self.lab.ca if ca else None, reactor=clock)
         if clock is not None:

@@ -22,7 +22,7 @@ from sixnet.irp.wire import (
     verify_signature,
 )
 
-from .test_irp import HOST, LabSetup, RegistryHarness, _address, _fails
+from .test_irp import HOST, LabSetup, RegistryHarness, _address, _fails, wait_for
 
 
 class RawClient(Protocol):
@@ -144,6 +144,30 @@ class HostileInputTests(RegistryHarness, unittest.TestCase):
         await people[2].lost
         await task.deferLater(reactor, 0.05, lambda: None)
         await self.still_serving(service)
+
+    async def test_ipv4_mapped_connections_count_with_their_ipv4_address(self) -> None:
+        """127.0.0.1 on the IPv4 port and, IPv4-mapped, on an IPv6 port is one address: both
+        ports' connections count against its one allowance."""
+        service = await self.start(max_connections_per_address=2, listen=[
+            "tcp:0:interface=127.0.0.1", r"tcp6:0:interface=\:\:ffff\:127.0.0.1"])
+        await wait_for(lambda: len(service.listening.ports) == 2)
+        ports = {type(p.getHost()).__name__: p.getHost().port for p in service.listening.ports}
+        store = self.lab.client_store()
+
+        async def client(port: int):
+            connected = await connect("127.0.0.1", port, store, server_name=HOST)
+            self.addCleanup(connected.close)
+            return connected
+
+        await client(ports["IPv4Address"])
+        mapped = await client(ports["IPv6Address"])
+        for port in ports.values():
+            error = await _fails(client(port), IRPConnectionError)
+            assert error.condition == "resource-constraint"
+        mapped.close()
+        await mapped.lost
+        await wait_for(lambda: service.factory.per_address.held("127.0.0.1") < 2)
+        assert await client(ports["IPv4Address"])
 
     # -- bad requests inside a good stream --------------------------------------------------------
 

@@ -186,6 +186,25 @@ def test_address_limiter() -> None:
     assert len(limiter) == 1 and limiter.held("b") == 0
 
 
+
+def test_address_limiter_counts_an_ipv6_host_by_its_64() -> None:
+    """One IPv6 host picks addresses from a whole /64: they share one allowance. IPv4 counts
+    per address, the same whether or not it arrives IPv4-mapped on an IPv6 socket."""
+    limiter = AddressLimiter(2)
+    assert limiter.acquire("2001:db8:0:1::1") and limiter.acquire("2001:db8:0:1:ffff::2")
+    assert not limiter.acquire("2001:db8:0:1::3")  # the same /64
+    assert limiter.held("2001:db8:0:1::99") == 2
+    assert limiter.acquire("2001:db8:0:2::1")  # the next /64 is another host
+    limiter.release("2001:db8:0:1::1")
+    assert limiter.acquire("2001:db8:0:1::4")
+    assert limiter.acquire("192.0.2.1") and limiter.acquire("::ffff:192.0.2.1")
+    assert not limiter.acquire("192.0.2.1") and not limiter.acquire("::ffff:192.0.2.1")
+    assert limiter.acquire("192.0.2.2")  # IPv4 stays per address
+    for address in ("192.0.2.1", "::ffff:192.0.2.1", "2001:db8:0:1:ffff::2",
+                    "2001:db8:0:1::4", "2001:db8:0:2::1", "192.0.2.2"):
+        limiter.release(address)
+    assert len(limiter) == 0
+
 def test_token_bucket() -> None:
     bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
