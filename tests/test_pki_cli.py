@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+
+from sixnet.core.timefmt import parse_rfc3339
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None,
                                    reason="the openssl command is not installed")
@@ -62,6 +66,24 @@ def test_round_trip_with_openssl(tmp_path: Path) -> None:
         ("ca", "sixnet lab CA", False), ("user", "alice@example.test", True),
         ("host", "grid.example.test", False)]
 
+
+
+def test_issue_gives_not_after_in_rfc3339_with_z(tmp_path: Path) -> None:
+    """The suite's one time format (``sixnet.core.timefmt``), in JSON and text alike, and the
+    same text as the CA's index (``sixnet pki list``)."""
+    ca = tmp_path / "ca"
+    assert sixnet("pki", "init", "--ca-dir", str(ca)).returncode == 0
+    issued = json.loads(sixnet("pki", "issue-user", "alice@example.test", "--ca-dir", str(ca),
+                               "--days", "30", "--json").stdout)
+    not_after = issued["not_after"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", not_after), not_after
+    cert = x509.load_pem_x509_certificate(Path(issued["certificate"]).read_bytes())
+    assert parse_rfc3339(not_after) == cert.not_valid_after_utc
+    rows = json.loads(sixnet("pki", "list", "--ca-dir", str(ca), "--json").stdout)
+    assert [r["not_after"] for r in rows if r["serial"] == issued["serial"]] == [not_after]
+    text = sixnet("pki", "issue-user", "bob@example.test", "--ca-dir", str(ca)).stdout
+    assert re.search(r" until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", text.strip()), text
+    assert "+00:00" not in text
 
 def test_never_overwrites_a_key_without_force(tmp_path: Path) -> None:
     ca = tmp_path / "ca"

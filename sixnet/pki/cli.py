@@ -8,6 +8,7 @@ from typing import Any
 
 from sixnet.core.cli import CommandGroup, Output, config_of
 from sixnet.core.errors import EXIT_USAGE, CommandError
+from sixnet.core.timefmt import rfc3339
 from sixnet.pki.ca import CAError, LabCA, parse_serial, serial_hex
 from sixnet.pki.identity import IdentitySyntaxError
 from sixnet.pki.keys import DEFAULT_KEY_TYPE, KEY_TYPES, KeyFileError
@@ -101,12 +102,13 @@ def run_issue(args: argparse.Namespace, out: Output) -> int:
     except (CAError, FileExistsError) as e:
         raise CommandError(str(e)) from None
     leaf = chain[0]
+    # As in index.json and `sixnet pki list`: RFC 3339 with Z, to the second.
+    not_after = rfc3339(leaf.not_valid_after_utc, precision="seconds")
     out.result(
         {"kind": args.kind, "name": args.name, "serial": serial_hex(leaf.serial_number),
-         "certificate": str(cert_path), "key": str(key_path),
-         "not_after": leaf.not_valid_after_utc.isoformat()},
+         "certificate": str(cert_path), "key": str(key_path), "not_after": not_after},
         f"{args.kind} certificate {serial_hex(leaf.serial_number)} for {args.name}: "
-        f"{cert_path} (key {key_path})",
+        f"{cert_path} (key {key_path}) until {not_after}",
     )
     return 0
 
