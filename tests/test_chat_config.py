@@ -58,6 +58,12 @@ def base(pki: LabPKI, tmp_path: Path) -> str:
                                                "registers IP addresses, not host names"),
     ('irp_server = "registry"', "chat.irp_server: 'registry' is not host:port or "
                                 "[address]:port"),
+    ('advertise = ["192.0.2.1:\u0664\u0666\u0660\u0665"]', "chat.advertise: "
+     "'192.0.2.1:\u0664\u0666\u0660\u0665': the port must be 1-65535 in ASCII digits"),
+    ('irp_server = "[2001:db8::1]:\u00b2"', "chat.irp_server: '[2001:db8::1]:\u00b2': the "
+                                           "port must be 1-65535 in ASCII digits"),
+    ('irp_server = "registry:70000"', "chat.irp_server: 'registry:70000': the port must be "
+                                      "1-65535 in ASCII digits"),
     ("handshake_timeout = 0", "chat.handshake_timeout: 0.0 must be greater than 0"),
     ("max_message_bytes = 0", "chat.max_message_bytes: 0 is out of range 1-1048576"),
     ("retry_max = \"soon\"", "chat.retry_max: expected a number, got string 'soon'"),

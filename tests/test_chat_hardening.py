@@ -13,6 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from sixnet.chat.agent import MAX_SENT_AHEAD, sent_problem
+from sixnet.chat.directory import PeerAddress
 from sixnet.chat.policy import PeerPolicy, normalize_entry
 from sixnet.chat.protocol import SessionFactory, SessionProtocol
 from sixnet.chat.records import ALERT, RecordLayer
@@ -159,6 +160,17 @@ NOW = datetime.datetime(2026, 12, 2, 12, 0, tzinfo=datetime.UTC).timestamp()
 def test_sent_must_be_rfc3339_utc_and_not_far_ahead(sent: str, ok: bool) -> None:
     assert (sent_problem(sent, NOW) is None) is ok, sent_problem(sent, NOW)
 
+
+
+@pytest.mark.parametrize("text", ["192.0.2.1:\u0664\u0666\u0660\u0665", "[2001:db8::1]:\u00b2",
+                                  "h:\uff14\uff16\uff10\uff15", "h:+4605", "h: 4605", "h:0",
+                                  "h:65536", "h:"])
+def test_a_peer_port_is_ascii_digits_only(text: str) -> None:
+    """Arabic-Indic, superscript and fullwidth digits pass ``str.isdigit``: refused, with
+    the one message, never read as another number or failing inside `int`."""
+    with pytest.raises(ValueError, match="the port must be 1-65535 in ASCII digits"):
+        PeerAddress.parse(text)
+    assert PeerAddress.parse("[2001:db8::1]:4605") == PeerAddress("2001:db8::1", 4605)
 
 # -- who may talk -------------------------------------------------------------------------------
 

@@ -26,10 +26,13 @@ class PeerAddress:
 
     @classmethod
     def parse(cls, text: str) -> PeerAddress:
-        """``host:port`` or ``[v6]:port``."""
+        """``host:port`` or ``[v6]:port``; the port in ASCII digits only (``str.isdigit``
+        takes "٤٦٠٥" and "²" too, which `int` reads as 4605 or refuses with its own error)."""
         host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        if not sep or not host:
             raise ValueError(f"{text!r} is not host:port or [address]:port")
+        if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ValueError(f"{text!r}: the port must be 1-65535 in ASCII digits")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         elif ":" in host:
