@@ -375,3 +375,11 @@ class ComponentModeServiceTests(unittest.TestCase):
             assert "sixnet_grid_component_backlog 0" in text
         finally:
             await service.stopService()
+
+
+def test_the_host_router_tells_no_client_address() -> None:
+    """In component mode the host server keeps its platforms' addresses: a security event
+    from the broker says whose platform it was instead."""
+    router = HostRouter("example.test", NAME)
+    assert router.origin_of("sensor@example.test/r") == \
+        (None, "platform of the host server (component mode)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 from twisted.internet import protocol, reactor, threads
 from twisted.trial import unittest
 
@@ -29,6 +30,8 @@ from sixnet.chat.service import ChatService
 from sixnet.core.events import CATALOGUE, EventBus, EventSpool, SecurityEvent
 from sixnet.core.storage.database import Database
 from sixnet.core.timefmt import rfc3339
+from sixnet.grid.client.errors import IQError
+from sixnet.grid.client.pubsub import PubSubClient
 from sixnet.grid.pubsub.config import RateLimitConfig
 from sixnet.grid.pubsub.policy import RateLimits
 from sixnet.irp.client import IRPError, connect
@@ -724,9 +727,29 @@ class GridEventTests(GridTestCase):
                      "</publish></pubsub></iq>")
         await bob.until(rb"id=.p1.[^>]*>.*?policy-violation")
         publish = got.of("grid.rate-limited")[-1]
-        assert publish.subject == "bob@localhost"
+        assert (publish.subject, publish.source) == ("bob@localhost", "127.0.0.1")
         assert publish.facts["operation"] == "publish" and publish.facts["burst"] == "1"
+        assert "origin" not in publish.facts
         assert_clean(got.events, "report")
+
+    async def test_a_rate_limited_local_session_says_it_has_no_address(self) -> None:
+        """The bridge's session inside the process has no address: the event says what it
+        is instead, as the command line's events name the operator."""
+        got = await self._events()
+        self.grid.broker.engine.rate_limits = RateLimits(RateLimitConfig(
+            publishes_per_second=0.01, publish_burst=1))
+        session = await self.grid.local_session("sixnet-bridge")
+        self.addCleanup(session.close)
+        broker = PubSubClient(session, self.grid.pubsub_service)
+        await broker.create("incidents")
+        await broker.publish("incidents", etree.fromstring("<x xmlns='urn:x'>first</x>"))
+        with pytest.raises(IQError) as refused:
+            await broker.publish("incidents", etree.fromstring("<x xmlns='urn:x'>second</x>"))
+        assert refused.value.condition == "policy-violation"
+        [limited] = got.of("grid.rate-limited")
+        assert (limited.subject, limited.source) == ("sixnet-bridge@localhost", None)
+        assert limited.facts["origin"] == "local session (in this process)"
+        assert "no address: local session" in limited.detail
 
     async def test_the_operator_revokes_a_platform(self) -> None:
         got = await self._events()

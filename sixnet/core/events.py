@@ -12,7 +12,8 @@ openssl prints it), ``issuer`` (RFC 4514), ``names`` (the people a certificate n
 ``check`` (the certificate check that failed, or which check saw the attack), ``condition``
 (the protocol's error condition), ``mechanism`` (SASL), ``operation``, ``network`` (the
 source network a lockout counts), ``limit`` and ``value`` (a limit's setting name and value),
-``failures``, ``by`` (who revoked or removed); chat events add ``alert`` (the alert sent),
+``failures``, ``by`` (who revoked or removed), ``origin`` (what a requester without an
+address is: ``local session (in this process)``); chat events add ``alert`` (the alert sent),
 ``role``, ``method`` and ``cipher``. Processes without a listener (operators' commands) write
 their events to an `EventSpool` that the running service delivers.
 

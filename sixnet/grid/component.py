@@ -44,6 +44,12 @@ class IRouter(Interface):
     def is_available(jid: str) -> bool:
         """Whether a bare or full JID has an available session right now."""
 
+    def origin_of(jid: str) -> tuple[str | None, str]:
+        """Where the session of full JID `jid` comes from, for a security event: the IP
+        address of its client connection (None when it has none) and, for a session without
+        one, what it is instead (the bridge's session inside this process, a platform of the
+        host server)."""
+
 
 class IComponent(Interface):
     """An in-process service that owns a subdomain of the server."""

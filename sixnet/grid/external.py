@@ -366,6 +366,10 @@ class HostRouter:
         online = self.presence.get(str(target.bare), set())
         return str(target) in online if target.resource is not None else bool(online)
 
+    def origin_of(self, jid: str) -> tuple[str | None, str]:
+        """The host server does not tell a component its clients' addresses."""
+        return None, "platform of the host server (component mode)"
+
     # -- from the stream -------------------------------------------------------------------
 
     def connected(self, stream: ComponentStream) -> None:

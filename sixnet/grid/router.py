@@ -247,6 +247,18 @@ class Router:
             return s is not None and s.available
         return any(s.available for s in resources.values())
 
+    def origin_of(self, jid: str) -> tuple[str | None, str]:
+        try:
+            target = parse_jid(jid)
+        except JIDError:
+            return None, "no session"
+        session = self.sessions.get(str(target.bare), {}).get(target.resource or "")
+        if session is None or session.connection is None:
+            return None, "no session"
+        address = getattr(session.connection, "address", None)
+        # A stream has the peer's address; a LocalSession (the bridge's) has none.
+        return (address, "") if address else (None, "local session (in this process)")
+
     # -- stanzas from clients ----------------------------------------------------------------
 
     def from_client(self, session: Session, stanza: etree._Element) -> None:

@@ -181,6 +181,9 @@ class RecordingRouter:
     def is_available(self, jid: str) -> bool:
         return jid in self.available or any(a.split("/")[0] == jid for a in self.available)
 
+    def origin_of(self, jid: str) -> tuple[str | None, str]:
+        return None, "a conversation script (no connection)"
+
     def take(self) -> list[etree._Element]:
         taken, self.routed = self.routed, []
         return taken

@@ -76,7 +76,8 @@ class PubSubBroker:
             raise ConfigError("[grid.broker]", "default_access_model",
                               "'open' needs open_access = true")
         self.domain = f"{config.subdomain}.{domain}"
-        self.engine = PubSubEngine(self.domain, config, clock=clock, events=events)
+        self.engine = PubSubEngine(self.domain, config, clock=clock, events=events,
+                                   origin=self._origin)
         self.database = database
         self.revocations = revocations
         self.store: IPubSubStore = SQLPubSubStore(database, revocations)
@@ -88,6 +89,12 @@ class PubSubBroker:
         self._early: list[list[ch.Change]] | None = None
         self._in_flight: set[defer.Deferred[None]] = set()
         self._sweeper = task.LoopingCall(self.engine.rate_limits.forget_idle)
+
+    def _origin(self, jid: str) -> tuple[str | None, str]:
+        """A requester's address for a security event, from the router it came through."""
+        if self.router is None:
+            return None, "not attached"
+        return self.router.origin_of(jid)
 
     # -- IComponent --------------------------------------------------------------------------
 

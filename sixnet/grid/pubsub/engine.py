@@ -205,16 +205,24 @@ def _event() -> etree._Element:
     return etree.Element(_E + "event", nsmap={None: EVENT_NS})
 
 
+def _unknown_origin(jid: str) -> tuple[str | None, str]:
+    """An engine without a broker (in a test) knows no addresses."""
+    return None, "not known to the engine"
+
+
 class PubSubEngine:
     """All topics of one broker, and every decision about them."""
 
     def __init__(self, service: str, config: BrokerConfig, *,
                  clock: Callable[[], float] = time.time,
                  rate_limits: RateLimits | None = None,
-                 events: IEventSink | None = None) -> None:
+                 events: IEventSink | None = None,
+                 origin: Callable[[str], tuple[str | None, str]] | None = None) -> None:
         self.service = service
         #: Where refusals worth a security team's attention go (a sink never blocks).
         self.events = events if events is not None else EventBus()
+        #: The requester's address for an event (`IRouter.origin_of`), asked only then.
+        self.origin = origin if origin is not None else _unknown_origin
         self.config = config
         self.clock = clock
         models = ("authorize", "whitelist") + (("open",) if config.open_access else ())
@@ -380,11 +388,16 @@ class PubSubEngine:
                              platform=bare(request.sender), kind=operation,
                              alert="rate-limit")
                 rate, burst = self.rate_limits.limit(operation)
+                address, instead = self.origin(request.sender)
+                facts = {"limit": f"{operation}-rate", "operation": operation,
+                         "value": f"{rate:g}", "burst": f"{burst:g}"}
+                if address is None:
+                    facts["origin"] = instead
                 self.events.emit(SecurityEvent(
-                    "grid.rate-limited", subject=bare(request.sender),
-                    detail=f"{operation} rate limit of the broker exceeded",
-                    facts={"limit": f"{operation}-rate", "operation": operation,
-                           "value": f"{rate:g}", "burst": f"{burst:g}"}, time=self.clock()))
+                    "grid.rate-limited", subject=bare(request.sender), source=address,
+                    detail=f"{operation} rate limit of the broker exceeded"
+                           + ("" if address else f" (no address: {instead})"),
+                    facts=facts, time=self.clock()))
                 raise PubSubError("policy-violation", text=f"{operation} rate limit exceeded")
 
     # -- dispatch ----------------------------------------------------------------------------
