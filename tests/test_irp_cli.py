@@ -9,13 +9,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography import x509
 from twisted.internet import reactor, task, threads
 from twisted.internet.error import ConnectError
 from twisted.trial import unittest
 
 from sixnet.app.config import load_config
+from sixnet.core.errors import EXIT_USAGE, CommandError
+from sixnet.irp.cli import _address, _parse_server
 from sixnet.irp.client import IRPConnectionError, connect
 from sixnet.irp.service import make_service
 from sixnet.pki.store import store_from_config
@@ -186,3 +190,19 @@ database = "sqlite:irp.sqlite3"
         out, err = await threads.deferToThread(watcher.communicate, timeout=30)
         assert watcher.returncode == 0, err
         assert [a["ip"] for a in json.loads(out)["addresses"]] == ["192.0.2.2"]
+
+
+@pytest.mark.parametrize("parse,text", [
+    (_parse_server, "irp.example.test:\u0664\u0666\u0660\u0664"),
+    (_parse_server, "[2001:db8::1]:\u00b2"),
+    (_address, "192.0.2.1:\u0664\u0666\u0660\u0665"),
+    (_address, "[2001:db8::1]:\u00b2"),
+    (_address, "192.0.2.1:70000"),
+])
+def test_a_port_is_ascii_digits_only(parse: Any, text: str) -> None:
+    """``str.isdigit`` takes Arabic-Indic digits (read as 4604) and "²" (which `int`
+    refuses with its own traceback): a usage error naming the port instead."""
+    with pytest.raises(CommandError) as caught:
+        parse(text)
+    assert caught.value.status == EXIT_USAGE
+    assert "the port must be 1-65535 in ASCII digits" in str(caught.value)

@@ -23,7 +23,7 @@ from sixnet.pki.store import store_from_config
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
+    if len(argv) != 2 or not (argv[1].isascii() and argv[1].isdigit()):
         print("usage: python -m sixnet.app.worker CONFIG INDEX", file=sys.stderr)
         return EXIT_USAGE
     from twisted.internet import reactor

@@ -46,7 +46,7 @@ def server_check(value: str) -> str | None:
         return None
     host, _, port = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return f"{value!r} is not host:port (or [ipv6]:port)"
     return None
 

@@ -25,7 +25,8 @@ def host_port(value: str) -> str | None:
         return None
     host, sep, port = value.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) \
+            or not 0 < int(port) < 65536:
         return f"{value!r} is not host:port (e.g. xmpp.example.org:5347)"
     return None
 

@@ -162,8 +162,9 @@ def _parse_server(text: str) -> tuple[str, int]:
         host, port = text.split(":")
     else:
         host, port = text, str(DEFAULT_PORT)
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise CommandError(f"--server {text!r}: bad port", EXIT_USAGE)
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise CommandError(f"--server {text!r}: the port must be 1-65535 in ASCII digits",
+                           EXIT_USAGE)
     return host, int(port)
 
 
@@ -284,8 +285,8 @@ def _address(text: str) -> tuple[str, int]:
         ipaddress.ip_address(ip)
     except ValueError:
         raise CommandError(f"{text!r} is not IP:PORT (IPv6 in brackets)", EXIT_USAGE) from None
-    if not port.isdigit():
-        raise CommandError(f"{text!r}: the port is missing", EXIT_USAGE)
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise CommandError(f"{text!r}: the port must be 1-65535 in ASCII digits", EXIT_USAGE)
     return ip, int(port)
 
 
