@@ -816,10 +816,11 @@ class ResponseSigner:
         self.key = key
         self.alg = signature_algorithm(key)
         self.key_id = fingerprint(certificate)
+        self._sign = signing.signer(key)
 
     def signature(self, message: bytes) -> bytes:
         """The ``<signature>`` element (serialized, in the default namespace) for `message`."""
-        raw = signing.sign(self.key, message)
+        raw = self._sign(message)
         return f'<signature alg="{self.alg}" key="{self.key_id}">{b64(raw)}</signature>'.encode()
 
 
