@@ -16,9 +16,11 @@ from pathlib import Path
 
 from twisted.internet import reactor, task
 from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from sixnet.core.events import SecurityEvent
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.irp.client import connect
 from sixnet.irp.workers import REPORTS, WorkerReports, WorkerSupervisor, _Worker
 from sixnet.pki.store import NodeIdentity
@@ -157,6 +159,33 @@ def test_reports_carry_log_and_security_events_to_the_main_process() -> None:
     assert formatEvent(first) == "lookup of eve@x.test refused"
     assert (first["irp_worker"], first["log_system"]) == (1, "irp-worker-1")
     assert [e for e in own if "unreadable report" in formatEvent(e)]
+
+
+def test_the_main_process_shows_each_workers_latest_metrics() -> None:
+    """A worker's metrics appear on the main process's endpoint labelled with the worker, in
+    the family of the same name when the main process has one (process metrics)."""
+    main, worker_side = MetricsRegistry(), MetricsRegistry()
+    main.counter("process_cpu_seconds_total", "CPU", read=lambda: 1.5)
+    worker_side.counter("process_cpu_seconds_total", "CPU", read=lambda: 7.0)
+    lookups = worker_side.counter("irp_requests_total", "requests", ["op"])
+    lookups.inc(3, op="lookup")
+    out = io.BytesIO()
+    WorkerReports(out).metrics(worker_side.families())
+    supervisor = WorkerSupervisor(lambda i: [], [], 2, Path("unused"), reactor=object(),
+                                  metrics=main)
+    worker = _Worker(supervisor, 1)
+    worker.childDataReceived(REPORTS, out.getvalue())
+    text = main.render().decode()
+    assert text.count("# TYPE process_cpu_seconds_total counter") == 1
+    assert "process_cpu_seconds_total 1.5\n" in text
+    assert 'process_cpu_seconds_total{worker="1"} 7\n' in text
+    assert 'irp_requests_total{worker="1",op="lookup"} 3\n' in text
+    # a worker that ended shows nothing until its successor reports
+    supervisor.workers[1] = worker
+    supervisor.transports[1] = object()
+    supervisor.running = False
+    supervisor.ended(worker, Failure(ConnectionError()))
+    assert 'worker="1"' not in main.render().decode()
 
 
 class _Sink:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from twisted.internet import task
 from twisted.logger import globalLogBeginner
 
 from sixnet.app.config import load_config
@@ -22,6 +23,9 @@ from sixnet.core.errors import EXIT_USAGE, ConfigError
 from sixnet.irp.service import make_service
 from sixnet.irp.workers import WorkerReports
 from sixnet.pki.store import store_from_config
+
+#: Seconds between a worker's metrics reports (the main process shows the latest).
+METRICS_EVERY = 5.0
 
 
 def main(argv: list[str]) -> int:
@@ -36,6 +40,7 @@ def main(argv: list[str]) -> int:
         root = SixnetService(config, store)
         reports = WorkerReports(sys.stdout.buffer)
         root.events.subscribe(reports.emit)
+        reporting = task.LoopingCall(lambda: reports.metrics(root.metrics.families()))
         make_service(config, store, events=root.events, metrics=root.metrics,
                      worker=int(argv[1])).setServiceParent(root)
     except ConfigError as e:
@@ -43,6 +48,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     globalLogBeginner.beginLoggingTo([reports.log_observer], redirectStandardIO=False)
     reactor.callWhenRunning(root.startService)
+    reactor.callWhenRunning(reporting.start, METRICS_EVERY)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.run()
     return 0

@@ -12,10 +12,11 @@ Coherence between workers, besides the database itself:
   notification only in the process that committed it, so each worker also writes it on a
   pipe to the main process, which hands it to every other worker (`FeedRelay`,
   `WorkerFeed`): watches fire for changes made through any worker.
-* **reports**: a worker's log events and security events go, as JSON lines on its standard
-  output, to the main process, which logs them as its own (marked ``irp_worker``, so they
-  land in twistd's log file when it runs as a daemon) and hands the security events to its
-  bus (the bridge runs there).
+* **reports**: a worker's log events, security events and metrics go, as JSON lines on its
+  standard output, to the main process, which logs them as its own (marked ``irp_worker``,
+  so they land in twistd's log file when it runs as a daemon), hands the security events to
+  its bus (the bridge runs there) and shows each worker's latest metrics on its own
+  endpoint, labelled ``worker``.
 * **kept answers**: a notification arrives a little after the writer acknowledged its
   client, so a lookup through another worker at once could still see the kept answer. The
   `VersionBoard`, a small file every worker maps into memory, closes that gap: a worker
@@ -45,6 +46,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sixnet.core.events import IEventSink, SecurityEvent, event_from_record, event_record
+from sixnet.core.metrics import Family
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService
 
 log = Logger(namespace="sixnet.irp")
@@ -145,6 +148,9 @@ class WorkerReports:
     def emit(self, event: SecurityEvent) -> None:
         self._write({"event": event_record(event)})
 
+    def metrics(self, families: list[Family]) -> None:
+        self._write({"metrics": [[f.name, f.kind, f.help, f.samples] for f in families]})
+
     def _write(self, report: dict[str, Any]) -> None:
         try:
             self.out.write(json.dumps(report).encode() + b"\n")
@@ -222,7 +228,8 @@ class WorkerSupervisor(MultiService):
 
     def __init__(self, command: Callable[[int], list[str]], listen: list[str], workers: int,
                  board: Path, reactor: Any = None, events: IEventSink | None = None,
-                 publisher: Callable[[dict[str, Any]], None] = globalLogPublisher) -> None:
+                 publisher: Callable[[dict[str, Any]], None] = globalLogPublisher,
+                 metrics: MetricsRegistry | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -235,6 +242,10 @@ class WorkerSupervisor(MultiService):
         self.reactor = reactor
         self.events = events
         self.publisher = publisher
+        #: Each worker's latest metrics (as it reported them).
+        self.worker_metrics: dict[int, list[Family]] = {}
+        if metrics is not None:
+            metrics.collect(self.collected_metrics)
         # Bound like any service's ports (before twistd sheds privileges), never read here.
         self.listening = ListeningService("irp", listen, protocol.Factory(), owner=self)
         self.listening.setServiceParent(self)
@@ -285,14 +296,28 @@ class WorkerSupervisor(MultiService):
                 self.publisher(event)
             elif "event" in report and self.events is not None:
                 self.events.emit(event_from_record(report["event"]))
+            elif "metrics" in report:
+                self.worker_metrics[source.index] = [
+                    Family(str(name), str(kind), str(text),
+                           [(tuple((str(n), str(v)) for n, v in labels), float(value))
+                            for labels, value in samples])
+                    for name, kind, text, samples in report["metrics"]]
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warn("irp worker {index} wrote an unreadable report ({error}): dropped",
                      index=source.index, error=e)
+
+    def collected_metrics(self) -> list[Family]:
+        """Every worker's latest metrics, each sample labelled with its worker."""
+        return [Family(f.name, f.kind, f.help,
+                       [((("worker", str(index)), *labels), value)
+                        for labels, value in f.samples])
+                for index, families in sorted(self.worker_metrics.items()) for f in families]
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
         index = worker.index
         if self.workers.get(index) is not worker:
             return
+        self.worker_metrics.pop(index, None)
         del self.workers[index]
         del self.transports[index]
         if not self.running:
