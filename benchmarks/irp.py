@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -174,8 +175,11 @@ class Stats:
         }
 
 
-async def run_clients(sessions: list, operation, seconds: float) -> dict:
+async def run_clients(sessions: list, operation, seconds: float,
+                      server_cpu: Callable[[], float]) -> dict:
+    """Closed loop for `seconds`; with the server's CPU time per operation (us)."""
     stats = Stats()
+    cpu_before = server_cpu()
     deadline = time.monotonic() + seconds
     started = time.monotonic()
 
@@ -190,7 +194,11 @@ async def run_clients(sessions: list, operation, seconds: float) -> dict:
                 stats.errors += 1
 
     await asyncio.gather(*(loop(i, s) for i, s in enumerate(sessions)))
-    return stats.summary(time.monotonic() - started)
+    summary = stats.summary(time.monotonic() - started)
+    if stats.latencies:
+        summary["server_cpu_us_per_op"] = round(
+            (server_cpu() - cpu_before) * 1e6 / len(stats.latencies), 1)
+    return summary
 
 
 class IRPSession:
@@ -200,6 +208,7 @@ class IRPSession:
         self.reader, self.writer = reader, writer
         self.parser = StreamParser(max_element_bytes=1 << 20)
         self.queue: list = []
+        self.buffer = b""
         self.next_id = 0
 
     async def element(self):
@@ -235,15 +244,25 @@ class IRPSession:
                 return node
 
     async def call(self, body: str) -> bool:
+        """One request, its answer framed by its end tag (as the LDAP client frames BER):
+        with one request in flight, the next ``</result>`` or ``</error>`` closes it."""
         self.next_id += 1
         rid = str(self.next_id)
         self.writer.write(body.replace("ID", rid, 1).encode())
-        node = await self.element()
-        return node.tag == f"{{{NS}}}result" and node.get("id") == rid
+        while True:
+            for end in (b"</result>", b"</error>"):
+                at = self.buffer.find(end)
+                if at >= 0:
+                    answer, self.buffer = self.buffer[:at], self.buffer[at + len(end):]
+                    return end == b"</result>" and f' id="{rid}"'.encode() in answer[:200]
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buffer += data
 
 
 async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
-                    seconds: float) -> dict:
+                    seconds: float, server_cpu: Callable[[], float]) -> dict:
     sessions = [await IRPSession.open(port, c) for c in contexts]
 
     async def lookup(session: IRPSession, rng: random.Random) -> bool:
@@ -254,8 +273,8 @@ async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
             f'<register id="ID" device="bench" lifetime="3600"><address '
             f'ip="{person_address(rng.randrange(1 << 30))}" port="4605"/></register>')
 
-    result = {"lookups": await run_clients(sessions, lookup, seconds),
-              "registrations": await run_clients(sessions, register, seconds)}
+    result = {"lookups": await run_clients(sessions, lookup, seconds, server_cpu),
+              "registrations": await run_clients(sessions, register, seconds, server_cpu)}
     for s in sessions:
         s.writer.close()
     return result
@@ -344,7 +363,7 @@ def ldap_dn(i: int) -> str:
 
 
 async def ldap_phase(port: int, context: ssl.SSLContext, persons: int, seconds: float,
-                     own: list[int]) -> dict:
+                     own: list[int], server_cpu: Callable[[], float]) -> dict:
     sessions = [await LDAPSession.open(port, context, ldap_dn(i), f"pw{i}") for i in own]
 
     async def lookup(session: LDAPSession, rng: random.Random) -> bool:
@@ -361,8 +380,8 @@ async def ldap_phase(port: int, context: ssl.SSLContext, persons: int, seconds: 
         modify = ber(0x66, ber_str(ldap_dn(index)) + ber(0x30, change))
         return await session.request(modify, 0x67)
 
-    result = {"lookups": await run_clients(sessions, lookup, seconds),
-              "registrations": await run_clients(sessions, register, seconds)}
+    result = {"lookups": await run_clients(sessions, lookup, seconds, server_cpu),
+              "registrations": await run_clients(sessions, register, seconds, server_cpu)}
     for s in sessions:
         s.writer.close()
     return result
@@ -465,7 +484,8 @@ async def measure(args: argparse.Namespace) -> dict:
             cpu_start = tree_cpu(server.pid)
             progress("sixnet: measuring")
             own_cpu = time.process_time()
-            irp = await irp_phase(port, contexts, looked_up, args.seconds)
+            irp = await irp_phase(port, contexts, looked_up, args.seconds,
+                                  lambda: tree_cpu(server.pid))
             irp["server_cpu_s"] = round(tree_cpu(server.pid) - cpu_start, 2)
             irp["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
             rss_end = tree_rss(server.pid)
@@ -506,7 +526,8 @@ async def measure(args: argparse.Namespace) -> dict:
             cpu_start = cpu_seconds(server.pid)
             own_cpu = time.process_time()
             ldap = await ldap_phase(ldap_port, client_context(ca.directory / "ca.pem"),
-                                    looked_up, args.seconds, clients)
+                                    looked_up, args.seconds, clients,
+                                    lambda: cpu_seconds(server.pid))
             ldap["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu_start, 2)
             ldap["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
             ldap["rss_kib_end"] = rss_kib(server.pid)

@@ -160,3 +160,34 @@ class SignedRecordTests(RegistryHarness, unittest.TestCase):
         await bob.register([("2001:db8::2", 4605)])
         await wait_for(lambda: heard)
         assert heard[-1].addresses[0][0] == "2001:db8::2"
+
+    async def test_a_kept_answer_is_sent_at_once_but_only_where_the_full_path_would(
+            self) -> None:
+        """A lookup of a kept answer skips the store (and the request machinery) but not
+        the access policy, its refusal, the audit or the counters."""
+        service = await self.start(lookup_access="same-domain")
+        registry = service.registry
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        await bob.register([("2001:db8::1", 4605)])
+        alice = await self.client(service, self.lab.person("alice@example.test"))
+        await alice.lookup("bob@example.test")
+        reads: list[str] = []
+        original = registry.store.person_view
+
+        def counted(person: str, now: int):
+            reads.append(person)
+            return original(person, now)
+
+        registry.store.person_view = counted
+        ok_before = registry.counters.ok["lookup"].value
+        assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::1"
+        assert reads == [] and registry.counters.ok["lookup"].value == ok_before + 1
+        eve = await self.client(service, self.lab.person("eve@other.test"))
+        error = await _fails(eve.lookup("bob@example.test"), IRPError)
+        assert error.condition == "forbidden"
+        refused = [e for e in self.audit(service) if e["outcome"] == "refused"]
+        assert refused[-1]["event"] == "lookup" and refused[-1]["actor"] == "eve@other.test"
+        # a change is seen at once: the kept answer is dropped, the next lookup reads
+        await bob.register([("2001:db8::2", 4605)])
+        assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::2"
+        assert reads == ["bob@example.test"]

@@ -8,15 +8,21 @@ Which worker accepts a connection is the kernel's choice; a test stops the other
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
 from pathlib import Path
 
 from twisted.internet import reactor, task
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from sixnet.core.events import SecurityEvent
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.irp.client import connect
+from sixnet.irp.workers import REPORTS, WorkerReports, WorkerSupervisor, _Worker
 from sixnet.pki.store import NodeIdentity
 
 from .support.configs import config_file, sixnet_toml
@@ -119,6 +125,75 @@ class WorkersHarness:
         for pid in workers:
             assert not os.path.exists(f"/proc/{pid}/status") or \
                 "zombie" in open(f"/proc/{pid}/status").read()
+
+
+    async def test_worker_logs_reach_the_main_processs_log(self) -> None:
+        process, _ = await self.start_registry()
+        await wait_for(lambda: sum("[irp-worker-" in line and "adopted" in line
+                                   for line in process.output) == 2, timeout=10)
+
+
+def test_reports_carry_log_and_security_events_to_the_main_process() -> None:
+    """What a worker writes (`WorkerReports`) the main process logs as its own, marked with
+    the worker, and hands to its bus; an unreadable line is dropped and logged."""
+    out = io.BytesIO()
+    reports = WorkerReports(out)
+    reports.log_observer({"log_format": "lookup of {user} refused", "user": "eve@x.test",
+                          "log_level": LogLevel.warn, "log_namespace": "sixnet.irp",
+                          "log_time": 1.0})
+    detected = SecurityEvent("irp.certificate-refused", subject="eve@x.test",
+                             source="192.0.2.1", detail="foreign", facts={"check": "x"},
+                             time=2.0)
+    reports.emit(detected)
+    logged: list[dict] = []
+    bus: list[SecurityEvent] = []
+    supervisor = WorkerSupervisor(lambda i: [], [], 2, Path("unused"), reactor=object(),
+                                  events=_Sink(bus), publisher=logged.append)
+    worker = _Worker(supervisor, 1)
+    data = out.getvalue() + b"not json\n"
+    with capturedLogs() as own:
+        worker.childDataReceived(REPORTS, data[:7])  # lines may arrive in pieces
+        worker.childDataReceived(REPORTS, data[7:])
+    assert bus == [detected]
+    [first] = logged
+    assert formatEvent(first) == "lookup of eve@x.test refused"
+    assert (first["irp_worker"], first["log_system"]) == (1, "irp-worker-1")
+    assert [e for e in own if "unreadable report" in formatEvent(e)]
+
+
+def test_the_main_process_shows_each_workers_latest_metrics() -> None:
+    """A worker's metrics appear on the main process's endpoint labelled with the worker, in
+    the family of the same name when the main process has one (process metrics)."""
+    main, worker_side = MetricsRegistry(), MetricsRegistry()
+    main.counter("process_cpu_seconds_total", "CPU", read=lambda: 1.5)
+    worker_side.counter("process_cpu_seconds_total", "CPU", read=lambda: 7.0)
+    lookups = worker_side.counter("irp_requests_total", "requests", ["op"])
+    lookups.inc(3, op="lookup")
+    out = io.BytesIO()
+    WorkerReports(out).metrics(worker_side.families())
+    supervisor = WorkerSupervisor(lambda i: [], [], 2, Path("unused"), reactor=object(),
+                                  metrics=main)
+    worker = _Worker(supervisor, 1)
+    worker.childDataReceived(REPORTS, out.getvalue())
+    text = main.render().decode()
+    assert text.count("# TYPE process_cpu_seconds_total counter") == 1
+    assert "process_cpu_seconds_total 1.5\n" in text
+    assert 'process_cpu_seconds_total{worker="1"} 7\n' in text
+    assert 'irp_requests_total{worker="1",op="lookup"} 3\n' in text
+    # a worker that ended shows nothing until its successor reports
+    supervisor.workers[1] = worker
+    supervisor.transports[1] = object()
+    supervisor.running = False
+    supervisor.ended(worker, Failure(ConnectionError()))
+    assert 'worker="1"' not in main.render().decode()
+
+
+class _Sink:
+    def __init__(self, into: list[SecurityEvent]) -> None:
+        self.into = into
+
+    def emit(self, event: SecurityEvent) -> None:
+        self.into.append(event)
 
 
 class SQLiteWorkersTests(WorkersHarness, unittest.TestCase):

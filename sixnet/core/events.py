@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
@@ -134,8 +135,7 @@ class EventSpool:
         self._numbers = itertools.count()
 
     def emit(self, event: SecurityEvent) -> None:
-        record = {"kind": event.kind, "subject": event.subject, "source": event.source,
-                  "detail": event.detail, "facts": dict(event.facts), "time": event.time}
+        record = event_record(event)
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._numbers):06d}"
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -170,13 +170,7 @@ class EventSpool:
                          name=name, error=e)
                 continue
             try:
-                record = json.loads(text)
-                event = SecurityEvent(
-                    str(record["kind"]), subject=_text_or_none(record.get("subject")),
-                    source=_text_or_none(record.get("source")),
-                    detail=str(record.get("detail", "")),
-                    facts={str(k): str(v) for k, v in dict(record.get("facts", {})).items()},
-                    time=float(record["time"]))
+                event = event_from_record(json.loads(text))
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 log.warn("dropped an unreadable spooled security event {name}: {error}",
                          name=name, error=e)
@@ -184,6 +178,22 @@ class EventSpool:
             sink.emit(event)
             delivered += 1
         return delivered
+
+
+def event_record(event: SecurityEvent) -> dict[str, Any]:
+    """`event` as JSON-ready data, for another process (`event_from_record` reads it)."""
+    return {"kind": event.kind, "subject": event.subject, "source": event.source,
+            "detail": event.detail, "facts": dict(event.facts), "time": event.time}
+
+
+def event_from_record(record: Any) -> SecurityEvent:
+    """The event of an `event_record`; ValueError, TypeError, KeyError or AttributeError
+    when it is not one."""
+    return SecurityEvent(
+        str(record["kind"]), subject=_text_or_none(record.get("subject")),
+        source=_text_or_none(record.get("source")), detail=str(record.get("detail", "")),
+        facts={str(k): str(v) for k, v in dict(record.get("facts", {})).items()},
+        time=float(record["time"]))
 
 
 def _text_or_none(value: object) -> str | None:

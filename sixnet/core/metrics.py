@@ -18,6 +18,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 
@@ -123,17 +124,42 @@ class _Metric:
             return sorted((k, float(v)) for k, v in value.items())
         return [((), float(value))]
 
-    def render(self) -> str:
+    def render(self, more: Iterable[Sample] = ()) -> str:
+        """The family in the text format; `more`: samples of other processes (`Family`)."""
         lines = [f"# HELP {self.name} {_escape_help(self.help)}",
                  f"# TYPE {self.name} {self.kind}"]
         for values, value in self.samples():
-            if values:
-                pairs = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(self.label_names, values,
-                                                                       strict=True))
-                lines.append(f"{self.name}{{{pairs}}} {_number(value)}")
-            else:
-                lines.append(f"{self.name} {_number(value)}")
+            lines.append(_sample(self.name, tuple(zip(self.label_names, values, strict=True)),
+                                 value))
+        lines.extend(_sample(self.name, labels, value) for labels, value in more)
         return "\n".join(lines) + "\n"
+
+    def family(self) -> Family:
+        """This metric's current samples as plain data, for another process to show."""
+        return Family(self.name, self.kind, self.help, [
+            (tuple(zip(self.label_names, values, strict=True)), value)
+            for values, value in self.samples()])
+
+
+#: One sample of a family: its label pairs and its value.
+Sample = tuple[tuple[tuple[str, str], ...], float]
+
+
+@dataclass
+class Family:
+    """A metric's samples as another process reported them (`Registry.collect`)."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[Sample]
+
+
+def _sample(name: str, labels: tuple[tuple[str, str], ...], value: float) -> str:
+    if not labels:
+        return f"{name} {_number(value)}"
+    pairs = ",".join(f'{n}="{_escape(v)}"' for n, v in labels)
+    return f"{name}{{{pairs}}} {_number(value)}"
 
 
 class Counter(_Metric):
@@ -191,6 +217,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        self._collectors: list[Callable[[], Iterable[Family]]] = []
 
     def _add(self, metric: _Metric) -> _Metric:
         if metric.name in self._metrics:
@@ -210,15 +237,43 @@ class Registry:
         self._add(metric)
         return metric
 
-    def render(self) -> bytes:
-        """Every metric; one whose gauge cannot be read is left out (and logged), so one
-        broken reading does not cost the whole scrape."""
-        parts = []
+    def collect(self, collector: Callable[[], Iterable[Family]]) -> None:
+        """Show the families `collector` gives on each scrape besides this process's own
+        (another process's, such as an IRP worker's, labelled so their samples differ)."""
+        self._collectors.append(collector)
+
+    def families(self) -> list[Family]:
+        """This process's own metrics as plain data (what a worker reports)."""
+        out = []
         for metric in self._metrics.values():
             try:
-                parts.append(metric.render())
+                out.append(metric.family())
             except Exception:
                 log.failure("metric {name} could not be read", name=metric.name)
+        return out
+
+    def render(self) -> bytes:
+        """Every metric; one whose gauge cannot be read is left out (and logged), so one
+        broken reading does not cost the whole scrape. Collected samples of a family this
+        process has too are shown in its family; the others as families of their own."""
+        collected: dict[str, Family] = {}
+        for collector in self._collectors:
+            for family in collector():
+                known = collected.setdefault(
+                    family.name, Family(family.name, family.kind, family.help, []))
+                known.samples.extend(family.samples)
+        parts = []
+        for metric in self._metrics.values():
+            more = collected.pop(metric.name, None)
+            try:
+                parts.append(metric.render(more.samples if more else ()))
+            except Exception:
+                log.failure("metric {name} could not be read", name=metric.name)
+        for family in collected.values():
+            parts.append(f"# HELP {family.name} {_escape_help(family.help)}\n"
+                         f"# TYPE {family.name} {family.kind}\n"
+                         + "".join(_sample(family.name, labels, value) + "\n"
+                                   for labels, value in family.samples))
         return "".join(parts).encode("utf-8")
 
 

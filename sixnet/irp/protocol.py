@@ -42,6 +42,7 @@ from sixnet.irp.wire import (
     VERSION,
     IRPError,
     Limits,
+    LookupRequest,
     RecordStatement,
     Request,
     ResponseSigner,
@@ -210,6 +211,10 @@ class IRPServerProtocol(XMLStreamProtocol):
         self.watching: set[str] = set()
         #: The client speaks 1.2: lookups and watches get the person's signed record.
         self.records = False
+        #: The machine is in ``open_stream``, where a request is the one input. Set and
+        #: cleared by its outputs; elements then go straight to `_request`, because an
+        #: input call through Automat costs more than answering a kept lookup.
+        self.serving = False
 
     @property
     def state(self) -> str:
@@ -276,7 +281,9 @@ class IRPServerProtocol(XMLStreamProtocol):
     def element_received(self, node: etree._Element | TextBetweenMessages) -> None:
         if isinstance(node, TextBetweenMessages):
             raise StreamError("bad-format", "text between messages")
-        if node.tag == q("starttls"):
+        if self.serving:
+            self._request(node)
+        elif node.tag == q("starttls"):
             self.got_starttls(node)
         else:
             self.got_element(node)
@@ -347,6 +354,12 @@ class IRPServerProtocol(XMLStreamProtocol):
             duplicate = request.id in self.in_flight
             self.send(serialize(error_element(None if duplicate else rid, refused)))
             return
+        if isinstance(request, LookupRequest):
+            kept = self.registry.kept_lookup(self.caller, request)
+            if kept is not None:
+                self.send(self._signed(f'<result xmlns="{NS}" id="{request.id}">',
+                                       b"</result>", request, self.caller, kept))
+                return
         self.in_flight.add(request.id)
         if isinstance(request, WatchRequest):
             self.watching.add(request.user)
@@ -380,7 +393,7 @@ class IRPServerProtocol(XMLStreamProtocol):
             self.send(serialize(error_element(request.id, error)))
             return
         self._done(request)
-        if self.state == CLOSED:
+        if not self.serving:
             return
         if isinstance(request, WatchRequest):
             self._start_watch(request)
@@ -425,7 +438,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         user = request.user
 
         def changed(answer: Answer) -> None:
-            if self.state == OPEN:
+            if self.serving:
                 self.send(self._signed(f'<notify xmlns="{NS}" request="{request.id}">',
                                        b"</notify>", request, self.caller, answer))
 
@@ -533,10 +546,11 @@ class IRPServerProtocol(XMLStreamProtocol):
     def _open_session(self) -> None:
         self.send_header()
         self.send(serialize(self._session_element()))
+        self.serving = True
 
     @_machine.output()
-    def _dispatch(self, node: etree._Element) -> None:
-        self._request(node)
+    def _stop_serving(self) -> None:
+        self.serving = False
 
     @_machine.output()
     def _header_first(self, node: etree._Element) -> None:
@@ -560,14 +574,15 @@ class IRPServerProtocol(XMLStreamProtocol):
     tls_handshake.upon(tls_up, enter=tls_handshake, outputs=[_judge_certificate])
     tls_handshake.upon(caller_judged, enter=wait_tls_header, outputs=[_release])
     wait_tls_header.upon(got_header, enter=open_stream, outputs=[_open_session])
-    open_stream.upon(got_element, enter=open_stream, outputs=[_dispatch])
-    open_stream.upon(got_starttls, enter=open_stream, outputs=[_dispatch])  # not an operation
+    # In open_stream every element (<starttls/> too: it is no operation) is a request,
+    # taken by element_received while `serving` (set by _open_session), not as an input.
+    open_stream.upon(got_header, enter=ended, outputs=[_stop_serving, _unexpected_header])
+    open_stream.upon(end, enter=ended, outputs=[_stop_serving])
     for _state in (wait_header, wait_tls_header):
         _state.upon(got_starttls, enter=ended, outputs=[_header_first])
         _state.upon(got_element, enter=ended, outputs=[_header_first])
-    for _state in (wait_starttls, open_stream):
-        _state.upon(got_header, enter=ended, outputs=[_unexpected_header])
-    for _state in (wait_header, wait_starttls, tls_handshake, wait_tls_header, open_stream):
+    wait_starttls.upon(got_header, enter=ended, outputs=[_unexpected_header])
+    for _state in (wait_header, wait_starttls, tls_handshake, wait_tls_header):
         _state.upon(end, enter=ended, outputs=[])
     #: Once over, whatever still arrives (a certificate judged late) is ignored.
     for _input in (got_header, got_starttls, got_element, tls_up, caller_judged, end):

@@ -162,7 +162,7 @@ def make_service(config: IRPSettings, store: CertificateStore, *,
             raise ConfigError(str(config.path), "pki.lab_ca", str(e)) from None
     try:
         if section.workers > 1 and worker is None:
-            return supervisor(config)
+            return supervisor(config, events, metrics)
         return build_service(section, store, identity, config.sixnet.state_dir, ca,
                              events=events, metrics=metrics, worker=worker)
     except DatabaseURLError as e:
@@ -172,7 +172,8 @@ def make_service(config: IRPSettings, store: CertificateStore, *,
                           f"{e.filename}: {e.strerror}") from None
 
 
-def supervisor(config: IRPSettings) -> WorkerSupervisor:
+def supervisor(config: IRPSettings, events: IEventSink | None = None,
+               metrics: MetricsRegistry | None = None) -> WorkerSupervisor:
     """The main process of a registry with workers, once what a worker would refuse at
     start-up (the database setting, the state directory) has been checked here."""
     state_dir = config.sixnet.state_dir
@@ -182,7 +183,8 @@ def supervisor(config: IRPSettings) -> WorkerSupervisor:
     path = str(Path(config.path).resolve())
     return WorkerSupervisor(
         lambda index: [sys.executable, "-m", WORKER_MODULE, path, str(index)],
-        config.irp.listen, config.irp.workers, state_dir / BOARD_FILE)
+        config.irp.listen, config.irp.workers, state_dir / BOARD_FILE, events=events,
+        metrics=metrics)
 
 
 def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIdentity,

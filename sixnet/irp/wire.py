@@ -571,6 +571,14 @@ def chain_element(info: CertificateInfo) -> etree._Element:
     return element("chain", attrib, children=[certificate_element(c) for c in info.chain])
 
 
+@functools.lru_cache(maxsize=20_000)
+def _certificate_text(cert: x509.Certificate) -> str:
+    """A ``<certificate>`` in canonical form. Kept per certificate: a person's record is
+    built again on every change, and a certificate is the bulk of it."""
+    return (f'<certificate serial="{cert.serial_number:X}">'
+            f'{b64(cert.public_bytes(serialization.Encoding.DER))}</certificate>')
+
+
 def person_payload(record: PersonRecord) -> bytes:
     """The ``<person>`` element of `record` in canonical form as it stands inside ``<data>``
     (what `canonical_payload` gives for it; built directly, lookups being the hot path):
@@ -588,9 +596,7 @@ def person_payload(record: PersonRecord) -> bytes:
         revoked = f' revoked="{rfc3339(info.revoked_at)}"' if info.revoked_at else ""
         out.append(f'<chain not-after="{rfc3339(info.certificate.not_valid_after_utc)}"'
                    f'{revoked} serial="{info.serial}" status="{info.status}">')
-        out.extend(f'<certificate serial="{c.serial_number:X}">'
-                   f'{b64(c.public_bytes(serialization.Encoding.DER))}</certificate>'
-                   for c in info.chain)
+        out.extend(_certificate_text(c) for c in info.chain)
         out.append("</chain>")
     out.append("</person>")
     return "".join(out).encode()
@@ -810,10 +816,11 @@ class ResponseSigner:
         self.key = key
         self.alg = signature_algorithm(key)
         self.key_id = fingerprint(certificate)
+        self._sign = signing.signer(key)
 
     def signature(self, message: bytes) -> bytes:
         """The ``<signature>`` element (serialized, in the default namespace) for `message`."""
-        raw = signing.sign(self.key, message)
+        raw = self._sign(message)
         return f'<signature alg="{self.alg}" key="{self.key_id}">{b64(raw)}</signature>'.encode()
 
 

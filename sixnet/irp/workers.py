@@ -12,6 +12,11 @@ Coherence between workers, besides the database itself:
   notification only in the process that committed it, so each worker also writes it on a
   pipe to the main process, which hands it to every other worker (`FeedRelay`,
   `WorkerFeed`): watches fire for changes made through any worker.
+* **reports**: a worker's log events, security events and metrics go, as JSON lines on its
+  standard output, to the main process, which logs them as its own (marked ``irp_worker``,
+  so they land in twistd's log file when it runs as a daemon), hands the security events to
+  its bus (the bridge runs there) and shows each worker's latest metrics on its own
+  endpoint, labelled ``worker``.
 * **kept answers**: a notification arrives a little after the writer acknowledged its
   client, so a lookup through another worker at once could still see the kept answer. The
   `VersionBoard`, a small file every worker maps into memory, closes that gap: a worker
@@ -22,6 +27,7 @@ Coherence between workers, besides the database itself:
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import signal
@@ -29,15 +35,19 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from sixnet.core.events import IEventSink, SecurityEvent, event_from_record, event_record
+from sixnet.core.metrics import Family
+from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.core.runtime import ListeningService
 
 log = Logger(namespace="sixnet.irp")
@@ -45,12 +55,15 @@ log = Logger(namespace="sixnet.irp")
 #: Counters per worker on the board (one more: the "anyone may have changed" counter).
 SLOTS = 1 << 16
 _ANYONE = SLOTS
-#: File descriptors of a worker: 0 the feed from the main process, 3 the feed to it, 4...
-#: the listening sockets, in the order of ``listen``.
-FEED_IN, FEED_OUT, FIRST_PORT = 0, 3, 4
+#: File descriptors of a worker: 0 the feed from the main process, 1 its reports (logs and
+#: security events) to it, 3 the feed to it, 4... the listening sockets, in the order of
+#: ``listen``.
+FEED_IN, REPORTS, FEED_OUT, FIRST_PORT = 0, 1, 3, 4
 #: Seconds before a dead worker is spawned again; doubled (up to `RESTART_MAX`) while
 #: workers die within `RESTART_SETTLED` seconds of starting (a crash loop).
 RESTART_DELAY, RESTART_MAX, RESTART_SETTLED = 0.5, 30.0, 10.0
+#: The longest line a worker may write to the main process (a notification or a report).
+MAX_REPORT = 1 << 20
 #: Seconds a worker has to stop on SIGTERM before it gets SIGKILL.
 STOP_TIMEOUT = 10.0
 
@@ -121,6 +134,31 @@ class WorkerFeed(LineOnlyReceiver):
         self.orphaned()
 
 
+@implementer(IEventSink)
+class WorkerReports:
+    """A worker's end of its reports: log events (`log_observer`) and security events
+    (`emit`), one JSON object per line, to the main process."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+
+    def log_observer(self, event: dict[str, Any]) -> None:
+        self._write({"log": eventAsJSON(event)})
+
+    def emit(self, event: SecurityEvent) -> None:
+        self._write({"event": event_record(event)})
+
+    def metrics(self, families: list[Family]) -> None:
+        self._write({"metrics": [[f.name, f.kind, f.help, f.samples] for f in families]})
+
+    def _write(self, report: dict[str, Any]) -> None:
+        try:
+            self.out.write(json.dumps(report).encode() + b"\n")
+            self.out.flush()
+        except (OSError, ValueError):
+            pass  # the main process is gone (the feed closing stops this worker)
+
+
 class AdoptedPorts(Service):
     """A worker's listening ports: the sockets the main process bound, adopted."""
 
@@ -142,6 +180,8 @@ class AdoptedPorts(Service):
                 family.close()
             self.ports.append(reactor.adoptStreamPort(fd, kind, self.factory))
             os.close(fd)  # adoptStreamPort keeps its own duplicate
+        log.info("irp worker adopted {count} listening sockets (pid {pid})",
+                 count=len(self.ports), pid=os.getpid())
 
     def stopService(self) -> defer.Deferred[object]:
         super().stopService()
@@ -160,13 +200,22 @@ class _Worker(protocol.ProcessProtocol):
         self.index = index
         self.started = 0.0
         self.ended: defer.Deferred[None] = defer.Deferred()
-        self._partial = b""
+        self._partial: dict[int, bytes] = {FEED_OUT: b"", REPORTS: b""}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
+        if childFD not in self._partial:
+            return
+        lines = (self._partial[childFD] + data).split(b"\n")
+        self._partial[childFD] = lines.pop()
+        if len(self._partial[childFD]) > MAX_REPORT:
+            log.warn("irp worker {index} wrote an overlong line on fd {fd}: dropped",
+                     index=self.index, fd=childFD)
+            self._partial[childFD] = b""
         for line in lines:
-            self.supervisor.relay(self, line + b"\n")
+            if childFD == FEED_OUT:
+                self.supervisor.relay(self, line + b"\n")
+            else:
+                self.supervisor.reported(self, line)
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
@@ -178,7 +227,9 @@ class WorkerSupervisor(MultiService):
     and stops the workers. It opens no database and answers no request itself."""
 
     def __init__(self, command: Callable[[int], list[str]], listen: list[str], workers: int,
-                 board: Path, reactor: Any = None) -> None:
+                 board: Path, reactor: Any = None, events: IEventSink | None = None,
+                 publisher: Callable[[dict[str, Any]], None] = globalLogPublisher,
+                 metrics: MetricsRegistry | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -189,6 +240,12 @@ class WorkerSupervisor(MultiService):
         self.count = workers
         self.board = board
         self.reactor = reactor
+        self.events = events
+        self.publisher = publisher
+        #: Each worker's latest metrics (as it reported them).
+        self.worker_metrics: dict[int, list[Family]] = {}
+        if metrics is not None:
+            metrics.collect(self.collected_metrics)
         # Bound like any service's ports (before twistd sheds privileges), never read here.
         self.listening = ListeningService("irp", listen, protocol.Factory(), owner=self)
         self.listening.setServiceParent(self)
@@ -211,7 +268,7 @@ class WorkerSupervisor(MultiService):
     def spawn(self, index: int) -> None:
         self._pending.pop(index, None)
         worker = _Worker(self, index)
-        fds: dict[int, int | str] = {FEED_IN: "w", 1: 1, 2: 2, FEED_OUT: "r"}
+        fds: dict[int, int | str] = {FEED_IN: "w", REPORTS: "r", 2: 2, FEED_OUT: "r"}
         for i, port in enumerate(self.listening.ports):
             fds[FIRST_PORT + i] = port.fileno()  # type: ignore[attr-defined]
         worker.started = self.reactor.seconds()
@@ -227,10 +284,40 @@ class WorkerSupervisor(MultiService):
             if index != source.index and self.workers.get(index) is not None:
                 transport.writeToChild(FEED_IN, line)
 
+    def reported(self, source: _Worker, line: bytes) -> None:
+        """A worker's log event (logged here, as this process's) or security event (to
+        this process's bus)."""
+        try:
+            report = json.loads(line)
+            if "log" in report:
+                event = eventFromJSON(report["log"])
+                event["irp_worker"] = source.index
+                event["log_system"] = f"irp-worker-{source.index}"  # shown in text logs
+                self.publisher(event)
+            elif "event" in report and self.events is not None:
+                self.events.emit(event_from_record(report["event"]))
+            elif "metrics" in report:
+                self.worker_metrics[source.index] = [
+                    Family(str(name), str(kind), str(text),
+                           [(tuple((str(n), str(v)) for n, v in labels), float(value))
+                            for labels, value in samples])
+                    for name, kind, text, samples in report["metrics"]]
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warn("irp worker {index} wrote an unreadable report ({error}): dropped",
+                     index=source.index, error=e)
+
+    def collected_metrics(self) -> list[Family]:
+        """Every worker's latest metrics, each sample labelled with its worker."""
+        return [Family(f.name, f.kind, f.help,
+                       [((("worker", str(index)), *labels), value)
+                        for labels, value in f.samples])
+                for index, families in sorted(self.worker_metrics.items()) for f in families]
+
     def ended(self, worker: _Worker, reason: Failure) -> None:
         index = worker.index
         if self.workers.get(index) is not worker:
             return
+        self.worker_metrics.pop(index, None)
         del self.workers[index]
         del self.transports[index]
         if not self.running:

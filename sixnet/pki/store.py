@@ -9,6 +9,7 @@ verifier refuses a chain, the store works out which check failed, so the error s
 from __future__ import annotations
 
 import datetime
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -292,7 +293,7 @@ class CertificateStore:
 
     def revocation_status(self, cert: x509.Certificate) -> x509.RevokedCertificate | None:
         """The CRL entry for `cert` from a CRL its issuer signed, or None."""
-        crl = self._crls.get(cert.issuer.public_bytes())
+        crl = self._crls.get(_issuer_name(cert))
         if crl is None:
             return None
         return crl.get_revoked_certificate_by_serial_number(cert.serial_number)
@@ -452,6 +453,13 @@ class CertificateStore:
         if not ku.digital_signature:
             return "the certificate's keyUsage lacks digitalSignature"
         return None
+
+
+@functools.lru_cache(maxsize=20_000)
+def _issuer_name(cert: x509.Certificate) -> bytes:
+    """The DER of `cert`'s issuer name, kept per certificate: building the name costs more
+    than finding the CRL entry, and a person's record asks for it on every change."""
+    return cert.issuer.public_bytes()
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

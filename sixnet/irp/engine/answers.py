@@ -108,15 +108,23 @@ class AnswerCache:
         #: removes it, so the read's (possibly older) answer is not kept.
         self._reading: dict[str, object] = {}
 
+    def kept(self, person: str) -> Answer | None:
+        """The person's kept answer if it is still exact, without waiting (None: read it)."""
+        kept = self._answers.get(person)
+        if kept is not None and self.now_ms() < kept.changes_at \
+                and kept.crls == self.statuses.certificates.generation \
+                and kept.stamp == (self.board.stamp(person) if self.board is not None else 0):
+            return kept
+        return None
+
     async def answer(self, person: str) -> Answer:
         """The person's answer, from memory while that is still exact."""
+        kept = self.kept(person)
+        if kept is not None:
+            return kept
         now = self.now_ms()
         crls = self.statuses.certificates.generation
         stamp = self.board.stamp(person) if self.board is not None else 0
-        kept = self._answers.get(person)
-        if kept is not None and now < kept.changes_at and kept.crls == crls \
-                and kept.stamp == stamp:
-            return kept
         token = self._reading[person] = object()
         try:
             view = await self.store.person_view(person, now)

@@ -195,6 +195,21 @@ class Registry:
         self.counters.ok[request.op].inc()
         return payload if isinstance(payload, bytes | Answer) else canonical_payload(payload)
 
+    def kept_lookup(self, caller: Caller, request: LookupRequest) -> Answer | None:
+        """A lookup answered from memory at once, when the caller may make it and the
+        person's kept answer is exact; None: run it through `handle` (which also reports
+        refusals)."""
+        if refusal(caller.role, request.op) is not None:
+            return None
+        try:
+            may_see(caller, request.user, self.config.lookup_access, "look up")
+        except IRPError:
+            return None
+        answer = self.answers.kept(request.user)
+        if answer is not None:
+            self.counters.ok[request.op].inc()
+        return answer
+
     def _refused(self, caller: Caller, request: Request, error: IRPError) -> None:
         self.audit.record(request.op, outcome="refused", actor=caller.actor, peer=caller.peer,
                           target=request.target, condition=error.condition, detail=error.text)
