@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from sixnet.app.config import load_config
@@ -22,6 +22,7 @@ from tests.support.databases import (
     fresh_postgres_schema,
     postgres_unavailable,
 )
+from tests.support.waiting import wait_for
 
 
 class SQLiteStorageTests(unittest.TestCase):
@@ -67,6 +68,39 @@ class SQLiteStorageTests(unittest.TestCase):
         assert await offline.store("nobody", "t", b"<m/>") == "no-account"
         assert await offline.take("bob") == [("t0", b"<m0/>"), ("t1", b"<m1/>")]
         assert await offline.take("bob") == []
+
+    async def test_a_fanout_burst_shares_transactions(self) -> None:
+        """Stores for many accounts at once (a notification handed over to subscribers on
+        another process) share transactions, and so do the takes; outcomes stay per
+        message, and one announcement names many accounts."""
+        db = self.database()
+        accounts = AccountStore(db, 4096)
+        await accounts.prepare()
+        names = [f"s{n}" for n in range(300)]
+        await db.run("accounts", lambda c: c.executemany(
+            "INSERT INTO grid_accounts (username, kind, created) VALUES (?, 'password', '-')",
+            [(name,) for name in names]))
+        offline = OfflineStore(db, 2)
+        assert await offline.store("s0", "t", b"<old/>") == "stored"
+        assert await offline.store("s0", "t", b"<old/>") == "stored"  # s0 is full now
+        heard: list[str] = []
+        await offline.watch(heard.append)
+        runs = []
+        run = db.run
+        db.run = lambda name, *a, **k: (runs.append(name), run(name, *a, **k))[1]  # type: ignore[method-assign]
+        outcomes = await defer.gatherResults(
+            [offline.store(name, "t1", f"<m{name}/>".encode()) for name in names]
+            + [offline.store("nobody", "t1", b"<m/>")])
+        assert outcomes == ["full"] + ["stored"] * 299 + ["no-account"]
+        assert len(runs) <= 3, runs  # the first at once, the rest behind it
+        await wait_for(lambda: len(heard) >= 299)
+        assert sorted(heard) == sorted(names[1:])
+        runs.clear()
+        taken = await defer.gatherResults([offline.take(name) for name in names])
+        assert len(runs) <= 3
+        assert taken[0] == [("t", b"<old/>"), ("t", b"<old/>")]
+        assert taken[1:] == [[("t1", f"<m{name}/>".encode())] for name in names[1:]]
+        assert await offline.take("s5") == []
 
 
     async def test_lockout_records(self) -> None:
