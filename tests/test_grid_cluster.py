@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from lxml import etree
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sixnet.core.storage.database import Database
@@ -25,7 +26,7 @@ from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import PubSubEngine
 from sixnet.grid.pubsub.request import parse_iq
-from sixnet.grid.storage.presence import PresenceBoard
+from sixnet.grid.storage.presence import HEARTBEAT, SILENT, PresenceBoard
 from sixnet.grid.storage.revocations import RevocationStore
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 from tests.support.databases import postgres_schema_url, postgres_unavailable
@@ -259,6 +260,7 @@ class PresenceAcrossComponentInstancesTests(unittest.TestCase):
         url = postgres_schema_url(self)
         self.hosts: list[Host] = []
         self.brokers: list[PubSubBroker] = []
+        self.clock = Clock()  # the boards' heartbeats
         self.tmp = Path(self.mktemp())
         self.tmp.mkdir(parents=True)
         for name in ("a", "b"):
@@ -266,7 +268,7 @@ class PresenceAcrossComponentInstancesTests(unittest.TestCase):
             broker = PubSubBroker(BrokerConfig(), "example.test", database,
                                   self.tmp / f"{name}.jsonl", RevocationStore(database))
             await broker.store.open()
-            router = HostRouter("example.test", COMPONENT, PresenceBoard(database))
+            router = HostRouter("example.test", COMPONENT, PresenceBoard(database, self.clock))
             await router.open()
             router.attach(broker)
             await broker.idle()
@@ -276,7 +278,7 @@ class PresenceAcrossComponentInstancesTests(unittest.TestCase):
             async def detach(broker: PubSubBroker = broker, router: HostRouter = router,
                              database: Database = database) -> None:
                 await broker.idle()
-                await router.drain()
+                await router.stop()
                 await broker.stop()
                 database.close()
 
@@ -372,3 +374,18 @@ class PresenceAcrossComponentInstancesTests(unittest.TestCase):
         await self.deliver(b, f"<presence from='{owner}' to='{COMPONENT}'/>")
         assert self.holders(owner) == [False, True]
         assert sorted(self.requests()) == [f"b>{owner}:{jid}" for jid in self.pending()]
+
+        # B falls silent (its heartbeat stops, as if it had died): the next presence heard
+        # elsewhere takes the claim over, and B, only slow after all, lets go.
+        b_board = b.router.board
+        assert b_board is not None
+        b_board._heartbeat.stop()
+        a = self.hosts[0] = Host(a.router)  # A's link is back
+        a.accept()
+        await self.deliver(a, f"<presence from='{owner}' to='{COMPONENT}'/>")
+        assert self.holders(owner) == [False, True]  # B is not silent for long enough yet
+        self.clock.advance(SILENT + 1)
+        await self.deliver(a, f"<presence from='{owner}' to='{COMPONENT}'/>")
+        await wait_for(lambda: self.holders(owner) == [True, False], what="A takes over")
+        assert sorted(self.requests()) == [f"a>{owner}:{jid}" for jid in self.pending()]
+        b_board._heartbeat.start(HEARTBEAT, now=False)

@@ -50,7 +50,7 @@ class TwoBrokersBehindEjabberdTests(unittest.TestCase):
         broker = PubSubBroker(conversations.BrokerConfig(), "example.test", database,
                               self.tmp / f"audit-{name}.jsonl", RevocationStore(database))
         await broker.store.open()
-        router = HostRouter("example.test", SERVICE, PresenceBoard(database))
+        router = HostRouter("example.test", SERVICE, PresenceBoard(database, reactor))
         await router.open()
         router.attach(broker)
         self.routers.append(router)
@@ -63,7 +63,7 @@ class TwoBrokersBehindEjabberdTests(unittest.TestCase):
             await broker.idle()
             router.close()
             await link.stopService()
-            await router.drain()
+            await router.stop()
             await broker.stop()
             database.close()
 

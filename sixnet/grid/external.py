@@ -355,8 +355,14 @@ class HostRouter:
             await self.board.open(self._released)
 
     def drain(self) -> defer.Deferred[Any]:
-        """Fires once the board operations in flight are done (before the database closes)."""
+        """Fires once the board operations in flight are done."""
         return defer.DeferredList(list(self._board_ops))
+
+    async def stop(self) -> None:
+        """Give up this instance's claims (after the link is closed, before the database)."""
+        await self.drain()
+        if self.board is not None:
+            await self.board.close()
 
     def when_connected(self) -> defer.Deferred[None]:
         """Fires once a stream is accepted (at once if one is)."""

@@ -135,7 +135,7 @@ class GridService(MultiService):
         self.component_link: IService | None = None
         if grid.mode == "component":
             self.host_router = HostRouter(grid.domain, grid.service_name,
-                                          PresenceBoard(self.broker_db))
+                                          PresenceBoard(self.broker_db, clock))
             self.component_link = self._make_link(self.host_router)
         self.offline_count = register_gauges(self)
         self.ready: defer.Deferred[None] = defer.Deferred()
@@ -321,8 +321,8 @@ class GridService(MultiService):
             self.router.end_session(session)
         await self.router.drain()
         await self.broker.stop()
-        if self.host_router is not None:  # the link's claims released before closing
-            await self.host_router.drain()
+        if self.host_router is not None:  # its claims released before the database closes
+            await self.host_router.stop()
         self.broker_db.close()
         self.db.close()
         self.audit.close()

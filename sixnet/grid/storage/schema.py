@@ -91,6 +91,8 @@ BROKER_MIGRATIONS = {
         "holder TEXT NOT NULL, token TEXT NOT NULL)",
         "CREATE INDEX pubsub_presence_bare ON pubsub_presence (bare)",
         "CREATE INDEX pubsub_presence_holder ON pubsub_presence (holder)",
+        # Each instance's last heartbeat: a claim of an instance silent for long is taken.
+        "CREATE TABLE pubsub_instance (origin TEXT PRIMARY KEY, seen {bigint} NOT NULL)",
     ],
 }
 
