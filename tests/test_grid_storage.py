@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sixnet.app.config import load_config
@@ -16,7 +17,9 @@ from sixnet.core.storage.database import Database
 from sixnet.grid.scram import ScramCredentials
 from sixnet.grid.storage.accounts import AccountError, AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
+from sixnet.grid.storage.presence import HEARTBEAT, SILENT, PresenceBoard
 from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
+from sixnet.grid.storage.schema import prepare_broker
 from tests.support.databases import (
     drop_postgres_schema,
     fresh_postgres_schema,
@@ -102,6 +105,44 @@ class SQLiteStorageTests(unittest.TestCase):
         assert taken[1:] == [[("t1", f"<m{name}/>".encode())] for name in names[1:]]
         assert await offline.take("s5") == []
 
+
+    async def test_presence_board(self) -> None:
+        """Claims, releases heard by the holder, bare and per-instance releases, and the
+        takeover of a silent holder's claim, in this dialect's SQL."""
+        db = self.database()
+        await prepare_broker(db, RevocationStore(db))
+        clock = Clock()
+        heard: dict[str, list[tuple[str, str]]] = {"a": [], "b": []}
+        a, b = PresenceBoard(db, clock), PresenceBoard(db, clock)
+        for name, board in (("a", a), ("b", b)):
+            await board.open(lambda token, full, name=name: heard[name].append((token, full)))
+        await a._beat()  # on SQLite, b's open cleared the table, as a restarted process does
+        self.addCleanup(lambda: defer.gatherResults(
+            [defer.Deferred.fromCoroutine(x.close()) for x in (a, b)]))
+        token = await a.claim("o@x/desk")
+        assert token is not None and await b.claim("o@x/desk") is None
+        assert await a.claim("o@x/desk") is None  # a presence update: held already
+        await b.release("o@x/desk")  # the logout reached the other instance
+        await wait_for(lambda: (token, "o@x/desk") in heard["a"])
+        phone, laptop = await b.claim("o@x/phone"), await a.claim("o@x/laptop")
+        assert phone is not None and laptop is not None
+        await a.release("o@x")  # unavailable to the bare JID: every resource
+        await wait_for(lambda: (phone, "o@x/phone") in heard["b"]
+                       and (laptop, "o@x/laptop") in heard["a"])
+        assert await a.claim("o@x/phone") is not None
+        mine = await b.claim("p@x/r")
+        await b.release_mine()
+        await wait_for(lambda: (mine, "p@x/r") in heard["b"])
+        assert await a.claim("p@x/r") is not None
+        # A falls silent: after SILENT seconds B takes its claims over, and says so.
+        taken = await a.claim("q@x/r")
+        a._heartbeat.stop()
+        clock.advance(SILENT - 1)
+        assert await b.claim("q@x/r") is None
+        clock.advance(2)
+        assert await b.claim("q@x/r") is not None
+        await wait_for(lambda: (taken, "q@x/r") in heard["a"])
+        a._heartbeat.start(HEARTBEAT, now=False)
 
     async def test_lockout_records(self) -> None:
         db = self.database()
