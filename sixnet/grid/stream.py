@@ -79,7 +79,7 @@ from sixnet.grid.xmpp import (
     serialize,
 )
 from sixnet.pki.store import NodeIdentity
-from sixnet.pki.tls import ServerTLS, peer_chain
+from sixnet.pki.tls import ServerTLS, peer_chain, release_bio_buffers
 
 log = Logger(namespace="sixnet.grid")
 
@@ -161,8 +161,9 @@ class C2SServer:
         self.recently_fed: set[ClientStream] = set()
 
     def release_parsers(self) -> None:
-        """Free the parser state of the streams that received nothing since the last call
-        (one shared sweep, not a timer per stream; it visits only streams that spoke)."""
+        """Free the parser state and the TLS memory BIOs of the streams that received
+        nothing since the last call (one shared sweep, not a timer per stream; it visits
+        only streams that spoke)."""
         fed, self.fed = self.fed, set()
         for stream in self.recently_fed - fed:
             if not stream.release_parser():
@@ -369,6 +370,14 @@ class ClientStream(XMLStreamProtocol):
             self.send_stream_error(*self._refusal)
             return
         self.tls_up()
+
+    def release_parser(self) -> bool:
+        """Also give the TLS layer's memory BIOs back (`release_bio_buffers`): a quiet
+        stream keeps them at the size of the handshake's flight otherwise."""
+        released = super().release_parser()
+        if released and self.tls is not None and not self.closed:
+            release_bio_buffers(self.transport.getHandle())
+        return released
 
     # -- output (Connection) -----------------------------------------------------------------
 

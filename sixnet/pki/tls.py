@@ -23,6 +23,7 @@ from typing import Literal
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
@@ -178,3 +179,42 @@ def peer_chain(connection: SSL.Connection) -> list[x509.Certificate]:
     if not chain or chain[0] != leaf:
         chain.insert(0, leaf)
     return chain
+
+
+def _mem_bio_pending(bio: object) -> int:
+    """Bytes waiting in a memory BIO (the binding has no ``BIO_ctrl_pending``)."""
+    return int(_lib.BIO_get_mem_data(bio, _ffi.new("char **")))
+
+
+def release_bio_buffers(connection: SSL.Connection) -> bool:
+    """Give an idle connection new, empty memory BIOs; True when it did.
+
+    pyOpenSSL's memory BIOs (``Connection._into_ssl`` and ``_from_ssl``, between OpenSSL and
+    Twisted's TLS layer) keep their buffer at the size of the largest burst they carried, for
+    as long as the connection lives: the handshake's server flight (a few KB, grown by a
+    third), or a big stanza either way. Record buffers are already released when empty
+    (``SSL_MODE_RELEASE_BUFFERS``); this does the same for the BIOs of a stream gone quiet.
+
+    Only when both BIOs are empty, so no byte is lost or reordered: Twisted's TLS layer writes
+    what it receives into ``_into_ssl`` and reads OpenSSL's output from ``_from_ssl`` at once,
+    so between two reactor events both are empty unless a record is half-received, in which
+    case the bytes wait in OpenSSL's record layer, not in the BIO. ``SSL_set_bio`` frees the
+    old pair (OpenSSL owns them: pyOpenSSL sets no finaliser on them) and hands the new ones
+    to the record layers; the `Connection` is pointed at them for its ``bio_read``,
+    ``bio_write`` and ``bio_shutdown``. Not for a connection whose peer sent EOF
+    (``bio_shutdown``): the new read BIO would not remember it; a caller does this only on
+    open streams.
+    """
+    into, out = connection._into_ssl, connection._from_ssl
+    if into is None or out is None or _mem_bio_pending(into) or _mem_bio_pending(out):
+        return False
+    fresh_into = _lib.BIO_new(_lib.BIO_s_mem())
+    fresh_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if fresh_into == _ffi.NULL or fresh_out == _ffi.NULL:
+        for bio in (fresh_into, fresh_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(connection._ssl, fresh_into, fresh_out)
+    connection._into_ssl, connection._from_ssl = fresh_into, fresh_out
+    return True
