@@ -141,6 +141,8 @@ class C2SServer:
         self.domain = domain
         self.events = events if events is not None else EventBus()
         self.identity = identity
+        #: RFC 5929's tls-server-end-point: the same for every stream (our certificate).
+        self.end_point_binding = server_end_point(identity.certificate)
         self.tls = tls
         self.sasl = sasl
         self.router = router
@@ -225,6 +227,14 @@ class ClientStream(XMLStreamProtocol):
 
     format = STREAM
     _machine = MethodicalMachine()
+    # Slots for this class's own attributes: with the base protocol's and Twisted's, one
+    # instance dict would hold 43 keys, past CPython's 30 for a dict sharing its keys with
+    # the class's other instances, and so be a whole dict of its own (1.6 KB a stream).
+    # What stays in the dict (XMLStreamProtocol's, Twisted's, Automat's state) is shared.
+    __slots__ = ("server", "direct_tls", "tls", "jid", "certificate_chain", "session", "sasl",
+                 "lang", "client_lang", "stream_id", "address", "clean_close", "_slot",
+                 "_login_deadline", "_ack_timer", "_refusal", "_unsent", "_registered",
+                 "_pinged", "_stanzas", "lost")
 
     def __init__(self, server: C2SServer, direct_tls: bool) -> None:
         super().__init__(StreamParser(max_element_bytes=server.limits.max_stanza_bytes,
@@ -359,7 +369,7 @@ class ClientStream(XMLStreamProtocol):
     def tls_established(self) -> None:
         conn = self.transport.getHandle()
         version = conn.get_protocol_version_name()
-        bindings = {"tls-server-end-point": server_end_point(self.server.identity.certificate)}
+        bindings = {"tls-server-end-point": self.server.end_point_binding}
         if version == "TLSv1.3":
             bindings["tls-exporter"] = conn.export_keying_material(
                 b"EXPORTER-Channel-Binding", 32, b"")
@@ -375,7 +385,7 @@ class ClientStream(XMLStreamProtocol):
         """Also give the TLS layer's memory BIOs back (`release_bio_buffers`): a quiet
         stream keeps them at the size of the handshake's flight otherwise."""
         released = super().release_parser()
-        if released and self.tls is not None and not self.closed:
+        if released and not self.closed and not self.tls_pending:
             release_bio_buffers(self.transport.getHandle())
         return released
 
@@ -770,6 +780,7 @@ class ClientStream(XMLStreamProtocol):
             self.jid = outcome.jid
             self.certificate_chain = outcome.certificate_chain
             self.sasl = None
+            self.tls = None  # what SASL needed of TLS: an idle session need not keep it
             self.restart_stream()
             self.sasl_succeeded()
 

@@ -186,8 +186,9 @@ def _mem_bio_pending(bio: object) -> int:
     return int(_lib.BIO_get_mem_data(bio, _ffi.new("char **")))
 
 
-def release_bio_buffers(connection: SSL.Connection) -> bool:
-    """Give an idle connection new, empty memory BIOs; True when it did.
+def release_bio_buffers(connection: object) -> bool:
+    """Give an idle TLS connection new, empty memory BIOs; True when it did (False also for
+    what is not a memory-BIO `SSL.Connection`, such as a plain socket).
 
     pyOpenSSL's memory BIOs (``Connection._into_ssl`` and ``_from_ssl``, between OpenSSL and
     Twisted's TLS layer) keep their buffer at the size of the largest burst they carried, for
@@ -205,6 +206,8 @@ def release_bio_buffers(connection: SSL.Connection) -> bool:
     (``bio_shutdown``): the new read BIO would not remember it; a caller does this only on
     open streams.
     """
+    if not isinstance(connection, SSL.Connection):
+        return False
     into, out = connection._into_ssl, connection._from_ssl
     if into is None or out is None or _mem_bio_pending(into) or _mem_bio_pending(out):
         return False
