@@ -234,7 +234,7 @@ class ClientStream(XMLStreamProtocol):
     __slots__ = ("server", "direct_tls", "tls", "jid", "certificate_chain", "session", "sasl",
                  "lang", "client_lang", "stream_id", "address", "clean_close", "_slot",
                  "_login_deadline", "_ack_timer", "_refusal", "_unsent", "_registered",
-                 "_pinged", "_stanzas", "lost")
+                 "_pinged", "_stanzas", "_lost")
 
     def __init__(self, server: C2SServer, direct_tls: bool) -> None:
         super().__init__(StreamParser(max_element_bytes=server.limits.max_stanza_bytes,
@@ -261,10 +261,17 @@ class ClientStream(XMLStreamProtocol):
         self._unsent: int | None = None
         self._registered = False  # as the transport's producer
         self._pinged = False  # since the last data received
-        self._stanzas = TokenBucket(server.limits.stanzas_per_second,
-                                    server.limits.stanza_burst, server.clock.seconds())
-        #: Fires when the connection is gone (the service waits for it when stopping).
-        self.lost: defer.Deferred[None] = defer.Deferred()
+        #: Made on the first stanza, dropped by the quiet-stream sweep once full again.
+        self._stanzas: TokenBucket | None = None
+        self._lost: defer.Deferred[None] | None = None
+
+    @property
+    def lost(self) -> defer.Deferred[None]:
+        """Fires when the connection is gone (the service waits for it when stopping); made
+        when first asked for, as an idle stream need not hold one."""
+        if self._lost is None:
+            self._lost = defer.Deferred()
+        return self._lost
 
     @property
     def state(self) -> State:
@@ -345,7 +352,10 @@ class ClientStream(XMLStreamProtocol):
         session, self.session = self.session, None
         if session is not None and session.connection is self:
             server.router.connection_lost(session, clean=self.clean_close)
-        self.lost.callback(None)
+        if self._lost is None:
+            self._lost = defer.succeed(None)
+        else:
+            self._lost.callback(None)
 
     def stream_ended(self) -> None:
         for timer in (self._ack_timer, self._login_deadline):
@@ -383,10 +393,13 @@ class ClientStream(XMLStreamProtocol):
 
     def release_parser(self) -> bool:
         """Also give the TLS layer's memory BIOs back (`release_bio_buffers`): a quiet
-        stream keeps them at the size of the handshake's flight otherwise."""
+        stream keeps them at the size of the handshake's flight otherwise; and the stanza
+        rate bucket once it is full (a new one is the same)."""
         released = super().release_parser()
         if released and not self.closed and not self.tls_pending:
             release_bio_buffers(self.transport.getHandle())
+            if self._stanzas is not None and self._stanzas.full(self.server.clock.seconds()):
+                self._stanzas = None
         return released
 
     # -- output (Connection) -----------------------------------------------------------------
@@ -931,7 +944,10 @@ class ClientStream(XMLStreamProtocol):
     def _throttle(self) -> None:
         """Token bucket: `stanza_burst` stanzas at once, `stanzas_per_second` sustained."""
         limits = self.server.limits
-        if not self._stanzas.take(self.server.clock.seconds()):
+        now = self.server.clock.seconds()
+        if self._stanzas is None:
+            self._stanzas = TokenBucket(limits.stanzas_per_second, limits.stanza_burst, now)
+        if not self._stanzas.take(now):
             self.server.counters.rate_limited.inc()
             log.warn("{jid}: more than {rate} stanzas per second; closing", jid=self.jid,
                      rate=limits.stanzas_per_second)
