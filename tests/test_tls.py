@@ -123,7 +123,8 @@ class TLSTests(unittest.TestCase):
         port = self.listen("none")
         ca = str(self.pki.root.directory / "ca.pem")
         text = await self.openssl(port, "-CAfile", ca, "-verify_return_error")
-        assert "New, TLSv1.3" in text and "Verification: OK" in text
+        assert "New, TLSv1.3, Cipher is TLS_AES_128_GCM_SHA256" in text, text
+        assert "Verification: OK" in text
         text = await self.openssl(port, "-tls1_2", "-CAfile", ca)
         assert "New, TLSv1.2, Cipher is ECDHE-ECDSA-AES256-GCM-SHA384" in text
         text = await self.openssl(port, "-tls1_2", "-cipher", "AES128-SHA")

@@ -42,6 +42,12 @@ TLS12_CIPHERS = (
 )
 
 
+#: TLS 1.3 cipher suites in the order of Mozilla's "intermediate" profile (OpenSSL's own
+#: puts AES-256 first). With the server's preference, AES-128-GCM-SHA256 is chosen: its cipher
+#: and transcript-hash contexts are 240 bytes smaller on every connection than those of
+#: AES-256-GCM-SHA384, and it is the faster of the two.
+TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
 #: Key exchange groups, Mozilla's "intermediate" profile: no X448, no secp521r1.
 KEY_EXCHANGE_GROUPS = b"X25519:P-256:P-384"
 
@@ -50,6 +56,8 @@ def _base_context(method: int) -> SSL.Context:
     ctx = SSL.Context(method)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_cipher_list(TLS12_CIPHERS)
+    if not _lib.SSL_CTX_set_ciphersuites(ctx._context, TLS13_CIPHERSUITES):
+        raise ValueError(f"OpenSSL refused the TLS 1.3 cipher suites {TLS13_CIPHERSUITES!r}")
     # pyOpenSSL has no call for the group list (only set_tmp_ecdh, one curve, TLS 1.2 only):
     # OpenSSL's own, through the binding pyOpenSSL is built on.
     if not _lib.SSL_CTX_set1_curves_list(ctx._context, KEY_EXCHANGE_GROUPS):
@@ -118,6 +126,11 @@ class ServerTLS:
         ctx = _base_context(SSL.TLS_SERVER_METHOD)
         _load_identity(ctx, self.identity)
         ctx.set_session_id(b"sixnet")
+        # TLS 1.3 session tickets stay at OpenSSL's default (two per handshake, stateless):
+        # they cost an idle session no memory and about 30 us of a login's 5 ms of CPU
+        # (measured 2026-12-03), the binding has no SSL_CTX_set_num_tickets, and
+        # SSL_OP_NO_TICKET would make them stateful, keeping every session (1 KB) in the
+        # context's cache; with the cache also off, no client could resume at all.
         if self.client_auth != "none":
             _load_trust(ctx, self.store)
         if self.client_auth == "required":
