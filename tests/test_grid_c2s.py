@@ -324,6 +324,44 @@ class NegotiationTests(GridTestCase):
         data = await alice.until(rb"</message>")
         assert b"urn:xmpp:delay" in data and b"<entry" in data and b"i1" in data
 
+    async def test_quiet_streams_give_back_parser_and_tls_buffers_and_talk_on(self) -> None:
+        """The sweep frees a quiet stream's parser and swaps its TLS memory BIOs for new,
+        empty ones; both streams (STARTTLS and direct TLS) then carry stanzas bigger than a
+        TLS record both ways, and are swept again after that traffic."""
+        await self._grid()
+        from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
+
+        from sixnet.pki.tls import ClientTLS
+
+        alice = await self._login("alice", "a")
+        bob = RawClient()
+        await connectProtocol(SSL4ClientEndpoint(reactor, "127.0.0.1", self.tls_port,
+                                                 ClientTLS(self.grid.tls.store)), bob)
+        self.addCleanup(lambda: bob.transport.abortConnection())
+        await bob.open_stream()
+        assert b"<success" in await bob.scram_login("bob", "bob secret")
+        await bob.bind("b")
+        streams = list(self.grid.server.connections)
+        assert sorted(s.direct_tls for s in streams) == [False, True]
+        for round_ in range(2):
+            bios = [(s.transport.getHandle()._into_ssl, s.transport.getHandle()._from_ssl)
+                    for s in streams]
+            for _ in range(2):
+                self.grid.server.release_parsers()
+            for stream, (into, out) in zip(streams, bios, strict=True):
+                handle = stream.transport.getHandle()
+                assert not stream.parser.holding
+                assert handle._into_ssl != into and handle._from_ssl != out
+            body = f"{round_}" + "x" * 60000
+            for sender, receiver, to in ((alice, bob, "bob@localhost/b"),
+                                         (bob, alice, "alice@localhost/a")):
+                receiver.clear()
+                sender.send(f"<message to='{to}' type='chat'><body>{body}</body></message>")
+                data = await receiver.until(rb"</body></message>")
+                assert f"<body>{body}</body>".encode() in data
+            await self._still_served(alice)
+            await self._still_served(bob)
+
     async def test_two_clients_exchange_messages_iq_and_presence(self) -> None:
         await self._grid()
         alice = await self._login("alice", "a")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
+from OpenSSL import SSL
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.utils import getProcessOutputAndValue
@@ -13,7 +15,7 @@ from zope.interface import implementer
 
 from sixnet.pki.ca import LabCA
 from sixnet.pki.store import CertificateStore, VerificationError
-from sixnet.pki.tls import ClientTLS, ServerTLS, peer_chain
+from sixnet.pki.tls import ClientTLS, ServerTLS, peer_chain, release_bio_buffers
 
 from .support.pki import LabPKI
 
@@ -121,7 +123,8 @@ class TLSTests(unittest.TestCase):
         port = self.listen("none")
         ca = str(self.pki.root.directory / "ca.pem")
         text = await self.openssl(port, "-CAfile", ca, "-verify_return_error")
-        assert "New, TLSv1.3" in text and "Verification: OK" in text
+        assert "New, TLSv1.3, Cipher is TLS_AES_128_GCM_SHA256" in text, text
+        assert "Verification: OK" in text
         text = await self.openssl(port, "-tls1_2", "-CAfile", ca)
         assert "New, TLSv1.2, Cipher is ECDHE-ECDSA-AES256-GCM-SHA384" in text
         text = await self.openssl(port, "-tls1_2", "-cipher", "AES128-SHA")
@@ -152,3 +155,48 @@ class TLSTests(unittest.TestCase):
         for refused in ("X448", "P-521", "ffdhe2048"):
             text = await self.openssl(port, "-tls1_3", "-groups", refused)
             assert "New, (NONE)" in text and "handshake failure" in text, text
+
+    def test_idle_connection_gets_new_memory_bios_without_losing_a_byte(self) -> None:
+        """`release_bio_buffers` swaps only empty BIOs, and a record half-received when it
+        does (its bytes already in OpenSSL's record layer) is completed through the new one."""
+        tls = ServerTLS(self.store, self.store.identity("localhost"))
+        server = tls.serverConnectionForTLS(None)
+        server.set_accept_state()
+        client = ClientTLS(self.store, hostname="localhost").clientConnectionForTLS(None)
+
+        def move(source: SSL.Connection, sink: SSL.Connection, limit: int = 1 << 20) -> None:
+            with contextlib.suppress(SSL.WantReadError):
+                sink.bio_write(source.bio_read(limit))
+
+        def read_all(connection: SSL.Connection) -> bytes:
+            data = b""
+            with contextlib.suppress(SSL.WantReadError):
+                while True:
+                    data += connection.recv(1 << 16)
+            return data
+
+        for _ in range(4):
+            for side in (client, server):
+                with contextlib.suppress(SSL.WantReadError):
+                    side.do_handshake()
+            move(client, server)
+            move(server, client)
+        big = bytes(range(256)) * 200
+        for _ in range(2):
+            old = server._into_ssl, server._from_ssl
+            assert release_bio_buffers(server)
+            assert (server._into_ssl, server._from_ssl) != old
+            client.sendall(big)
+            move(client, server)
+            assert read_all(server) == big
+            client.sendall(b"half a record")
+            move(client, server, 20)
+            assert not release_bio_buffers(server)  # unread bytes in the read BIO
+            assert read_all(server) == b""  # now they wait in OpenSSL's record layer
+            assert release_bio_buffers(server)
+            move(client, server)
+            assert read_all(server) == b"half a record"
+            server.sendall(big)
+            assert not release_bio_buffers(server)  # output not yet taken
+            move(server, client)
+            assert read_all(client) == big

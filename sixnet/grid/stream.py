@@ -79,7 +79,7 @@ from sixnet.grid.xmpp import (
     serialize,
 )
 from sixnet.pki.store import NodeIdentity
-from sixnet.pki.tls import ServerTLS, peer_chain
+from sixnet.pki.tls import ServerTLS, peer_chain, release_bio_buffers
 
 log = Logger(namespace="sixnet.grid")
 
@@ -141,6 +141,8 @@ class C2SServer:
         self.domain = domain
         self.events = events if events is not None else EventBus()
         self.identity = identity
+        #: RFC 5929's tls-server-end-point: the same for every stream (our certificate).
+        self.end_point_binding = server_end_point(identity.certificate)
         self.tls = tls
         self.sasl = sasl
         self.router = router
@@ -161,8 +163,9 @@ class C2SServer:
         self.recently_fed: set[ClientStream] = set()
 
     def release_parsers(self) -> None:
-        """Free the parser state of the streams that received nothing since the last call
-        (one shared sweep, not a timer per stream; it visits only streams that spoke)."""
+        """Free the parser state and the TLS memory BIOs of the streams that received
+        nothing since the last call (one shared sweep, not a timer per stream; it visits
+        only streams that spoke)."""
         fed, self.fed = self.fed, set()
         for stream in self.recently_fed - fed:
             if not stream.release_parser():
@@ -224,6 +227,14 @@ class ClientStream(XMLStreamProtocol):
 
     format = STREAM
     _machine = MethodicalMachine()
+    # Slots for this class's own attributes: with the base protocol's and Twisted's, one
+    # instance dict would hold 43 keys, past CPython's 30 for a dict sharing its keys with
+    # the class's other instances, and so be a whole dict of its own (1.6 KB a stream).
+    # What stays in the dict (XMLStreamProtocol's, Twisted's, Automat's state) is shared.
+    __slots__ = ("server", "direct_tls", "tls", "jid", "certificate_chain", "session", "sasl",
+                 "lang", "client_lang", "stream_id", "address", "clean_close", "_slot",
+                 "_login_deadline", "_ack_timer", "_refusal", "_unsent", "_registered",
+                 "_pinged", "_stanzas", "_lost")
 
     def __init__(self, server: C2SServer, direct_tls: bool) -> None:
         super().__init__(StreamParser(max_element_bytes=server.limits.max_stanza_bytes,
@@ -250,10 +261,17 @@ class ClientStream(XMLStreamProtocol):
         self._unsent: int | None = None
         self._registered = False  # as the transport's producer
         self._pinged = False  # since the last data received
-        self._stanzas = TokenBucket(server.limits.stanzas_per_second,
-                                    server.limits.stanza_burst, server.clock.seconds())
-        #: Fires when the connection is gone (the service waits for it when stopping).
-        self.lost: defer.Deferred[None] = defer.Deferred()
+        #: Made on the first stanza, dropped by the quiet-stream sweep once full again.
+        self._stanzas: TokenBucket | None = None
+        self._lost: defer.Deferred[None] | None = None
+
+    @property
+    def lost(self) -> defer.Deferred[None]:
+        """Fires when the connection is gone (the service waits for it when stopping); made
+        when first asked for, as an idle stream need not hold one."""
+        if self._lost is None:
+            self._lost = defer.Deferred()
+        return self._lost
 
     @property
     def state(self) -> State:
@@ -334,7 +352,10 @@ class ClientStream(XMLStreamProtocol):
         session, self.session = self.session, None
         if session is not None and session.connection is self:
             server.router.connection_lost(session, clean=self.clean_close)
-        self.lost.callback(None)
+        if self._lost is None:
+            self._lost = defer.succeed(None)
+        else:
+            self._lost.callback(None)
 
     def stream_ended(self) -> None:
         for timer in (self._ack_timer, self._login_deadline):
@@ -358,7 +379,7 @@ class ClientStream(XMLStreamProtocol):
     def tls_established(self) -> None:
         conn = self.transport.getHandle()
         version = conn.get_protocol_version_name()
-        bindings = {"tls-server-end-point": server_end_point(self.server.identity.certificate)}
+        bindings = {"tls-server-end-point": self.server.end_point_binding}
         if version == "TLSv1.3":
             bindings["tls-exporter"] = conn.export_keying_material(
                 b"EXPORTER-Channel-Binding", 32, b"")
@@ -369,6 +390,17 @@ class ClientStream(XMLStreamProtocol):
             self.send_stream_error(*self._refusal)
             return
         self.tls_up()
+
+    def release_parser(self) -> bool:
+        """Also give the TLS layer's memory BIOs back (`release_bio_buffers`): a quiet
+        stream keeps them at the size of the handshake's flight otherwise; and the stanza
+        rate bucket once it is full (a new one is the same)."""
+        released = super().release_parser()
+        if released and not self.closed and not self.tls_pending:
+            release_bio_buffers(self.transport.getHandle())
+            if self._stanzas is not None and self._stanzas.full(self.server.clock.seconds()):
+                self._stanzas = None
+        return released
 
     # -- output (Connection) -----------------------------------------------------------------
 
@@ -761,6 +793,7 @@ class ClientStream(XMLStreamProtocol):
             self.jid = outcome.jid
             self.certificate_chain = outcome.certificate_chain
             self.sasl = None
+            self.tls = None  # what SASL needed of TLS: an idle session need not keep it
             self.restart_stream()
             self.sasl_succeeded()
 
@@ -911,7 +944,10 @@ class ClientStream(XMLStreamProtocol):
     def _throttle(self) -> None:
         """Token bucket: `stanza_burst` stanzas at once, `stanzas_per_second` sustained."""
         limits = self.server.limits
-        if not self._stanzas.take(self.server.clock.seconds()):
+        now = self.server.clock.seconds()
+        if self._stanzas is None:
+            self._stanzas = TokenBucket(limits.stanzas_per_second, limits.stanza_burst, now)
+        if not self._stanzas.take(now):
             self.server.counters.rate_limited.inc()
             log.warn("{jid}: more than {rate} stanzas per second; closing", jid=self.jid,
                      rate=limits.stanzas_per_second)
