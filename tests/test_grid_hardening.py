@@ -194,15 +194,19 @@ class ParallelGuessTests(GridTestCase):
         """An exchange aborted after the challenge, and one whose stream closes there, each
         used a guess: otherwise a guesser could drop exchanges to get past the lockout."""
         await self._grid(lockout_after=2, lockout_seconds=60)
-        aborted, closed = await self._streams(2)
-        assert b"</challenge>" in await aborted.scram_first("alice")
-        aborted.clear()
-        aborted.send("<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
-        await aborted.until(rb"<aborted/>")
-        assert b"</challenge>" in await closed.scram_first("alice")
-        closed.transport.abortConnection()
+        first, second, closed = await self._streams(3)
+        for aborted in (first, second):
+            assert b"</challenge>" in await aborted.scram_first("alice")
+            aborted.clear()
+            aborted.send("<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+            await aborted.until(rb"<aborted/>")
         record = await self.grid.lockout.failures("alice", "127.0.0.2")
         assert record.count == 2 and self.grid.lockout.locked(record)
+        assert self._audited("account-locked") == 1  # the second abort's attempt locked it
+        assert b"</challenge>" in await closed.scram_first("bob")
+        closed.transport.abortConnection()
+        await closed.closed
+        assert (await self.grid.lockout.failures("bob", "127.0.0.2")).count == 1
 
     async def test_parallel_plain_guesses_are_checked_up_to_the_lockout(self) -> None:
         await self._grid(lockout_after=2, lockout_seconds=60, allow_plain=True)
