@@ -161,6 +161,9 @@ class RawClient(protocol.Protocol):
         self.received = b""
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._waiters: list[tuple[re.Pattern[bytes], defer.Deferred[bytes]]] = []
+        #: The SCRAM exchange `scram_first` started: mechanism, binding, GS2 header, bare
+        #: client-first message.
+        self._scram: tuple[str, str | None, str, str] | None = None
 
     @classmethod
     async def connect(cls, port: int, source: str | None = None) -> RawClient:
@@ -225,16 +228,29 @@ class RawClient(protocol.Protocol):
     async def scram_login(self, user: str, password: str, mechanism: str = "SCRAM-SHA-256",
                           binding: str | None = None) -> bytes:
         """Run a SCRAM exchange; returns the server's final answer (success or failure)."""
-        hash_name = "sha256" if "SHA-256" in mechanism else "sha1"
+        data = await self.scram_first(user, mechanism, binding)
+        if b"<failure" in data:
+            return data
+        return await self.scram_final(password)
+
+    async def scram_first(self, user: str, mechanism: str = "SCRAM-SHA-256",
+                          binding: str | None = None) -> bytes:
+        """Send the client-first message; the server's answer (a challenge or a failure)."""
         gs2 = f"p={binding},," if binding else "n,,"
-        cnonce = base64.b64encode(os.urandom(18)).decode()
-        first_bare = f"n={user},r={cnonce}"
+        first_bare = f"n={user},r={base64.b64encode(os.urandom(18)).decode()}"
+        self._scram = (mechanism, binding, gs2, first_bare)
         self.clear()
         self.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mechanism}'>"
                   + base64.b64encode((gs2 + first_bare).encode()).decode() + "</auth>")
-        data = await self.until(rb"</challenge>|</failure>")
-        if b"<failure" in data:
-            return data
+        return await self.until(rb"</challenge>|</failure>")
+
+    async def scram_final(self, password: str) -> bytes:
+        """Answer the challenge `scram_first` received with the proof for `password`; the
+        server's final answer (success or failure)."""
+        assert self._scram is not None, "scram_first first"
+        mechanism, binding, gs2, first_bare = self._scram
+        hash_name = "sha256" if "SHA-256" in mechanism else "sha1"
+        data = self.received
         server_first = base64.b64decode(re.search(rb"<challenge[^>]*>([^<]*)<", data)[1])
         attrs = dict(p.split("=", 1) for p in server_first.decode().split(","))
         salted = hashlib.pbkdf2_hmac(hash_name, password.encode(), base64.b64decode(attrs["s"]),

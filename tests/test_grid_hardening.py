@@ -4,7 +4,9 @@ that a stranger must not be able to turn against the owner, and connections per 
 
 from __future__ import annotations
 
+import base64
 import time
+from typing import Any
 
 import pytest
 from twisted.internet import defer, reactor
@@ -123,3 +125,101 @@ class LockoutTests(GridTestCase):
         assert b"<account-disabled/>" in await again.scram_login("alice", "alice secret")
         audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
         assert '"address":"127.0.0.2","event":"account-locked"' in audit
+
+
+class ParallelGuessTests(GridTestCase):
+    """Guesses sent at once on several streams from one address: each attempt is counted when
+    it names the account, before its password is checked, so exactly ``lockout_after`` are
+    checked and the rest refused as locked (once, every stream passed the check together)."""
+
+    async def _streams(self, count: int) -> list[RawClient]:
+        streams = []
+        for _ in range(count):
+            c = await RawClient.connect(self.port, source="127.0.0.2")
+            self.addCleanup(c.transport.abortConnection)
+            await c.starttls(self.grid.tls.store)
+            await c.open_stream()
+            streams.append(c)
+        return streams
+
+    @staticmethod
+    async def _all(steps: list[Any]) -> list[bytes]:
+        """Run the steps at once: each sends before any answer is awaited."""
+        return await defer.gatherResults([defer.Deferred.fromCoroutine(s) for s in steps])
+
+    def _audited(self, event: str) -> int:
+        audit = (self.config.sixnet.state_dir / "grid-audit.jsonl").read_text()
+        return audit.count(f'"event":"{event}"')
+
+    async def test_parallel_scram_guesses_are_checked_up_to_the_lockout(self) -> None:
+        await self._grid(lockout_after=3, lockout_seconds=60)
+        streams = await self._streams(6)
+        answers = await self._all([c.scram_login("alice", f"guess {i}")
+                                   for i, c in enumerate(streams)])
+        assert sum(b"<not-authorized/>" in answer for answer in answers) == 3, answers
+        assert sum(b"<account-disabled/>" in answer for answer in answers) == 3, answers
+        assert self._audited("account-locked") == 1
+        assert (await self.grid.lockout.failures("alice", "127.0.0.2")).count == 3
+        [late] = await self._streams(1)
+        assert b"<account-disabled/>" in await late.scram_login("alice", "alice secret")
+        await self._login("alice")  # the owner, from 127.0.0.1
+
+    async def test_right_passwords_among_parallel_guesses_are_accepted(self) -> None:
+        """A login that would reach the lock waits for the attempts still being checked: a
+        right one among them clears the count, so no right password is refused here."""
+        await self._grid(lockout_after=3, lockout_seconds=60)
+        streams = await self._streams(6)
+        passwords = ["guess", "alice secret", "guess 2", "alice secret", "alice secret",
+                     "alice secret"]
+        answers = await self._all([c.scram_login("alice", password)
+                                   for c, password in zip(streams, passwords, strict=True)])
+        outcomes = [b"<success" in answer for answer in answers]
+        assert outcomes == [p == "alice secret" for p in passwords], answers
+
+    async def test_a_right_password_after_fewer_failures_resets_the_count(self) -> None:
+        await self._grid(lockout_after=3, lockout_seconds=60)
+        first, second, third = await self._streams(3)
+        answers = await self._all([first.scram_login("alice", "guess"),
+                                   second.scram_login("alice", "guess 2")])
+        assert all(b"<not-authorized/>" in answer for answer in answers), answers
+        assert (await self.grid.lockout.failures("alice", "127.0.0.2")).count == 2
+        assert b"<success" in await third.scram_login("alice", "alice secret")
+        assert (await self.grid.lockout.failures("alice", "127.0.0.2")).count == 0
+        streams = await self._streams(4)
+        answers = await self._all([c.scram_login("alice", "guess") for c in streams])
+        assert sum(b"<not-authorized/>" in answer for answer in answers) == 3, answers
+        assert self._audited("account-locked") == 1
+
+    async def test_an_abandoned_exchange_stays_counted(self) -> None:
+        """An exchange aborted after the challenge, and one whose stream closes there, each
+        used a guess: otherwise a guesser could drop exchanges to get past the lockout."""
+        await self._grid(lockout_after=2, lockout_seconds=60)
+        first, second, closed = await self._streams(3)
+        for aborted in (first, second):
+            assert b"</challenge>" in await aborted.scram_first("alice")
+            aborted.clear()
+            aborted.send("<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+            await aborted.until(rb"<aborted/>")
+        record = await self.grid.lockout.failures("alice", "127.0.0.2")
+        assert record.count == 2 and self.grid.lockout.locked(record)
+        assert self._audited("account-locked") == 1  # the second abort's attempt locked it
+        assert b"</challenge>" in await closed.scram_first("bob")
+        closed.transport.abortConnection()
+        await closed.closed
+        assert (await self.grid.lockout.failures("bob", "127.0.0.2")).count == 1
+
+    async def test_parallel_plain_guesses_are_checked_up_to_the_lockout(self) -> None:
+        await self._grid(lockout_after=2, lockout_seconds=60, allow_plain=True)
+        streams = await self._streams(4)
+
+        async def plain(c: RawClient, password: str) -> bytes:
+            c.clear()
+            c.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+                   + base64.b64encode(f"\0alice\0{password}".encode()).decode() + "</auth>")
+            return await c.until(rb"</success>|<success[^>]*/>|</failure>")
+
+        answers = await self._all([plain(c, f"guess {i}") for i, c in enumerate(streams)])
+        assert sum(b"<not-authorized/>" in answer for answer in answers) == 2, answers
+        assert sum(b"<account-disabled/>" in answer for answer in answers) == 2, answers
+        [late] = await self._streams(1)
+        assert b"<account-disabled/>" in await plain(late, "alice secret")

@@ -14,6 +14,7 @@ from sixnet.app.config import load_config
 from sixnet.core.errors import ConfigError
 from sixnet.core.lockout import Failures, LockoutPolicy
 from sixnet.core.storage.database import Database
+from sixnet.grid.sasl import PendingAttempts
 from sixnet.grid.scram import ScramCredentials
 from sixnet.grid.storage.accounts import AccountError, AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
@@ -151,13 +152,14 @@ class SQLiteStorageTests(unittest.TestCase):
         await AccountStore(db, 4096).prepare()
         here, there = "192.0.2.1", "2001:db8::1"
         assert await lockout.failures("alice", here) == Failures()
-        assert not lockout.locked(await lockout.failed("alice", here))
-        record = await lockout.failed("alice", here)
-        assert record == Failures(2, 1_060_000) and lockout.locked(record)
+        assert await lockout.reserve("alice", here) == (Failures(1, 0), True)
+        record, counted = await lockout.reserve("alice", here)
+        assert counted and record == Failures(2, 1_060_000) and lockout.locked(record)
+        assert await lockout.reserve("alice", here) == (record, False)  # locked: not counted
         assert await lockout.failures("alice", here) == record  # in the database, not memory
         assert await lockout.failures("alice", "::ffff:192.0.2.1") == record  # the same source
         assert await lockout.failures("alice", there) == Failures()  # the owner, elsewhere
-        await lockout.failed("alice", there)
+        await lockout.reserve("alice", there)
         assert (await lockout.failures("alice", "2001:db8::ffff")).count == 1  # the same /64
         assert await lockout.failures("alice", "2001:db8:0:1::1") == Failures()
         now[0] = 1_061.0
@@ -167,9 +169,42 @@ class SQLiteStorageTests(unittest.TestCase):
         assert (await lockout.failures("alice", there)).count == 1  # its own source only
         for name in ["a", "b", "c", "d"]:  # any name; the table is bounded
             now[0] += 1
-            await lockout.failed(name, here)
+            await lockout.reserve(name, here)
         assert await lockout.failures("a", here) == Failures()
         assert (await lockout.failures("d", here)).count == 1
+
+    async def test_a_login_waits_for_pending_attempts_instead_of_being_refused(self) -> None:
+        """With one guess left, a second login waits for the first attempt's outcome (or its
+        deadline, when its stream went away silently); refused only once locked with none
+        pending."""
+        db = self.database()
+        await AccountStore(db, 4096).prepare()
+        lockout = LockoutStore(db, LockoutPolicy(2, 60), clock=lambda: 1_000.0)
+        clock = task.Clock()
+        attempts = PendingAttempts(lockout, clock, timeout=10)
+        here = "192.0.2.1"
+        record, settle = await attempts.reserve("alice", here)
+        assert record == Failures(1, 0) and settle is not None
+        second = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert not second.called  # it would lock: waits for the first
+        settle()  # the first was wrong: it stays counted
+        record, settle = await second
+        assert record == Failures(2, 1_060_000) and settle is not None  # locks, is checked
+        third = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert not third.called  # locked, but the second may be right
+        clock.advance(10)  # the second's stream went away without a word
+        assert await third == (Failures(2, 1_060_000), None)
+        await lockout.succeeded("alice", here)
+        fourth = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        fifth = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        record, settle = await fourth
+        await task.deferLater(reactor, 0.2, lambda: None)
+        assert not fifth.called
+        attempts.close()  # the server stops
+        assert await fifth == (Failures(1, 0), None)
+        assert not clock.getDelayedCalls()
 
     async def test_revocations_seen_from_another_connection(self) -> None:
         """The CLI's connection writes, the server's watch sees it: NOTIFY on PostgreSQL, the

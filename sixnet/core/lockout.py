@@ -86,19 +86,12 @@ class LockoutTable:
             f" WHERE {self.key} = ? AND source = ?", (account, source)).fetchone()
         return Failures(int(row[0]), int(row[1])) if row else Failures()
 
-    def failed(self, cursor: Cursor, account: str, source: str, policy: LockoutPolicy,
-               now_ms: int) -> Failures:
-        """Count one more failure (inside the caller's transaction); return the new record."""
-        while True:
-            before = self.read(cursor, account, source)
-            after = policy.failed(before, now_ms)
-            if self._swap(cursor, account, source, before, after, now_ms):
-                return after
-
     def reserve(self, cursor: Cursor, account: str, source: str, policy: LockoutPolicy,
-                now_ms: int) -> tuple[Failures, bool]:
+                now_ms: int, lock: bool = True) -> tuple[Failures, bool]:
         """Count an attempt as a failure *before* its password is checked, unless the record is
         locked (inside the caller's transaction): the record and whether it was counted.
+        With `lock` False, an attempt that would lock the record is not counted either (the
+        caller waits for attempts still being checked, one of which may be right).
 
         Checking the lock and counting in one step means that guesses sent at once on several
         connections count one each, and the one after the threshold is refused without a
@@ -109,6 +102,8 @@ class LockoutTable:
             if policy.locked(before, now_ms):
                 return before, False
             after = policy.failed(before, now_ms)
+            if not lock and policy.locked(after, now_ms):
+                return before, False
             if self._swap(cursor, account, source, before, after, now_ms):
                 return after, True
 

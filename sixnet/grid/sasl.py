@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from twisted.internet import task, threads
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
@@ -67,6 +67,102 @@ class Success:
     certificate_chain: tuple[x509.Certificate, ...] = ()
 
 
+class PendingAttempts:
+    """Password attempts this server has counted (`LockoutStore.reserve`) and is still
+    checking, per account and source network.
+
+    A login that would lock the account, or finds it locked, while some of these are pending
+    waits for them instead of being refused: a right password among them clears the count.
+    So ten right logins of one account opened at once are all accepted, while of ten guesses
+    still only ``lockout_after`` are checked. An attempt stops being pending when its outcome
+    is known or after `timeout` (the unauthenticated-stream deadline: its stream is closed by
+    then, whether or not it said goodbye), and a login waits at most as long.
+    """
+
+    def __init__(self, lockout: LockoutStore, clock: IReactorTime, timeout: float) -> None:
+        self.lockout = lockout
+        self.clock = clock
+        self.timeout = timeout
+        self._held: dict[tuple[str, str], int] = {}
+        self._expiries: set[IDelayedCall] = set()
+        self._waiting: dict[tuple[str, str], list[defer.Deferred[None]]] = {}
+        #: One reservation at a time per key, so that two cannot both see none pending.
+        self._turns: dict[tuple[str, str], defer.DeferredLock] = {}
+
+    async def reserve(self, username: str,
+                      address: str) -> tuple[Failures, Callable[[], None] | None]:
+        """Count an attempt before its check: the record, and the function that ends it as
+        pending (None: refused, the account is locked for this source)."""
+        key = (username, source_of(address))
+        deadline = self.clock.seconds() + self.timeout
+        while True:
+            turn = self._turns.setdefault(key, defer.DeferredLock())
+            await turn.acquire()
+            try:
+                failures, counted = await self.lockout.reserve(
+                    username, address, lock=not self._held.get(key))
+                if counted:
+                    return failures, self._hold(key)
+            finally:
+                turn.release()
+                if not turn.locked and not turn.waiting and self._turns.get(key) is turn:
+                    del self._turns[key]
+            left = deadline - self.clock.seconds()
+            if not self._held.get(key):
+                if self.lockout.locked(failures):
+                    return failures, None
+            elif left <= 0 or not await self._changed(key, left):
+                return failures, None
+
+    def close(self) -> None:
+        """The server stops: forget every pending attempt, and refuse the logins waiting."""
+        for expiry in list(self._expiries):
+            expiry.cancel()
+        self._expiries.clear()
+        self._held.clear()
+        for waiters in list(self._waiting.values()):
+            for waiter in list(waiters):
+                waiter.cancel()
+
+    def _hold(self, key: tuple[str, str]) -> Callable[[], None]:
+        self._held[key] = self._held.get(key, 0) + 1
+        expiry = self.clock.callLater(self.timeout, lambda: release())
+        self._expiries.add(expiry)
+
+        def release() -> None:
+            if expiry not in self._expiries:
+                return  # released already, or forgotten by `close`
+            self._expiries.discard(expiry)
+            if expiry.active():
+                expiry.cancel()
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+            for waiter in self._waiting.pop(key, []):
+                waiter.callback(None)
+
+        return release
+
+    async def _changed(self, key: tuple[str, str], seconds: float) -> bool:
+        """Wait until an attempt on `key` stops being pending (True) or `seconds` pass."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.setdefault(key, []).append(waiter)
+        timer = self.clock.callLater(seconds, waiter.cancel)
+        try:
+            await waiter
+        except defer.CancelledError:
+            waiters = self._waiting.get(key, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiting.pop(key, None)
+            return False
+        finally:
+            if timer.active():
+                timer.cancel()
+        return True
+
+
 class SaslPolicy:
     """Shared by every stream: the stores, the lockout records, the audit log, the settings."""
 
@@ -75,7 +171,7 @@ class SaslPolicy:
                  iterations: int, failure_delay: float, allow_plain: bool,
                  revoked: Collection[str] = frozenset(),
                  counters: GridCounters | None = None, *,
-                 events: IEventSink | None = None) -> None:
+                 events: IEventSink | None = None, pending_timeout: float = 10.0) -> None:
         self.domain = domain
         self.events = events if events is not None else EventBus()
         #: Bare JIDs refused whatever their credentials (`sixnet grid revoke`).
@@ -83,6 +179,7 @@ class SaslPolicy:
         self.accounts = accounts
         self.store = store
         self.lockout = lockout
+        self.attempts = PendingAttempts(lockout, clock, pending_timeout)
         self.audit = audit
         self.clock = clock
         self.secret = secret
@@ -114,12 +211,12 @@ class SaslExchange:
         self._scram: ScramExchange | None = None
         self._mechanism: str | None = None
         self._user: str | None = None
-        #: Whether a password proof was checked: only wrong proofs count towards a lockout,
-        #: not, say, a channel binding type we do not offer.
-        self._proof_checked = False
-        #: The account's failed logins as read before its password was checked (None: not
-        #: read, as for EXTERNAL).
-        self._failures: Failures | None = None
+        #: Whether this exchange's attempt, counted as a failure before its password was
+        #: checked (`_reserve`), locked the account: reported when the attempt fails or is
+        #: aborted, forgotten when the password proves right.
+        self._locks = False
+        #: Ends this exchange's attempt as pending (`PendingAttempts`) once its outcome is known.
+        self._settle: Callable[[], None] = lambda: None
 
     # -- entry points --------------------------------------------------------------------
 
@@ -127,8 +224,8 @@ class SaslExchange:
         self._scram = None
         self._mechanism = mechanism
         self._user = None
-        self._proof_checked = False
-        self._failures = None
+        self._settle()  # an exchange left for a new one stays counted
+        self._locks = False
         try:
             if mechanism not in self.policy.mechanisms(self.tls):
                 raise SaslFailure("invalid-mechanism", f"{mechanism!r} is not offered")
@@ -161,8 +258,8 @@ class SaslExchange:
                 raise SaslFailure("malformed-request", "no exchange in progress")
             if scram.username is None:
                 return await self._scram_first(payload)
-            self._proof_checked = True
             server_final = scram.client_final(payload)
+            await self._password_right(scram.username)
             jid = self._jid_for(scram.username, scram.authzid)
             self._scram = None
             return await self._succeeded(jid, server_final, scram.channel_binding)
@@ -173,8 +270,12 @@ class SaslExchange:
 
     def abort(self) -> None:
         self._scram = None
+        self._settle()
         self.policy.audit.record("auth-aborted", mechanism=self._mechanism, user=self._user,
                                  address=self.address)
+        if self._locks:  # the attempt stays counted: an abort is no proof of the password
+            self._locks = False
+            self._locked_out("aborted")
 
     # -- mechanisms ----------------------------------------------------------------------
 
@@ -183,7 +284,7 @@ class SaslExchange:
         name = self._scram.client_first(payload)
         username = self._username(name)
         self._user = username
-        await self._refuse_if_locked(username)
+        await self._reserve(username)
         credentials = await self.policy.accounts.credentials(username, self._scram.hash_name)
         return Challenge(self._scram.server_first(credentials))
 
@@ -210,8 +311,9 @@ class SaslExchange:
         username = self._username(local)
         jid = self._jid_for(username, None)
         # No lockout check: a certificate cannot be guessed, and password guesses against a
-        # platform's name must not lock the platform out.
+        # platform's name must not lock the platform out. A success resets the count.
         await self.policy.accounts.record_certificate_login(username)
+        await self.policy.lockout.succeeded(username, self.address)
         success = await self._succeeded(jid, b"", None)
         return Success(success.jid, success.data, tuple(self.tls.peer_chain))
 
@@ -225,25 +327,38 @@ class SaslExchange:
             raise SaslFailure("malformed-request", "not UTF-8") from None
         username = self._username(authcid)
         self._user = username
-        await self._refuse_if_locked(username)
+        await self._reserve(username)
         credentials = await self.policy.accounts.credentials(username, "SHA-256")
         try:
             prepared = prepare_password(password)
         except AccountError:
-            raise SaslFailure("not-authorized") from None
-        self._proof_checked = True
+            raise SaslFailure("not-authorized") from None  # can never be right: stays counted
         ok = credentials is not None and await threads.deferToThread(
             credentials.check_password, "SHA-256", prepared)
         if not ok:
             raise SaslFailure("not-authorized")
+        await self._password_right(username)
         return await self._succeeded(self._jid_for(username, authzid or None), b"", None)
 
     # -- outcomes ------------------------------------------------------------------------
 
-    async def _refuse_if_locked(self, username: str) -> None:
-        self._failures = await self.policy.lockout.failures(username, self.address)
-        if self.policy.lockout.locked(self._failures):
+    async def _reserve(self, username: str) -> None:
+        """Count this attempt as a failure before its password is checked, or refuse it when
+        the account is locked: in one step, so guesses sent at once on several streams count
+        one each and the ones past ``lockout_after`` are refused without a check. An exchange
+        that never proves its password right (abandoned, malformed, wrong) stays counted."""
+        failures, settle = await self.policy.attempts.reserve(username, self.address)
+        if settle is None:
             raise SaslFailure("account-disabled", "too many failed logins; try again later")
+        self._settle = settle
+        self._locks = self.policy.lockout.locked(failures)
+
+    async def _password_right(self, username: str) -> None:
+        """The password proved right: a success resets the count (even if the login is then
+        refused for another reason, such as a revoked platform: that was no guess)."""
+        await self.policy.lockout.succeeded(username, self.address)
+        self._settle()
+        self._locks = False
 
     def _username(self, name: str) -> str:
         """A SASL user name is the localpart, or the bare JID at our domain."""
@@ -263,7 +378,6 @@ class SaslExchange:
     def _jid_for(self, username: str, authzid: str | None) -> JID:
         jid = JID(username, self.policy.domain)
         if str(jid) in self.policy.revoked:
-            self._proof_checked = False  # refused, not a guess: no lockout count
             raise SaslFailure("not-authorized", "this platform's access has been revoked")
         if authzid:
             try:
@@ -275,8 +389,6 @@ class SaslExchange:
         return jid
 
     async def _succeeded(self, jid: JID, data: bytes, binding: str | None) -> Success:
-        if self._failures is None or self._failures.count:
-            await self.policy.lockout.succeeded(jid.local or "", self.address)
         self.policy.counters.login(self._mechanism, True)
         self.policy.audit.record("auth-success", user=str(jid), mechanism=self._mechanism,
                                  channel_binding=binding, tls=self.tls.version,
@@ -284,35 +396,36 @@ class SaslExchange:
         return Success(jid, data)
 
     async def _failed(self, failure: SaslFailure) -> None:
-        """Count, audit, lock if need be, and wait before the client hears of it."""
+        """Audit (the lockout count was taken by `_reserve`), report a lock this attempt made,
+        and wait before the client hears of it."""
         self.failures += 1
-        locked = False
-        if self._proof_checked and self._user is not None and \
-                failure.condition == "not-authorized":
-            lockout = self.policy.lockout
-            locked = lockout.locked(await lockout.failed(self._user, self.address))
+        self._settle()
+        locked, self._locks = self._locks, False
         self.policy.counters.login(self._mechanism, False)
         self.policy.audit.record("auth-failure", user=self._user, mechanism=self._mechanism,
                                  condition=failure.condition, reason=failure.text,
                                  address=self.address)
+        self._report(failure)
         if locked:
-            self.policy.counters.lockouts.inc()
-            self.policy.audit.record("account-locked", user=self._user, address=self.address,
-                                     seconds=self.policy.lockout.policy.seconds)
-        self._report(failure, locked)
+            self._locked_out(failure.condition)
         if self.policy.failure_delay > 0:
             await task.deferLater(self.policy.clock, self.policy.failure_delay, lambda: None)
 
-    def _report(self, failure: SaslFailure, locked: bool) -> None:
-        """One grid.login-failed event per failure, and grid.locked-out when it locked."""
-        policy = self.policy
+    def _subject(self) -> str | None:
         user = self._user
-        if user is not None:
-            subject: str | None = (user if "@" in user else f"{user}@{policy.domain}")[:128]
-        else:
-            subject = None
-        facts = {"mechanism": (self._mechanism or "")[:40], "condition": failure.condition,
-                 "network": source_of(self.address)}
+        if user is None:
+            return None
+        return (user if "@" in user else f"{user}@{self.policy.domain}")[:128]
+
+    def _facts(self, condition: str) -> dict[str, str]:
+        return {"mechanism": (self._mechanism or "")[:40], "condition": condition,
+                "network": source_of(self.address)}
+
+    def _report(self, failure: SaslFailure) -> None:
+        """One grid.login-failed event per failure."""
+        policy = self.policy
+        subject = self._subject()
+        facts = self._facts(failure.condition)
         why = ""
         if self._mechanism == "EXTERNAL" and self.tls.peer_chain:
             facts.update(certificate_facts(self.tls.peer_chain[0]))
@@ -325,13 +438,20 @@ class SaslExchange:
             "grid.login-failed", subject=subject, source=self.address,
             detail=f"SASL {facts['mechanism']} login failed: {failure.condition}{why}",
             facts=facts, time=policy.clock.seconds()))
-        if locked:
-            seconds = policy.lockout.policy.seconds
-            policy.events.emit(SecurityEvent(
-                "grid.locked-out", subject=subject, source=self.address,
-                detail=f"logins to {subject} from {facts['network']} locked for {seconds} s",
-                facts={**facts, "limit": "lockout_after", "seconds": str(seconds)},
-                time=policy.clock.seconds()))
+
+    def _locked_out(self, condition: str) -> None:
+        """Count, audit and report a lock this exchange's attempt made (grid.locked-out)."""
+        policy = self.policy
+        seconds = policy.lockout.policy.seconds
+        policy.counters.lockouts.inc()
+        policy.audit.record("account-locked", user=self._user, address=self.address,
+                            seconds=seconds)
+        subject, facts = self._subject(), self._facts(condition)
+        policy.events.emit(SecurityEvent(
+            "grid.locked-out", subject=subject, source=self.address,
+            detail=f"logins to {subject} from {facts['network']} locked for {seconds} s",
+            facts={**facts, "limit": "lockout_after", "seconds": str(seconds)},
+            time=policy.clock.seconds()))
 
 
 def decode_payload(text: str | None) -> bytes | None:

@@ -113,7 +113,8 @@ class GridService(MultiService):
         sasl = SaslPolicy(grid.domain, self.accounts, store, self.lockout, self.audit, clock,
                           load_secret(state_dir), grid.scram_iterations,
                           grid.failure_delay, grid.allow_plain, self.revocations.revoked,
-                          counters=self.counters, events=self.events)
+                          counters=self.counters, events=self.events,
+                          pending_timeout=grid.unauthenticated_timeout)
         limits = Limits(
             max_stanza_bytes=grid.max_stanza_bytes,
             stanzas_per_second=grid.stanzas_per_second, stanza_burst=grid.stanza_burst,
@@ -315,6 +316,7 @@ class GridService(MultiService):
         except defer.TimeoutError:
             for stream in list(self.server.connections):
                 stream.transport.abortConnection()
+        self.server.sasl.attempts.close()
         for session in list(self.router.all_sessions()):
             self.router.end_session(session)
         for session in list(self.router.resumable.values()):

@@ -265,10 +265,13 @@ class LockoutStore:
     def locked(self, failures: Failures) -> bool:
         return self.policy.locked(failures, self.now_ms())
 
-    def failed(self, username: str, address: str) -> defer.Deferred[Failures]:
-        """Count one failure; the record it leaves (locked if this failure locked it)."""
-        return self.db.run("grid lockout failure", self.table.failed, username,
-                           source_of(address), self.policy, self.now_ms())
+    def reserve(self, username: str, address: str,
+                lock: bool = True) -> defer.Deferred[tuple[Failures, bool]]:
+        """Count a login attempt as a failure before its password is checked, unless the record
+        is locked (or, without `lock`, would be): the record and whether it was counted
+        (`LockoutTable.reserve`)."""
+        return self.db.run("grid lockout reserve", self.table.reserve, username,
+                           source_of(address), self.policy, self.now_ms(), lock)
 
     def succeeded(self, username: str, address: str) -> defer.Deferred[None]:
         """A success clears the count of its own source only."""
