@@ -3,6 +3,7 @@ failed logins, offline messages, revoked platforms; and the lockout policy and i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,8 @@ from twisted.trial import unittest
 
 from sixnet.app.config import load_config
 from sixnet.core.errors import ConfigError
-from sixnet.core.lockout import Failures, LockoutPolicy
+from sixnet.core.lockout import Failures, LockoutPolicy, PendingAttempts
 from sixnet.core.storage.database import Database
-from sixnet.grid.sasl import PendingAttempts
 from sixnet.grid.scram import ScramCredentials
 from sixnet.grid.storage.accounts import AccountError, AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
@@ -181,24 +181,29 @@ class SQLiteStorageTests(unittest.TestCase):
         await AccountStore(db, 4096).prepare()
         lockout = LockoutStore(db, LockoutPolicy(2, 60), clock=lambda: 1_000.0)
         clock = task.Clock()
-        attempts = PendingAttempts(lockout, clock, timeout=10)
+        attempts = PendingAttempts()
         here = "192.0.2.1"
-        record, settle = await attempts.reserve("alice", here)
+
+        def reserve() -> defer.Deferred[tuple[Failures, Callable[[], None] | None]]:
+            return defer.Deferred.fromCoroutine(attempts.reserve(
+                "alice", here, lambda lock: lockout.reserve("alice", here, lock), clock, 10))
+
+        record, settle = await reserve()
         assert record == Failures(1, 0) and settle is not None
-        second = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        second = reserve()
         await task.deferLater(reactor, 0.2, lambda: None)
         assert not second.called  # it would lock: waits for the first
         settle()  # the first was wrong: it stays counted
         record, settle = await second
         assert record == Failures(2, 1_060_000) and settle is not None  # locks, is checked
-        third = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        third = reserve()
         await task.deferLater(reactor, 0.2, lambda: None)
         assert not third.called  # locked, but the second may be right
         clock.advance(10)  # the second's stream went away without a word
         assert await third == (Failures(2, 1_060_000), None)
         await lockout.succeeded("alice", here)
-        fourth = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
-        fifth = defer.Deferred.fromCoroutine(attempts.reserve("alice", here))
+        fourth = reserve()
+        fifth = reserve()
         record, settle = await fourth
         await task.deferLater(reactor, 0.2, lambda: None)
         assert not fifth.called

@@ -387,6 +387,23 @@ class RegistryTests(RegistryHarness):
                                                 password="right"), IRPError)
         assert error.condition == "locked"
 
+    async def test_parallel_right_passwords_are_all_accepted(self) -> None:
+        """More right passwords than ``lockout_after`` sent at once from one network: one that
+        would reach the lock waits for those still being checked, which clear the count, so
+        none is refused by the others' counts; and right ones among guesses are accepted."""
+        service = await self.start(lockout_after=3)
+        await service.registry.store.set_password("erin@example.test", hash_password("right"), 0)
+        clients = [await self.client(service, source="127.0.0.2") for _ in range(6)]
+        chains = await defer.gatherResults([
+            c.enroll("erin@example.test", generate_key(), password="right") for c in clients])
+        assert len(chains) == 6 and all(chains)
+        assert not [e for e in self.audit(service) if e["event"] == "password"]
+        passwords = ["wrong", "right", "wrong", "right", "right", "right"]
+        outcomes = await defer.gatherResults([defer.Deferred.fromCoroutine(_outcome(
+            c.enroll("erin@example.test", generate_key(), password=password)))
+            for c, password in zip(clients, passwords, strict=True)])
+        assert outcomes == ["ok" if p == "right" else "not-authorized" for p in passwords]
+
     async def test_a_right_password_takes_its_count_back(self) -> None:
         """The attempt that reaches ``lockout_after`` is still checked, and a right password
         clears the count its own attempt reserved with the earlier ones."""
@@ -607,6 +624,15 @@ def _identity(base: str, name: str, chain, key) -> NodeIdentity:
     write_public_file(directory / "cert.pem", certificates_pem(chain))
     write_private_key(directory / "key.pem", key)
     return NodeIdentity.load(name, directory / "cert.pem", directory / "key.pem")
+
+
+async def _outcome(d: defer.Deferred) -> str:
+    """"ok", or the condition of the IRPError `d` fails with."""
+    try:
+        await d
+    except IRPError as e:
+        return e.condition
+    return "ok"
 
 
 async def _fails(d: defer.Deferred, kind: type[Exception]) -> Exception:

@@ -1,8 +1,11 @@
 """When failed logins lock an account: one rule for every service that checks passwords.
 
 The policy is arithmetic on a `Failures` record and the time; each service keeps the records
-in its own database (IRP on the account row, the grid in its ``grid_lockout`` table) and asks
-the policy what they mean. No reactor, no storage: tests drive it with plain numbers.
+in its own database (`LockoutTable`: IRP's ``irp_lockout``, the grid's ``grid_lockout``) and
+asks the policy what they mean. The policy has no reactor and no storage: tests drive it with
+plain numbers. An attempt is counted before its password is checked (`LockoutTable.reserve`);
+`PendingAttempts` keeps, in one process's memory, the attempts still being checked, so that
+right passwords sent at once wait for each other instead of locking each other out.
 
 A record belongs to an account *and the network a login comes from* (`source_of`): five wrong
 passwords from a stranger lock the stranger's network out of that account, not the owner,
@@ -14,7 +17,11 @@ connections one address may hold before it has authenticated.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from sixnet.core.storage.database import Cursor
 
@@ -136,3 +143,105 @@ class LockoutTable:
     def clear(self, cursor: Cursor, account: str, source: str) -> None:
         cursor.execute(f"DELETE FROM {self.table} WHERE {self.key} = ?"  # noqa: S608
                        " AND source = ?", (account, source))
+
+
+#: Counts one attempt before its check (`LockoutTable.reserve` in the service's database):
+#: given whether the attempt may lock the record, the record and whether it was counted.
+Count = Callable[[bool], Awaitable[tuple[Failures, bool]]]
+
+
+class PendingAttempts:
+    """Password attempts one server process has counted (`LockoutTable.reserve`) and is still
+    checking, per account and source network.
+
+    A login that would lock the record, or finds it locked, while some of these are pending
+    waits for them instead of being refused: a right password among them clears the count.
+    So ten right logins of one account opened at once are all accepted, while of ten guesses
+    still only ``lockout_after`` are checked. An attempt stops being pending when its outcome
+    is known or after the `timeout` given with it (the service's deadline for a login), and a
+    login waits at most as long. Other processes on the same database count together but are
+    not waited for: their attempts are not known here.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, str], int] = {}
+        self._expiries: set[IDelayedCall] = set()
+        self._waiting: dict[tuple[str, str], list[defer.Deferred[None]]] = {}
+        #: One reservation at a time per key, so that two cannot both see none pending.
+        self._turns: dict[tuple[str, str], defer.DeferredLock] = {}
+
+    async def reserve(self, account: str, source: str, count: Count, clock: IReactorTime,
+                      timeout: float) -> tuple[Failures, Callable[[], None] | None]:
+        """Count an attempt on `account` from the network `source` before its check: the
+        record, and the function that ends it as pending once its outcome is known (None:
+        refused, the record is locked)."""
+        key = (account, source)
+        deadline = clock.seconds() + timeout
+        while True:
+            turn = self._turns.setdefault(key, defer.DeferredLock())
+            await turn.acquire()
+            try:
+                lock = not self._held.get(key)
+                failures, counted = await count(lock)
+                if counted:
+                    return failures, self._hold(key, clock, timeout)
+            finally:
+                turn.release()
+                if not turn.locked and not turn.waiting and self._turns.get(key) is turn:
+                    del self._turns[key]
+            if lock:
+                return failures, None  # locked, and no attempt of ours left to clear it
+            if self._held.get(key):
+                left = deadline - clock.seconds()
+                if left <= 0 or not await self._changed(key, clock, left):
+                    return failures, None
+            # else: the attempts it would have waited for ended meanwhile; count it again
+
+    def close(self) -> None:
+        """The server stops: forget every pending attempt, and refuse the logins waiting."""
+        for expiry in list(self._expiries):
+            expiry.cancel()
+        self._expiries.clear()
+        self._held.clear()
+        for waiters in list(self._waiting.values()):
+            for waiter in list(waiters):
+                waiter.cancel()
+
+    def _hold(self, key: tuple[str, str], clock: IReactorTime,
+              timeout: float) -> Callable[[], None]:
+        self._held[key] = self._held.get(key, 0) + 1
+        expiry = clock.callLater(timeout, lambda: release())
+        self._expiries.add(expiry)
+
+        def release() -> None:
+            if expiry not in self._expiries:
+                return  # released already, or forgotten by `close`
+            self._expiries.discard(expiry)
+            if expiry.active():
+                expiry.cancel()
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+            for waiter in self._waiting.pop(key, []):
+                waiter.callback(None)
+
+        return release
+
+    async def _changed(self, key: tuple[str, str], clock: IReactorTime, seconds: float) -> bool:
+        """Wait until an attempt on `key` stops being pending (True) or `seconds` pass."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.setdefault(key, []).append(waiter)
+        timer = clock.callLater(seconds, waiter.cancel)
+        try:
+            await waiter
+        except defer.CancelledError:
+            waiters = self._waiting.get(key, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiting.pop(key, None)
+            return False
+        finally:
+            if timer.active():
+                timer.cancel()
+        return True

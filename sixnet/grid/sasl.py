@@ -15,12 +15,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
-from twisted.internet import defer, task, threads
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet import task, threads
+from twisted.internet.interfaces import IReactorTime
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
-from sixnet.core.lockout import Failures, source_of
+from sixnet.core.lockout import PendingAttempts, source_of
 from sixnet.core.metrics import Registry
 from sixnet.grid.jid import JID, JIDError, parse_jid
 from sixnet.grid.metrics import GridCounters
@@ -67,102 +67,6 @@ class Success:
     certificate_chain: tuple[x509.Certificate, ...] = ()
 
 
-class PendingAttempts:
-    """Password attempts this server has counted (`LockoutStore.reserve`) and is still
-    checking, per account and source network.
-
-    A login that would lock the account, or finds it locked, while some of these are pending
-    waits for them instead of being refused: a right password among them clears the count.
-    So ten right logins of one account opened at once are all accepted, while of ten guesses
-    still only ``lockout_after`` are checked. An attempt stops being pending when its outcome
-    is known or after `timeout` (the unauthenticated-stream deadline: its stream is closed by
-    then, whether or not it said goodbye), and a login waits at most as long.
-    """
-
-    def __init__(self, lockout: LockoutStore, clock: IReactorTime, timeout: float) -> None:
-        self.lockout = lockout
-        self.clock = clock
-        self.timeout = timeout
-        self._held: dict[tuple[str, str], int] = {}
-        self._expiries: set[IDelayedCall] = set()
-        self._waiting: dict[tuple[str, str], list[defer.Deferred[None]]] = {}
-        #: One reservation at a time per key, so that two cannot both see none pending.
-        self._turns: dict[tuple[str, str], defer.DeferredLock] = {}
-
-    async def reserve(self, username: str,
-                      address: str) -> tuple[Failures, Callable[[], None] | None]:
-        """Count an attempt before its check: the record, and the function that ends it as
-        pending (None: refused, the account is locked for this source)."""
-        key = (username, source_of(address))
-        deadline = self.clock.seconds() + self.timeout
-        while True:
-            turn = self._turns.setdefault(key, defer.DeferredLock())
-            await turn.acquire()
-            try:
-                failures, counted = await self.lockout.reserve(
-                    username, address, lock=not self._held.get(key))
-                if counted:
-                    return failures, self._hold(key)
-            finally:
-                turn.release()
-                if not turn.locked and not turn.waiting and self._turns.get(key) is turn:
-                    del self._turns[key]
-            left = deadline - self.clock.seconds()
-            if not self._held.get(key):
-                if self.lockout.locked(failures):
-                    return failures, None
-            elif left <= 0 or not await self._changed(key, left):
-                return failures, None
-
-    def close(self) -> None:
-        """The server stops: forget every pending attempt, and refuse the logins waiting."""
-        for expiry in list(self._expiries):
-            expiry.cancel()
-        self._expiries.clear()
-        self._held.clear()
-        for waiters in list(self._waiting.values()):
-            for waiter in list(waiters):
-                waiter.cancel()
-
-    def _hold(self, key: tuple[str, str]) -> Callable[[], None]:
-        self._held[key] = self._held.get(key, 0) + 1
-        expiry = self.clock.callLater(self.timeout, lambda: release())
-        self._expiries.add(expiry)
-
-        def release() -> None:
-            if expiry not in self._expiries:
-                return  # released already, or forgotten by `close`
-            self._expiries.discard(expiry)
-            if expiry.active():
-                expiry.cancel()
-            self._held[key] -= 1
-            if not self._held[key]:
-                del self._held[key]
-            for waiter in self._waiting.pop(key, []):
-                waiter.callback(None)
-
-        return release
-
-    async def _changed(self, key: tuple[str, str], seconds: float) -> bool:
-        """Wait until an attempt on `key` stops being pending (True) or `seconds` pass."""
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._waiting.setdefault(key, []).append(waiter)
-        timer = self.clock.callLater(seconds, waiter.cancel)
-        try:
-            await waiter
-        except defer.CancelledError:
-            waiters = self._waiting.get(key, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiting.pop(key, None)
-            return False
-        finally:
-            if timer.active():
-                timer.cancel()
-        return True
-
-
 class SaslPolicy:
     """Shared by every stream: the stores, the lockout records, the audit log, the settings."""
 
@@ -179,7 +83,10 @@ class SaslPolicy:
         self.accounts = accounts
         self.store = store
         self.lockout = lockout
-        self.attempts = PendingAttempts(lockout, clock, pending_timeout)
+        #: This server's attempts still being checked, waited for at most `pending_timeout`
+        #: (the unauthenticated-stream deadline: a stream gone silent is closed by then).
+        self.attempts = PendingAttempts()
+        self.pending_timeout = pending_timeout
         self.audit = audit
         self.clock = clock
         self.secret = secret
@@ -347,7 +254,10 @@ class SaslExchange:
         the account is locked: in one step, so guesses sent at once on several streams count
         one each and the ones past ``lockout_after`` are refused without a check. An exchange
         that never proves its password right (abandoned, malformed, wrong) stays counted."""
-        failures, settle = await self.policy.attempts.reserve(username, self.address)
+        policy, address = self.policy, self.address
+        failures, settle = await policy.attempts.reserve(
+            username, source_of(address), lambda lock: policy.lockout.reserve(
+                username, address, lock), policy.clock, policy.pending_timeout)
         if settle is None:
             raise SaslFailure("account-disabled", "too many failed logins; try again later")
         self._settle = settle

@@ -148,12 +148,13 @@ class IRegistryStore(Interface):
 
     def set_password(person: str, password_hash: str, now: int) -> defer.Deferred[None]: ...
 
-    def reserve_attempt(person: str, source: str, policy: LockoutPolicy,
-                        now: int) -> defer.Deferred[tuple[Failures, bool]]:
+    def reserve_attempt(person: str, source: str, policy: LockoutPolicy, now: int,
+                        lock: bool = True) -> defer.Deferred[tuple[Failures, bool]]:
         """Count a password attempt for `person` from `source` as a failure before it is
-        checked, as `policy` says, unless the record is locked (whether or not there is such
-        an account), in one transaction: the record and whether the attempt was counted.
-        A right password takes the count back with `clear_failures`."""
+        checked, as `policy` says, unless the record is locked (or, without `lock`, would be)
+        (whether or not there is such an account), in one transaction: the record and
+        whether the attempt was counted. A right password takes the count back with
+        `clear_failures`."""
 
     def clear_failures(person: str, source: str) -> defer.Deferred[None]:
         """Forget the failures from `source` only (a success there)."""
@@ -337,10 +338,10 @@ class SQLRegistryStore:
 
         return self.db.run("irp set password", write)
 
-    def reserve_attempt(self, person: str, source: str, policy: LockoutPolicy,
-                        now: int) -> defer.Deferred[tuple[Failures, bool]]:
+    def reserve_attempt(self, person: str, source: str, policy: LockoutPolicy, now: int,
+                        lock: bool = True) -> defer.Deferred[tuple[Failures, bool]]:
         return self.db.run("irp reserve attempt", self.lockout.reserve, person, source,
-                           policy, now)
+                           policy, now, lock)
 
     def clear_failures(self, person: str, source: str) -> defer.Deferred[None]:
         return self.db.run("irp clear failures", self.lockout.clear, person, source)

@@ -1,7 +1,8 @@
 """Passwords, one-time enrollment codes, and what a wrong password costs.
 
 Hashing runs off the reactor thread (the registry's job); nothing here does I/O or keeps
-time: `PasswordLockout` is arithmetic on a `Failures` record and the time it is given.
+time: `PasswordLockout` is arithmetic on a `Failures` record and the time it is given, and
+holds the registry's attempts still being checked (`PendingAttempts`, timed by the caller).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hmac
 import os
 import secrets
 
-from sixnet.core.lockout import Failures, LockoutPolicy
+from sixnet.core.lockout import Failures, LockoutPolicy, PendingAttempts
 
 # scrypt: 16 MiB and ~50 ms a hash on this kind of machine; run off the reactor thread.
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
@@ -66,11 +67,15 @@ class PasswordLockout(LockoutPolicy):
     included. The registry counts an attempt before checking its password, in the same
     transaction that asks whether the record is locked (``reserve_attempt``), so guesses sent
     at once on several connections count one each; a right password clears the count.
+    An attempt that would lock the record while others of this registry are being checked
+    waits for them (`attempts`), so right passwords sent at once do not lock each other out.
     """
 
     def __init__(self, after: int, seconds: int, delay: float) -> None:
         super().__init__(after, seconds)
         self.delay = delay
+        #: This registry's password attempts counted and still being checked.
+        self.attempts = PendingAttempts()
 
     def refuses(self, failures: Failures, now_ms: int) -> bool:
         """Whether `failures` locks logins at `now_ms`."""

@@ -225,18 +225,27 @@ class Registry:
         same reads, hash, writes and answers whether or not `user` has an account."""
         source = source_of(caller.peer)
         account = await self.store.get_account(user)
-        now = self.now_ms()
-        failures, counted = await self.store.reserve_attempt(user, source, self.lockout, now)
-        if not counted:
+        # An attempt that would lock waits for this registry's attempts still being checked
+        # (a right one clears the count), at most stall_timeout: the registry's deadline for
+        # a step it waits for, as the grid waits at most its unauthenticated_timeout.
+        failures, settle = await self.lockout.attempts.reserve(
+            user, source, lambda lock: self.store.reserve_attempt(
+                user, source, self.lockout, self.now_ms(), lock),
+            self.reactor, self.config.stall_timeout)
+        if settle is None:
             await self._delay()
             raise IRPError("locked", f"logins to {user} from this network are locked after "
                                      "repeated failures; try again later")
+        now = self.now_ms()
         stored = account.password_hash if account is not None else DUMMY_HASH
-        ok = await threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), check_password, password, stored)
-        if ok and account is not None:
-            await self.store.clear_failures(user, source)
-            return
+        try:
+            ok = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), check_password, password, stored)
+            if ok and account is not None:
+                await self.store.clear_failures(user, source)
+                return
+        finally:
+            settle()
         self.counters.password_refused.inc()
         self.audit.record("password", outcome="refused", actor=caller.actor, peer=caller.peer,
                           target=user, source=source, failures=failures.count)
