@@ -8,6 +8,7 @@ to (or, while a stream-management session waits to be resumed, only into its una
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from copy import deepcopy
 from typing import Any, Protocol
@@ -74,7 +75,8 @@ class Session:
     def __init__(self, jid: JID, connection: Connection | None) -> None:
         self.jid = jid
         self.full = str(jid)
-        self.bare = str(jid.bare)
+        # Interned: one copy for all of an account's resources (and a faster routing key).
+        self.bare = sys.intern(str(jid.bare))
         self.connection = connection
         self.available = False
         self.priority = 0

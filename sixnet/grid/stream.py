@@ -156,21 +156,26 @@ class C2SServer:
         self.unauthenticated = AddressLimiter(limits.max_unauthenticated_per_address)
         self.stopping = False
         self.counters = counters if counters is not None else GridCounters(Registry())
-        #: Streams that received data since the last `release_parsers`, and those that had
-        #: at the one before: a stream in the second and not the first has been quiet for a
-        #: whole interval.
+        #: Streams that received or were sent data since the last `release_parsers`, and
+        #: those that had at the one before: a stream in the second and not the first has
+        #: been quiet for a whole interval. Sent too: a stream that only takes fan-out would
+        #: otherwise keep TLS memory BIOs at the size of the largest burst written to it.
         self.fed: set[ClientStream] = set()
         self.recently_fed: set[ClientStream] = set()
 
-    def release_parsers(self) -> None:
-        """Free the parser state and the TLS memory BIOs of the streams that received
-        nothing since the last call (one shared sweep, not a timer per stream; it visits
-        only streams that spoke)."""
+    def release_parsers(self) -> int:
+        """Free the parser state and the TLS memory BIOs of the streams that received and
+        were sent nothing since the last call (one shared sweep, not a timer per stream; it
+        visits only streams that had traffic); return how many were freed."""
         fed, self.fed = self.fed, set()
+        released = 0
         for stream in self.recently_fed - fed:
-            if not stream.release_parser():
+            if stream.release_parser():
+                released += 1
+            else:
                 fed.add(stream)  # mid-stanza: try again next time
         self.recently_fed = fed
+        return released
 
     def check_idle(self) -> None:
         """Ping sessions that have been silent for `idle_timeout`; close those that stay
@@ -415,6 +420,7 @@ class ClientStream(XMLStreamProtocol):
                 self.abort_connection()  # unacked stanzas stay with the session
                 return
         self.transport.write(data)
+        self.server.fed.add(self)
         session = self.session
         if session is not None and session.sm is not None and self._ack_timer is None:
             delay = 0 if len(session.sm.unacked) >= ACK_REQUEST_BATCH else ACK_REQUEST_DELAY
