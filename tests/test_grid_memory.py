@@ -30,7 +30,6 @@ import pytest
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
-from sixnet.core import heap
 from tests.grid_harness import ports, start_grid, write_config
 from tests.support import idle_clients
 from tests.support.twistd import ROOT
@@ -114,13 +113,6 @@ class IdleSessionMemoryTests(unittest.TestCase):
         """The C heap without what tracemalloc itself takes to store its traces."""
         return c_heap_in_use() - tracemalloc.get_tracemalloc_memory()
 
-    @staticmethod
-    def _resident() -> int:
-        """Resident bytes of the process, without what tracemalloc takes for its traces."""
-        with open("/proc/self/statm") as statm:
-            pages = int(statm.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") - tracemalloc.get_tracemalloc_memory()
-
     def _sessions(self) -> int:
         return sum(len(r) for r in self.grid.router.sessions.values())
 
@@ -136,8 +128,6 @@ class IdleSessionMemoryTests(unittest.TestCase):
         tracemalloc.start()
         self.addCleanup(tracemalloc.stop)
         python_before, c_before = tracemalloc.get_traced_memory()[0], self._c_heap()
-        heap.trim()
-        resident_before = self._resident()
         await self._hold("bob", SESSIONS)
         assert self._sessions() == WARM_UP + SESSIONS
         for _ in range(2):  # what the service's sweep does every two seconds
@@ -145,10 +135,6 @@ class IdleSessionMemoryTests(unittest.TestCase):
         gc.collect()
         python = (tracemalloc.get_traced_memory()[0] - python_before) / SESSIONS
         c_heap = (self._c_heap() - c_before) / SESSIONS
-        untrimmed = (self._resident() - resident_before) / SESSIONS
-        heap.trim()  # and what it does after freeing streams
-        resident = (self._resident() - resident_before) / SESSIONS
-        print(f"per idle session: Python {python:.0f} B, C heap {c_heap:.0f} B, "
-              f"resident {resident:.0f} B ({untrimmed:.0f} B before the trim)")
+        print(f"per idle session: Python {python:.0f} B, C heap {c_heap:.0f} B")
         assert python < PYTHON_BOUND, f"{python:.0f} B of Python objects per idle session"
         assert c_heap < C_HEAP_BOUND, f"{c_heap:.0f} B of C heap per idle session"

@@ -23,7 +23,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from sixnet.core import heap
 from sixnet.core.audit import AuditLog
 from sixnet.core.errors import ConfigError
 from sixnet.core.events import EventBus, IEventSink, SecurityEvent
@@ -57,9 +56,6 @@ REVOCATION_CHECK_INTERVAL = 1.0
 #: Seconds between sweeps that free the parsers of streams gone quiet: a stream silent for
 #: one to two intervals gives its parser back (see `C2SServer.release_parsers`).
 PARSER_RELEASE_INTERVAL = 2.0
-#: Seconds at least between two trims of the C heap after a sweep (`heap.trim`: a pause of
-#: milliseconds on a big heap).
-HEAP_TRIM_INTERVAL = 10.0
 #: Seconds streams get to flush their closing stream error when the service stops.
 STOP_GRACE = 2.0
 
@@ -147,19 +143,8 @@ class GridService(MultiService):
         self._revocation_check.clock = clock
         self._idle_check = task.LoopingCall(self.server.check_idle)
         self._idle_check.clock = clock
-        self._parser_release = task.LoopingCall(self.release_quiet)
+        self._parser_release = task.LoopingCall(self.server.release_parsers)
         self._parser_release.clock = clock
-        self._next_trim = 0.0
-
-    def release_quiet(self) -> None:
-        """The sweep of quiet streams; when it freed some, the C heap's free pages go back to
-        the kernel (`heap.trim`): glibc keeps them resident otherwise, and an idle server
-        would carry what its last burst of logins freed as RSS. Not more often than every
-        `HEAP_TRIM_INTERVAL`: a trim visits every free chunk."""
-        now = self.clock.seconds()
-        if self.server.release_parsers() and now >= self._next_trim:
-            self._next_trim = now + HEAP_TRIM_INTERVAL
-            heap.trim()
 
     def check_revocations(self) -> None:
         """When the CRLs changed, end the sessions whose client certificate is now refused

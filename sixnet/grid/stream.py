@@ -163,19 +163,15 @@ class C2SServer:
         self.fed: set[ClientStream] = set()
         self.recently_fed: set[ClientStream] = set()
 
-    def release_parsers(self) -> int:
+    def release_parsers(self) -> None:
         """Free the parser state and the TLS memory BIOs of the streams that received and
         were sent nothing since the last call (one shared sweep, not a timer per stream; it
-        visits only streams that had traffic); return how many were freed."""
+        visits only streams that had traffic)."""
         fed, self.fed = self.fed, set()
-        released = 0
         for stream in self.recently_fed - fed:
-            if stream.release_parser():
-                released += 1
-            else:
+            if not stream.release_parser():
                 fed.add(stream)  # mid-stanza: try again next time
         self.recently_fed = fed
-        return released
 
     def check_idle(self) -> None:
         """Ping sessions that have been silent for `idle_timeout`; close those that stay
