@@ -233,7 +233,7 @@ class ClientStream(XMLStreamProtocol):
     # the class's other instances, and so be a whole dict of its own (1.6 KB a stream).
     # What stays in the dict (XMLStreamProtocol's, Twisted's, Automat's state) is shared.
     __slots__ = ("server", "direct_tls", "tls", "jid", "certificate_chain", "session", "sasl",
-                 "lang", "client_lang", "stream_id", "address", "clean_close", "_slot",
+                 "lang", "client_lang", "address", "clean_close", "_slot",
                  "_login_deadline", "_ack_timer", "_refusal", "_unsent", "_registered",
                  "_pinged", "_stanzas", "_lost")
 
@@ -251,7 +251,6 @@ class ClientStream(XMLStreamProtocol):
         self.sasl: SaslExchange | None = None
         self.lang = "en"
         self.client_lang: str | None = None
-        self.stream_id: str | None = None
         self.address = "?"
         self.clean_close = False
         self._slot: AddressLimiter | None = None  # the per-address limit it is counted in
@@ -279,8 +278,10 @@ class ClientStream(XMLStreamProtocol):
         return self._current_state()
 
     def header_attributes(self) -> Iterable[tuple[str, str | None]]:
-        return (("from", self.server.domain), ("id", self.stream_id), ("version", "1.0"),
-                ("xml:lang", self.lang))
+        # A new id for every header (RFC 6120 4.7.3), made here: nothing needs it later, so
+        # an idle stream does not keep one.
+        return (("from", self.server.domain), ("id", secrets.token_urlsafe(12)),
+                ("version", "1.0"), ("xml:lang", self.lang))
 
     # -- connection lifetime -----------------------------------------------------------------
 
@@ -676,7 +677,6 @@ class ClientStream(XMLStreamProtocol):
     # -- outputs: stream headers and features ----------------------------------------------------
 
     def _answer_header(self, features: str) -> None:
-        self.stream_id = secrets.token_urlsafe(12)
         self.send_header()
         self.send(f"<stream:features>{features}</stream:features>".encode())
 

@@ -193,7 +193,10 @@ class StreamParser:
             if len(_ROOT_STARTS) < _MAX_ROOT_STARTS:
                 start = _ROOT_STARTS.setdefault(start, start)
             self._root_start = _ROOT_STARTS.get(start, start)
+        # Idle, the bytes since the last `<` are a finished tag: no later bytes without a `<`
+        # can complete it (see `_feed_chunk`), so they need not be kept either.
         self._parser = self._root = None
+        self._tag_tail = b""
         return True
 
     def _live_parser(self) -> etree.XMLPullParser:
