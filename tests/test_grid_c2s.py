@@ -362,6 +362,25 @@ class NegotiationTests(GridTestCase):
             await self._still_served(alice)
             await self._still_served(bob)
 
+    async def test_a_stream_that_only_receives_is_swept_too(self) -> None:
+        """A subscriber that only takes fan-out says nothing: its stream is swept after a big
+        stanza was written to it all the same, or it would keep BIOs of that size."""
+        await self._grid()
+        alice = await self._login("alice", "a")
+        bob = await self._login("bob", "b")
+        by_user = {str(s.jid): s for s in self.grid.server.connections}
+        for _ in range(2):
+            self.grid.server.release_parsers()
+        handle = by_user["bob@localhost"].transport.getHandle()
+        bios = handle._into_ssl, handle._from_ssl
+        alice.send(f"<message to='bob@localhost/b' type='chat'><body>{'x' * 60000}</body>"
+                   "</message>")
+        await bob.until(rb"</body></message>")
+        for _ in range(2):
+            self.grid.server.release_parsers()
+        assert (handle._into_ssl, handle._from_ssl) != bios
+        await self._still_served(bob)
+
     async def test_two_clients_exchange_messages_iq_and_presence(self) -> None:
         await self._grid()
         alice = await self._login("alice", "a")

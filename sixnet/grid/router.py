@@ -8,6 +8,7 @@ to (or, while a stream-management session waits to be resumed, only into its una
 from __future__ import annotations
 
 import secrets
+import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from copy import deepcopy
 from typing import Any, Protocol
@@ -74,7 +75,8 @@ class Session:
     def __init__(self, jid: JID, connection: Connection | None) -> None:
         self.jid = jid
         self.full = str(jid)
-        self.bare = str(jid.bare)
+        # Interned: one copy for all of an account's resources (and a faster routing key).
+        self.bare = sys.intern(str(jid.bare))
         self.connection = connection
         self.available = False
         self.priority = 0
@@ -89,7 +91,8 @@ class Session:
         self.ended = False
         #: The client certificate chain a SASL EXTERNAL session authenticated with.
         self.certificate_chain: tuple[Any, ...] = ()
-        #: Called when a session waiting to be resumed has too many stanzas queued.
+        #: Called when a session waiting to be resumed has too many stanzas queued (set by
+        #: `Router.enable_sm` for resumable sessions).
         self.overflow: Callable[[Session], None] | None = None
 
     def send(self, data: bytes) -> None:
@@ -150,7 +153,6 @@ class Router:
             if old_connection is not None:
                 old_connection.close_with_error("conflict", "replaced by a new session")
         session = Session(jid, connection)
-        session.overflow = self._overflowed
         # Ending the old session may have dropped the account's (then empty) table.
         self.sessions.setdefault(str(bare), {})[jid.resource or ""] = session
         return session
@@ -160,6 +162,9 @@ class Router:
         session.sm = StreamManagement(resume_id, max_resume)
         if resume_id is not None:
             self.resumable[resume_id] = session
+            # Only a session that can wait to be resumed can overflow; a bound method made
+            # here, not for every session at bind.
+            session.overflow = self._overflowed
         return session.sm
 
     def connection_lost(self, session: Session, clean: bool) -> None:

@@ -156,16 +156,17 @@ class C2SServer:
         self.unauthenticated = AddressLimiter(limits.max_unauthenticated_per_address)
         self.stopping = False
         self.counters = counters if counters is not None else GridCounters(Registry())
-        #: Streams that received data since the last `release_parsers`, and those that had
-        #: at the one before: a stream in the second and not the first has been quiet for a
-        #: whole interval.
+        #: Streams that received or were sent data since the last `release_parsers`, and
+        #: those that had at the one before: a stream in the second and not the first has
+        #: been quiet for a whole interval. Sent too: a stream that only takes fan-out would
+        #: otherwise keep TLS memory BIOs at the size of the largest burst written to it.
         self.fed: set[ClientStream] = set()
         self.recently_fed: set[ClientStream] = set()
 
     def release_parsers(self) -> None:
-        """Free the parser state and the TLS memory BIOs of the streams that received
-        nothing since the last call (one shared sweep, not a timer per stream; it visits
-        only streams that spoke)."""
+        """Free the parser state and the TLS memory BIOs of the streams that received and
+        were sent nothing since the last call (one shared sweep, not a timer per stream; it
+        visits only streams that had traffic)."""
         fed, self.fed = self.fed, set()
         for stream in self.recently_fed - fed:
             if not stream.release_parser():
@@ -232,7 +233,7 @@ class ClientStream(XMLStreamProtocol):
     # the class's other instances, and so be a whole dict of its own (1.6 KB a stream).
     # What stays in the dict (XMLStreamProtocol's, Twisted's, Automat's state) is shared.
     __slots__ = ("server", "direct_tls", "tls", "jid", "certificate_chain", "session", "sasl",
-                 "lang", "client_lang", "stream_id", "address", "clean_close", "_slot",
+                 "lang", "client_lang", "address", "clean_close", "_slot",
                  "_login_deadline", "_ack_timer", "_refusal", "_unsent", "_registered",
                  "_pinged", "_stanzas", "_lost")
 
@@ -250,7 +251,6 @@ class ClientStream(XMLStreamProtocol):
         self.sasl: SaslExchange | None = None
         self.lang = "en"
         self.client_lang: str | None = None
-        self.stream_id: str | None = None
         self.address = "?"
         self.clean_close = False
         self._slot: AddressLimiter | None = None  # the per-address limit it is counted in
@@ -278,8 +278,10 @@ class ClientStream(XMLStreamProtocol):
         return self._current_state()
 
     def header_attributes(self) -> Iterable[tuple[str, str | None]]:
-        return (("from", self.server.domain), ("id", self.stream_id), ("version", "1.0"),
-                ("xml:lang", self.lang))
+        # A new id for every header (RFC 6120 4.7.3), made here: nothing needs it later, so
+        # an idle stream does not keep one.
+        return (("from", self.server.domain), ("id", secrets.token_urlsafe(12)),
+                ("version", "1.0"), ("xml:lang", self.lang))
 
     # -- connection lifetime -----------------------------------------------------------------
 
@@ -415,6 +417,7 @@ class ClientStream(XMLStreamProtocol):
                 self.abort_connection()  # unacked stanzas stay with the session
                 return
         self.transport.write(data)
+        self.server.fed.add(self)
         session = self.session
         if session is not None and session.sm is not None and self._ack_timer is None:
             delay = 0 if len(session.sm.unacked) >= ACK_REQUEST_BATCH else ACK_REQUEST_DELAY
@@ -674,7 +677,6 @@ class ClientStream(XMLStreamProtocol):
     # -- outputs: stream headers and features ----------------------------------------------------
 
     def _answer_header(self, features: str) -> None:
-        self.stream_id = secrets.token_urlsafe(12)
         self.send_header()
         self.send(f"<stream:features>{features}</stream:features>".encode())
 

@@ -92,6 +92,8 @@ class MessageGapParser(StreamParser):
     data in the clear: ``policy-violation``).
     """
 
+    __slots__ = ("gap",)
+
     def feed(self, data: bytes) -> list[Event | TextBetweenMessages]:
         cut = data.rfind(b">") + 1
         rest = data[cut:]

@@ -58,6 +58,10 @@ _MARKUP = re.compile(rb"<[!?]")
 # in this chunk closed a tag" (see _feed_chunk). Linear: the alternatives cannot overlap.
 _LAST_TAG = re.compile(rb"<[^<>'\"]*(?:(?:'[^']*'|\"[^\"]*\")[^<>'\"]*)*>[ \t\r\n]*")
 _ENCODING = re.compile(rb"\sencoding\s*=\s*(?:'([^']*)'|\"([^\"]*)\")")
+#: Root start tags made by `release`, one copy shared by every stream with the same root (all
+#: of a server's client streams have one): bounded, so streams inventing roots keep their own.
+_ROOT_STARTS: dict[bytes, bytes] = {}
+_MAX_ROOT_STARTS = 64
 
 
 class XMLStreamError(Exception):
@@ -117,6 +121,11 @@ def _check_namespace(prefix: str, uri: str) -> None:
 
 class StreamParser:
     """Turns raw stream bytes into StreamOpened, stanza elements and StreamClosed events."""
+
+    # One per stream, kept as long as the connection: slots rather than an instance dict.
+    __slots__ = ("max_element_bytes", "max_depth", "_slice", "_parser", "_root_start", "_root",
+                 "_depth", "_used", "_idle", "_prologue", "_pending", "_in_cdata", "_tag_tail",
+                 "_closed", "_failed")
 
     def __init__(self, *, max_element_bytes: int = 65536, max_depth: int = 32) -> None:
         if max_element_bytes < 1 or not 1 <= max_depth < 256:
@@ -180,8 +189,14 @@ class StreamParser:
                 name = f"{root.prefix}:{name}"
             declarations = "".join(f" xmlns{':' + prefix if prefix else ''}={quoteattr(uri)}"
                                    for prefix, uri in root.nsmap.items())
-            self._root_start = f"<{name}{declarations}>".encode()
+            start = f"<{name}{declarations}>".encode()
+            if len(_ROOT_STARTS) < _MAX_ROOT_STARTS:
+                start = _ROOT_STARTS.setdefault(start, start)
+            self._root_start = _ROOT_STARTS.get(start, start)
+        # Idle, the bytes since the last `<` are a finished tag: no later bytes without a `<`
+        # can complete it (see `_feed_chunk`), so they need not be kept either.
         self._parser = self._root = None
+        self._tag_tail = b""
         return True
 
     def _live_parser(self) -> etree.XMLPullParser:
