@@ -9,6 +9,8 @@ For each server and N it measures
   per second over the whole run, publish-to-delivery latency p50/p99, and losses;
 * fixed rate: publishes paced at ``--fixed-rate`` notifications per second in total (below
   every server's saturation), latency p50/p99;
+* in both, the time from each publish to its result (``result_p50_ms``, ``result_p99_ms``;
+  not in ``--processes`` runs);
 and the CPU seconds the server and the load generator used (a load generator near one full
 core would be the bottleneck; the JSON says so).
 
@@ -493,6 +495,9 @@ async def run_one(server: Server, publisher: Client, subscribers: list[Client], 
             c.latencies, c.received = [], 0
         outstanding = asyncio.Semaphore(args.window)
         acked = [0]
+        #: Seconds from each publish to its result (the broker answers once the item is
+        #: committed and its notifications are written).
+        answers: list[float] = []
         done = asyncio.Event()
 
         async def read_acks() -> None:
@@ -502,10 +507,11 @@ async def run_one(server: Server, publisher: Client, subscribers: list[Client], 
                 if not data:
                     raise ConnectionError("publisher closed")
                 buffer = tail + data
-                found = len(re.findall(rb"<iq[^>]*id=['\"]p\d+['\"]", buffer))
-                last = [m.end() for m in re.finditer(rb"<iq[^>]*id=['\"]p\d+['\"]", buffer)]
-                tail = buffer[max(last[-1] if last else 0, len(buffer) - 200):]
-                for _ in range(found):
+                matches = list(re.finditer(rb"<iq[^>]*id=['\"]p(\d+)['\"]", buffer))
+                now = time.perf_counter()
+                answers.extend(now - sent[int(m.group(1))] for m in matches)
+                tail = buffer[max(matches[-1].end() if matches else 0, len(buffer) - 200):]
+                for _ in matches:
                     acked[0] += 1
                     outstanding.release()
             done.set()
@@ -539,6 +545,8 @@ async def run_one(server: Server, publisher: Client, subscribers: list[Client], 
             "notifications_per_second": round(received / elapsed, 1),
             "latency_p50_ms": round(1000 * percentile(latencies, 50), 2) if latencies else None,
             "latency_p99_ms": round(1000 * percentile(latencies, 99), 2) if latencies else None,
+            "result_p50_ms": round(1000 * percentile(answers, 50), 2) if answers else None,
+            "result_p99_ms": round(1000 * percentile(answers, 99), 2) if answers else None,
             "server_cpu_seconds": round(server.cpu() - server_cpu, 2),
             "loadgen_cpu_seconds": round(time.process_time() - own_cpu, 2),
         }

@@ -79,6 +79,30 @@ def test_another_engine_applies_what_one_decided() -> None:
     assert there.nodes == {} and there.names == []
 
 
+def test_items_keep_publish_order_where_one_is_heard_late() -> None:
+    """A publish made after A's answer may reach B before A's change does: B still lists
+    (and stores) the items in publish order."""
+    def publish(item: str) -> Any:
+        return parse_iq(etree_iq(
+            f"<iq type='set' from='owner@localhost/d' to='{BROKER}' id='x'>"
+            f"<pubsub xmlns='{PS}'><publish node='t'><item id='{item}'>"
+            f"<n xmlns='{IODEF_NS}'/></item></publish></pubsub></iq>"))
+
+    now = [1_700_000_000.0]
+    a, b = (PubSubEngine(BROKER, BrokerConfig(), clock=lambda: now[0]) for _ in range(2))
+    b.apply(a.handle(parse_iq(etree_iq(
+        f"<iq type='set' from='owner@localhost/d' to='{BROKER}' id='c'>"
+        f"<pubsub xmlns='{PS}'><create node='t'/></pubsub></iq>"))).changes)
+    b.apply(a.handle(publish("i0")).changes)
+    late = a.handle(publish("i1")).changes  # A answers; B has not heard it yet
+    now[0] += 0.002  # the answer's round trip to the publisher and back to B
+    b.handle(publish("i2"))
+    b.apply(late)
+    assert list(b.nodes["t"].items) == ["i0", "i1", "i2"]
+    positions = [i.position for i in b.nodes["t"].items.values()]
+    assert positions == sorted(set(positions))
+
+
 def etree_iq(text: str) -> Any:
     return etree.fromstring(text.replace("<iq ", "<iq xmlns='jabber:client' ", 1))
 

@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 from lxml import etree
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from sixnet.core.storage.database import Database
 from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig, RateLimitConfig, RoleConfig
 from sixnet.grid.storage.revocations import RevocationStore
-from tests.support.conversation import RecordingRouter, run_conversation
+from tests.support.conversation import RecordingRouter, parse_stanza, run_conversation
 from tests.support.iodef import IODEF, IODEF_NS
 from tests.support.pubsub import (
     CONSUMER,
@@ -627,6 +628,19 @@ class PublishTests(BrokerTestCase):
                         *[subscribe("MILEHost", j + "/r", "subscribed", stanza_id=j)
                           for j in others],
                         publish("MILEHost", "8bh1g27skbga47fh9wk7", others))
+
+    async def test_the_result_follows_the_notifications_when_the_commit_is_quicker(self) -> None:
+        """A commit done before the delivery task's next step (a quick database, a busy
+        reactor) must not let the result out first: the publisher's next publish, through
+        another instance, would then reach a subscriber before this one."""
+        subscriber = "c0@example.test"
+        await self.talk(create_topic("t", "whitelist"),
+                        set_affiliation("t", subscriber, "member"),
+                        subscribe("t", subscriber + "/r", "subscribed"))
+        self.broker.store.apply = lambda changes: defer.succeed(None)  # committed at once
+        await self.send(parse_stanza(publish("t", "i0", []).split("<<<")[0].split(">>>")[1]))
+        assert [(e.tag.split("}")[1], e.get("to")) for e in self.router.take()] == [
+            ("message", subscriber), ("iq", PROVIDER)]
 
     async def test_publish_without_id_gets_one(self) -> None:
         await self.talk(create_topic("t"), f"""

@@ -14,7 +14,7 @@ from zope.interface import implementer
 from sixnet.grid.component import IRouter
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import PubSubEngine
-from sixnet.grid.pubsub.fanout import Delivery
+from sixnet.grid.pubsub.fanout import CHUNK, Delivery
 from sixnet.grid.pubsub.request import PubSubRequest
 
 N = 20_000
@@ -153,6 +153,27 @@ class FanoutTests(unittest.TestCase):
         engine.handle(PubSubRequest("unsubscribe", "s0@example.test/r", node="big",
                                     jid="s0@example.test"))
         assert engine.recipients(node) == ("s1@example.test", "s2@example.test")
+
+    async def test_written_fires_once_the_last_chunk_is_handed_over(self) -> None:
+        engine = engine_with_subscribers(CHUNK * 3 + 1)  # four chunks
+        router = CountingRouter()
+        delivery = Delivery("broker.example.test")
+        delivery.router = router
+        tickets = [delivery.enqueue(n) for i in range(2)
+                   for n in engine.handle(publish_request(f"i{i}")).messages]
+        assert delivery.enqueue(dataclasses.replace(
+            engine.handle(publish_request("x")).messages[0], recipients=())) == 0
+        assert delivery.written(0).called
+        calls_when_fired: dict[int, int] = {}
+        for ticket in reversed(tickets):  # asked for in any order
+            delivery.written(ticket).addCallback(
+                lambda _, t=ticket: calls_when_fired.setdefault(t, len(router.calls)))
+        assert calls_when_fired == {}
+        await delivery.idle()
+        # The two are delivered as one batch, recipient by recipient: both are out only
+        # with the last chunk, and neither fires before.
+        assert calls_when_fired == dict.fromkeys(tickets, len(router.calls))
+        assert delivery.written(tickets[-1]).called
 
     def test_idle_fires_at_once_when_nothing_is_queued(self) -> None:
         delivery = Delivery("broker.example.test")

@@ -181,6 +181,11 @@ class ComponentStream(XMLStreamProtocol):
     # -- connection lifetime ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Answers and notifications are small and the host acknowledges late: without
+        # this, Nagle holds a write made while an earlier one is unacknowledged.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         super().connectionMade()
         self.send_header()
 

@@ -19,6 +19,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -150,14 +151,22 @@ class EjabberdHost:
 
 
 @pytest.fixture(scope="module")
-def ejabberd(pki: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EjabberdHost]:
-    """A running ejabberd with the accounts `owner` and `reader`, for one module's tests."""
+def ejabberd(pki: Any) -> Iterator[EjabberdHost]:
+    """A running ejabberd with the accounts `owner` and `reader`, for one module's tests.
+
+    Its directory is not under pytest's temporary root: every pytest run that starts sets
+    that root back to mode 0700, and an ejabberd (another user) then fails to read its
+    configuration or, later, its certificate (and refuses STARTTLS)."""
     if SKIP:
         pytest.skip(SKIP)
-    host = EjabberdHost(tmp_path_factory.mktemp("ejabberd"), pki)
-    host.start()
+    directory = Path(tempfile.mkdtemp(prefix="sixnet-ejabberd-"))
     try:
-        host.register("owner", "reader")
-        yield host
+        host = EjabberdHost(directory, pki)
+        host.start()
+        try:
+            host.register("owner", "reader")
+            yield host
+        finally:
+            host.stop()
     finally:
-        host.stop()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -15,8 +15,9 @@ Usage by the grid service::
 revocation table; stanzas that arrive meanwhile wait for it. A request
 is answered only after its changes are committed, so an acknowledged publish, subscription or
 configuration survives a crash. Item notifications go out as soon as the engine has accepted
-the publish, while the commit runs (a disk flush must not add to delivery latency); every
-other message (subscription states, deletions, approvals) only once it is durable.
+the publish, while the commit runs (a disk flush must not add to delivery latency), and the
+publish's result only once they are written as well as committed; every other message
+(subscription states, deletions, approvals) only once it is durable.
 
 Several instances may share one PostgreSQL database (several grid processes, or several
 components behind one XMPP server): each holds the whole state in memory, and each applies
@@ -213,10 +214,14 @@ class PubSubBroker:
             log.failure("broker failed on a request from {sender}", sender=iq.get("from"))
             self._send(self._iq_error(iq, PubSubError("internal-server-error")))
             return
-        self._deliver(outcome, after_commit=False)
+        sent = self._deliver(outcome, after_commit=False)
         if not await self._commit(outcome):
             self._send(self._iq_error(iq, PubSubError("internal-server-error")))
             return
+        # The result goes out after the item's notifications were written (to the host link
+        # in component mode), so a publish it prompts, handled by another instance, cannot
+        # reach a subscriber first.
+        await self.delivery.written(sent)
         reply = self._reply(iq, "result")
         if outcome.payload is not None:
             reply.append(outcome.payload)
@@ -274,10 +279,13 @@ class PubSubBroker:
             self.audit.record(**entry)
         return True
 
-    def _deliver(self, outcome: Outcome, *, after_commit: bool) -> None:
+    def _deliver(self, outcome: Outcome, *, after_commit: bool) -> int:
+        """Enqueue the outcome's messages of one kind; the last one's `Delivery` ticket."""
+        ticket = 0
         for notification in outcome.messages:
             if notification.after_commit == after_commit:
-                self.delivery.enqueue(notification)
+                ticket = max(ticket, self.delivery.enqueue(notification))
+        return ticket
 
     def _reply(self, stanza: etree._Element, kind: str, tag: str = "iq") -> etree._Element:
         attributes = {"type": kind, "from": self.domain, "to": stanza.get("from") or ""}

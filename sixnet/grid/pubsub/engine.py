@@ -317,7 +317,14 @@ class PubSubEngine:
                         if name in self.nodes:
                     items = self.nodes[name].items
                     items.pop(item_id, None)
+                    last = next(reversed(items.values()), None)
                     items[item_id] = Item(item_id, position, publisher, payload, published)
+                    if last is not None and last.position > position:
+                        # Heard after an item published later here: the list keeps
+                        # publish order, as the stored rows do (by position).
+                        ordered = sorted(items.values(), key=lambda i: i.position)
+                        items.clear()
+                        items.update((i.id, i) for i in ordered)
                     self.position = max(self.position, position)
                 case ch.DeleteItem(name, item_id) if name in self.nodes:
                     self.nodes[name].items.pop(item_id, None)
@@ -330,7 +337,11 @@ class PubSubEngine:
         bisect.insort(self.names, node.name)
 
     def _next(self) -> int:
-        self.position += 1
+        """The next position: above every one known here and not below the clock in
+        microseconds, so that of two instances on one database, the one that handles a
+        request made after another instance's answer (its change maybe not heard yet) still
+        gives a later position, as long as their clocks agree that closely."""
+        self.position = max(self.position + 1, int(self.clock() * 1_000_000))
         return self.position
 
     # -- the decisions -----------------------------------------------------------------------

@@ -10,6 +10,10 @@ interleaved with other work and two publishes reach every subscriber in publish 
 Notifications of one topic queued behind each other are delivered as a batch, recipient by
 recipient, so a subscriber's stream sends the batch as one write instead of one per item:
 under load the cost per copy falls as the queue grows, instead of the queue growing.
+`written` fires once a notification's last chunk has been handed to the router: the broker
+sends a publish's result only then, so on the link to the host the result follows the
+notifications, and a publish the result prompts, through any instance, is delivered after
+them.
 
 Notifications are ``type="normal"`` messages: the core stores them for an offline subscriber
 and delivers them at its next login with a delay stamp (RFC 8600 section 6, XEP-0160). A topic
@@ -19,6 +23,7 @@ the core does not store (RFC 8600 section 5).
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from collections import deque
@@ -60,6 +65,12 @@ class Delivery:
         self._queue: deque[Notification] = deque()
         self._task: task.CooperativeTask | None = None
         self._idle: list[defer.Deferred[None]] = []
+        #: Notifications enqueued, and how many of them were handed to the router in full
+        #: (the queue is FIFO, so the first `_handed` tickets are done).
+        self._tickets = 0
+        self._handed = 0
+        #: (ticket, a tie-breaker, Deferred) of each `written` waiting, smallest ticket first.
+        self._written: list[tuple[int, int, defer.Deferred[None]]] = []
         self._prefix = os.urandom(4).hex() + "-"
         self._cooperator = task.Cooperator(terminationPredicateFactory=self._time_slice)
 
@@ -67,13 +78,26 @@ class Delivery:
         deadline = time.monotonic() + (SLICE_BUSY if self._queue else SLICE_IDLE)
         return lambda: time.monotonic() >= deadline
 
-    def enqueue(self, notification: Notification) -> None:
+    def enqueue(self, notification: Notification) -> int:
+        """Queue `notification`; returns its ticket for `written` (0: nothing to send)."""
         if not notification.recipients:
-            return
+            return 0
         self._queue.append(notification)
+        self._tickets += 1
         if self._task is None:
             self._task = self._cooperator.cooperate(self._drain())
             self._task.whenDone().addBoth(self._finished)
+        return self._tickets
+
+    def written(self, ticket: int) -> defer.Deferred[None]:
+        """Fires once the notification of `ticket` (and all before it) is handed to the
+        router: written to the subscribers' streams or to the host link."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if ticket <= self._handed:
+            d.callback(None)
+        else:
+            heapq.heappush(self._written, (ticket, id(d), d))
+        return d
 
     @property
     def queued(self) -> int:
@@ -120,7 +144,16 @@ class Delivery:
                     except Exception:
                         log.failure("routing a notification to {count} recipients failed",
                                     count=len(chunk))
+                if start + step >= len(recipients):  # the last chunk: the batch is out
+                    self._handed += len(batch)
+                    self._release()
                 yield None
+
+    def _release(self) -> None:
+        """Fire `written` for every ticket handed over (in this step, before the reactor
+        flushes: what a callback writes follows the notifications)."""
+        while self._written and self._written[0][0] <= self._handed:
+            heapq.heappop(self._written)[2].callback(None)
 
     def _batch(self) -> list[Notification]:
         """The next notification and those queued right behind it for the same recipients
