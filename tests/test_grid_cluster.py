@@ -15,17 +15,25 @@ from typing import Any
 
 import pytest
 from lxml import etree
+from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sixnet.core.storage.database import Database
+from sixnet.grid.external import HostRouter
 from sixnet.grid.pubsub import changes as ch
+from sixnet.grid.pubsub.component import PubSubBroker
 from sixnet.grid.pubsub.config import BrokerConfig
 from sixnet.grid.pubsub.engine import PubSubEngine
 from sixnet.grid.pubsub.request import parse_iq
+from sixnet.grid.storage.presence import HEARTBEAT, SILENT, PresenceBoard
+from sixnet.grid.storage.revocations import RevocationStore
 from tests.grid_harness import RawClient, ports, start_grid, write_config
 from tests.support.databases import postgres_schema_url, postgres_unavailable
 from tests.support.iodef import IODEF, IODEF_NS
 from tests.support.waiting import wait_for
+from tests.test_grid_component import NAME as COMPONENT
+from tests.test_grid_component import Host, parse
 
 PS = "http://jabber.org/protocol/pubsub"
 BROKER = "broker.localhost"
@@ -238,3 +246,146 @@ class TwoInstanceTests(unittest.TestCase):
                        "x")
         await wait_for(lambda: "w" not in self.a.broker.engine.nodes)
         assert self.a.broker.engine.names == []
+
+
+class PresenceAcrossComponentInstancesTests(unittest.TestCase):
+    """Two broker instances attached for one component name, each on its own scripted
+    component stream, on one PostgreSQL schema. The host's presence reaches one of them, or
+    both (a copy each), and the logout may reach the other: the owner's pending approval
+    requests still go out once, and after the logout neither instance thinks it online."""
+
+    skip = postgres_unavailable()
+
+    async def start(self) -> None:
+        url = postgres_schema_url(self)
+        self.hosts: list[Host] = []
+        self.brokers: list[PubSubBroker] = []
+        self.clock = Clock()  # the boards' heartbeats
+        self.tmp = Path(self.mktemp())
+        self.tmp.mkdir(parents=True)
+        for name in ("a", "b"):
+            database = Database(url)
+            broker = PubSubBroker(BrokerConfig(), "example.test", database,
+                                  self.tmp / f"{name}.jsonl", RevocationStore(database))
+            await broker.store.open()
+            router = HostRouter("example.test", COMPONENT, PresenceBoard(database, self.clock))
+            await router.open()
+            router.attach(broker)
+            await broker.idle()
+            host = Host(router)
+            host.accept()
+
+            async def detach(broker: PubSubBroker = broker, router: HostRouter = router,
+                             database: Database = database) -> None:
+                await broker.idle()
+                await router.stop()
+                await broker.stop()
+                database.close()
+
+            self.addCleanup(lambda d=detach: defer.Deferred.fromCoroutine(d()))
+            self.hosts.append(host)
+            self.brokers.append(broker)
+
+    async def deliver(self, host: Host, stanza: str) -> None:
+        host.stream.dataReceived(stanza.encode())
+        for other in self.hosts:  # claims first: they may make a broker re-send
+            await other.router.drain()
+        for broker in self.brokers:
+            await broker.idle()
+
+    def requests(self) -> list[str]:
+        """``instance>to:subscriber`` for every approval request written to the host."""
+        sent = []
+        for name, host in zip("ab", self.hosts, strict=True):
+            for stanza in parse(host.sent()):
+                if stanza.tag.endswith("message") and AUTH.encode() in etree.tostring(stanza):
+                    subscriber = stanza.findtext(
+                        ".//{*}field[@var='pubsub#subscriber_jid']/{*}value")
+                    sent.append(f"{name}>{stanza.get('to')}:{subscriber}")
+        return sent
+
+    def pending(self) -> list[str]:
+        return sorted(s.jid for s in self.brokers[0].engine.nodes["t"].pending.values())
+
+    def holders(self, jid: str) -> list[bool]:
+        return [host.router.is_available(jid) for host in self.hosts]
+
+    async def test_requests_resent_once_and_availability_after_logout(self) -> None:
+        await self.start()
+        a, b = self.hosts
+        owner = "owner@example.test/desk"
+        await self.deliver(a, f"<iq type='set' from='{owner}' to='{COMPONENT}' id='c'>"
+                              f"<pubsub xmlns='{PS}'><create node='t'/><configure>"
+                              f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'>"
+                              f"<value>{PS}#node_config</value></field>"
+                              f"<field var='pubsub#access_model'><value>authorize</value>"
+                              f"</field></x></configure></pubsub></iq>")
+        await wait_for(lambda: "t" in self.brokers[1].engine.nodes, what="the topic on B")
+        await self.deliver(b, f"<iq type='set' from='r1@example.test/x' to='{COMPONENT}' "
+                              f"id='s'><pubsub xmlns='{PS}'><subscribe node='t' "
+                              f"jid='r1@example.test'/></pubsub></iq>")
+        await wait_for(lambda: all(x.engine.nodes["t"].pending for x in self.brokers))
+        assert self.requests() == []  # the owner is online nowhere yet
+
+        for login in range(3):
+            # The owner's presence reaches both instances (a host copying it) or one.
+            arriving = (a, b) if login == 0 else ((b,) if login == 1 else (a,))
+            for host in arriving:
+                host.stream.dataReceived(f"<presence from='{owner}' to='{COMPONENT}'/>"
+                                         .encode())
+            await wait_for(lambda: any(self.holders(owner)), what="a holder")
+            await self.deliver(a, "")
+            assert self.holders(owner).count(True) == 1
+            holder = self.hosts[self.holders(owner).index(True)]
+            other = b if holder is a else a
+            sender = "ab"[self.hosts.index(holder)]
+            # Each pending request once, by the holder, to the session that came online.
+            assert sorted(self.requests()) == [f"{sender}>{owner}:{jid}"
+                                               for jid in self.pending()]
+            # A presence update heard anywhere sends nothing again.
+            await self.deliver(other, f"<presence from='{owner}' to='{COMPONENT}'/>")
+            await self.deliver(holder, f"<presence from='{owner}' to='{COMPONENT}'>"
+                                       f"<show>away</show></presence>")
+            assert self.requests() == []
+            # A new request, subscribed through the instance that does not hold the owner:
+            # the holder sends it (once), as it applies the other's change.
+            await self.deliver(other, f"<iq type='set' from='n{login}@example.test/x' "
+                                      f"to='{COMPONENT}' id='n'><pubsub xmlns='{PS}'>"
+                                      f"<subscribe node='t' jid='n{login}@example.test'/>"
+                                      f"</pubsub></iq>")
+            await wait_for(lambda n=login: all(
+                x.engine.nodes["t"].subscription_of(f"n{n}@example.test")
+                for x in self.brokers))
+            await self.deliver(holder, "")
+            assert self.requests() == [f"{sender}>owner@example.test:n{login}@example.test"]
+            # The logout reaches the instance that does not hold the owner.
+            await self.deliver(other, f"<presence type='unavailable' from='{owner}' "
+                                      f"to='{COMPONENT}'/>")
+            await wait_for(lambda: not any(self.holders(owner)), what="the holder lets go")
+            assert self.holders("owner@example.test") == [False, False]
+
+        # The holder's link drops: its claims go, and the next login is claimed again.
+        a.stream.dataReceived(f"<presence from='{owner}' to='{COMPONENT}'/>".encode())
+        await wait_for(lambda: self.holders(owner) == [True, False])
+        a.sent()
+        a.stream.connectionLost(None)
+        assert self.holders(owner) == [False, False]
+        await a.router.drain()
+        await self.deliver(b, f"<presence from='{owner}' to='{COMPONENT}'/>")
+        assert self.holders(owner) == [False, True]
+        assert sorted(self.requests()) == [f"b>{owner}:{jid}" for jid in self.pending()]
+
+        # B falls silent (its heartbeat stops, as if it had died): the next presence heard
+        # elsewhere takes the claim over, and B, only slow after all, lets go.
+        b_board = b.router.board
+        assert b_board is not None
+        b_board._heartbeat.stop()
+        a = self.hosts[0] = Host(a.router)  # A's link is back
+        a.accept()
+        await self.deliver(a, f"<presence from='{owner}' to='{COMPONENT}'/>")
+        assert self.holders(owner) == [False, True]  # B is not silent for long enough yet
+        self.clock.advance(SILENT + 1)
+        await self.deliver(a, f"<presence from='{owner}' to='{COMPONENT}'/>")
+        await wait_for(lambda: self.holders(owner) == [True, False], what="A takes over")
+        assert sorted(self.requests()) == [f"a>{owner}:{jid}" for jid in self.pending()]
+        b_board._heartbeat.start(HEARTBEAT, now=False)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sixnet.app.config import load_config
@@ -16,12 +17,15 @@ from sixnet.core.storage.database import Database
 from sixnet.grid.scram import ScramCredentials
 from sixnet.grid.storage.accounts import AccountError, AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
+from sixnet.grid.storage.presence import HEARTBEAT, SILENT, PresenceBoard
 from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
+from sixnet.grid.storage.schema import prepare_broker
 from tests.support.databases import (
     drop_postgres_schema,
     fresh_postgres_schema,
     postgres_unavailable,
 )
+from tests.support.waiting import wait_for
 
 
 class SQLiteStorageTests(unittest.TestCase):
@@ -68,6 +72,77 @@ class SQLiteStorageTests(unittest.TestCase):
         assert await offline.take("bob") == [("t0", b"<m0/>"), ("t1", b"<m1/>")]
         assert await offline.take("bob") == []
 
+    async def test_a_fanout_burst_shares_transactions(self) -> None:
+        """Stores for many accounts at once (a notification handed over to subscribers on
+        another process) share transactions, and so do the takes; outcomes stay per
+        message, and one announcement names many accounts."""
+        db = self.database()
+        accounts = AccountStore(db, 4096)
+        await accounts.prepare()
+        names = [f"s{n}" for n in range(300)]
+        await db.run("accounts", lambda c: c.executemany(
+            "INSERT INTO grid_accounts (username, kind, created) VALUES (?, 'password', '-')",
+            [(name,) for name in names]))
+        offline = OfflineStore(db, 2)
+        assert await offline.store("s0", "t", b"<old/>") == "stored"
+        assert await offline.store("s0", "t", b"<old/>") == "stored"  # s0 is full now
+        heard: list[str] = []
+        await offline.watch(heard.append)
+        runs = []
+        run = db.run
+        db.run = lambda name, *a, **k: (runs.append(name), run(name, *a, **k))[1]  # type: ignore[method-assign]
+        outcomes = await defer.gatherResults(
+            [offline.store(name, "t1", f"<m{name}/>".encode()) for name in names]
+            + [offline.store("nobody", "t1", b"<m/>")])
+        assert outcomes == ["full"] + ["stored"] * 299 + ["no-account"]
+        assert len(runs) <= 3, runs  # the first at once, the rest behind it
+        await wait_for(lambda: len(heard) >= 299)
+        assert sorted(heard) == sorted(names[1:])
+        runs.clear()
+        taken = await defer.gatherResults([offline.take(name) for name in names])
+        assert len(runs) <= 3
+        assert taken[0] == [("t", b"<old/>"), ("t", b"<old/>")]
+        assert taken[1:] == [[("t1", f"<m{name}/>".encode())] for name in names[1:]]
+        assert await offline.take("s5") == []
+
+
+    async def test_presence_board(self) -> None:
+        """Claims, releases heard by the holder, bare and per-instance releases, and the
+        takeover of a silent holder's claim, in this dialect's SQL."""
+        db = self.database()
+        await prepare_broker(db, RevocationStore(db))
+        clock = Clock()
+        heard: dict[str, list[tuple[str, str]]] = {"a": [], "b": []}
+        a, b = PresenceBoard(db, clock), PresenceBoard(db, clock)
+        for name, board in (("a", a), ("b", b)):
+            await board.open(lambda token, full, name=name: heard[name].append((token, full)))
+        await a._beat()  # on SQLite, b's open cleared the table, as a restarted process does
+        self.addCleanup(lambda: defer.gatherResults(
+            [defer.Deferred.fromCoroutine(x.close()) for x in (a, b)]))
+        token = await a.claim("o@x/desk")
+        assert token is not None and await b.claim("o@x/desk") is None
+        assert await a.claim("o@x/desk") is None  # a presence update: held already
+        await b.release("o@x/desk")  # the logout reached the other instance
+        await wait_for(lambda: (token, "o@x/desk") in heard["a"])
+        phone, laptop = await b.claim("o@x/phone"), await a.claim("o@x/laptop")
+        assert phone is not None and laptop is not None
+        await a.release("o@x")  # unavailable to the bare JID: every resource
+        await wait_for(lambda: (phone, "o@x/phone") in heard["b"]
+                       and (laptop, "o@x/laptop") in heard["a"])
+        assert await a.claim("o@x/phone") is not None
+        mine = await b.claim("p@x/r")
+        await b.release_mine()
+        await wait_for(lambda: (mine, "p@x/r") in heard["b"])
+        assert await a.claim("p@x/r") is not None
+        # A falls silent: after SILENT seconds B takes its claims over, and says so.
+        taken = await a.claim("q@x/r")
+        a._heartbeat.stop()
+        clock.advance(SILENT - 1)
+        assert await b.claim("q@x/r") is None
+        clock.advance(2)
+        assert await b.claim("q@x/r") is not None
+        await wait_for(lambda: (taken, "q@x/r") in heard["a"])
+        a._heartbeat.start(HEARTBEAT, now=False)
 
     async def test_lockout_records(self) -> None:
         db = self.database()

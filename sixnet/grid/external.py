@@ -30,6 +30,13 @@ online from what the host delivers to it (XEP-0114 routes presence like any stan
 
 After a reconnect the broker probes every platform it had seen, so subscribed owners are
 known again without waiting for their next login.
+
+Several instances attached for one name share a `PresenceBoard` (the broker database): the
+host gives each presence stanza to one of them (or copies it), so each available full JID is
+*held* by the one instance whose claim came first, and only that instance counts it as
+online (`is_available`, `session_available`). Whoever hears it leave releases the claim, and
+the holder lets go when it hears the release. An approval request is therefore sent by one
+instance, once.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from sixnet.core.stream.parser import StreamOpened, StreamParser
 from sixnet.core.stream.protocol import StreamFormat, XMLStreamProtocol, child_error
 from sixnet.grid.component import IComponent, IRouter
 from sixnet.grid.jid import JIDError, parse_jid
+from sixnet.grid.storage.presence import PresenceBoard
 from sixnet.grid.xmpp import NS_CLIENT, NS_STREAM_ERRORS, NS_STREAMS, splice_to
 
 log = Logger(namespace="sixnet.grid.external")
@@ -312,17 +320,24 @@ class ComponentStream(XMLStreamProtocol):
 class HostRouter:
     """The broker's `IRouter` in component mode: the host server is the rest of the world.
 
-    `domain` is the host's XMPP domain, `name` the component's own domain (the broker's).
+    `domain` is the host's XMPP domain, `name` the component's own domain (the broker's),
+    `board` the presence claims shared with the other instances attached for `name`.
     Stanzas routed while no stream is ready wait in a bounded backlog.
     """
 
-    def __init__(self, domain: str, name: str) -> None:
+    def __init__(self, domain: str, name: str, board: PresenceBoard | None = None) -> None:
         self.domain = domain
         self.name = name
+        #: Shared with the other instances attached for `name`; None: this one is alone.
+        self.board = board
         self.component: IComponent | None = None
         self.stream: ComponentStream | None = None
-        #: Available full JIDs by bare JID, as the host's presence says.
+        #: Available full JIDs by bare JID that this instance holds (all it was told of,
+        #: without a board).
         self.presence: dict[str, set[str]] = {}
+        #: The token of each held claim (`PresenceBoard`), by full JID.
+        self.tokens: dict[str, str] = {}
+        self._board_ops: set[defer.Deferred[Any]] = set()
         #: Bare JIDs seen available since we started: probed again after a reconnect.
         self.seen: set[str] = set()
         self.backlog: deque[bytes] = deque()
@@ -333,6 +348,21 @@ class HostRouter:
     def attach(self, component: IComponent) -> None:
         self.component = component
         component.attach(self)
+
+    async def open(self) -> None:
+        """Hear the other instances' releases (before the link to the host starts)."""
+        if self.board is not None:
+            await self.board.open(self._released)
+
+    def drain(self) -> defer.Deferred[Any]:
+        """Fires once the board operations in flight are done."""
+        return defer.DeferredList(list(self._board_ops))
+
+    async def stop(self) -> None:
+        """Give up this instance's claims (after the link is closed, before the database)."""
+        await self.drain()
+        if self.board is not None:
+            await self.board.close()
 
     def when_connected(self) -> defer.Deferred[None]:
         """Fires once a stream is accepted (at once if one is)."""
@@ -392,6 +422,8 @@ class HostRouter:
         log.warn("component {name}: connection to the host lost", name=self.name)
         for full in sorted(j for jids in self.presence.values() for j in jids):
             self._went_unavailable(full)
+        if self.board is not None:  # another instance's link may hear of them meanwhile
+            self._on_board(self.board.release_mine())
 
     def received(self, stanza: etree._Element) -> None:
         if stanza.tag == _CLIENT + "presence":
@@ -415,18 +447,23 @@ class HostRouter:
         kind = stanza.get("type")
         full, bare = str(sender), str(sender.bare)
         if kind is None and sender.resource is not None:
-            online = self.presence.setdefault(bare, set())
             self.seen.add(bare)
-            if full not in online:
-                online.add(full)
-                if self.component is not None:
-                    self.component.session_available(full)
+            if self.board is None:
+                if full not in self.presence.get(bare, ()):
+                    self._hold(full, "")
+                return
+            # Claimed at every available presence: a claim released meanwhile by the
+            # instance that heard the logout makes this one a new login, held here.
+            self._on_board(self.board.claim(full)).addCallback(
+                lambda token: self._hold(full, token) if token is not None else None)
         elif kind == "unavailable":
             if sender.resource is not None:
                 self._went_unavailable(full)
             else:
                 for jid in sorted(self.presence.get(bare, ())):
                     self._went_unavailable(jid)
+            if self.board is not None:
+                self._on_board(self.board.release(full))
         elif kind == "subscribe":
             # Accept, ask back, and say we are here: the host then keeps us told.
             self._send_presence(bare, "subscribed")
@@ -435,12 +472,37 @@ class HostRouter:
         elif kind == "probe":
             self._send_presence(bare, None)
 
+    def _hold(self, full: str, token: str) -> None:
+        """`full` has come online, and this instance is the one to act on it."""
+        self.presence.setdefault(full.split("/", 1)[0], set()).add(full)
+        self.tokens[full] = token
+        if self.component is not None:
+            self.component.session_available(full)
+
+    def _released(self, token: str, full: str) -> None:
+        """An instance heard `full` leave (or lost its link): if it was our claim, let go."""
+        if self.tokens.get(full) == token:
+            self._went_unavailable(full)
+
+    def _on_board(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        self._board_ops.add(d)
+
+        def done(result: Any) -> Any:
+            self._board_ops.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("component {name}: the presence board failed", f,
+                                           name=self.name))
+        return d
+
     def _went_unavailable(self, full: str) -> None:
         bare = full.split("/", 1)[0]
         online = self.presence.get(bare)
         if online is None or full not in online:
             return
         online.discard(full)
+        self.tokens.pop(full, None)
         if not online:
             del self.presence[bare]
         if self.component is not None:

@@ -41,6 +41,7 @@ from sixnet.grid.router import Router
 from sixnet.grid.sasl import SaslPolicy
 from sixnet.grid.storage.accounts import AccountStore, LockoutStore
 from sixnet.grid.storage.offline import OfflineStore
+from sixnet.grid.storage.presence import PresenceBoard
 from sixnet.grid.storage.revocations import RevocationStore, RevocationWatch
 from sixnet.grid.storage.schema import prepare_broker, prepare_grid
 from sixnet.grid.stream import C2SServer, ClientStreamFactory, Limits
@@ -133,7 +134,8 @@ class GridService(MultiService):
         self.host_router: HostRouter | None = None
         self.component_link: IService | None = None
         if grid.mode == "component":
-            self.host_router = HostRouter(grid.domain, grid.service_name)
+            self.host_router = HostRouter(grid.domain, grid.service_name,
+                                          PresenceBoard(self.broker_db, clock))
             self.component_link = self._make_link(self.host_router)
         self.offline_count = register_gauges(self)
         self.ready: defer.Deferred[None] = defer.Deferred()
@@ -266,6 +268,7 @@ class GridService(MultiService):
         await prepare_broker(self.broker_db, self.revocations.store)
         # Attaching reads the revoked platforms too.
         if self.host_router is not None:
+            await self.host_router.open()
             self.host_router.attach(self.broker)
         else:
             self.router.attach_component(self.broker)
@@ -318,6 +321,8 @@ class GridService(MultiService):
             self.router.end_session(session)
         await self.router.drain()
         await self.broker.stop()
+        if self.host_router is not None:  # its claims released before the database closes
+            await self.host_router.stop()
         self.broker_db.close()
         self.db.close()
         self.audit.close()

@@ -3,7 +3,8 @@
 The grid database (component ``grid``) holds accounts, offline messages, failed logins and the
 one table of revoked platforms (``grid_revoked``), which the CLI writes and SASL, the streams
 and the broker all read. The broker database (component ``grid.pubsub``) holds topics, items,
-affiliations and subscriptions; the two may be one database (a shared PostgreSQL) or two.
+affiliations, subscriptions, and in component mode which instance holds each platform's
+presence; the two may be one database (a shared PostgreSQL) or two.
 
 Migrations are never edited once released, only added. History kept for existing databases:
 ``grid_revoked`` was once its own component (``grid_revocations``), and the broker kept a
@@ -84,6 +85,15 @@ BROKER_MIGRATIONS = {
     ],
     # Its rows are in grid_revoked by now (`prepare_broker`).
     2: ["DROP TABLE pubsub_revoked"],
+    # Which instance holds each available platform (component mode, storage/presence.py).
+    3: [
+        "CREATE TABLE pubsub_presence (jid TEXT PRIMARY KEY, bare TEXT NOT NULL, "
+        "holder TEXT NOT NULL, token TEXT NOT NULL)",
+        "CREATE INDEX pubsub_presence_bare ON pubsub_presence (bare)",
+        "CREATE INDEX pubsub_presence_holder ON pubsub_presence (holder)",
+        # Each instance's last heartbeat: a claim of an instance silent for long is taken.
+        "CREATE TABLE pubsub_instance (origin TEXT PRIMARY KEY, seen {bigint} NOT NULL)",
+    ],
 }
 
 
