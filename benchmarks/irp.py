@@ -19,6 +19,13 @@ worker processes (``[irp] workers``, default: one per CPU); slapd (Debian packag
 runs with back-mdb, its default threads and the same TLS certificate, both on loopback.
 If slapd is not installed, it is skipped.
 
+Between the two, the lookups are also run against ``benchmarks/tls_floor.py``: a Twisted
+server with the registry's TLS settings that answers each request with a recorded lookup
+answer of the registry and does nothing else. Its rate is the most any registry on Twisted
+and pyOpenSSL can reach with this load generator on this machine; ``server_cpu_us_per_op``
+of each server is its CPU time per operation, and sixnet's minus the floor's is what the
+registry itself costs per request.
+
 Usage: python benchmarks/irp.py [--persons 100000] [--clients 50] [--seconds 10] [--hot N]
                                 [--workers N]
 Prints one JSON document on standard output (progress on standard error).
@@ -209,6 +216,7 @@ class IRPSession:
         self.parser = StreamParser(max_element_bytes=1 << 20)
         self.queue: list = []
         self.buffer = b""
+        self.last_answer = b""
         self.next_id = 0
 
     async def element(self):
@@ -254,6 +262,8 @@ class IRPSession:
                 at = self.buffer.find(end)
                 if at >= 0:
                     answer, self.buffer = self.buffer[:at], self.buffer[at + len(end):]
+                    self.last_answer = (answer + end).replace(f' id="{rid}"'.encode(),
+                                                              b' id="@ID@"', 1)
                     return end == b"</result>" and f' id="{rid}"'.encode() in answer[:200]
             data = await self.reader.read(65536)
             if not data:
@@ -262,7 +272,9 @@ class IRPSession:
 
 
 async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
-                    seconds: float, server_cpu: Callable[[], float]) -> dict:
+                    seconds: float, server_cpu: Callable[[], float],
+                    registrations: bool = True) -> dict:
+    """Lookups, then registrations; ``answer``: a lookup answer as it came (for the floor)."""
     sessions = [await IRPSession.open(port, c) for c in contexts]
 
     async def lookup(session: IRPSession, rng: random.Random) -> bool:
@@ -273,12 +285,13 @@ async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
             f'<register id="ID" device="bench" lifetime="3600"><address '
             f'ip="{person_address(rng.randrange(1 << 30))}" port="4605"/></register>')
 
-    result = {"lookups": await run_clients(sessions, lookup, seconds, server_cpu),
-              "registrations": await run_clients(sessions, register, seconds, server_cpu)}
+    result = {"lookups": await run_clients(sessions, lookup, seconds, server_cpu)}
+    result["answer"] = sessions[0].last_answer
+    if registrations:
+        result["registrations"] = await run_clients(sessions, register, seconds, server_cpu)
     for s in sessions:
         s.writer.close()
     return result
-
 
 
 # -- LDAP (raw BER over TLS) ------------------------------------------------------------------
@@ -433,6 +446,28 @@ access to * by self write by users read by * none
 # -- main ---------------------------------------------------------------------------------------
 
 
+async def floor_phase(base: Path, ca: LabCA, cert: Path, key: Path, answer: bytes,
+                      contexts: list[ssl.SSLContext], persons: int, seconds: float) -> dict:
+    """Lookups against benchmarks/tls_floor.py answering with `answer` (see there)."""
+    progress("twisted TLS floor: measuring")
+    (base / "answer.xml").write_bytes(answer)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("tls_floor.py")), str(port),
+         str(ca.directory / "ca.pem"), str(cert), str(key), str(base / "answer.xml")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, running=lambda: server.poll() is None)
+        floor = await irp_phase(port, contexts, persons, seconds,
+                                lambda: cpu_seconds(server.pid), registrations=False)
+        floor.pop("answer")
+        floor["answer_bytes"] = len(answer)
+        return floor
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def client_context(ca_pem: Path, cert: Path | None = None,
                    key: Path | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(ca_pem))
@@ -488,6 +523,7 @@ async def measure(args: argparse.Namespace) -> dict:
                                   lambda: tree_cpu(server.pid))
             irp["server_cpu_s"] = round(tree_cpu(server.pid) - cpu_start, 2)
             irp["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
+            answer = irp.pop("answer")
             rss_end = tree_rss(server.pid)
             db_bytes = sum(p.stat().st_size for p in state.glob("irp.sqlite3*"))
             irp["rss_kib_start"] = rss_start
@@ -498,6 +534,8 @@ async def measure(args: argparse.Namespace) -> dict:
         finally:
             server.terminate()
             server.wait(10)
+        result["twisted_tls_floor"] = await floor_phase(base, ca, host_cert, host_key, answer,
+                                                        contexts, looked_up, args.seconds)
         if args.slapd == "no":
             return result
 
@@ -542,6 +580,10 @@ async def measure(args: argparse.Namespace) -> dict:
             theirs = ldap[phase].get("per_second")
             if ours and theirs:
                 ratios[f"{phase}_per_second_sixnet_over_slapd"] = round(ours / theirs, 3)
+        floor = result["twisted_tls_floor"]["lookups"].get("per_second")
+        if floor and ldap["lookups"].get("per_second"):
+            ratios["lookups_per_second_floor_over_slapd"] = round(
+                floor / ldap["lookups"]["per_second"], 3)
         result["ratios"] = ratios
         return result
     finally:
