@@ -92,8 +92,6 @@ class MessageGapParser(StreamParser):
     data in the clear: ``policy-violation``).
     """
 
-    __slots__ = ("gap",)
-
     def feed(self, data: bytes) -> list[Event | TextBetweenMessages]:
         cut = data.rfind(b">") + 1
         rest = data[cut:]
@@ -213,10 +211,6 @@ class IRPServerProtocol(XMLStreamProtocol):
         self.watching: set[str] = set()
         #: The client speaks 1.2: lookups and watches get the person's signed record.
         self.records = False
-        #: The machine is in ``open_stream``, where a request is the one input. Set and
-        #: cleared by its outputs; elements then go straight to `_request`, because an
-        #: input call through Automat costs more than answering a kept lookup.
-        self.serving = False
 
     @property
     def state(self) -> str:
@@ -283,9 +277,7 @@ class IRPServerProtocol(XMLStreamProtocol):
     def element_received(self, node: etree._Element | TextBetweenMessages) -> None:
         if isinstance(node, TextBetweenMessages):
             raise StreamError("bad-format", "text between messages")
-        if self.serving:
-            self._request(node)
-        elif node.tag == q("starttls"):
+        if node.tag == q("starttls"):
             self.got_starttls(node)
         else:
             self.got_element(node)
@@ -395,7 +387,7 @@ class IRPServerProtocol(XMLStreamProtocol):
             self.send(serialize(error_element(request.id, error)))
             return
         self._done(request)
-        if not self.serving:
+        if self.state == CLOSED:
             return
         if isinstance(request, WatchRequest):
             self._start_watch(request)
@@ -440,7 +432,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         user = request.user
 
         def changed(answer: Answer) -> None:
-            if self.serving:
+            if self.state == OPEN:
                 self.send(self._signed(f'<notify xmlns="{NS}" request="{request.id}">',
                                        b"</notify>", request, self.caller, answer))
 
@@ -548,11 +540,10 @@ class IRPServerProtocol(XMLStreamProtocol):
     def _open_session(self) -> None:
         self.send_header()
         self.send(serialize(self._session_element()))
-        self.serving = True
 
     @_machine.output()
-    def _stop_serving(self) -> None:
-        self.serving = False
+    def _dispatch(self, node: etree._Element) -> None:
+        self._request(node)
 
     @_machine.output()
     def _header_first(self, node: etree._Element) -> None:
@@ -576,15 +567,14 @@ class IRPServerProtocol(XMLStreamProtocol):
     tls_handshake.upon(tls_up, enter=tls_handshake, outputs=[_judge_certificate])
     tls_handshake.upon(caller_judged, enter=wait_tls_header, outputs=[_release])
     wait_tls_header.upon(got_header, enter=open_stream, outputs=[_open_session])
-    # In open_stream every element (<starttls/> too: it is no operation) is a request,
-    # taken by element_received while `serving` (set by _open_session), not as an input.
-    open_stream.upon(got_header, enter=ended, outputs=[_stop_serving, _unexpected_header])
-    open_stream.upon(end, enter=ended, outputs=[_stop_serving])
+    open_stream.upon(got_element, enter=open_stream, outputs=[_dispatch])
+    open_stream.upon(got_starttls, enter=open_stream, outputs=[_dispatch])  # not an operation
     for _state in (wait_header, wait_tls_header):
         _state.upon(got_starttls, enter=ended, outputs=[_header_first])
         _state.upon(got_element, enter=ended, outputs=[_header_first])
-    wait_starttls.upon(got_header, enter=ended, outputs=[_unexpected_header])
-    for _state in (wait_header, wait_starttls, tls_handshake, wait_tls_header):
+    for _state in (wait_starttls, open_stream):
+        _state.upon(got_header, enter=ended, outputs=[_unexpected_header])
+    for _state in (wait_header, wait_starttls, tls_handshake, wait_tls_header, open_stream):
         _state.upon(end, enter=ended, outputs=[])
     #: Once over, whatever still arrives (a certificate judged late) is ignored.
     for _input in (got_header, got_starttls, got_element, tls_up, caller_judged, end):
