@@ -150,9 +150,9 @@ class RegistryTests(RegistryHarness):
         reads = []
         person_view = store.person_view
 
-        def counting(person, now):
+        def counting(person, now, *crls):
             reads.append(person)
-            return person_view(person, now)
+            return person_view(person, now, *crls)
 
         store.person_view = counting
         first = await bob.lookup("alice@example.test")
@@ -195,11 +195,16 @@ class RegistryTests(RegistryHarness):
         alice = await self.client(service, self.lab.person("alice@example.test"))
         await alice.register([("2001:db8::1", 4605)], device="phone")
         assert (await alice.lookup("alice@example.test")).addresses[0][0] == "2001:db8::1"
-        # a change nobody announced (as when notifications were lost)
+        # a change whose notification was lost (the version is raised with it, as always)
         store = service.registry.store
-        await store.db.run("unannounced", lambda c: c.execute(
-            "UPDATE irp_device SET addresses = ? WHERE person = ?",
-            ('[["2001:db8::9",4605]]', "alice@example.test")))
+
+        def change(cursor):
+            cursor.execute("UPDATE irp_device SET addresses = ? WHERE person = ?",
+                           ('[["2001:db8::9",4605]]', "alice@example.test"))
+            cursor.execute("UPDATE irp_person SET version = version + 1 WHERE id = ?",
+                           ("alice@example.test",))
+
+        await store.db.run("unannounced", change)
         assert (await alice.lookup("alice@example.test")).addresses[0][0] == "2001:db8::1"
         store._gap()
         assert (await alice.lookup("alice@example.test")).addresses[0][0] == "2001:db8::9"
@@ -212,9 +217,9 @@ class RegistryTests(RegistryHarness):
         reads = []
         person_view = store.person_view
 
-        def counting(person, now):
+        def counting(person, now, *crls):
             reads.append(person)
-            return person_view(person, now)
+            return person_view(person, now, *crls)
 
         store.person_view = counting
         for user in ("alice", "alice", "bob", "alice"):

@@ -174,9 +174,9 @@ class SignedRecordTests(RegistryHarness, unittest.TestCase):
         reads: list[str] = []
         original = registry.store.person_view
 
-        def counted(person: str, now: int):
+        def counted(person: str, now: int, *crls: str):
             reads.append(person)
-            return original(person, now)
+            return original(person, now, *crls)
 
         registry.store.person_view = counted
         ok_before = registry.counters.ok["lookup"].value

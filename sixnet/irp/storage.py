@@ -67,6 +67,14 @@ MIGRATIONS = {
         # the change's time in ms or one more than before, whichever is larger.
         "ALTER TABLE irp_person ADD COLUMN version {bigint} NOT NULL DEFAULT 0",
     ],
+    4: [
+        # Each person's signed record (docs/irp.rst, "Signed records") as signed last, for
+        # every worker and after a restart: good while the person's version, the CRLs it was
+        # signed under (`CertificateStore.revocations`) and its re-signing time still hold.
+        "CREATE TABLE irp_record (person TEXT PRIMARY KEY, version {bigint} NOT NULL,"
+        " crls TEXT NOT NULL, changes_at {bigint} NOT NULL, resign_at {bigint} NOT NULL,"
+        " statement {blob} NOT NULL)",
+    ],
 }
 
 #: Lockout records kept; the oldest beyond it are dropped, so guessing random user ids
@@ -103,8 +111,18 @@ class DeviceRow:
 
 
 @dataclass(frozen=True)
+class StoredRecord:
+    """A person's signed record as kept in the database (`SQLRegistryStore.keep_record`)."""
+
+    statement: bytes  # the signed <record> and its <signature>
+    changes_at: int  # ms: the record's first expiry (`Answer.changes_at`)
+    resign_at: int  # ms: from then on it is signed again
+
+
+@dataclass(frozen=True)
 class PersonView:
-    """Everything a lookup needs, read in one transaction."""
+    """Everything a lookup needs, read in one transaction: the person's stored signed
+    record when it is still good, else the rows to make the record from."""
 
     person: str
     exists: bool
@@ -113,6 +131,7 @@ class PersonView:
     #: Raised by every change of the record (`_OwnChanges.notify`); for a person who does
     #: not exist (removed), the time of the read, above any version the record had.
     version: int = 0
+    record: StoredRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,13 @@ class IRegistryStore(Interface):
 
     def ensure_person(person: str, now: int) -> defer.Deferred[None]: ...
 
-    def person_view(person: str, now: int) -> defer.Deferred[PersonView]: ...
+    def person_view(person: str, now: int, crls: str = "") -> defer.Deferred[PersonView]:
+        """The person's view; with the stored signed record instead of the rows when one is
+        good at `now` under the CRLs `crls` (`CertificateStore.revocations`)."""
+
+    def keep_record(person: str, version: int, crls: str,
+                    record: StoredRecord) -> defer.Deferred[None]:
+        """Store the person's signed record of `version`, unless a later one is stored."""
 
     def get_account(person: str) -> defer.Deferred[Account | None]: ...
 
@@ -255,6 +280,8 @@ class SQLRegistryStore:
         self._callbacks: list[Callable[[str | None, str, bool], object]] = []
         self._reads = GroupCommit(db, "irp read batch", _person_views)
         self._writes = GroupCommit(db, "irp write batch", _each)
+        #: Signed records are kept in their own batches: a failure there fails no change.
+        self._records = GroupCommit(db, "irp record batch", _keep_records)
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -292,8 +319,12 @@ class SQLRegistryStore:
     def ensure_person(self, person: str, now: int) -> defer.Deferred[None]:
         return self.db.run("irp ensure person", _ensure_person, person, now)
 
-    def person_view(self, person: str, now: int) -> defer.Deferred[PersonView]:
-        return self._reads.submit(person, now)
+    def person_view(self, person: str, now: int, crls: str = "") -> defer.Deferred[PersonView]:
+        return self._reads.submit(person, now, crls)
+
+    def keep_record(self, person: str, version: int, crls: str,
+                    record: StoredRecord) -> defer.Deferred[None]:
+        return self._records.submit(person, version, crls, record)
 
     def list_persons(self, after: str | None, limit: int) -> defer.Deferred[list[PersonSummary]]:
         def read(cursor: Cursor) -> list[PersonSummary]:
@@ -314,7 +345,8 @@ class SQLRegistryStore:
             found = cursor.execute("DELETE FROM irp_person WHERE id = ?",
                                    (person,)).rowcount > 0
             for table, column in (("irp_account", "person"), ("irp_device", "person"),
-                                  ("irp_backup", "person"), ("irp_invite", "person")):
+                                  ("irp_backup", "person"), ("irp_invite", "person"),
+                                  ("irp_record", "person")):
                 cursor.execute(f"DELETE FROM {table} WHERE {column} = ?", (person,))  # noqa: S608
             if found:
                 self._own.notify(cursor, changes, person, "removed")
@@ -448,8 +480,11 @@ class SQLRegistryStore:
         return self.db.run("irp unregister", write).addCallback(self._own.returned, changes)
 
     def purge_expired(self, now: int) -> defer.Deferred[int]:
-        return self.db.run("irp purge expired", lambda c: c.execute(
-            "DELETE FROM irp_device WHERE expires <= ?", (now,)).rowcount)
+        def purge(cursor: Cursor) -> int:
+            cursor.execute("DELETE FROM irp_record WHERE resign_at <= ?", (now,))
+            return cursor.execute("DELETE FROM irp_device WHERE expires <= ?", (now,)).rowcount
+
+        return self.db.run("irp purge expired", purge)
 
     # -- backups --------------------------------------------------------------------------------
 
@@ -481,10 +516,38 @@ def _each(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[Any]:
     return [work(cursor, *args) for work, *args in items]
 
 
+def _keep_records(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[None]:
+    """A batch of ``(person, version, crls, StoredRecord)``: each replaces the stored record
+    of an earlier (or the same) version."""
+    for person, version, crls, record in items:
+        cursor.execute(
+            "INSERT INTO irp_record (person, version, crls, changes_at, resign_at, statement)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (person) DO UPDATE SET"
+            " version = excluded.version, crls = excluded.crls,"
+            " changes_at = excluded.changes_at, resign_at = excluded.resign_at,"
+            " statement = excluded.statement WHERE irp_record.version <= excluded.version",
+            (person, version, crls, record.changes_at, record.resign_at, record.statement))
+    return [None] * len(items)
+
+
 def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonView]:
-    """A read batch: the views of the ``(person, now)`` items, three queries in all."""
-    persons = sorted({person for person, _ in items})
-    marks = ",".join("?" * len(persons))  # placeholders only: the ids are parameters
+    """A read batch: the views of the ``(person, now, crls)`` items. The persons' good
+    stored records first (one query), then, for the others, three queries in all."""
+    latest = max(now for _, now, _ in items)
+    stored: dict[str, tuple[int, StoredRecord]] = {}
+    for crls in {crls for _, _, crls in items if crls}:
+        wanted = sorted({person for person, _, c in items if c == crls})
+        marks = ",".join("?" * len(wanted))  # placeholders only: the ids are parameters
+        for row in cursor.execute(
+                "SELECT r.person, r.version, r.changes_at, r.resign_at, r.statement"  # noqa: S608
+                " FROM irp_record r JOIN irp_person p ON p.id = r.person AND"
+                f" p.version = r.version WHERE r.person IN ({marks}) AND r.crls = ?"
+                " AND r.resign_at > ?", (*wanted, crls, latest)).fetchall():
+            stored[row[0]] = (row[1], StoredRecord(bytes(row[4]), row[2], row[3]))
+    persons = sorted({person for person, _, _ in items} - set(stored))
+    if not persons:
+        return [_stored_view(person, *stored[person]) for person, _, _ in items]
+    marks = ",".join("?" * len(persons))
     versions = {row[0]: row[1] for row in cursor.execute(
         f"SELECT id, version FROM irp_person WHERE id IN ({marks})",  # noqa: S608
         persons).fetchall()}
@@ -493,7 +556,7 @@ def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonVi
             f"SELECT person, device, registered, expires, addresses FROM irp_device"  # noqa: S608
             f" WHERE person IN ({marks}) AND expires > ?"
             " ORDER BY person, registered DESC, seq DESC",
-            (*persons, min(now for _, now in items))).fetchall():
+            (*persons, min(now for _, now, _ in items))).fetchall():
         devices.setdefault(row[0], []).append(row[1:])
     certificates: dict[str, list[CertificateRow]] = {}
     for row in cursor.execute(
@@ -501,10 +564,15 @@ def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonVi
             f" WHERE person IN ({marks}) ORDER BY person, issued DESC, serial",
             persons).fetchall():
         certificates.setdefault(row[1], []).append(_certificate(row))
-    return [PersonView(person, person in versions,
+    return [_stored_view(person, *stored[person]) if person in stored else
+            PersonView(person, person in versions,
                        tuple(_device(r) for r in devices.get(person, ()) if r[2] > now),
                        tuple(certificates.get(person, ())), versions.get(person, now))
-            for person, now in items]
+            for person, now, _ in items]
+
+
+def _stored_view(person: str, version: int, record: StoredRecord) -> PersonView:
+    return PersonView(person, True, (), (), version, record)
 
 
 def _person_view(cursor: Cursor, person: str, now: int) -> PersonView:

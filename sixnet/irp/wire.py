@@ -776,6 +776,13 @@ def signed_record(statement: RecordStatement, payload: bytes) -> bytes:
     return f'<record xmlns="{NS}"{attrs}>'.encode() + payload + b"</record>"
 
 
+def record_payload(statement: bytes) -> bytes:
+    """The canonical ``<person>`` inside a signed record made by `signed_record` (followed
+    by its signature): from the first ``<`` after the start tag's own (a ``<`` in an
+    attribute value is escaped) to the one ``</record>``."""
+    return statement[statement.index(b"<", 1):statement.rindex(b"</record>")]
+
+
 def check_record(record: etree._Element, *, subject: str, now: datetime.datetime,
                  seen: int | None = None, skew: float = 300.0) -> int:
     """What a client MUST check of a verified ``<record>`` (docs/irp.rst, "Signed records"):

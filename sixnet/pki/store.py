@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509 import verification as xv
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -157,6 +159,7 @@ class CertificateStore:
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         #: Bumped whenever the CRLs change, so TLS contexts know to rebuild themselves.
         self.generation = 0
+        self._revocations = (-1, "")
         self._extra_crls = list(crls)
         #: CRL files read again by `reload_crls` (after ``sixnet pki revoke``).
         self.crl_files = list(crl_files)
@@ -223,6 +226,17 @@ class CertificateStore:
 
     def crls(self) -> list[x509.CertificateRevocationList]:
         return list(self._crls.values())
+
+    @property
+    def revocations(self) -> str:
+        """The CRLs in use, as a digest: the same in every process that read the same CRLs
+        (the registry's workers), so what one signed under them another may reuse."""
+        if self._revocations[0] != self.generation:
+            digest = hashlib.sha256()
+            for fingerprint in sorted(c.fingerprint(hashes.SHA256()) for c in self._crls.values()):
+                digest.update(fingerprint)
+            self._revocations = (self.generation, digest.hexdigest()[:32])
+        return self._revocations[1]
 
     def identity(self, name: str) -> NodeIdentity:
         try:

@@ -7,6 +7,11 @@ process), on a notification gap, when the CRLs are read again (a certificate's s
 change), and is not used from its first expiry on (an answer never contains an expired
 address or shows an expired certificate as valid). Unknown persons are not kept: creating
 an account or an invitation makes a person without a notification.
+
+A person's signed record is also kept in the database (`IRegistryStore.keep_record`): a
+read finds it instead of the rows while it is good (same version, same CRLs, before its
+re-signing time), so every worker, and the registry after a restart, answers from the
+signature made once.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ from typing import Protocol
 from cryptography import x509
 
 from sixnet.irp.storage import CertificateRow, IRegistryStore, PersonView
-from sixnet.irp.wire import Address, CertificateInfo, DeviceRecord, PersonRecord, person_payload
+from sixnet.irp.wire import (
+    Address,
+    CertificateInfo,
+    DeviceRecord,
+    PersonRecord,
+    person_payload,
+    record_payload,
+)
 from sixnet.pki.store import CertificateStore
 
 #: Parsed certificate chains kept in memory (oldest dropped first).
@@ -39,6 +51,10 @@ class Answer:
     stamp: int = 0  # the workers' change counters it was read under (`IChangeBoard`)
     version: int = 0  # the record's version (`PersonView.version`)
     person: str = ""
+    revocations: str = ""  # the CRLs it was computed under (`CertificateStore.revocations`)
+    #: The record as signed before (read from the database), and when to sign it again.
+    statement: bytes | None = None
+    resign_at: int = 0
 
 
 class CertificateStatus:
@@ -125,19 +141,26 @@ class AnswerCache:
         now = self.now_ms()
         crls = self.statuses.certificates.generation
         stamp = self.board.stamp(person) if self.board is not None else 0
+        revocations = self.statuses.certificates.revocations
         token = self._reading[person] = object()
         try:
-            view = await self.store.person_view(person, now)
+            view = await self.store.person_view(person, now, revocations)
         finally:
             mine = self._reading.get(person) is token
             if mine:
                 del self._reading[person]
-        # Devices read are unexpired; certificates that expired already stay expired.
-        changes_at = min([d.expires for d in view.devices] +
-                         [t for r in view.certificates if r.revoked is None
-                          and (t := self.statuses.chain(r)[1]) > now], default=NEVER)
-        answer = Answer(view.exists, person_payload(self.record(view)), changes_at, crls,
-                        stamp, view.version, person)
+        stored = view.record
+        if stored is not None:
+            answer = Answer(True, record_payload(stored.statement), stored.changes_at, crls,
+                            stamp, view.version, person, revocations, stored.statement,
+                            stored.resign_at)
+        else:
+            # Devices read are unexpired; certificates that expired already stay expired.
+            changes_at = min([d.expires for d in view.devices] +
+                             [t for r in view.certificates if r.revoked is None
+                              and (t := self.statuses.chain(r)[1]) > now], default=NEVER)
+            answer = Answer(view.exists, person_payload(self.record(view)), changes_at, crls,
+                            stamp, view.version, person, revocations)
         if mine and view.exists and self.size > 0:
             self._answers.pop(person, None)
             if len(self._answers) >= self.size:

@@ -36,7 +36,7 @@ from sixnet.irp.engine.credentials import (
 )
 from sixnet.irp.engine.watches import Watcher, Watches
 from sixnet.irp.metrics import IRPCounters
-from sixnet.irp.storage import CertificateRow, IRegistryStore, TooManyDevices
+from sixnet.irp.storage import CertificateRow, IRegistryStore, StoredRecord, TooManyDevices
 from sixnet.irp.wire import (
     BackupGetRequest,
     BackupPutRequest,
@@ -194,6 +194,15 @@ class Registry:
             raise
         self.counters.ok[request.op].inc()
         return payload if isinstance(payload, bytes | Answer) else canonical_payload(payload)
+
+    def keep_record(self, answer: Answer, record: StoredRecord) -> None:
+        """Store a person's newly signed record for the other workers and restarts; the
+        answer has left already, so a failure is only logged."""
+        if not answer.revocations:
+            return
+        d = self.store.keep_record(answer.person, answer.version, answer.revocations, record)
+        d.addErrback(lambda failure: log.failure("storing the signed record of {person}",
+                                                 failure, person=answer.person))
 
     def kept_lookup(self, caller: Caller, request: LookupRequest) -> Answer | None:
         """A lookup answered from memory at once, when the caller may make it and the
