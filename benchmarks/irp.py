@@ -7,8 +7,12 @@ verified): C clients (default 50) on persistent TLS connections, each authentica
 client certificate; LDAP: a simple bind as its own entry over LDAPS), each with one request
 in flight (closed loop).
 
+* first lookups: every person looked up once, shared out among the clients: each record
+  is shown for the first time (sixnet signs it then, and keeps the signature in its
+  database for every worker; slapd reads its pages for the first time);
 * lookups: each client looks up random persons for ``--seconds`` (with ``--hot N``: random
-  persons among the first N only, a working set such as people's contacts);
+  persons among the first N only, a working set such as people's contacts), every record
+  having been shown once (a registry in service, not one just filled);
 * registrations: each client re-registers its own address (IRP ``<register>``; LDAP: a
   modify replacing ``labeledURI`` on its own entry) for ``--seconds``.
 
@@ -208,6 +212,30 @@ async def run_clients(sessions: list, operation, seconds: float,
     return summary
 
 
+async def run_once_each(sessions: list, operation, count: int,
+                        server_cpu: Callable[[], float]) -> dict:
+    """Each of `count` persons once, shared out among the sessions (closed loop): the
+    first lookups, after which every record has been shown once."""
+    stats = Stats()
+    cpu_before = server_cpu()
+    started = time.monotonic()
+
+    async def loop(index: int, session) -> None:
+        for person in range(index, count, len(sessions)):
+            t0 = time.perf_counter()
+            if await operation(session, person):
+                stats.latencies.append(time.perf_counter() - t0)
+            else:
+                stats.errors += 1
+
+    await asyncio.gather(*(loop(i, s) for i, s in enumerate(sessions)))
+    summary = stats.summary(time.monotonic() - started)
+    if stats.latencies:
+        summary["server_cpu_us_per_op"] = round(
+            (server_cpu() - cpu_before) * 1e6 / len(stats.latencies), 1)
+    return summary
+
+
 class IRPSession:
     """A raw IRP client: header, STARTTLS, client certificate, then one request at a time."""
 
@@ -273,19 +301,27 @@ class IRPSession:
 
 async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
                     seconds: float, server_cpu: Callable[[], float],
-                    registrations: bool = True) -> dict:
-    """Lookups, then registrations; ``answer``: a lookup answer as it came (for the floor)."""
+                    registrations: bool = True, first: bool = True) -> dict:
+    """First lookups (`first`), lookups, then registrations (`registrations`); ``answer``: a
+    lookup answer as it came (for the floor)."""
     sessions = [await IRPSession.open(port, c) for c in contexts]
 
+    async def lookup_person(session: IRPSession, person: int) -> bool:
+        return await session.call(f'<lookup id="ID" user="{person_id(person)}"/>')
+
     async def lookup(session: IRPSession, rng: random.Random) -> bool:
-        return await session.call(f'<lookup id="ID" user="{person_id(rng.randrange(persons))}"/>')
+        return await lookup_person(session, rng.randrange(persons))
 
     async def register(session: IRPSession, rng: random.Random) -> bool:
         return await session.call(
             f'<register id="ID" device="bench" lifetime="3600"><address '
             f'ip="{person_address(rng.randrange(1 << 30))}" port="4605"/></register>')
 
-    result = {"lookups": await run_clients(sessions, lookup, seconds, server_cpu)}
+    result = {}
+    if first:
+        result["first_lookups"] = await run_once_each(sessions, lookup_person, persons,
+                                                      server_cpu)
+    result["lookups"] = await run_clients(sessions, lookup, seconds, server_cpu)
     result["answer"] = sessions[0].last_answer
     if registrations:
         result["registrations"] = await run_clients(sessions, register, seconds, server_cpu)
@@ -379,11 +415,14 @@ async def ldap_phase(port: int, context: ssl.SSLContext, persons: int, seconds: 
                      own: list[int], server_cpu: Callable[[], float]) -> dict:
     sessions = [await LDAPSession.open(port, context, ldap_dn(i), f"pw{i}") for i in own]
 
-    async def lookup(session: LDAPSession, rng: random.Random) -> bool:
-        search = ber(0x63, ber_str(ldap_dn(rng.randrange(persons))) + ber_int(0, 0x0A)
+    async def lookup_person(session: LDAPSession, person: int) -> bool:
+        search = ber(0x63, ber_str(ldap_dn(person)) + ber_int(0, 0x0A)
                      + ber_int(0, 0x0A) + ber_int(0) + ber_int(0) + ber(0x01, b"\x00")
                      + ber_str("objectClass", 0x87) + ber(0x30, b""))
         return await session.request(search, 0x65)
+
+    async def lookup(session: LDAPSession, rng: random.Random) -> bool:
+        return await lookup_person(session, rng.randrange(persons))
 
     async def register(session: LDAPSession, rng: random.Random) -> bool:
         index = own[sessions.index(session)]
@@ -393,7 +432,9 @@ async def ldap_phase(port: int, context: ssl.SSLContext, persons: int, seconds: 
         modify = ber(0x66, ber_str(ldap_dn(index)) + ber(0x30, change))
         return await session.request(modify, 0x67)
 
-    result = {"lookups": await run_clients(sessions, lookup, seconds, server_cpu),
+    result = {"first_lookups": await run_once_each(sessions, lookup_person, persons,
+                                                   server_cpu),
+              "lookups": await run_clients(sessions, lookup, seconds, server_cpu),
               "registrations": await run_clients(sessions, register, seconds, server_cpu)}
     for s in sessions:
         s.writer.close()
@@ -459,7 +500,8 @@ async def floor_phase(base: Path, ca: LabCA, cert: Path, key: Path, answer: byte
     try:
         wait_for_port(port, running=lambda: server.poll() is None)
         floor = await irp_phase(port, contexts, persons, seconds,
-                                lambda: cpu_seconds(server.pid), registrations=False)
+                                lambda: cpu_seconds(server.pid), registrations=False,
+                                first=False)
         floor.pop("answer")
         floor["answer_bytes"] = len(answer)
         return floor
@@ -575,7 +617,7 @@ async def measure(args: argparse.Namespace) -> dict:
             server.terminate()
             server.wait(10)
         ratios = {}
-        for phase in ("lookups", "registrations"):
+        for phase in ("first_lookups", "lookups", "registrations"):
             ours = result["sixnet"][phase].get("per_second")
             theirs = ldap[phase].get("per_second")
             if ours and theirs:

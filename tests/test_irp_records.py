@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from sixnet.core.timefmt import parse_rfc3339, rfc3339
 from sixnet.irp.client import connect
+from sixnet.irp.storage import StoredRecord
 from sixnet.irp.wire import (
     IRPError,
     RecordStatement,
@@ -191,3 +192,80 @@ class SignedRecordTests(RegistryHarness, unittest.TestCase):
         await bob.register([("2001:db8::2", 4605)])
         assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::2"
         assert reads == ["bob@example.test"]
+
+
+class StoredRecordTests(RegistryHarness, unittest.TestCase):
+    """A signed record is kept in the database for the other workers and for restarts
+    (``irp_record``), and used only while it is still good."""
+
+    def setUp(self) -> None:
+        self.lab = LabSetup(Path(self.mktemp()).absolute())
+
+    async def stored(self, service) -> dict:
+        rows = await service.registry.store.db.run("read", lambda c: c.execute(
+            "SELECT person, version, statement FROM irp_record").fetchall())
+        return {r[0]: (r[1], bytes(r[2])) for r in rows}
+
+    async def test_a_restarted_registry_answers_from_the_stored_signature(self) -> None:
+        database = self.database_url()
+        first = await self.start(database=database)
+        bob = await self.client(first, self.lab.person("bob@example.test"))
+        await bob.register([("2001:db8::1", 4605)])
+        alice = await self.client(first, self.lab.person("alice@example.test"))
+        seen = (await alice.lookup("bob@example.test")).addresses
+        await wait_for(lambda: first.factory.records.signatures == 1)
+        stored = {}
+        while "bob@example.test" not in stored:
+            stored = await self.stored(first)
+        bob.close()
+        alice.close()
+        await first.stopService()
+
+        second = await self.start(database=database)
+        alice = await self.client(second, self.lab.person("alice@example.test"))
+        assert (await alice.lookup("bob@example.test")).addresses == seen
+        assert second.factory.records.signatures == 0  # verified by the client, not re-signed
+        # a change makes the stored signature useless at once: the next lookup signs anew
+        bob = await self.client(second, self.lab.person("bob@example.test"))
+        await bob.register([("2001:db8::2", 4605)])
+        assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::2"
+        assert second.factory.records.signatures == 1
+
+    async def test_a_stored_record_is_used_only_while_version_crls_and_time_hold(self) -> None:
+        service = await self.start()
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        await bob.register([("2001:db8::1", 4605)])
+        store = service.registry.store
+        now = service.registry.now_ms()
+        view = await store.person_view("bob@example.test", now)
+        record = StoredRecord(b"<record>signed</record>", now + 60_000, now + 50_000)
+        await store.keep_record("bob@example.test", view.version, "crls-a", record)
+        good = await store.person_view("bob@example.test", now, "crls-a")
+        assert good.record == record and good.version == view.version
+        # other CRLs, or past its re-signing time: the rows are read instead
+        assert (await store.person_view("bob@example.test", now, "crls-b")).record is None
+        late = await store.person_view("bob@example.test", now + 50_000, "crls-a")
+        assert late.record is None and late.devices
+        # an older version never replaces a newer one
+        older = StoredRecord(b"<record>old</record>", now + 60_000, now + 50_000)
+        await store.keep_record("bob@example.test", view.version - 1, "crls-a", older)
+        assert (await store.person_view("bob@example.test", now, "crls-a")).record == record
+        # a change raises the version: the stored record is not used
+        await bob.register([("2001:db8::2", 4605)])
+        changed = await store.person_view("bob@example.test", now, "crls-a")
+        assert changed.record is None and changed.devices[0].addresses[0][0] == "2001:db8::2"
+        # expired records go with the expired devices; a removed person's record goes too
+        await store.keep_record("bob@example.test", changed.version, "crls-a", record)
+        await store.purge_expired(now + 50_000)
+        assert "bob@example.test" not in await self.stored(service)
+        await store.keep_record("bob@example.test", changed.version, "crls-a", record)
+        assert await store.remove_person("bob@example.test")
+        assert await self.stored(service) == {}
+
+    async def test_the_crl_digest_changes_with_the_crls(self) -> None:
+        store = self.lab.server_store()
+        before = store.revocations
+        assert before == self.lab.server_store().revocations  # same files, same digest
+        self.lab.ca.revoke(self.lab.person("bob@example.test").certificate.serial_number)
+        store.reload_crls()
+        assert store.revocations != before
