@@ -185,6 +185,13 @@ class Stats:
             "mean_ms": round(statistics.fmean(lat) * 1000, 3),
         }
 
+    def with_cpu(self, elapsed: float, server_cpu_s: float) -> dict[str, float | int]:
+        """The summary with the server's CPU time per operation (us)."""
+        summary = self.summary(elapsed)
+        if self.latencies:
+            summary["server_cpu_us_per_op"] = round(server_cpu_s * 1e6 / len(self.latencies), 1)
+        return summary
+
 
 async def run_clients(sessions: list, operation, seconds: float,
                       server_cpu: Callable[[], float]) -> dict:
@@ -205,11 +212,7 @@ async def run_clients(sessions: list, operation, seconds: float,
                 stats.errors += 1
 
     await asyncio.gather(*(loop(i, s) for i, s in enumerate(sessions)))
-    summary = stats.summary(time.monotonic() - started)
-    if stats.latencies:
-        summary["server_cpu_us_per_op"] = round(
-            (server_cpu() - cpu_before) * 1e6 / len(stats.latencies), 1)
-    return summary
+    return stats.with_cpu(time.monotonic() - started, server_cpu() - cpu_before)
 
 
 async def run_once_each(sessions: list, operation, count: int,
@@ -229,11 +232,7 @@ async def run_once_each(sessions: list, operation, count: int,
                 stats.errors += 1
 
     await asyncio.gather(*(loop(i, s) for i, s in enumerate(sessions)))
-    summary = stats.summary(time.monotonic() - started)
-    if stats.latencies:
-        summary["server_cpu_us_per_op"] = round(
-            (server_cpu() - cpu_before) * 1e6 / len(stats.latencies), 1)
-    return summary
+    return stats.with_cpu(time.monotonic() - started, server_cpu() - cpu_before)
 
 
 class IRPSession:
