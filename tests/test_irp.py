@@ -98,6 +98,25 @@ class RegistryHarness:
         self.addCleanup(client.close)  # type: ignore[attr-defined]
         return client
 
+    def count_reads(self, service: IRPService) -> list[str]:
+        """The persons whose record the store reads from now on (the rows or a stored
+        signed record, through the thread pool or at once)."""
+        store, reads = service.registry.store, []
+        person_view, stored_view = store.person_view, store.stored_view
+
+        def read(person: str, now: int, *crls: str):
+            reads.append(person)
+            return person_view(person, now, *crls)
+
+        def read_stored(person: str, now: int, crls: str):
+            view = stored_view(person, now, crls)
+            if view is not None:
+                reads.append(person)
+            return view
+
+        store.person_view, store.stored_view = read, read_stored
+        return reads
+
     def audit(self, service: IRPService) -> list[dict]:
         return [json.loads(line) for line in
                 service.registry.audit.path.read_text().splitlines()]
@@ -146,15 +165,7 @@ class RegistryTests(RegistryHarness):
         alice = await self.client(service, self.lab.person("alice@example.test"))
         bob = await self.client(service, self.lab.person("bob@example.test"))
         await alice.register([("2001:db8::1", 4605)], device="phone")
-        store = service.registry.store
-        reads = []
-        person_view = store.person_view
-
-        def counting(person, now, *crls):
-            reads.append(person)
-            return person_view(person, now, *crls)
-
-        store.person_view = counting
+        reads = self.count_reads(service)
         first = await bob.lookup("alice@example.test")
         second = await bob.lookup("alice@example.test")  # signed anew, verified by the client
         assert second == first and first.addresses == [("2001:db8::1", 4605, "phone")]
@@ -213,15 +224,7 @@ class RegistryTests(RegistryHarness):
         service = await self.start(answer_cache=1)
         alice = await self.client(service, self.lab.person("alice@example.test"))
         await self.client(service, self.lab.person("bob@example.test"))  # bob is known
-        store = service.registry.store
-        reads = []
-        person_view = store.person_view
-
-        def counting(person, now, *crls):
-            reads.append(person)
-            return person_view(person, now, *crls)
-
-        store.person_view = counting
+        reads = self.count_reads(service)
         for user in ("alice", "alice", "bob", "alice"):
             await alice.lookup(f"{user}@example.test")
         assert reads == ["alice@example.test", "bob@example.test", "alice@example.test"]

@@ -83,6 +83,10 @@ class TwoRegistriesTests(OnPostgreSQL, unittest.TestCase):
         bob = await self.client(second, self.lab.person("bob@example.test"))
         await alice.register([("2001:db8::1", 4605)], device="phone")
         assert (await bob.lookup("alice@example.test")).addresses[0][0] == "2001:db8::1"
+        # PostgreSQL is read through the pool only: no read on the reactor thread
+        assert second.registry.store.stored_view(
+            "alice@example.test", second.registry.now_ms(),
+            second.registry.certificates.revocations) is None
         await alice.register([("2001:db8::2", 4605)], device="phone")
         started = time.monotonic()
         # the second registry kept the first answer; the NOTIFY replaces it

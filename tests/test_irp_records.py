@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import copy
 import datetime
+import threading
+import time
 from pathlib import Path
 
 from lxml import etree
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from sixnet.core.timefmt import parse_rfc3339, rfc3339
@@ -172,14 +175,7 @@ class SignedRecordTests(RegistryHarness, unittest.TestCase):
         await bob.register([("2001:db8::1", 4605)])
         alice = await self.client(service, self.lab.person("alice@example.test"))
         await alice.lookup("bob@example.test")
-        reads: list[str] = []
-        original = registry.store.person_view
-
-        def counted(person: str, now: int, *crls: str):
-            reads.append(person)
-            return original(person, now, *crls)
-
-        registry.store.person_view = counted
+        reads = self.count_reads(service)
         ok_before = registry.counters.ok["lookup"].value
         assert (await alice.lookup("bob@example.test")).addresses[0][0] == "2001:db8::1"
         assert reads == [] and registry.counters.ok["lookup"].value == ok_before + 1
@@ -261,6 +257,41 @@ class StoredRecordTests(RegistryHarness, unittest.TestCase):
         await store.keep_record("bob@example.test", changed.version, "crls-a", record)
         assert await store.remove_person("bob@example.test")
         assert await self.stored(service) == {}
+
+    async def test_on_sqlite_a_stored_record_is_read_at_once_as_last_committed(
+            self) -> None:
+        """`stored_view` reads on the reactor thread: the same record the batched read
+        gives, every commit before it seen, and no wait while a write holds the lock."""
+        service = await self.start()
+        bob = await self.client(service, self.lab.person("bob@example.test"))
+        await bob.register([("2001:db8::1", 4605)])
+        store, person = service.registry.store, "bob@example.test"
+        now = service.registry.now_ms()
+        assert store.stored_view(person, now, "crls-a") is None  # nothing stored yet
+        view = await store.person_view(person, now)
+        record = StoredRecord(b"<record>signed</record>", now + 60_000, now + 50_000)
+        await store.keep_record(person, view.version, "crls-a", record)
+        at_once = store.stored_view(person, now, "crls-a")
+        assert at_once == await store.person_view(person, now, "crls-a")
+        assert at_once.record == record and at_once.version == view.version
+        assert store.stored_view(person, now, "crls-b") is None
+        assert store.stored_view(person, now + 50_000, "crls-a") is None
+        holding, release = threading.Event(), threading.Event()
+
+        def change(cursor) -> None:
+            cursor.execute("UPDATE irp_person SET version = version + 1 WHERE id = ?",
+                           (person,))
+            holding.set()
+            release.wait(10)
+
+        written = store.db.run("a change holding the write lock", change)
+        await deferToThread(holding.wait, 10)
+        started = time.monotonic()
+        assert store.stored_view(person, now, "crls-a") == at_once  # not committed yet
+        assert time.monotonic() - started < 0.5
+        release.set()
+        await written
+        assert store.stored_view(person, now, "crls-a") is None  # its version moved on
 
     async def test_the_crl_digest_changes_with_the_crls(self) -> None:
         store = self.lab.server_store()

@@ -7,9 +7,18 @@ import datetime
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sixnet.pki.ca import LabCA
-from sixnet.pki.identity import ID_ON_XMPPADDR, normalize_user_id, user_ids_in
+from sixnet.pki.identity import (
+    ID_ON_XMPPADDR,
+    IdentitySyntaxError,
+    _checked,
+    _folded,
+    normalize_user_id,
+    user_ids_in,
+)
 from sixnet.pki.keys import generate_key
 from sixnet.pki.store import VerificationError
 
@@ -183,6 +192,28 @@ def test_user_id_syntax() -> None:
                 "alice@nodot"]:
         with pytest.raises(ValueError):
             normalize_user_id(bad)
+
+
+_ASCII_IDS = st.builds(lambda local, domain: f"{local}@{domain}",
+                       st.text(st.characters(max_codepoint=127, exclude_characters="@"),
+                               max_size=12),
+                       st.text(st.sampled_from("aZ.-09xn\x7f :"), max_size=16))
+
+
+@given(_ASCII_IDS)
+def test_ascii_user_ids_fold_as_the_general_path_does(user_id: str) -> None:
+    """The ASCII shortcut of `normalize_user_id` agrees with `_folded` (NFC, casefold,
+    IDNA) on every ASCII id, accepted or refused."""
+    local, domain = user_id.split("@")
+    try:
+        expected = _checked(user_id, *_folded(user_id, local, domain))
+    except IdentitySyntaxError:
+        expected = None
+    try:
+        got = normalize_user_id(user_id)
+    except IdentitySyntaxError:
+        got = None
+    assert got == expected
 
 
 def test_clock_is_injectable(pki: LabPKI) -> None:

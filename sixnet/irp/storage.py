@@ -165,6 +165,12 @@ class IRegistryStore(Interface):
         """The person's view; with the stored signed record instead of the rows when one is
         good at `now` under the CRLs `crls` (`CertificateStore.revocations`)."""
 
+    def stored_view(person: str, now: int, crls: str) -> PersonView | None:
+        """The person's view with their stored signed record, read at once on the calling
+        thread (no Deferred), when one is good as `person_view` judges it; None when there
+        is none, or when this database is only read through its thread pool (then use
+        `person_view`)."""
+
     def keep_record(person: str, version: int, crls: str,
                     record: StoredRecord) -> defer.Deferred[None]:
         """Store the person's signed record of `version`, unless a later one is stored."""
@@ -321,6 +327,11 @@ class SQLRegistryStore:
 
     def person_view(self, person: str, now: int, crls: str = "") -> defer.Deferred[PersonView]:
         return self._reads.submit(person, now, crls)
+
+    def stored_view(self, person: str, now: int, crls: str) -> PersonView | None:
+        if not crls or not self.db.immediate_reads:
+            return None
+        return self.db.read_now("irp stored record", _stored_record, person, now, crls)
 
     def keep_record(self, person: str, version: int, crls: str,
                     record: StoredRecord) -> defer.Deferred[None]:
@@ -569,6 +580,17 @@ def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonVi
                        tuple(_device(r) for r in devices.get(person, ()) if r[2] > now),
                        tuple(certificates.get(person, ())), versions.get(person, now))
             for person, now, _ in items]
+
+
+def _stored_record(cursor: Cursor, person: str, now: int, crls: str) -> PersonView | None:
+    """The person's good stored record (as in `_person_views`), or None."""
+    row = cursor.execute(
+        "SELECT r.version, r.changes_at, r.resign_at, r.statement FROM irp_record r"
+        " JOIN irp_person p ON p.id = r.person AND p.version = r.version"
+        " WHERE r.person = ? AND r.crls = ? AND r.resign_at > ?", (person, crls, now)).fetchone()
+    if row is None:
+        return None
+    return _stored_view(person, row[0], StoredRecord(bytes(row[3]), row[1], row[2]))
 
 
 def _stored_view(person: str, version: int, record: StoredRecord) -> PersonView:

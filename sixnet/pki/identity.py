@@ -28,21 +28,37 @@ class IdentitySyntaxError(ValueError):
     """A string is not a valid user id."""
 
 
+#: Characters no user id may contain.
+_FORBIDDEN = frozenset(' "&\'/:<>@\\') | {chr(c) for c in range(0x20)} | {"\x7f"}
+
+
 def normalize_user_id(user_id: str) -> str:
     """Return the canonical form of ``localpart@domain`` or raise IdentitySyntaxError."""
     if not isinstance(user_id, str) or user_id.count("@") != 1:
         raise IdentitySyntaxError(f"{user_id!r} is not a user id of the form name@domain")
     local, domain = user_id.split("@")
+    if user_id.isascii() and "xn--" not in domain:
+        # What `_folded` gives for ASCII, for less: NFC changes no ASCII, casefold is
+        # lower, and IDNA decoding leaves a domain without an ACE label as it is.
+        return _checked(user_id, local.lower(), domain.lower().rstrip("."))
+    return _checked(user_id, *_folded(user_id, local, domain))
+
+
+def _folded(user_id: str, local: str, domain: str) -> tuple[str, str]:
+    """The parts of a user id in canonical form: NFC, case-folded, IDNA labels decoded."""
     local = unicodedata.normalize("NFC", local).casefold()
     try:
         domain = domain.encode("ascii").decode("idna") if domain.isascii() else domain
     except UnicodeError:
         raise IdentitySyntaxError(f"{user_id!r} has an invalid domain") from None
-    domain = unicodedata.normalize("NFC", domain).casefold().rstrip(".")
+    return local, unicodedata.normalize("NFC", domain).casefold().rstrip(".")
+
+
+def _checked(user_id: str, local: str, domain: str) -> str:
+    """The user id of the canonical parts, if they make a valid one."""
     if not local or not domain or len(local) > 1023 or len(domain) > 1023:
         raise IdentitySyntaxError(f"{user_id!r} is not a user id of the form name@domain")
-    forbidden = set(' "&\'/:<>@\\') | {chr(c) for c in range(0x20)} | {"\x7f"}
-    if any(ch in forbidden for ch in local) or any(ch in forbidden for ch in domain):
+    if not _FORBIDDEN.isdisjoint(local) or not _FORBIDDEN.isdisjoint(domain):
         raise IdentitySyntaxError(f"{user_id!r} contains a character not allowed in a user id")
     if "." not in domain and domain != "localhost":
         raise IdentitySyntaxError(f"{user_id!r}: the domain must be a fully qualified name")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +52,9 @@ class Engine:
     shared: bool
     #: The column types named ``{blob}``, ``{serial}`` and ``{bigint}`` in schema SQL.
     types: Mapping[str, str]
+    #: A short read may run on the calling thread (`Database.read_now`): an embedded
+    #: database, where a reader takes no lock a writer holds (SQLite in WAL mode).
+    immediate_reads = False
 
     def connection_pool(self, target: str, pool_size: int) -> adbapi.ConnectionPool:
         raise NotImplementedError
@@ -71,11 +75,23 @@ class Engine:
         """The connection that hears other processes' notifications (`shared` engines)."""
         raise NotImplementedError
 
+    def reader(self, target: str) -> Any:
+        """A read-only DB-API connection for `Database.read_now` (`immediate_reads`)."""
+        raise NotImplementedError
+
 
 class SQLiteEngine(Engine):
     name = "sqlite"
     shared = False
     types = {"blob": "BLOB", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "bigint": "INTEGER"}
+    immediate_reads = True
+
+    def reader(self, target: str) -> Any:
+        # Autocommit, so `read_now` opens and ends its read transaction itself.
+        connection = sqlite3.connect(target, isolation_level=None)
+        connection.execute("PRAGMA query_only=ON")
+        connection.execute("PRAGMA busy_timeout=1000")
+        return connection
 
     def connection_pool(self, target: str, pool_size: int) -> adbapi.ConnectionPool:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +212,13 @@ class Database:
         #: Also gets every notification delivered here after a commit (SQLite): how a
         #: registry's workers pass their notifications to each other (`hear`).
         self.relay: Callable[[str, str], object] | None = None
+        #: The connection of `read_now`, made by its first call.
+        self._reader: Any = None
+
+    @property
+    def immediate_reads(self) -> bool:
+        """Whether `read_now` may be used (the engine's `Engine.immediate_reads`)."""
+        return self.engine.immediate_reads and not self.closed
 
     def sql(self, text: str) -> str:
         """Fill the ``{blob}``, ``{serial}`` and ``{bigint}`` type names for this dialect."""
@@ -224,6 +247,28 @@ class Database:
             return result
 
         return self.pool.runInteraction(body).addCallback(committed)
+
+    def read_now(self, name: str, interaction: Callable[..., T], *args: Any) -> T:
+        """Run the read-only ``interaction(cursor, *args)`` in one read transaction on the
+        calling thread, and return its result: no thread hop and no wait behind the writes
+        queued for the pool, for a read of a few rows by key. Only where
+        `immediate_reads`; every call must come from the same thread (the reactor's).
+
+        It sees every transaction committed before it began, as a read through `run`
+        would.
+        """
+        if self._reader is None:
+            self._reader = self.engine.reader(self.target)
+        connection = self._reader
+        started = time.monotonic()
+        connection.execute("BEGIN")
+        try:
+            return interaction(Cursor(connection.cursor(), self.engine), *args)
+        finally:
+            connection.execute("COMMIT")
+            elapsed = time.monotonic() - started
+            if elapsed > SLOW_TRANSACTION:
+                log.warn("slow read {name}: {elapsed:.3f}s", name=name, elapsed=elapsed)
 
     # -- notifications ------------------------------------------------------------------------
 
@@ -303,6 +348,9 @@ class Database:
             self._listener = None
         self._listeners.clear()
         self._gap_callbacks.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if not self.closed:
             # Also before the pool started: close() cancels its pending start, which would
             # otherwise leave a worker thread behind that keeps the process from exiting.

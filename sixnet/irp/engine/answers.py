@@ -11,7 +11,9 @@ an account or an invitation makes a person without a notification.
 A person's signed record is also kept in the database (`IRegistryStore.keep_record`): a
 read finds it instead of the rows while it is good (same version, same CRLs, before its
 re-signing time), so every worker, and the registry after a restart, answers from the
-signature made once.
+signature made once. On SQLite that read runs at once on the reactor thread
+(`IRegistryStore.stored_view`: one row by key, in WAL mode no wait for the writer), not
+behind the writes queued for the database's thread.
 """
 
 from __future__ import annotations
@@ -133,23 +135,42 @@ class AnswerCache:
             return kept
         return None
 
-    async def answer(self, person: str) -> Answer:
-        """The person's answer, from memory while that is still exact."""
+    def at_once(self, person: str) -> Answer | None:
+        """The person's answer without waiting: kept in memory, or their stored signed
+        record read at once (`IRegistryStore.stored_view`); None: `answer` reads it."""
         kept = self.kept(person)
         if kept is not None:
             return kept
-        now = self.now_ms()
-        crls = self.statuses.certificates.generation
-        stamp = self.board.stamp(person) if self.board is not None else 0
-        revocations = self.statuses.certificates.revocations
+        basis = self._basis(person)
+        view = self.store.stored_view(person, basis[0], basis[3])
+        return None if view is None else self._made(view, basis, True)
+
+    async def answer(self, person: str) -> Answer:
+        """The person's answer, from memory while that is still exact."""
+        at_once = self.at_once(person)
+        if at_once is not None:
+            return at_once
+        basis = self._basis(person)
         token = self._reading[person] = object()
         try:
-            view = await self.store.person_view(person, now, revocations)
+            view = await self.store.person_view(person, basis[0], basis[3])
         finally:
             mine = self._reading.get(person) is token
             if mine:
                 del self._reading[person]
-        stored = view.record
+        return self._made(view, basis, mine)
+
+    def _basis(self, person: str) -> tuple[int, int, int, str]:
+        """What a read of `person` is made under, taken before it: the time, the CRL
+        generation, the workers' change counters and the CRLs' digest."""
+        return (self.now_ms(), self.statuses.certificates.generation,
+                self.board.stamp(person) if self.board is not None else 0,
+                self.statuses.certificates.revocations)
+
+    def _made(self, view: PersonView, basis: tuple[int, int, int, str], keep: bool) -> Answer:
+        """The answer of a read `view`; kept if `keep` (no change came while it ran)."""
+        now, crls, stamp, revocations = basis
+        person, stored = view.person, view.record
         if stored is not None:
             answer = Answer(True, record_payload(stored.statement), stored.changes_at, crls,
                             stamp, view.version, person, revocations, stored.statement,
@@ -161,7 +182,7 @@ class AnswerCache:
                               and (t := self.statuses.chain(r)[1]) > now], default=NEVER)
             answer = Answer(view.exists, person_payload(self.record(view)), changes_at, crls,
                             stamp, view.version, person, revocations)
-        if mine and view.exists and self.size > 0:
+        if keep and view.exists and self.size > 0:
             self._answers.pop(person, None)
             if len(self._answers) >= self.size:
                 self._answers.pop(next(iter(self._answers)))

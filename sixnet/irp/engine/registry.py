@@ -205,16 +205,16 @@ class Registry:
                                                  failure, person=answer.person))
 
     def kept_lookup(self, caller: Caller, request: LookupRequest) -> Answer | None:
-        """A lookup answered from memory at once, when the caller may make it and the
-        person's kept answer is exact; None: run it through `handle` (which also reports
-        refusals)."""
+        """A lookup answered at once (from memory, or a stored signed record read without
+        waiting), when the caller may make it and such an answer is exact; None: run it
+        through `handle` (which also reports refusals)."""
         if refusal(caller.role, request.op) is not None:
             return None
         try:
             may_see(caller, request.user, self.config.lookup_access, "look up")
         except IRPError:
             return None
-        answer = self.answers.kept(request.user)
+        answer = self.answers.at_once(request.user)
         if answer is not None:
             self.counters.ok[request.op].inc()
         return answer
