@@ -22,7 +22,13 @@ from twisted.trial import unittest
 from sixnet.core.events import SecurityEvent
 from sixnet.core.metrics import Registry as MetricsRegistry
 from sixnet.irp.client import connect
-from sixnet.irp.workers import REPORTS, WorkerReports, WorkerSupervisor, _Worker
+from sixnet.irp.workers import (
+    REPORTS,
+    AcceptShares,
+    WorkerReports,
+    WorkerSupervisor,
+    _Worker,
+)
 from sixnet.pki.store import NodeIdentity
 
 from .support.configs import config_file, sixnet_toml
@@ -36,6 +42,24 @@ from .test_irp import HOST, LabSetup, wait_for
 def children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return sorted(int(p) for p in f.read().split())
+
+
+def established(pid: int, port: int) -> int:
+    """The connections to `port` that process `pid` holds open (its sockets, by inode)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
 
 
 async def sleep(seconds: float) -> None:
@@ -127,10 +151,44 @@ class WorkersHarness:
                 "zombie" in open(f"/proc/{pid}/status").read()
 
 
+    async def test_connections_spread_evenly_over_the_workers(self) -> None:
+        """Whichever worker the kernel wakes first, long-lived connections end up shared
+        out within one of each other (`AcceptShares`)."""
+        process, port = await self.start_registry()
+        one, two = children(process.transport.pid)
+        await self.client_on(one, [two], port, self.lab.person("alice@example.test"))
+        await self.client_on(two, [one], port, self.lab.person("bob@example.test"))
+        for i in range(8):
+            client = await connect("127.0.0.1", port, self.lab.client_store(),
+                                   identity=self.lab.person(f"p{i}@example.test"),
+                                   server_name=HOST)
+            self.addCleanup(client.close)
+        counts = [established(pid, port) for pid in (one, two)]
+        assert counts == [5, 5], counts
+
     async def test_worker_logs_reach_the_main_processs_log(self) -> None:
         process, _ = await self.start_registry()
         await wait_for(lambda: sum("[irp-worker-" in line and "adopted" in line
                                    for line in process.output) == 2, timeout=10)
+
+
+def test_a_worker_accepts_unless_a_live_accepting_worker_holds_fewer(tmp_path: Path) -> None:
+    now = [100.0]
+    one, two, three = (AcceptShares(tmp_path / "shares", 3, i, clock=lambda: now[0])
+                       for i in range(3))
+    assert one.may_accept(5)  # nobody else has reported: alive is only who says so
+    two.report(3, True)
+    assert not one.may_accept(5) and one.may_accept(3)  # equal counts: both accept
+    assert two.may_accept(3)
+    two.report(3, False)  # a worker that stopped accepting is not waited for
+    assert one.may_accept(5)
+    two.report(3, True)
+    three.report(1, True)
+    assert not two.may_accept(3) and three.may_accept(1)  # the fewest never stop
+    now[0] += AcceptShares.ALIVE + 0.01  # two and three fell silent (stopped, or dead)
+    assert one.may_accept(5)
+    for shares in (one, two, three):
+        shares.close()
 
 
 def test_reports_carry_log_and_security_events_to_the_main_process() -> None:

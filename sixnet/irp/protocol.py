@@ -186,7 +186,13 @@ class IRPServerFactory(Factory):
                                      lambda: registry.clock(), self.config.answer_cache,
                                      registry.keep_record)
         self.protocols: set[IRPServerProtocol] = set()
+        #: Told the number of `protocols` whenever it changes (a worker's accept shares).
+        self.on_count: Callable[[int], object] | None = None
         registry.revocation_listeners.append(self._revoked)
+
+    def counted(self) -> None:
+        if self.on_count is not None:
+            self.on_count(len(self.protocols))
 
     def _revoked(self, person: str | None) -> None:
         for protocol in list(self.protocols):
@@ -249,6 +255,7 @@ class IRPServerProtocol(XMLStreamProtocol):
                                    "too many connections from your address")
             return
         self.factory.protocols.add(self)
+        self.factory.counted()
         super().connectionMade()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
@@ -256,6 +263,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         if not self.admitted:
             return
         self.factory.protocols.discard(self)
+        self.factory.counted()
         self.factory.per_address.release(self.peer)
         for user, (_, watcher) in self.watches.items():
             self.registry.unwatch(user, watcher)

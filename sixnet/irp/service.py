@@ -34,10 +34,12 @@ from sixnet.irp.workers import (
     FEED_IN,
     FEED_OUT,
     FIRST_PORT,
+    AcceptShares,
     AdoptedPorts,
     VersionBoard,
     WorkerFeed,
     WorkerSupervisor,
+    shares_path,
 )
 from sixnet.pki.ca import CAError, LabCA
 from sixnet.pki.keys import KeyFileError
@@ -216,7 +218,9 @@ def build_service(section: IRPConfig, store: CertificateStore, identity: NodeIde
     register_gauges(metrics, lambda: len(factory.protocols), lambda: len(registry.watches))
     if worker is None:
         return IRPService(registry, factory, section.listen, EventSpool(state_dir / EVENT_SPOOL))
-    ports = AdoptedPorts([FIRST_PORT + i for i in range(len(section.listen))], factory)
+    shares = AcceptShares(shares_path(state_dir / BOARD_FILE), section.workers, worker)
+    ports = AdoptedPorts([FIRST_PORT + i for i in range(len(section.listen))], factory, shares)
+    factory.on_count = ports.connections_changed
     feed = WorkerFeed(db.hear, _orphaned)
     if not db.engine.shared:
         db.relay = feed.send

@@ -32,13 +32,14 @@ import os
 import signal
 import socket
 import sys
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
@@ -77,14 +78,7 @@ class VersionBoard:
 
     def __init__(self, path: Path, workers: int, index: int) -> None:
         self.workers, self.index = workers, index
-        size = workers * (SLOTS + 1) * 8
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
+        self._map = _mapped(path, workers * (SLOTS + 1) * 8)
         self._counters = memoryview(self._map).cast("Q")
         self._rows = [w * (SLOTS + 1) for w in range(workers)]
 
@@ -106,6 +100,64 @@ class VersionBoard:
 
     def close(self) -> None:
         self._counters.release()
+        self._map.close()
+
+
+def shares_path(board: Path) -> Path:
+    """The `AcceptShares` file that goes with the `VersionBoard` file `board`."""
+    return board.with_suffix(".shares")
+
+
+def _mapped(path: Path, size: int) -> mmap.mmap:
+    """The file at `path`, made `size` bytes long (zeros) if it is not, mapped shared."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+class AcceptShares:
+    """Each worker's open connections, whether it accepts, and when it last said so, in a
+    shared file: a worker stops accepting while a live worker that accepts holds fewer.
+
+    The kernel gives a shared socket's next connection to whichever worker asks first, so
+    long-lived connections (sessions that watch) can pile up on one worker while another
+    idles. With this, the counts stay within one of each other. The worker with the fewest
+    connections never stops, so someone always accepts; a worker silent for `ALIVE` seconds
+    (stopped, dead, not started) is left out.
+    """
+
+    #: Seconds after its last report that a worker still counts as alive.
+    ALIVE = 1.0
+    _CONNECTIONS, _ACCEPTING, _SEEN = range(3)
+
+    def __init__(self, path: Path, workers: int, index: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.workers, self.index, self.clock = workers, index, clock
+        self._map = _mapped(path, workers * 3 * 8)
+        self._values = memoryview(self._map).cast("q")
+
+    def report(self, connections: int, accepting: bool) -> None:
+        at = self.index * 3
+        self._values[at + self._CONNECTIONS] = connections
+        self._values[at + self._ACCEPTING] = int(accepting)
+        self._values[at + self._SEEN] = int(self.clock() * 1000)
+
+    def may_accept(self, connections: int) -> bool:
+        """Whether this worker, holding `connections`, should accept more now."""
+        values, oldest = self._values, int((self.clock() - self.ALIVE) * 1000)
+        for worker in range(self.workers):
+            at = worker * 3
+            if worker != self.index and values[at + self._SEEN] > oldest and \
+                    values[at + self._ACCEPTING] and values[at + self._CONNECTIONS] < connections:
+                return False
+        return True
+
+    def close(self) -> None:
+        self._values.release()
         self._map.close()
 
 
@@ -162,13 +214,23 @@ class WorkerReports:
 
 
 class AdoptedPorts(Service):
-    """A worker's listening ports: the sockets the main process bound, adopted."""
+    """A worker's listening ports: the sockets the main process bound, adopted; with
+    `shares`, accepting only while this worker's share of the connections allows
+    (`AcceptShares`), told of every change by `connections_changed`."""
 
-    def __init__(self, fds: list[int], factory: IProtocolFactory) -> None:
+    #: Seconds between looks at the other workers' shares (and reports of this one's).
+    BALANCE_EVERY = 0.1
+
+    def __init__(self, fds: list[int], factory: IProtocolFactory,
+                 shares: AcceptShares | None = None) -> None:
         self.setName("irp-ports")
         self.fds = fds
         self.factory = factory
+        self.shares = shares
         self.ports: list[IListeningPort] = []
+        self.connections = 0
+        self.accepting = True
+        self._balancing: task.LoopingCall | None = None
 
     def startService(self) -> None:
         from twisted.internet import reactor
@@ -184,9 +246,35 @@ class AdoptedPorts(Service):
             os.close(fd)  # adoptStreamPort keeps its own duplicate
         log.info("irp worker adopted {count} listening sockets (pid {pid})",
                  count=len(self.ports), pid=os.getpid())
+        if self.shares is not None:
+            self._balancing = task.LoopingCall(self._balance)
+            self._balancing.start(self.BALANCE_EVERY)
+
+    def connections_changed(self, count: int) -> None:
+        self.connections = count
+        if self._balancing is not None:
+            self._balance()
+
+    def _balance(self) -> None:
+        assert self.shares is not None
+        accept = self.shares.may_accept(self.connections)
+        if accept != self.accepting:
+            self.accepting = accept
+            for port in self.ports:
+                if accept:
+                    port.startReading()  # type: ignore[attr-defined]
+                else:
+                    port.stopReading()  # type: ignore[attr-defined]
+        self.shares.report(self.connections, accept)
 
     def stopService(self) -> defer.Deferred[object]:
         super().stopService()
+        if self._balancing is not None:
+            self._balancing.stop()
+            self._balancing = None
+            assert self.shares is not None
+            self.shares.report(self.connections, False)  # the others no longer wait for us
+            self.shares.close()
         ports, self.ports = self.ports, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
@@ -263,6 +351,9 @@ class WorkerSupervisor(MultiService):
         for port in self.listening.ports:
             port.stopReading()  # type: ignore[attr-defined]  # the workers accept, not us
         VersionBoard(self.board, self.count, 0).close()  # create it at its size
+        shares = shares_path(self.board)
+        shares.unlink(missing_ok=True)  # nothing of an earlier run's workers
+        AcceptShares(shares, self.count, 0).close()
         for index in range(self.count):
             self.spawn(index)
         self.ready.callback(None)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import gc
 import re
-from copy import deepcopy
 from dataclasses import dataclass
 from xml.sax.saxutils import quoteattr
 
@@ -494,7 +493,7 @@ class StreamParser:
         node), so the original is cleared first and only the empty shell is removed.
         """
         _check_gap(elem.tail)  # text after it that libxml2 already parsed in this chunk
-        stanza = deepcopy(elem)
+        stanza = elem.__copy__()  # lxml's copy is deep; called directly, without copy's memo
         stanza.tail = None
         elem.clear()
         root = self._root
