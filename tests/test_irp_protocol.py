@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -14,15 +16,19 @@ from twisted.internet.testing import StringTransport
 
 from sixnet.core.audit import AuditLog
 from sixnet.core.storage.database import Database
+from sixnet.core.stream.parser import XMLStreamError
 from sixnet.core.timefmt import rfc3339
 from sixnet.irp.config import IRPConfig
 from sixnet.irp.engine.registry import Registry
-from sixnet.irp.protocol import IRPServerFactory
+from sixnet.irp.protocol import IRPServerFactory, MessageGapParser, PlainLookup
 from sixnet.irp.storage import SQLRegistryStore
 from sixnet.irp.wire import (
     Address,
     CertificateInfo,
     DeviceRecord,
+    IRPError,
+    Limits,
+    LookupRequest,
     PersonRecord,
     ResponseSigner,
     Statement,
@@ -30,9 +36,12 @@ from sixnet.irp.wire import (
     canonical_payload,
     chain_element,
     element,
+    parse_request,
+    parse_user,
     person_payload,
     q,
     read_person,
+    request_id,
     signed_data,
 )
 from sixnet.pki.tls import ServerTLS
@@ -267,3 +276,65 @@ def test_text_inside_a_half_sent_message_is_not_a_gap(factory) -> None:
     protocol.dataReceived(b' c"/>')
     assert b"bad-format" not in transport.value()
     assert b"<proceed" in transport.value() and transport.tls_started
+
+
+_LOOKUP_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20)
+
+
+@given(st.one_of(_LOOKUP_TEXT, st.sampled_from(["1", "a.b:c-d_9", "x" * 64, "x" * 65])),
+       st.one_of(_LOOKUP_TEXT, st.sampled_from(["Bob@Example.Test", "bob@example.test.",
+                                                "bob@nodot", "a@b@c.test", "xn--a@b.test"])))
+@settings(max_examples=300, deadline=None)
+def test_a_plain_lookup_means_what_libxml2_makes_of_it(rid: str, user: str) -> None:
+    """Whatever the id and user: bytes taken as a `PlainLookup` make the same request (or
+    the same error) as the element libxml2 parses from them."""
+    data = f'<lookup id="{rid}" user="{user}"/>'.encode()
+    plain, full = MessageGapParser(max_depth=8), MessageGapParser(max_depth=8)
+    for parser in (plain, full):
+        parser.feed(HEADER)
+    plain.plain_lookups = True
+
+    def events(parser: MessageGapParser) -> list | XMLStreamError:
+        try:
+            return parser.feed(data)
+        except XMLStreamError as error:
+            return error
+
+    taken, parsed = events(plain), events(full)
+    if not (isinstance(taken, list) and taken and isinstance(taken[0], PlainLookup)):
+        return  # not plain: parsed by libxml2 exactly as without plain lookups
+    [fast] = taken
+    assert isinstance(parsed, list), parsed  # libxml2 takes every plain lookup
+    [node] = parsed
+    assert fast.id == request_id(node)
+
+    def outcome(make):
+        try:
+            return make()
+        except IRPError as error:
+            return error.condition, error.text
+
+    assert outcome(lambda: LookupRequest(fast.id, parse_user(fast.user))) == \
+        outcome(lambda: parse_request(node, Limits(8, 86400, 3600, 32768)))
+
+
+def test_a_plain_lookup_is_taken_only_between_messages_of_an_open_stream() -> None:
+    data = b'<lookup id="1" user="bob@example.test"/>'
+    parser = MessageGapParser(max_depth=8)
+    parser.feed(HEADER)
+    assert not isinstance(parser.feed(data)[0], PlainLookup)  # not enabled: libxml2's
+    parser.plain_lookups = True
+    assert parser.feed(data) == [PlainLookup("1", "bob@example.test")]
+    # inside a half-sent message the same bytes are a child element, not a lookup
+    assert parser.feed(b'<backup-put id="2">') == []
+    assert parser.feed(data) == []
+    [backup] = parser.feed(b"</backup-put>")
+    assert backup[0].get("user") == "bob@example.test"
+    # two lookups in one feed, or one with spaces around, go through libxml2 as before
+    assert [n.get("id") for n in parser.feed(data + data)] == ["1", "1"]
+    # the stream's end: nothing is taken any more
+    parser.feed(b"</irp>")
+    with pytest.raises(XMLStreamError):
+        parser.feed(data)
+    parser.reset()
+    assert not parser.plain_lookups  # a new stream decides again

@@ -157,9 +157,10 @@ class StreamParser:
         """True when the last feed ended between top-level elements, nothing half-parsed.
 
         False also when that cannot be told for sure, so a caller asking "is anything left
-        over?" (the STARTTLS restart, the stall timer) errs towards "yes".
+        over?" (the STARTTLS restart, the stall timer) errs towards "yes", and once the
+        stream has ended or the parser has failed.
         """
-        return self._idle
+        return self._idle and self._failed is None and not self._closed
 
     @property
     def holding(self) -> bool:
