@@ -20,6 +20,7 @@ from twisted.logger import globalLogBeginner
 from sixnet.app.config import load_config
 from sixnet.app.root import SixnetService
 from sixnet.core.errors import EXIT_USAGE, ConfigError
+from sixnet.core.runtime import settle_heap
 from sixnet.irp.service import make_service
 from sixnet.irp.workers import WorkerReports
 from sixnet.pki.store import store_from_config
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
         return EXIT_USAGE
     globalLogBeginner.beginLoggingTo([reports.log_observer], redirectStandardIO=False)
     reactor.callWhenRunning(root.startService)
+    reactor.callWhenRunning(settle_heap)
     reactor.callWhenRunning(reporting.start, METRICS_EVERY)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.run()

@@ -331,7 +331,10 @@ class SQLRegistryStore:
     def stored_view(self, person: str, now: int, crls: str) -> PersonView | None:
         if not crls or not self.db.immediate_reads:
             return None
-        return self.db.read_now("irp stored record", _stored_record, person, now, crls)
+        row = self.db.fetch_now("irp stored record", _STORED_RECORD, (person, crls, now))
+        if row is None:
+            return None
+        return _stored_view(person, row[0], StoredRecord(bytes(row[3]), row[1], row[2]))
 
     def keep_record(self, person: str, version: int, crls: str,
                     record: StoredRecord) -> defer.Deferred[None]:
@@ -582,15 +585,11 @@ def _person_views(cursor: Cursor, items: list[tuple[Any, ...]]) -> list[PersonVi
             for person, now, _ in items]
 
 
-def _stored_record(cursor: Cursor, person: str, now: int, crls: str) -> PersonView | None:
-    """The person's good stored record (as in `_person_views`), or None."""
-    row = cursor.execute(
-        "SELECT r.version, r.changes_at, r.resign_at, r.statement FROM irp_record r"
-        " JOIN irp_person p ON p.id = r.person AND p.version = r.version"
-        " WHERE r.person = ? AND r.crls = ? AND r.resign_at > ?", (person, crls, now)).fetchone()
-    if row is None:
-        return None
-    return _stored_view(person, row[0], StoredRecord(bytes(row[3]), row[1], row[2]))
+#: A person's good stored record (as `_person_views` finds them) by person, CRLs and time.
+_STORED_RECORD = (
+    "SELECT r.version, r.changes_at, r.resign_at, r.statement FROM irp_record r"
+    " JOIN irp_person p ON p.id = r.person AND p.version = r.version"
+    " WHERE r.person = ? AND r.crls = ? AND r.resign_at > ?")
 
 
 def _stored_view(person: str, version: int, record: StoredRecord) -> PersonView:

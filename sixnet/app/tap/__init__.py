@@ -17,6 +17,7 @@ from sixnet.app.config import DEFAULT_CONFIG, Config, load_config
 from sixnet.app.root import make_root
 from sixnet.core.errors import EXIT_USAGE, ConfigError
 from sixnet.core.logs import LOG_FORMATS
+from sixnet.core.runtime import settle_heap
 
 log = Logger(namespace="sixnet")
 
@@ -50,4 +51,7 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    reactor.callWhenRunning(settle_heap)
     return options.root

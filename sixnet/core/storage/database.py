@@ -52,7 +52,7 @@ class Engine:
     shared: bool
     #: The column types named ``{blob}``, ``{serial}`` and ``{bigint}`` in schema SQL.
     types: Mapping[str, str]
-    #: A short read may run on the calling thread (`Database.read_now`): an embedded
+    #: A short read may run on the calling thread (`Database.fetch_now`): an embedded
     #: database, where a reader takes no lock a writer holds (SQLite in WAL mode).
     immediate_reads = False
 
@@ -76,7 +76,7 @@ class Engine:
         raise NotImplementedError
 
     def reader(self, target: str) -> Any:
-        """A read-only DB-API connection for `Database.read_now` (`immediate_reads`)."""
+        """A read-only DB-API connection for `Database.fetch_now` (`immediate_reads`)."""
         raise NotImplementedError
 
 
@@ -87,7 +87,7 @@ class SQLiteEngine(Engine):
     immediate_reads = True
 
     def reader(self, target: str) -> Any:
-        # Autocommit, so `read_now` opens and ends its read transaction itself.
+        # Autocommit: each query of `fetch_now` is a read transaction of its own.
         connection = sqlite3.connect(target, isolation_level=None)
         connection.execute("PRAGMA query_only=ON")
         connection.execute("PRAGMA busy_timeout=1000")
@@ -212,12 +212,12 @@ class Database:
         #: Also gets every notification delivered here after a commit (SQLite): how a
         #: registry's workers pass their notifications to each other (`hear`).
         self.relay: Callable[[str, str], object] | None = None
-        #: The connection of `read_now`, made by its first call.
+        #: The connection of `fetch_now`, made by its first call.
         self._reader: Any = None
 
     @property
     def immediate_reads(self) -> bool:
-        """Whether `read_now` may be used (the engine's `Engine.immediate_reads`)."""
+        """Whether `fetch_now` may be used (the engine's `Engine.immediate_reads`)."""
         return self.engine.immediate_reads and not self.closed
 
     def sql(self, text: str) -> str:
@@ -248,24 +248,20 @@ class Database:
 
         return self.pool.runInteraction(body).addCallback(committed)
 
-    def read_now(self, name: str, interaction: Callable[..., T], *args: Any) -> T:
-        """Run the read-only ``interaction(cursor, *args)`` in one read transaction on the
-        calling thread, and return its result: no thread hop and no wait behind the writes
-        queued for the pool, for a read of a few rows by key. Only where
-        `immediate_reads`; every call must come from the same thread (the reactor's).
-
-        It sees every transaction committed before it began, as a read through `run`
-        would.
+    def fetch_now(self, name: str, sql: str,
+                  params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        """The first row of the read-only query `sql`, run at once on the calling thread:
+        no thread hop and no wait behind the writes queued for the pool, for a row read by
+        key. Only where `immediate_reads`; every call must come from the same thread (the
+        reactor's). The query is its own read transaction: it sees every transaction
+        committed before it began, as a read through `run` would.
         """
         if self._reader is None:
             self._reader = self.engine.reader(self.target)
-        connection = self._reader
         started = time.monotonic()
-        connection.execute("BEGIN")
         try:
-            return interaction(Cursor(connection.cursor(), self.engine), *args)
+            return self._reader.execute(self.engine.translate(sql), params).fetchone()
         finally:
-            connection.execute("COMMIT")
             elapsed = time.monotonic() - started
             if elapsed > SLOW_TRANSACTION:
                 log.warn("slow read {name}: {elapsed:.3f}s", name=name, elapsed=elapsed)
