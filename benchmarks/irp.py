@@ -16,6 +16,12 @@ in flight (closed loop).
 * registrations: each client re-registers its own address (IRP ``<register>``; LDAP: a
   modify replacing ``labeledURI`` on its own entry) for ``--seconds``.
 
+Every server runs from the start; lookups and then registrations are measured in
+``--rounds`` rounds (default 3) in which the servers take turns, the same requests for each
+in a round, so a slower minute of a shared machine falls on all of them alike. A phase's
+figures are those of its round of median rate (``rounds_per_second`` lists every round);
+the ratios are of those medians, and ``*_rounds_sixnet_over_slapd`` gives them per round.
+
 Reported per server and phase: operations/s, p50/p99 latency; for IRP also the registry's
 resident memory (RSS) with the N persons loaded and its database size, both per person.
 sixnet runs as ``twistd -n sixnet-irp`` (SQLite, WAL, synchronous=FULL) with ``--workers``
@@ -23,7 +29,7 @@ worker processes (``[irp] workers``, default: one per CPU); slapd (Debian packag
 runs with back-mdb, its default threads and the same TLS certificate, both on loopback.
 If slapd is not installed, it is skipped.
 
-Between the two, the lookups are also run against ``benchmarks/tls_floor.py``: a Twisted
+In each round of lookups, they are also run against ``benchmarks/tls_floor.py``: a Twisted
 server with the registry's TLS settings that answers each request with a recorded lookup
 answer of the registry and does nothing else. Its rate is the most any registry on Twisted
 and pyOpenSSL can reach with this load generator on this machine; ``server_cpu_us_per_op``
@@ -31,7 +37,7 @@ of each server is its CPU time per operation, and sixnet's minus the floor's is 
 registry itself costs per request.
 
 Usage: python benchmarks/irp.py [--persons 100000] [--clients 50] [--seconds 10] [--hot N]
-                                [--workers N]
+                                [--rounds 3] [--workers N]
 Prints one JSON document on standard output (progress on standard error).
 """
 
@@ -52,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -194,15 +200,16 @@ class Stats:
 
 
 async def run_clients(sessions: list, operation, seconds: float,
-                      server_cpu: Callable[[], float]) -> dict:
-    """Closed loop for `seconds`; with the server's CPU time per operation (us)."""
+                      server_cpu: Callable[[], float], seed: int = 0) -> dict:
+    """Closed loop for `seconds`; with the server's CPU time per operation (us). Client i
+    draws from ``Random((seed, i))``: each server gets the same requests in a round."""
     stats = Stats()
     cpu_before = server_cpu()
     deadline = time.monotonic() + seconds
     started = time.monotonic()
 
     async def loop(index: int, session) -> None:
-        rng = random.Random(index)
+        rng = random.Random(f"{seed}/{index}")
         while time.monotonic() < deadline:
             t0 = time.perf_counter()
             ok = await operation(session, rng)
@@ -233,6 +240,45 @@ async def run_once_each(sessions: list, operation, count: int,
 
     await asyncio.gather(*(loop(i, s) for i, s in enumerate(sessions)))
     return stats.with_cpu(time.monotonic() - started, server_cpu() - cpu_before)
+
+
+class Target:
+    """One server under test: its sessions and operations, and its results by phase."""
+
+    def __init__(self, name: str, sessions: list, lookup, register,
+                 cpu: Callable[[], float]) -> None:
+        self.name, self.sessions, self.cpu = name, sessions, cpu
+        self.lookup, self.register = lookup, register
+        self.rounds: dict[str, list[dict]] = {"lookups": [], "registrations": []}
+        self.result: dict = {}
+
+    async def first_lookups(self, persons: int) -> None:
+        progress(f"{self.name}: first lookups")
+        self.result["first_lookups"] = await run_once_each(self.sessions, self.lookup,
+                                                           persons, self.cpu)
+
+    async def run_round(self, phase: str, persons: int, seconds: float, seed: int) -> None:
+        if phase == "lookups":
+            def operation(session, rng):
+                return self.lookup(session, rng.randrange(persons))
+        else:
+            operation = self.register
+        self.rounds[phase].append(await run_clients(self.sessions, operation, seconds,
+                                                    self.cpu, seed))
+
+    def summary(self) -> dict:
+        """Per phase, the round of median rate, with every round's rate."""
+        for phase, rounds in self.rounds.items():
+            if rounds:
+                ranked = sorted(rounds, key=lambda r: r.get("per_second", 0))
+                self.result[phase] = {**ranked[len(ranked) // 2],
+                                      "rounds_per_second": [r.get("per_second", 0)
+                                                            for r in rounds]}
+        return self.result
+
+    def close(self) -> None:
+        for session in self.sessions:
+            session.writer.close()
 
 
 class IRPSession:
@@ -298,35 +344,14 @@ class IRPSession:
             self.buffer += data
 
 
-async def irp_phase(port: int, contexts: list[ssl.SSLContext], persons: int,
-                    seconds: float, server_cpu: Callable[[], float],
-                    registrations: bool = True, first: bool = True) -> dict:
-    """First lookups (`first`), lookups, then registrations (`registrations`); ``answer``: a
-    lookup answer as it came (for the floor)."""
-    sessions = [await IRPSession.open(port, c) for c in contexts]
+def irp_lookup(session: IRPSession, person: int) -> Awaitable[bool]:
+    return session.call(f'<lookup id="ID" user="{person_id(person)}"/>')
 
-    async def lookup_person(session: IRPSession, person: int) -> bool:
-        return await session.call(f'<lookup id="ID" user="{person_id(person)}"/>')
 
-    async def lookup(session: IRPSession, rng: random.Random) -> bool:
-        return await lookup_person(session, rng.randrange(persons))
-
-    async def register(session: IRPSession, rng: random.Random) -> bool:
-        return await session.call(
-            f'<register id="ID" device="bench" lifetime="3600"><address '
-            f'ip="{person_address(rng.randrange(1 << 30))}" port="4605"/></register>')
-
-    result = {}
-    if first:
-        result["first_lookups"] = await run_once_each(sessions, lookup_person, persons,
-                                                      server_cpu)
-    result["lookups"] = await run_clients(sessions, lookup, seconds, server_cpu)
-    result["answer"] = sessions[0].last_answer
-    if registrations:
-        result["registrations"] = await run_clients(sessions, register, seconds, server_cpu)
-    for s in sessions:
-        s.writer.close()
-    return result
+def irp_register(session: IRPSession, rng: random.Random) -> Awaitable[bool]:
+    return session.call(
+        f'<register id="ID" device="bench" lifetime="3600"><address '
+        f'ip="{person_address(rng.randrange(1 << 30))}" port="4605"/></register>')
 
 
 # -- LDAP (raw BER over TLS) ------------------------------------------------------------------
@@ -359,6 +384,7 @@ class LDAPSession:
         self.reader, self.writer = reader, writer
         self.buffer = b""
         self.mid = 0
+        self.own = 0  # the person whose entry it is bound as
 
     async def message(self) -> tuple[int, int, bytes]:
         """One LDAPMessage: (message id, protocolOp tag, op content)."""
@@ -410,34 +436,30 @@ def ldap_dn(i: int) -> str:
     return f"uid=person{i:06d},ou=people,dc=example,dc=test"
 
 
-async def ldap_phase(port: int, context: ssl.SSLContext, persons: int, seconds: float,
-                     own: list[int], server_cpu: Callable[[], float]) -> dict:
-    sessions = [await LDAPSession.open(port, context, ldap_dn(i), f"pw{i}") for i in own]
+async def ldap_sessions(port: int, context: ssl.SSLContext,
+                        own: list[int]) -> list[LDAPSession]:
+    """One session per client, each bound as its own entry (`LDAPSession.own`)."""
+    sessions = []
+    for i in own:
+        session = await LDAPSession.open(port, context, ldap_dn(i), f"pw{i}")
+        session.own = i
+        sessions.append(session)
+    return sessions
 
-    async def lookup_person(session: LDAPSession, person: int) -> bool:
-        search = ber(0x63, ber_str(ldap_dn(person)) + ber_int(0, 0x0A)
-                     + ber_int(0, 0x0A) + ber_int(0) + ber_int(0) + ber(0x01, b"\x00")
-                     + ber_str("objectClass", 0x87) + ber(0x30, b""))
-        return await session.request(search, 0x65)
 
-    async def lookup(session: LDAPSession, rng: random.Random) -> bool:
-        return await lookup_person(session, rng.randrange(persons))
+def ldap_lookup(session: LDAPSession, person: int) -> Awaitable[bool]:
+    search = ber(0x63, ber_str(ldap_dn(person)) + ber_int(0, 0x0A)
+                 + ber_int(0, 0x0A) + ber_int(0) + ber_int(0) + ber(0x01, b"\x00")
+                 + ber_str("objectClass", 0x87) + ber(0x30, b""))
+    return session.request(search, 0x65)
 
-    async def register(session: LDAPSession, rng: random.Random) -> bool:
-        index = own[sessions.index(session)]
-        value = f"irp [{person_address(rng.randrange(1 << 30))}]:4605 bench"
-        change = ber(0x30, ber_int(2, 0x0A) + ber(0x30, ber_str("labeledURI")
-                                                  + ber(0x31, ber_str(value))))
-        modify = ber(0x66, ber_str(ldap_dn(index)) + ber(0x30, change))
-        return await session.request(modify, 0x67)
 
-    result = {"first_lookups": await run_once_each(sessions, lookup_person, persons,
-                                                   server_cpu),
-              "lookups": await run_clients(sessions, lookup, seconds, server_cpu),
-              "registrations": await run_clients(sessions, register, seconds, server_cpu)}
-    for s in sessions:
-        s.writer.close()
-    return result
+def ldap_register(session: LDAPSession, rng: random.Random) -> Awaitable[bool]:
+    value = f"irp [{person_address(rng.randrange(1 << 30))}]:4605 bench"
+    change = ber(0x30, ber_int(2, 0x0A) + ber(0x30, ber_str("labeledURI")
+                                              + ber(0x31, ber_str(value))))
+    modify = ber(0x66, ber_str(ldap_dn(session.own)) + ber(0x30, change))
+    return session.request(modify, 0x67)
 
 
 def write_ldif(path: Path, certs: list[bytes], clients: list[int]) -> None:
@@ -486,27 +508,17 @@ access to * by self write by users read by * none
 # -- main ---------------------------------------------------------------------------------------
 
 
-async def floor_phase(base: Path, ca: LabCA, cert: Path, key: Path, answer: bytes,
-                      contexts: list[ssl.SSLContext], persons: int, seconds: float) -> dict:
-    """Lookups against benchmarks/tls_floor.py answering with `answer` (see there)."""
-    progress("twisted TLS floor: measuring")
+def start_floor(base: Path, ca: LabCA, cert: Path, key: Path,
+                answer: bytes) -> tuple[subprocess.Popen, int]:
+    """benchmarks/tls_floor.py answering with `answer` (see there)."""
     (base / "answer.xml").write_bytes(answer)
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("tls_floor.py")), str(port),
          str(ca.directory / "ca.pem"), str(cert), str(key), str(base / "answer.xml")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, running=lambda: server.poll() is None)
-        floor = await irp_phase(port, contexts, persons, seconds,
-                                lambda: cpu_seconds(server.pid), registrations=False,
-                                first=False)
-        floor.pop("answer")
-        floor["answer_bytes"] = len(answer)
-        return floor
-    finally:
-        server.terminate()
-        server.wait(10)
+    wait_for_port(port, running=lambda: server.poll() is None)
+    return server, port
 
 
 def client_context(ca_pem: Path, cert: Path | None = None,
@@ -521,8 +533,10 @@ async def measure(args: argparse.Namespace) -> dict:
     base = Path(tempfile.mkdtemp(prefix="irp-bench-"))
     looked_up = min(args.hot or args.persons, args.persons)
     result: dict = {"persons": args.persons, "clients": args.clients, "seconds": args.seconds,
-                    "workers": args.workers,
+                    "rounds": args.rounds, "workers": args.workers,
                     "lookup_persons": looked_up, "machine": {"cpus": os.cpu_count()}}
+    servers: list[subprocess.Popen] = []
+    targets: list[Target] = []
     try:
         ca = LabCA.init(base / "ca", name="bench CA")
         host_cert, host_key, _ = ca.issue("host", HOST, out=base / "host")
@@ -550,84 +564,106 @@ async def measure(args: argparse.Namespace) -> dict:
                  "workers": args.workers}))
         profile = ["--profile", str(args.profile), "--profiler", "cprofile", "--savestats"] \
             if args.profile else []
-        server = subprocess.Popen(twistd_command("sixnet-irp", config, twistd_options=profile),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=base)
-        try:
-            wait_for_port(port, running=lambda: server.poll() is None)
-            while len(process_tree(server.pid)) < 1 + (args.workers if args.workers > 1 else 0):
-                time.sleep(0.1)
-            rss_start = tree_rss(server.pid)
-            cpu_start = tree_cpu(server.pid)
-            progress("sixnet: measuring")
-            own_cpu = time.process_time()
-            irp = await irp_phase(port, contexts, looked_up, args.seconds,
-                                  lambda: tree_cpu(server.pid))
-            irp["server_cpu_s"] = round(tree_cpu(server.pid) - cpu_start, 2)
-            irp["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
-            answer = irp.pop("answer")
-            rss_end = tree_rss(server.pid)
-            db_bytes = sum(p.stat().st_size for p in state.glob("irp.sqlite3*"))
-            irp["rss_kib_start"] = rss_start
-            irp["rss_kib_end"] = rss_end
-            irp["rss_bytes_per_person"] = round(rss_end * 1024 / args.persons, 1)
-            irp["database_bytes_per_person"] = round(db_bytes / args.persons, 1)
-            result["sixnet"] = irp
-        finally:
-            server.terminate()
-            server.wait(10)
-        result["twisted_tls_floor"] = await floor_phase(base, ca, host_cert, host_key, answer,
-                                                        contexts, looked_up, args.seconds)
-        if args.slapd == "no":
-            return result
+        registry = subprocess.Popen(twistd_command("sixnet-irp", config, twistd_options=profile),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    cwd=base)
+        servers.append(registry)
+        wait_for_port(port, running=lambda: registry.poll() is None)
+        while len(process_tree(registry.pid)) < 1 + (args.workers if args.workers > 1 else 0):
+            time.sleep(0.1)
+        rss_start = tree_rss(registry.pid)
+        cpu_start = tree_cpu(registry.pid)
+        sixnet = Target("sixnet", [await IRPSession.open(port, c) for c in contexts],
+                        irp_lookup, irp_register, lambda: tree_cpu(registry.pid))
+        targets.append(sixnet)
+        await sixnet.first_lookups(looked_up)
+
+        # the floor, answering with what the registry answered
+        floor_server, floor_port = start_floor(base, ca, host_cert, host_key,
+                                               sixnet.sessions[0].last_answer)
+        servers.append(floor_server)
+        floor = Target("twisted TLS floor",
+                       [await IRPSession.open(floor_port, c) for c in contexts], irp_lookup,
+                       None, lambda: cpu_seconds(floor_server.pid))
+        targets.append(floor)
 
         # slapd
-        slapd = shutil.which("slapd") or "/usr/sbin/slapd"
-        if not Path(slapd).exists():
+        slapd_path = shutil.which("slapd") or "/usr/sbin/slapd"
+        slapd = None
+        if args.slapd == "no":
+            result["slapd"] = "skipped: --slapd no"
+        elif not Path(slapd_path).exists():
             result["slapd"] = "skipped: slapd is not installed"
+        else:
+            progress("slapd: loading the same records")
+            ldap_base = base / "ldap"
+            ldap_base.mkdir()
+            conf = slapd_config(ldap_base, host_cert, host_key, ca.directory / "ca.pem")
+            ldif = ldap_base / "people.ldif"
+            write_ldif(ldif, certs, clients)
+            t0 = time.monotonic()
+            subprocess.run([slapd_path.replace("slapd", "slapadd"), "-q", "-f", str(conf),
+                            "-l", str(ldif)], check=True, capture_output=True)
+            result["setup_slapadd_s"] = round(time.monotonic() - t0, 1)
+            ldap_port = free_port()
+            ldap_server = subprocess.Popen(
+                [slapd_path, "-d", "0", "-f", str(conf), "-h", f"ldaps://127.0.0.1:{ldap_port}/"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(ldap_server)
+            wait_for_port(ldap_port, running=lambda: ldap_server.poll() is None)
+            slapd = Target("slapd", await ldap_sessions(
+                ldap_port, client_context(ca.directory / "ca.pem"), clients),
+                ldap_lookup, ldap_register, lambda: cpu_seconds(ldap_server.pid))
+            targets.append(slapd)
+            await slapd.first_lookups(looked_up)
+
+        # the rounds, taking turns: a machine's slow minute falls on every server alike
+        for phase in ("lookups", "registrations"):
+            for n in range(args.rounds):
+                for target in targets:
+                    if phase == "lookups" or target.register is not None:
+                        progress(f"{target.name}: {phase}, round {n + 1} of {args.rounds}")
+                        await target.run_round(phase, looked_up, args.seconds, n)
+
+        irp = sixnet.summary()
+        irp["server_cpu_s"] = round(tree_cpu(registry.pid) - cpu_start, 2)
+        rss_end = tree_rss(registry.pid)
+        db_bytes = sum(p.stat().st_size for p in state.glob("irp.sqlite3*"))
+        irp["rss_kib_start"] = rss_start
+        irp["rss_kib_end"] = rss_end
+        irp["rss_bytes_per_person"] = round(rss_end * 1024 / args.persons, 1)
+        irp["database_bytes_per_person"] = round(db_bytes / args.persons, 1)
+        result["sixnet"] = irp
+        result["twisted_tls_floor"] = {**floor.summary(),
+                                       "answer_bytes": len(sixnet.sessions[0].last_answer)}
+        if slapd is None:
             return result
-        progress("slapd: loading the same records")
-        ldap_base = base / "ldap"
-        ldap_base.mkdir()
-        conf = slapd_config(ldap_base, host_cert, host_key, ca.directory / "ca.pem")
-        ldif = ldap_base / "people.ldif"
-        write_ldif(ldif, certs, clients)
-        t0 = time.monotonic()
-        subprocess.run([slapd.replace("slapd", "slapadd"), "-q", "-f", str(conf), "-l",
-                        str(ldif)], check=True, capture_output=True)
-        result["setup_slapadd_s"] = round(time.monotonic() - t0, 1)
-        ldap_port = free_port()
-        server = subprocess.Popen([slapd, "-d", "0", "-f", str(conf), "-h",
-                                   f"ldaps://127.0.0.1:{ldap_port}/"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for_port(ldap_port, running=lambda: server.poll() is None)
-            progress("slapd: measuring")
-            cpu_start = cpu_seconds(server.pid)
-            own_cpu = time.process_time()
-            ldap = await ldap_phase(ldap_port, client_context(ca.directory / "ca.pem"),
-                                    looked_up, args.seconds, clients,
-                                    lambda: cpu_seconds(server.pid))
-            ldap["server_cpu_s"] = round(cpu_seconds(server.pid) - cpu_start, 2)
-            ldap["load_generator_cpu_s"] = round(time.process_time() - own_cpu, 2)
-            ldap["rss_kib_end"] = rss_kib(server.pid)
-            ldap["rss_bytes_per_person"] = round(ldap["rss_kib_end"] * 1024 / args.persons, 1)
-            result["slapd"] = ldap
-        finally:
-            server.terminate()
-            server.wait(10)
+        ldap = slapd.summary()
+        ldap["rss_kib_end"] = rss_kib(servers[-1].pid)
+        ldap["rss_bytes_per_person"] = round(ldap["rss_kib_end"] * 1024 / args.persons, 1)
+        result["slapd"] = ldap
         ratios = {}
         for phase in ("first_lookups", "lookups", "registrations"):
-            ours = result["sixnet"][phase].get("per_second")
-            theirs = ldap[phase].get("per_second")
+            ours, theirs = irp[phase].get("per_second"), ldap[phase].get("per_second")
             if ours and theirs:
                 ratios[f"{phase}_per_second_sixnet_over_slapd"] = round(ours / theirs, 3)
-        floor = result["twisted_tls_floor"]["lookups"].get("per_second")
-        if floor and ldap["lookups"].get("per_second"):
+        for phase in ("lookups", "registrations"):
+            ratios[f"{phase}_rounds_sixnet_over_slapd"] = [
+                round(a.get("per_second", 0) / b["per_second"], 3)
+                for a, b in zip(sixnet.rounds[phase], slapd.rounds[phase], strict=True)
+                if b.get("per_second")]
+        floor_rate = result["twisted_tls_floor"]["lookups"].get("per_second")
+        if floor_rate and ldap["lookups"].get("per_second"):
             ratios["lookups_per_second_floor_over_slapd"] = round(
-                floor / ldap["lookups"]["per_second"], 3)
+                floor_rate / ldap["lookups"]["per_second"], 3)
         result["ratios"] = ratios
         return result
     finally:
+        for target in targets:
+            target.close()
+        for server in servers:
+            server.terminate()
+            server.wait(10)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
@@ -636,7 +672,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--persons", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="length of one round of lookups or registrations")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of each phase, the servers taking turns (default 3)")
     parser.add_argument("--hot", type=int, default=0,
                         help="look up random persons among the first N only (default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
