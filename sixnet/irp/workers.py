@@ -125,9 +125,10 @@ class AcceptShares:
 
     The kernel gives a shared socket's next connection to whichever worker asks first, so
     long-lived connections (sessions that watch) can pile up on one worker while another
-    idles. With this, the counts stay within one of each other. The worker with the fewest
-    connections never stops, so someone always accepts; a worker silent for `ALIVE` seconds
-    (stopped, dead, not started) is left out.
+    idles. With this, the counts stay within one or two of each other (more only while
+    connections arrive faster than `AdoptedPorts.BALANCE_EVERY`). The worker with the
+    fewest connections never stops, so someone always accepts; a worker silent for `ALIVE`
+    seconds (stopped, dead, not started) is left out.
     """
 
     #: Seconds after its last report that a worker still counts as alive.
@@ -218,8 +219,9 @@ class AdoptedPorts(Service):
     `shares`, accepting only while this worker's share of the connections allows
     (`AcceptShares`), told of every change by `connections_changed`."""
 
-    #: Seconds between looks at the other workers' shares (and reports of this one's).
-    BALANCE_EVERY = 0.1
+    #: Seconds between looks at the other workers' shares (and reports of this one's): a
+    #: worker that stopped accepting starts again within this once it may.
+    BALANCE_EVERY = 0.02
 
     def __init__(self, fds: list[int], factory: IProtocolFactory,
                  shares: AcceptShares | None = None) -> None:
