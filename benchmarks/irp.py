@@ -25,7 +25,8 @@ the ratios are of those medians, and ``*_rounds_sixnet_over_slapd`` gives them p
 Reported per server and phase: operations/s, p50/p99 latency; for IRP also the registry's
 resident memory (RSS) with the N persons loaded and its database size, both per person.
 sixnet runs as ``twistd -n sixnet-irp`` (SQLite, WAL, synchronous=FULL) with ``--workers``
-worker processes (``[irp] workers``, default: one per CPU); slapd (Debian package ``slapd``)
+worker processes (``[irp] workers``; default: one per CPU the load generator leaves, as it
+runs on the same machine: one on two cores); slapd (Debian package ``slapd``)
 runs with back-mdb, its default threads and the same TLS certificate, both on loopback.
 If slapd is not installed, it is skipped.
 
@@ -678,8 +679,8 @@ def main() -> None:
                         help="rounds of each phase, the servers taking turns (default 3)")
     parser.add_argument("--hot", type=int, default=0,
                         help="look up random persons among the first N only (default: all)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="registry worker processes (default: one per CPU)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                        help="registry processes (default: CPUs less the load generator's one)")
     parser.add_argument("--slapd", choices=("yes", "no"), default="yes",
                         help="also measure slapd (default yes)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
