@@ -172,7 +172,9 @@ def test_idle_connection_times_out_and_whitespace_keeps_it(factory) -> None:
         factory.reactor.advance(50)
         protocol.dataReceived(b" ")
     assert not transport.disconnecting
-    factory.reactor.advance(61)
+    factory.reactor.advance(59.5)  # 60 s after the last byte, not after the first
+    assert not transport.disconnecting
+    factory.reactor.advance(1)
     assert b'condition="connection-timeout"' in transport.value()
 
 

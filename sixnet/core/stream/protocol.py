@@ -434,12 +434,21 @@ class XMLStreamProtocol(Protocol):
             self._stall = self.clock.callLater(self.stall_timeout, self._fire, "stall")
 
     def _restart_idle(self) -> None:
+        """Received bytes restart the idle time (`last_received`). The timer is not moved
+        on every read (a busy stream reads thousands of times a second): armed once, it is
+        put off by what is left of the time when it comes due early."""
         if self.idle_timeout is None:
             return
-        if self._idle is not None and self._idle.active():
-            self._idle.reset(self.idle_timeout)
+        if self._idle is None or not self._idle.active():
+            self._idle = self.clock.callLater(self.idle_timeout, self._idle_due)
+
+    def _idle_due(self) -> None:
+        assert self.idle_timeout is not None
+        left = self.last_received + self.idle_timeout - self.clock.seconds()
+        if left > 0:
+            self._idle = self.clock.callLater(left, self._idle_due)
         else:
-            self._idle = self.clock.callLater(self.idle_timeout, self._fire, "idle")
+            self._fire("idle")
 
     def _fire(self, why: str) -> None:
         if not self.closed:
