@@ -16,6 +16,7 @@ normalisation and case folding (the domain is also IDNA-decoded), so
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from cryptography import x509
@@ -32,8 +33,17 @@ class IdentitySyntaxError(ValueError):
 _FORBIDDEN = frozenset(' "&\'/:<>@\\') | {chr(c) for c in range(0x20)} | {"\x7f"}
 
 
+#: An id already in canonical form as most are written: ASCII without upper case or any
+#: character `_checked` refuses (the domain still needs its dot and no trailing one).
+_CANONICAL_ASCII = re.compile(r"[!#-%(-.0-9;=?\[\]-~]{1,1023}@[!#-%(-.0-9;=?\[\]-~]{1,1023}")
+
+
 def normalize_user_id(user_id: str) -> str:
     """Return the canonical form of ``localpart@domain`` or raise IdentitySyntaxError."""
+    if isinstance(user_id, str) and _CANONICAL_ASCII.fullmatch(user_id) is not None and \
+            user_id[-1] != "." and user_id.rfind(".") > user_id.find("@") and \
+            "xn--" not in user_id:
+        return user_id  # what the steps below would make of it, for less
     if not isinstance(user_id, str) or user_id.count("@") != 1:
         raise IdentitySyntaxError(f"{user_id!r} is not a user id of the form name@domain")
     local, domain = user_id.split("@")
