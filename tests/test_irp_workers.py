@@ -25,6 +25,7 @@ from sixnet.irp.client import connect
 from sixnet.irp.workers import (
     REPORTS,
     AcceptShares,
+    AdoptedPorts,
     WorkerReports,
     WorkerSupervisor,
     _Worker,
@@ -163,6 +164,7 @@ class WorkersHarness:
                                    identity=self.lab.person(f"p{i}@example.test"),
                                    server_name=HOST)
             self.addCleanup(client.close)
+            await sleep(3 * AdoptedPorts.BALANCE_EVERY)  # each worker has looked again
         counts = [established(pid, port) for pid in (one, two)]
         assert counts == [5, 5], counts
 
