@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 from twisted.internet.address import IPv4Address
@@ -42,6 +42,7 @@ from sixnet.irp.wire import (
     q,
     read_person,
     request_id,
+    serialize,
     signed_data,
 )
 from sixnet.pki.tls import ServerTLS
@@ -285,12 +286,16 @@ _LOOKUP_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), ma
 
 @given(st.one_of(_LOOKUP_TEXT, st.sampled_from(["1", "a.b:c-d_9", "x" * 64, "x" * 65])),
        st.one_of(_LOOKUP_TEXT, st.sampled_from(["Bob@Example.Test", "bob@example.test.",
-                                                "bob@nodot", "a@b@c.test", "xn--a@b.test"])))
+                                                "bob@nodot", "a@b@c.test", "xn--a@b.test"])),
+       st.sampled_from(["", ' xmlns="urn:sixnet:irp:1"', ' xmlns="urn:other"']))
 @settings(max_examples=300, deadline=None)
-def test_a_plain_lookup_means_what_libxml2_makes_of_it(rid: str, user: str) -> None:
-    """Whatever the id and user: bytes taken as a `PlainLookup` make the same request (or
-    the same error) as the element libxml2 parses from them."""
-    data = f'<lookup id="{rid}" user="{user}"/>'.encode()
+@example("1", "bob@example.test", ' xmlns="urn:sixnet:irp:1"')
+def test_a_plain_lookup_means_what_libxml2_makes_of_it(rid: str, user: str,
+                                                       xmlns: str) -> None:
+    """Whatever the id and user, the namespace declared again or not: bytes taken as a
+    `PlainLookup` make the same request (or the same error) as the element libxml2 parses
+    from them."""
+    data = f'<lookup{xmlns} id="{rid}" user="{user}"/>'.encode()
     plain, full = MessageGapParser(max_depth=8), MessageGapParser(max_depth=8)
     for parser in (plain, full):
         parser.feed(HEADER)
@@ -327,6 +332,9 @@ def test_a_plain_lookup_is_taken_only_between_messages_of_an_open_stream() -> No
     assert not isinstance(parser.feed(data)[0], PlainLookup)  # not enabled: libxml2's
     parser.plain_lookups = True
     assert parser.feed(data) == [PlainLookup("1", "bob@example.test")]
+    # as the sixnet client writes it, the namespace declared again
+    assert parser.feed(serialize(element("lookup", {"id": "2", "user": "bob@example.test"}))) \
+        == [PlainLookup("2", "bob@example.test")]
     # inside a half-sent message the same bytes are a child element, not a lookup
     assert parser.feed(b'<backup-put id="2">') == []
     assert parser.feed(data) == []

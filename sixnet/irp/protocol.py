@@ -91,11 +91,14 @@ class PlainLookup:
     user: str
 
 
-#: A lookup as clients write it: ``<lookup id="..." user="..."/>``, the id as `request_id`
-#: takes it, the user id printable ASCII that needs no escaping (no space, ``"&'<>``). Such
-#: bytes are one whole, well-formed element in the default namespace, so between messages of
-#: a stream whose default namespace is IRP's they say exactly what libxml2 would make of them.
-PLAIN_LOOKUP = re.compile(rb'<lookup id="([A-Za-z0-9._:-]{1,64})" user="([!#-%(-;=?-~]{1,256})"/>')
+#: A lookup as clients write it: ``<lookup id="..." user="..."/>``, with or without IRP's
+#: namespace declared again (``xmlns="urn:sixnet:irp:1"`` first, as `serialize` writes it),
+#: the id as `request_id` takes it, the user id printable ASCII that needs no escaping (no
+#: space, ``"&'<>``). Such bytes are one whole, well-formed element, so between messages of
+#: a stream whose default namespace is IRP's they say exactly what libxml2 makes of them.
+PLAIN_LOOKUP = re.compile(
+    rb'<lookup(?: xmlns="' + re.escape(NS.encode()) +
+    rb'")? id="([A-Za-z0-9._:-]{1,64})" user="([!#-%(-;=?-~]{1,256})"/>')
 
 
 class MessageGapParser(StreamParser):
@@ -114,12 +117,20 @@ class MessageGapParser(StreamParser):
     registry are such lookups, and parsing is most of their cost.
     """
 
-    def feed(self, data: bytes) -> list[Event | TextBetweenMessages | PlainLookup]:
+    def plain_lookup(self, data: bytes) -> PlainLookup | None:
+        """`data` as a `PlainLookup` if plain lookups are on, the stream is between messages
+        and `data` is exactly one; None otherwise."""
         if self.plain_lookups and self.idle and self.gap is None and \
                 len(data) <= self.max_element_bytes:
             plain = PLAIN_LOOKUP.fullmatch(data)
-            if plain is not None:  # the common request, at a fraction of the cost
-                return [PlainLookup(plain[1].decode(), plain[2].decode())]
+            if plain is not None:
+                return PlainLookup(plain[1].decode(), plain[2].decode())
+        return None
+
+    def feed(self, data: bytes) -> list[Event | TextBetweenMessages | PlainLookup]:
+        lookup = self.plain_lookup(data)
+        if lookup is not None:  # the common request, at a fraction of the cost
+            return [lookup]
         cut = data.rfind(b">") + 1
         rest = data[cut:]
         if self.gap is not None or b"<" in rest or not rest.strip(b" \t\r\n"):
@@ -321,6 +332,16 @@ class IRPServerProtocol(XMLStreamProtocol):
     def fail(self, condition: str, text: str) -> None:
         """A stream error: say why, close the stream and the connection."""
         self.send_stream_error(condition, text)
+
+    def dataReceived(self, data: bytes) -> None:
+        # A plain lookup arriving while nothing else waits goes straight to its request,
+        # without the parse-and-queue turn (a busy registry's most common read).
+        if self.quiet:
+            lookup = self.parser.plain_lookup(data)
+            if lookup is not None:
+                self.took_whole(lookup)
+                return
+        super().dataReceived(data)
 
     # -- events, checked before they reach the machine ---------------------------------------
 

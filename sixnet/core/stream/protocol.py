@@ -334,26 +334,45 @@ class XMLStreamProtocol(Protocol):
         if self._next_slice is None:
             self._parse_slice()  # what arrived while held
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing received waits to be parsed or handled, and bytes may come (a subclass may
+        then take a whole message from `dataReceived` itself: `took_whole`)."""
+        return not (self.closed or self.tls_pending or self._held or self._unparsed
+                    or self._events)
+
+    def took_whole(self, event: Any) -> None:
+        """A subclass's `dataReceived` found its bytes, arriving while `quiet` and the parser
+        `idle`, to be one whole message (`event`): the reception is noted (idle time, no
+        stall due) and the event handled, as `_parse_slice` and `_pump` would."""
+        self.last_received = self.clock.seconds()
+        self._restart_idle()
+        _cancel(self._stall)
+        self._handle_event(event)
+
     def _pump(self) -> None:
         while self._events and not self._held and not self.closed:
             event = self._events.popleft()
             if not self._events:
                 self._events = None
-            try:
-                if isinstance(event, StreamOpened):
-                    self.header_received = True
-                    self.stream_opened(event)
-                elif isinstance(event, HeaderInStream):
-                    self.header_in_stream(event)
-                elif isinstance(event, StreamClosed):
-                    self.stream_closed()
-                else:
-                    self.element_received(event)
-            except StreamError as error:
-                self.send_stream_error(error.condition, error.text, error.extra)
-            except Exception:
-                log.failure("{peer}: internal error", peer=self.transport.getPeer())
-                self.send_stream_error("internal-server-error")
+            self._handle_event(event)
+
+    def _handle_event(self, event: Any) -> None:
+        try:
+            if isinstance(event, StreamOpened):
+                self.header_received = True
+                self.stream_opened(event)
+            elif isinstance(event, HeaderInStream):
+                self.header_in_stream(event)
+            elif isinstance(event, StreamClosed):
+                self.stream_closed()
+            else:
+                self.element_received(event)
+        except StreamError as error:
+            self.send_stream_error(error.condition, error.text, error.extra)
+        except Exception:
+            log.failure("{peer}: internal error", peer=self.transport.getPeer())
+            self.send_stream_error("internal-server-error")
 
     # -- bytes out ---------------------------------------------------------------------------
 
