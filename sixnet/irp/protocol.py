@@ -425,7 +425,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         except IRPError as error:
             self._malformed_request(rid, error)
             return
-        self._handle(request, rid)
+        self._handle(request)
 
     def _plain_lookup(self, lookup: PlainLookup) -> None:
         """What `_request` does with the element a `PlainLookup` stands for."""
@@ -434,7 +434,7 @@ class IRPServerProtocol(XMLStreamProtocol):
         except IRPError as error:
             self._malformed_request(lookup.id, error)
             return
-        self._handle(request, lookup.id)
+        self._handle(request)
 
     def _malformed_request(self, rid: str | None, error: IRPError) -> None:
         if error.condition in ("policy-violation", "feature-not-implemented"):
@@ -443,13 +443,14 @@ class IRPServerProtocol(XMLStreamProtocol):
                                        detail=error.text)
         self.send(serialize(error_element(rid, error)))
 
-    def _handle(self, request: Request, rid: str | None) -> None:
+    def _handle(self, request: Request) -> None:
+        """A well-formed request: admitted, then answered at once or run."""
         refused = self._admission(request)
         if refused is not None:
             # A repeated id is no valid id: the error has none, so the request in flight
             # under that id still gets the one answer that carries it.
             duplicate = request.id in self.in_flight
-            self.send(serialize(error_element(None if duplicate else rid, refused)))
+            self.send(serialize(error_element(None if duplicate else request.id, refused)))
             return
         if isinstance(request, LookupRequest):
             kept = self.registry.kept_lookup(self.caller, request)

@@ -146,10 +146,12 @@ class AnswerCache:
         return None if view is None else self._made(view, basis, True)
 
     async def answer(self, person: str) -> Answer:
-        """The person's answer, from memory while that is still exact."""
-        at_once = self.at_once(person)
-        if at_once is not None:
-            return at_once
+        """The person's answer, from memory while that is still exact; else read (a good
+        stored signed record included) through the store's batched reads, where a lookup
+        comes after `at_once` found nothing."""
+        kept = self.kept(person)
+        if kept is not None:
+            return kept
         basis = self._basis(person)
         token = self._reading[person] = object()
         try:
